@@ -1,0 +1,27 @@
+//! The vocabulary of pgcast, with no IO: typed assignment events, the notification payload they
+//! are decoded from, topics, the who-sees-what rules, and the JSON frames of wire protocol v1.
+//!
+//! Every other crate builds on this one, so a rule written here is the rule everywhere:
+//!
+//! ```text
+//!   pg_notify payload / log row ──decode_payload──▶ AssignmentEvent
+//!                                                     │ route_keys()          (which subscribers)
+//!   client frame ──ClientMessage::parse──▶ Topic ─────┤ Topic::matches()      (may this one see it)
+//!                                                     ▼
+//!                                       EventFrame::encode (serialized once per topic)
+//! ```
+//!
+//! The visibility rules (design §5) live in [`Topic::sees`] and [`Topic::route_keys`]; the
+//! gateway indexes subscribers by [`RouteKey`] and never decides visibility on its own.
+
+mod assignment;
+mod event;
+mod payload;
+mod protocol;
+mod topic;
+
+pub use assignment::{Assignment, Status, StatusParseError};
+pub use event::{AssignmentEvent, EventKind, Position, PriorState, RowState};
+pub use payload::{decode_payload, DecodeError, Payload};
+pub use protocol::{ClientMessage, ErrorCode, EventFrame, ProtocolError, ServerMessage, MAX_ID_LEN};
+pub use topic::{Access, Principal, Role, RouteKey, Topic, TopicError, MAX_TOPIC_LEN};
