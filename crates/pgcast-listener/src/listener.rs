@@ -1,0 +1,358 @@
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgcast_events::{decode_payload, AssignmentEvent, Payload, Position};
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Backoff, EventLog, ListenerError};
+
+/// The NOTIFY channel written by `pgcast.emit_assignment_event()`.
+pub const CHANNEL: &str = "pgcast_assignments";
+const LISTEN: &str = "LISTEN pgcast_assignments";
+/// `application_name` of the LISTEN connection in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "pgcast-listener";
+
+/// Rows per catch-up query.
+const PAGE: i64 = 1000;
+/// Notifications buffered between the socket and decoding. When full, the listener stops
+/// reading its socket and PostgreSQL keeps further notifications in its own queue (visible as
+/// `pg_notification_queue_usage()`); nothing is dropped.
+const NOTIFY_BUFFER: usize = 4096;
+/// With no notification for this long, the connection is probed with a query so that a dead
+/// peer is noticed even when TCP says nothing.
+const IDLE_PROBE: Duration = Duration::from_secs(15);
+/// How long the probe (and a connection attempt without its own timeout) may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the output stream starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// With the first event committed after the listener starts (the gateway's choice: clients
+    /// catch up from the log themselves).
+    Head,
+    /// With the first event after this position (a tool resuming where it stopped).
+    After(Position),
+}
+
+/// Live state of a listener, shared with health checks and metrics.
+#[derive(Debug, Default)]
+pub struct ListenerStatus {
+    connected: AtomicBool,
+    caught_up: AtomicBool,
+    last_position: AtomicI64,
+    last_committed_micros: AtomicI64,
+    reconnects: AtomicU64,
+    notifications: AtomicU64,
+    events: AtomicU64,
+    decode_errors: AtomicU64,
+}
+
+/// A copy of [`ListenerStatus`] at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusSnapshot {
+    /// The LISTEN connection is up.
+    pub connected: bool,
+    /// Connected and everything committed before the connection was made has been emitted.
+    pub caught_up: bool,
+    /// Position of the last emitted event (0 before the first).
+    pub last_position: Position,
+    /// Commit time of the last emitted event, microseconds since the Unix epoch (0 before).
+    pub last_committed_micros: i64,
+    /// Connections lost and re-established (or attempted) since start.
+    pub reconnects: u64,
+    /// Notifications received on the channel.
+    pub notifications: u64,
+    /// Events emitted.
+    pub events: u64,
+    /// Notifications or log rows that could not be decoded and were skipped.
+    pub decode_errors: u64,
+}
+
+impl ListenerStatus {
+    /// The current values.
+    pub fn snapshot(&self) -> StatusSnapshot {
+        StatusSnapshot {
+            connected: self.connected.load(Ordering::Relaxed),
+            caught_up: self.caught_up.load(Ordering::Relaxed),
+            last_position: self.last_position.load(Ordering::Relaxed),
+            last_committed_micros: self.last_committed_micros.load(Ordering::Relaxed),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+            notifications: self.notifications.load(Ordering::Relaxed),
+            events: self.events.load(Ordering::Relaxed),
+            decode_errors: self.decode_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Connected and caught up: what `/readyz` reports.
+    pub fn is_ready(&self) -> bool {
+        self.connected.load(Ordering::Relaxed) && self.caught_up.load(Ordering::Relaxed)
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+        self.caught_up.store(up, Ordering::Relaxed);
+    }
+}
+
+/// Why a session with the database ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    Shutdown,
+    ConsumerGone,
+}
+
+/// The LISTEN side: one dedicated connection turned into an ordered, de-duplicated stream of
+/// events, which survives connection loss by reconnecting and reading the log.
+pub struct Listener {
+    pg: tokio_postgres::Config,
+    log: EventLog,
+    status: Arc<ListenerStatus>,
+    backoff: Backoff,
+}
+
+impl Listener {
+    /// A listener connecting with `pg` for LISTEN and reading the log through `log`'s pool.
+    pub fn new(mut pg: tokio_postgres::Config, log: EventLog) -> Self {
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(PROBE_TIMEOUT);
+        }
+        // Lets operators (and fault tests) find the LISTEN backend in pg_stat_activity.
+        pg.application_name(APPLICATION_NAME);
+        Listener {
+            pg,
+            log,
+            status: Arc::default(),
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// Replaces the reconnect backoff (tests use short delays).
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Shared live state, for health checks and metrics.
+    pub fn status(&self) -> Arc<ListenerStatus> {
+        self.status.clone()
+    }
+
+    /// Emits every committed event after `start` into `out`, in position order and without
+    /// duplicates, until `shutdown` is cancelled or `out`'s receiver is dropped. Connection
+    /// failures are logged and retried with jittered backoff; they never end the stream.
+    ///
+    /// `out` is bounded: when the consumer lags, the listener waits (and PostgreSQL buffers),
+    /// it never drops an event.
+    pub async fn run(
+        mut self,
+        start: Start,
+        out: mpsc::Sender<Arc<AssignmentEvent>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut last = match start {
+            Start::Head => None,
+            Start::After(p) => Some(p),
+        };
+        loop {
+            let mut reached_live = false;
+            let result = self
+                .session(&mut last, &out, &shutdown, &mut reached_live)
+                .await;
+            self.status.set_connected(false);
+            match result {
+                Ok(End::Shutdown) => return,
+                Ok(End::ConsumerGone) => {
+                    tracing::info!("event consumer gone; listener stops");
+                    return;
+                }
+                Err(error) => {
+                    if reached_live {
+                        self.backoff.reset();
+                    }
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(%error, ?delay, "listener connection lost; reconnecting");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    self.status.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        last: &mut Option<Position>,
+        out: &mpsc::Sender<Arc<AssignmentEvent>>,
+        shutdown: &CancellationToken,
+        reached_live: &mut bool,
+    ) -> Result<End, ListenerError> {
+        let (client, mut connection) = tokio::select! {
+            r = self.pg.connect(NoTls) => r?,
+            () = shutdown.cancelled() => return Ok(End::Shutdown),
+        };
+        let (tx, rx) = mpsc::channel::<String>(NOTIFY_BUFFER);
+        // Drives the connection (queries and notifications alike) in this task. It stops with
+        // the error that closed the connection.
+        let driver = async move {
+            loop {
+                match poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(n))) => {
+                        if n.channel() == CHANNEL && tx.send(n.payload().to_owned()).await.is_err()
+                        {
+                            return ListenerError::ConnectionClosed;
+                        }
+                    }
+                    Some(Ok(_notice)) => {}
+                    Some(Err(e)) => return ListenerError::Db(e),
+                    None => return ListenerError::ConnectionClosed,
+                }
+            }
+        };
+        tokio::select! {
+            error = driver => Err(error),
+            result = self.consume(&client, rx, last, out, reached_live) => result,
+            () = shutdown.cancelled() => Ok(End::Shutdown),
+        }
+    }
+
+    async fn consume(
+        &self,
+        client: &Client,
+        mut rx: mpsc::Receiver<String>,
+        last: &mut Option<Position>,
+        out: &mpsc::Sender<Arc<AssignmentEvent>>,
+        reached_live: &mut bool,
+    ) -> Result<End, ListenerError> {
+        // LISTEN before reading the log: whatever commits from now on is either in the log we
+        // are about to read or announced on the channel (or both; duplicates are skipped).
+        client.batch_execute(LISTEN).await?;
+        let head = self.log.head().await?;
+        let from = *last.get_or_insert(head.head);
+        if from < head.pruned_through {
+            tracing::error!(
+                from,
+                pruned_through = head.pruned_through,
+                "event log was pruned past the listener's position; events in between are gone"
+            );
+        }
+        if self.forward_range(last, Position::MAX, out).await? == Some(End::ConsumerGone) {
+            return Ok(End::ConsumerGone);
+        }
+        self.status.set_connected(true);
+        *reached_live = true;
+        tracing::info!(position = *last, "listener connected and caught up");
+
+        loop {
+            let text = tokio::select! {
+                text = rx.recv() => text.ok_or(ListenerError::ConnectionClosed)?,
+                () = tokio::time::sleep(IDLE_PROBE) => {
+                    match tokio::time::timeout(PROBE_TIMEOUT, client.simple_query("SELECT 1")).await {
+                        Ok(r) => { r?; continue; }
+                        Err(_) => return Err(ListenerError::ConnectionClosed),
+                    }
+                }
+            };
+            self.status.notifications.fetch_add(1, Ordering::Relaxed);
+            let payload = match decode_payload(&text) {
+                Ok(p) => p,
+                Err(error) => {
+                    self.status.decode_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, payload = %clip(&text), "skipping undecodable notification");
+                    continue;
+                }
+            };
+            let position = payload.position();
+            let current = last.unwrap_or(0);
+            if position <= current {
+                continue; // already emitted by a catch-up read
+            }
+            let end = match payload {
+                Payload::Event(event) if position == current + 1 => {
+                    let end = self.emit(event, out).await;
+                    *last = Some(position);
+                    end
+                }
+                // A reference, or a gap (a hole left by a failed commit, or notifications we
+                // never saw). Positions are commit-ordered, so everything up to `position` is
+                // final: the log is the truth for that range.
+                _ => {
+                    let end = self.forward_range(last, position, out).await?;
+                    if *last < Some(position) && end.is_none() {
+                        self.status.decode_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            position,
+                            "notification names a position that is not in the log; skipped"
+                        );
+                    }
+                    end
+                }
+            };
+            if let Some(end) = end {
+                return Ok(end);
+            }
+        }
+    }
+
+    /// Emits the log rows after `*last` up to `through`, advancing `*last`.
+    async fn forward_range(
+        &self,
+        last: &mut Option<Position>,
+        through: Position,
+        out: &mpsc::Sender<Arc<AssignmentEvent>>,
+    ) -> Result<Option<End>, ListenerError> {
+        loop {
+            let after = last.unwrap_or(0);
+            let page = self.log.read_range(after, through, PAGE).await?;
+            for (position, error) in &page.undecodable {
+                self.status.decode_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(position, %error, "skipping undecodable log row");
+            }
+            for event in page.events {
+                let position = event.position;
+                if let Some(end) = self.emit(event, out).await {
+                    return Ok(Some(end));
+                }
+                *last = Some(position);
+            }
+            if let Some(p) = page.last {
+                *last = Some(p);
+            }
+            if page.rows < PAGE as usize {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn emit(
+        &self,
+        event: AssignmentEvent,
+        out: &mpsc::Sender<Arc<AssignmentEvent>>,
+    ) -> Option<End> {
+        let position = event.position;
+        let committed = event.committed_at.timestamp_micros();
+        if out.send(Arc::new(event)).await.is_err() {
+            return Some(End::ConsumerGone);
+        }
+        self.status.events.fetch_add(1, Ordering::Relaxed);
+        self.status.last_position.store(position, Ordering::Relaxed);
+        self.status
+            .last_committed_micros
+            .store(committed, Ordering::Relaxed);
+        None
+    }
+}
+
+/// At most 200 bytes of an untrusted payload for a log line.
+fn clip(text: &str) -> &str {
+    let mut end = text.len().min(200);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}

@@ -1,0 +1,88 @@
+use deadpool_postgres::Pool;
+use pgcast_events::{decode_payload, AssignmentEvent, DecodeError, Payload, Position};
+
+use crate::ListenerError;
+
+const READ_RANGE: &str = include_str!("../../../sql/log_read_range.sql");
+const HEAD: &str = include_str!("../../../sql/log_head.sql");
+
+/// Reads `pgcast.assignment_events` through the query pool. Cheap to clone.
+#[derive(Clone)]
+pub struct EventLog {
+    pool: Pool,
+}
+
+/// One page of the log.
+#[derive(Debug, Default)]
+pub struct LogPage {
+    /// Decoded events in position order.
+    pub events: Vec<AssignmentEvent>,
+    /// Rows whose payload did not decode (counted and logged by the caller, then skipped).
+    pub undecodable: Vec<(Position, DecodeError)>,
+    /// Highest position in the page, decodable or not: the next page starts after it.
+    pub last: Option<Position>,
+    /// Rows read (to tell a full page from the end of the range).
+    pub rows: usize,
+}
+
+/// Where the log stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogHead {
+    /// Highest position committed so far (or the pruning boundary if the log is empty).
+    pub head: Position,
+    /// Every position at or below this may have been deleted by retention.
+    pub pruned_through: Position,
+}
+
+impl EventLog {
+    /// A log reader using `pool`.
+    pub fn new(pool: Pool) -> Self {
+        EventLog { pool }
+    }
+
+    /// The pool, for callers that need other queries.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Current head and retention boundary.
+    pub async fn head(&self) -> Result<LogHead, ListenerError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(HEAD).await?;
+        let row = client.query_one(&stmt, &[]).await?;
+        Ok(LogHead {
+            head: row.try_get(0)?,
+            pruned_through: row.try_get(1)?,
+        })
+    }
+
+    /// Up to `limit` rows with `after < position <= through`, in position order.
+    pub async fn read_range(
+        &self,
+        after: Position,
+        through: Position,
+        limit: i64,
+    ) -> Result<LogPage, ListenerError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(READ_RANGE).await?;
+        let rows = client.query(&stmt, &[&after, &through, &limit]).await?;
+        let mut page = LogPage {
+            rows: rows.len(),
+            ..LogPage::default()
+        };
+        for row in rows {
+            let position: Position = row.try_get(0)?;
+            let text: &str = row.try_get(1)?;
+            page.last = Some(position);
+            match decode_payload(text) {
+                Ok(Payload::Event(event)) if event.position == position => page.events.push(event),
+                Ok(_) => page.undecodable.push((
+                    position,
+                    DecodeError::Inconsistent("log row is not the full event of its position"),
+                )),
+                Err(e) => page.undecodable.push((position, e)),
+            }
+        }
+        Ok(page)
+    }
+}

@@ -1,0 +1,122 @@
+//! Shared set-up of the listener tests: a migrated database of its own, a pool, a listener.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use pgcast_events::AssignmentEvent;
+use pgcast_listener::{migrate, Backoff, EventLog, Listener, ListenerStatus, MigrationScope, Start};
+use pgcast_testkit::{PgCluster, TestDb};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+pub async fn migrated_db(cluster: &PgCluster) -> (TestDb, Client) {
+    let db = cluster.create_database().await.expect("create database");
+    let mut client = db.connect().await.expect("connect");
+    migrate(&mut client, MigrationScope::All)
+        .await
+        .expect("migrate");
+    (db, client)
+}
+
+pub fn pool(db: &TestDb) -> Pool {
+    let manager = Manager::from_config(
+        db.pg_config(),
+        tokio_postgres::NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager).max_size(4).build().expect("pool")
+}
+
+pub struct Running {
+    pub events: mpsc::Receiver<Arc<AssignmentEvent>>,
+    pub status: Arc<ListenerStatus>,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Receives until `n` events arrived, failing after `limit`.
+    pub async fn take(&mut self, n: usize, limit: Duration) -> Vec<Arc<AssignmentEvent>> {
+        let deadline = Instant::now() + limit;
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.events.recv()).await {
+                Ok(Some(e)) => got.push(e),
+                Ok(None) => panic!("listener stopped after {} of {n} events", got.len()),
+                Err(_) => panic!("only {} of {n} events within {limit:?}", got.len()),
+            }
+        }
+        got
+    }
+
+    /// Asserts that nothing more arrives for a short while (used after all expected events).
+    pub async fn assert_quiet(&mut self) {
+        if let Ok(Some(e)) =
+            tokio::time::timeout(Duration::from_millis(300), self.events.recv()).await
+        {
+            panic!("unexpected extra event {e:?}");
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("listener stops on shutdown")
+            .expect("listener task");
+    }
+}
+
+pub async fn start_listener(db: &TestDb, start: Start) -> Running {
+    let listener = Listener::new(db.pg_config(), EventLog::new(pool(db))).with_backoff(
+        Backoff::new(Duration::from_millis(20), Duration::from_millis(200)),
+    );
+    let status = listener.status();
+    let (tx, events) = mpsc::channel(1024);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(listener.run(start, tx, shutdown.clone()));
+    let running = Running {
+        events,
+        status,
+        shutdown,
+        task,
+    };
+    wait_until("listener ready", Duration::from_secs(10), || {
+        running.status.is_ready()
+    })
+    .await;
+    running
+}
+
+/// Polls `cond` until it holds, failing after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every position in the log, in order.
+pub async fn log_positions(client: &Client) -> Vec<i64> {
+    client
+        .query(
+            "SELECT position FROM pgcast.assignment_events ORDER BY position",
+            &[],
+        )
+        .await
+        .expect("read log")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+pub const INSERT_ONE: &str = "INSERT INTO session_assignments (session_id, status, customer_name) \
+     VALUES (gen_random_uuid(), 'queued', $1) RETURNING id";

@@ -1,0 +1,310 @@
+//! Delivery guarantees of design §3, against a real PostgreSQL.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use pgcast_events::{EventKind, Status};
+use pgcast_listener::{installed_version, migrate, MigrationScope, Start, SCHEMA_VERSION};
+use pgcast_testkit::PgCluster;
+use uuid::Uuid;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn migrations_are_idempotent_versioned_and_commented() {
+    let (db, mut client) = migrated_db(PgCluster::shared().unwrap()).await;
+    assert_eq!(
+        migrate(&mut client, MigrationScope::All).await.unwrap(),
+        0,
+        "second run applies nothing"
+    );
+    assert_eq!(
+        installed_version(&client).await.unwrap(),
+        Some(SCHEMA_VERSION)
+    );
+    // Every realtime object carries a comment a DBA can read in psql.
+    let uncommented: Vec<String> = client
+        .query(
+            "SELECT kind || ' ' || name FROM (
+                SELECT 'function' AS kind, p.oid::regprocedure::text AS name,
+                       obj_description(p.oid, 'pg_proc') AS c
+                FROM pg_proc p WHERE p.pronamespace = 'pgcast'::regnamespace
+                UNION ALL
+                SELECT 'relation', c.oid::regclass::text, obj_description(c.oid, 'pg_class')
+                FROM pg_class c WHERE c.relnamespace = 'pgcast'::regnamespace
+                  AND c.relkind IN ('r', 'S') AND c.relname NOT LIKE '%migrations'
+                UNION ALL
+                SELECT 'trigger', t.tgname, obj_description(t.oid, 'pg_trigger')
+                FROM pg_trigger t WHERE t.tgname LIKE 'pgcast%'
+                UNION ALL
+                SELECT 'schema', 'pgcast', obj_description('pgcast'::regnamespace, 'pg_namespace')
+             ) o WHERE c IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(uncommented.is_empty(), "objects without COMMENT: {uncommented:?}");
+    drop(db);
+}
+
+#[tokio::test]
+async fn realtime_only_installs_onto_an_existing_table_without_touching_rows() {
+    let cluster = PgCluster::shared().unwrap();
+    let db = cluster.create_database().await.unwrap();
+    let mut client = db.connect().await.unwrap();
+    // The application's own table, with a column pgcast does not know and existing rows.
+    client
+        .batch_execute(
+            "CREATE TABLE session_assignments (
+                id uuid PRIMARY KEY DEFAULT gen_random_uuid(), session_id uuid NOT NULL,
+                mechanic_id uuid, workshop_id uuid, status text NOT NULL,
+                urgent boolean NOT NULL DEFAULT false, customer_name text, vehicle_summary text,
+                concern text, created_at timestamptz DEFAULT now(), updated_at timestamptz,
+                billing_code text);
+             INSERT INTO session_assignments (session_id, status, billing_code)
+             SELECT gen_random_uuid(), 'completed', 'B' || g FROM generate_series(1, 50) g;",
+        )
+        .await
+        .unwrap();
+    let before: Vec<String> = client
+        .query("SELECT t::text FROM session_assignments t ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    migrate(&mut client, MigrationScope::RealtimeOnly)
+        .await
+        .unwrap();
+    let after: Vec<String> = client
+        .query("SELECT t::text FROM session_assignments t ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(before, after);
+    let sessions: Option<String> = client
+        .query_one("SELECT to_regclass('sessions')::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sessions, None, "app tables were not created");
+    assert!(log_positions(&client).await.is_empty(), "no events for old rows");
+
+    let mut listener = start_listener(&db, Start::Head).await;
+    client
+        .execute(
+            "UPDATE session_assignments SET status = 'queued', updated_at = NULL
+             WHERE billing_code = 'B7'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got = listener.take(1, LIMIT).await;
+    assert_eq!(got[0].kind, EventKind::Updated);
+    assert_eq!(got[0].old_status(), Some(Status::Completed));
+    assert_eq!(got[0].assignment.updated_at, None);
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn every_committed_change_is_one_event_and_rollbacks_none() {
+    let (db, mut client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let mut listener = start_listener(&db, Start::Head).await;
+    let (workshop, mechanic) = (Uuid::new_v4(), Uuid::new_v4());
+
+    let id: Uuid = client
+        .query_one(
+            "INSERT INTO session_assignments (session_id, workshop_id, status)
+             VALUES (gen_random_uuid(), $1, 'queued') RETURNING id",
+            &[&workshop],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // Rolled back: no event.
+    let tx = client.transaction().await.unwrap();
+    tx.execute(INSERT_ONE, &[&"rolled back"]).await.unwrap();
+    tx.execute(
+        "UPDATE session_assignments SET status = 'cancelled' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    // A savepoint rolled back inside a committed transaction: its change produces nothing.
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "SAVEPOINT s; UPDATE session_assignments SET status = 'expired' WHERE id = '{id}';
+         ROLLBACK TO SAVEPOINT s;"
+    ))
+    .await
+    .unwrap();
+    tx.execute(
+        "UPDATE session_assignments SET status = 'accepted', mechanic_id = $2, workshop_id = NULL
+         WHERE id = $1",
+        &[&id, &mechanic],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    client
+        .execute("DELETE FROM session_assignments WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+
+    let got = listener.take(3, LIMIT).await;
+    listener.assert_quiet().await;
+    assert!(got.iter().all(|e| e.assignment.id == id));
+    assert_eq!(
+        got.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        [EventKind::Created, EventKind::Updated, EventKind::Deleted]
+    );
+    assert!(got.windows(2).all(|w| w[0].position < w[1].position));
+    let created = &got[0];
+    assert_eq!(created.prior, None);
+    assert_eq!(created.assignment.workshop_id, Some(workshop));
+    let updated = &got[1];
+    let prior = updated.prior.unwrap();
+    assert_eq!(prior.status, Status::Queued);
+    assert_eq!(prior.workshop_id, Some(workshop));
+    assert_eq!(prior.mechanic_id, None);
+    assert_eq!(updated.assignment.status, Status::Accepted);
+    assert_eq!(updated.assignment.mechanic_id, Some(mechanic));
+    let deleted = &got[2];
+    let prior = deleted.prior.unwrap();
+    assert_eq!(prior.status, Status::Accepted);
+    assert_eq!(prior.mechanic_id, Some(mechanic));
+    assert_eq!(deleted.assignment.mechanic_id, Some(mechanic));
+    // The log agrees: exactly these three positions.
+    assert_eq!(
+        log_positions(&client).await,
+        got.iter().map(|e| e.position).collect::<Vec<_>>()
+    );
+    listener.stop().await;
+}
+
+/// Transaction A writes first and commits last: A must get the higher position, so a reader
+/// that saw B's position can never later see a lower one commit.
+#[tokio::test]
+async fn positions_follow_commit_order_not_write_order() {
+    let (db, _client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let mut listener = start_listener(&db, Start::Head).await;
+    let mut a = db.connect().await.unwrap();
+    let mut b = db.connect().await.unwrap();
+
+    let ta = a.transaction().await.unwrap();
+    ta.execute(INSERT_ONE, &[&"A"]).await.unwrap();
+    let tb = b.transaction().await.unwrap();
+    tb.execute(INSERT_ONE, &[&"B"]).await.unwrap();
+    tb.commit().await.unwrap();
+    let first = listener.take(1, LIMIT).await;
+    assert_eq!(first[0].assignment.customer_name.as_deref(), Some("B"));
+    ta.commit().await.unwrap();
+    let second = listener.take(1, LIMIT).await;
+    assert_eq!(second[0].assignment.customer_name.as_deref(), Some("A"));
+    assert!(
+        second[0].position > first[0].position,
+        "A committed last but got position {} <= B's {}",
+        second[0].position,
+        first[0].position
+    );
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn a_20kb_row_is_written_and_arrives_whole_by_reference() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let mut listener = start_listener(&db, Start::Head).await;
+    let concern: String = "The engine makes a noise. ".repeat(800); // ~20 KB
+    assert!(concern.len() > 20_000);
+    client
+        .execute(
+            "INSERT INTO session_assignments (session_id, status, concern)
+             VALUES (gen_random_uuid(), 'queued', $1)",
+            &[&concern],
+        )
+        .await
+        .expect("a large row must never fail because of NOTIFY");
+    client.execute(INSERT_ONE, &[&"small"]).await.unwrap();
+    let got = listener.take(2, LIMIT).await;
+    assert_eq!(got[0].assignment.concern.as_deref(), Some(concern.as_str()));
+    assert_eq!(got[1].assignment.customer_name.as_deref(), Some("small"));
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn a_10000_row_insert_arrives_complete_and_in_order() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let mut listener = start_listener(&db, Start::Head).await;
+    client
+        .execute(
+            "INSERT INTO session_assignments (session_id, status, customer_name)
+             SELECT gen_random_uuid(), 'queued', 'c' || g FROM generate_series(1, 10000) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got = listener.take(10_000, Duration::from_secs(60)).await;
+    listener.assert_quiet().await;
+    for (i, e) in got.iter().enumerate() {
+        assert_eq!(
+            e.assignment.customer_name.as_deref(),
+            Some(format!("c{}", i + 1).as_str())
+        );
+    }
+    assert!(got.windows(2).all(|w| w[1].position == w[0].position + 1));
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn foreign_garbage_on_the_channel_is_counted_and_skipped() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let mut listener = start_listener(&db, Start::Head).await;
+    client.execute(INSERT_ONE, &[&"before"]).await.unwrap();
+    for garbage in [
+        "garbage",
+        "{}",
+        r#"{"position":1}"#,
+        r#"{"position":999999,"ref":true}"#,
+        // A well-formed event without an id: an error, never a half-filled event.
+        r#"{"position":3,"op":"insert","committed_at":"2026-01-01T00:00:00Z","row":{"session_id":"0e6b3a57-3f4c-4a9e-8a55-2f4b7a7d9a10","status":"queued"},"old":null}"#,
+    ] {
+        client
+            .execute("SELECT pg_notify('pgcast_assignments', $1)", &[&garbage])
+            .await
+            .unwrap();
+    }
+    client.execute(INSERT_ONE, &[&"after"]).await.unwrap();
+    let got = listener.take(2, LIMIT).await;
+    assert_eq!(got[0].assignment.customer_name.as_deref(), Some("before"));
+    assert_eq!(got[1].assignment.customer_name.as_deref(), Some("after"));
+    listener.assert_quiet().await;
+    let status = listener.status.snapshot();
+    assert_eq!(status.decode_errors, 5, "{status:?}");
+    assert!(status.notifications >= 7);
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn starts_after_a_given_position_from_the_log() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    for name in ["one", "two", "three"] {
+        client.execute(INSERT_ONE, &[&name]).await.unwrap();
+    }
+    let positions = log_positions(&client).await;
+    let mut listener = start_listener(&db, Start::After(positions[0])).await;
+    let got = listener.take(2, LIMIT).await;
+    assert_eq!(
+        got.iter().map(|e| e.position).collect::<Vec<_>>(),
+        positions[1..]
+    );
+    listener.assert_quiet().await;
+    listener.stop().await;
+}
