@@ -23,5 +23,7 @@ mod topic;
 pub use assignment::{Assignment, Status, StatusParseError};
 pub use event::{AssignmentEvent, EventKind, Position, PriorState, RowState};
 pub use payload::{decode_payload, DecodeError, Payload};
-pub use protocol::{ClientMessage, ErrorCode, EventFrame, ProtocolError, ServerMessage, MAX_ID_LEN};
+pub use protocol::{
+    ClientMessage, ErrorCode, EventFrame, ProtocolError, ServerMessage, MAX_ID_LEN,
+};
 pub use topic::{Access, Principal, Role, RouteKey, Topic, TopicError, MAX_TOPIC_LEN};

@@ -333,7 +333,10 @@ mod tests {
         ] {
             assert!(bad.parse::<Topic>().is_err(), "{bad:?} parsed");
         }
-        assert_eq!("x".repeat(10_000).parse::<Topic>(), Err(TopicError::TooLong));
+        assert_eq!(
+            "x".repeat(10_000).parse::<Topic>(),
+            Err(TopicError::TooLong)
+        );
     }
 
     #[test]
@@ -356,7 +359,12 @@ mod tests {
         colleague.user_id = uuid(M1);
         assert!(q.sees(&colleague, &offered));
         // Not queued any more: out of every queue.
-        for st in [Status::Accepted, Status::Cancelled, Status::Expired, Status::Completed] {
+        for st in [
+            Status::Accepted,
+            Status::Cancelled,
+            Status::Expired,
+            Status::Completed,
+        ] {
             assert!(!q.sees(&m3, &state(st, None, None)));
             assert!(!q.sees(&m1, &state(st, Some(M1), Some(W1))));
         }
@@ -368,7 +376,11 @@ mod tests {
             Some(state(Status::Queued, None, None)),
             state(Status::Accepted, Some(M3), None),
         );
-        for m in [mechanic(M1, Some(W1)), mechanic(M2, Some(W2)), mechanic(M3, None)] {
+        for m in [
+            mechanic(M1, Some(W1)),
+            mechanic(M2, Some(W2)),
+            mechanic(M3, None),
+        ] {
             assert!(Topic::Queue.matches(&m, &accepted));
         }
         let moved = event(
@@ -408,8 +420,14 @@ mod tests {
             Topic::Session(uuid(1)).authorize(&customer),
             Access::NeedsSessionCheck
         );
-        assert_eq!(Topic::Session(uuid(1)).authorize(&m1), Access::NeedsSessionCheck);
-        assert_eq!(Topic::Mechanic(uuid(M1)).authorize(&customer), Access::Forbidden);
+        assert_eq!(
+            Topic::Session(uuid(1)).authorize(&m1),
+            Access::NeedsSessionCheck
+        );
+        assert_eq!(
+            Topic::Mechanic(uuid(M1)).authorize(&customer),
+            Access::Forbidden
+        );
         assert_eq!(Topic::Queue.authorize(&service), Access::Forbidden);
     }
 

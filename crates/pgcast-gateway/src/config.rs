@@ -1,0 +1,56 @@
+use std::time::Duration;
+
+/// Limits and settings of the gateway. Every field documents its default ([`Default`]).
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// HS256 secret that verifies client tokens. No default: required.
+    pub jwt_secret: Vec<u8>,
+    /// Time a new connection has to send its `auth` frame. Default 10 s.
+    pub auth_timeout: Duration,
+    /// The server pings every interval; a peer silent for two intervals is closed.
+    /// Default 20 s (so a dead peer is closed within 40 s).
+    pub heartbeat_interval: Duration,
+    /// Largest client frame or message; larger ones close the connection with 1009.
+    /// Default 1 MiB.
+    pub max_frame_bytes: usize,
+    /// Longest token accepted in `auth`. Default 8 KiB.
+    pub max_token_bytes: usize,
+    /// Subscriptions per connection. Default 32.
+    pub max_subscriptions: usize,
+    /// Open WebSocket connections per process; further upgrades get HTTP 503. Default 20,000.
+    pub max_connections: usize,
+    /// Frames queued for one connection before it is closed with 4008 (slow consumer).
+    /// Default 4096.
+    pub outbound_capacity: usize,
+    /// Most rows a snapshot may hold; a larger one fails with `unavailable`. Default 10,000.
+    pub snapshot_limit: usize,
+    /// Client frames per second allowed on average (bursts of twice that); frames over the
+    /// limit are answered with `rate_limited` and ignored. Default 50.
+    pub client_frames_per_second: u32,
+    /// Browser `Origin` values allowed to connect; empty = any origin (tokens still required).
+    /// Default empty.
+    pub allowed_origins: Vec<String>,
+    /// Socket read buffer per connection (tungstenite's default of 128 KiB would dominate the
+    /// memory of idle connections). Default 4 KiB.
+    pub read_buffer_bytes: usize,
+}
+
+impl GatewayConfig {
+    /// Defaults with the given secret.
+    pub fn new(jwt_secret: impl Into<Vec<u8>>) -> Self {
+        GatewayConfig {
+            jwt_secret: jwt_secret.into(),
+            auth_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(20),
+            max_frame_bytes: 1 << 20,
+            max_token_bytes: 8 << 10,
+            max_subscriptions: 32,
+            max_connections: 20_000,
+            outbound_capacity: 4096,
+            snapshot_limit: 10_000,
+            client_frames_per_second: 50,
+            allowed_origins: Vec::new(),
+            read_buffer_bytes: 4 << 10,
+        }
+    }
+}

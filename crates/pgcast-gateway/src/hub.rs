@@ -1,0 +1,156 @@
+//! Fan-out: the index from route key to subscriptions, and the dispatch of one event to every
+//! subscription that may see it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use axum::extract::ws::Utf8Bytes;
+use pgcast_events::{AssignmentEvent, EventFrame, Position, Principal, RouteKey, Topic};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::GatewayMetrics;
+
+/// Identifies one subscription for the lifetime of the process.
+pub(crate) type SubId = u64;
+
+/// One event frame queued for one connection.
+#[derive(Debug)]
+pub(crate) struct Outbound {
+    pub(crate) sub: SubId,
+    pub(crate) position: Position,
+    pub(crate) committed_micros: i64,
+    /// Shared by every recipient of the same (event, topic).
+    pub(crate) frame: Utf8Bytes,
+}
+
+/// The hub's handle on a connection.
+#[derive(Debug)]
+pub(crate) struct ConnHandle {
+    /// Bounded by `outbound_capacity`. When full, the hub does not wait: it cancels `slow` and
+    /// the connection closes itself with 4008; the client resumes with `since`.
+    pub(crate) tx: mpsc::Sender<Outbound>,
+    pub(crate) slow: CancellationToken,
+}
+
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    pub(crate) id: SubId,
+    pub(crate) topic: Topic,
+    pub(crate) principal: Principal,
+    pub(crate) conn: Arc<ConnHandle>,
+}
+
+#[derive(Default)]
+struct Index {
+    by_key: HashMap<RouteKey, HashMap<SubId, Arc<Subscription>>>,
+}
+
+/// Subscriptions indexed by route key.
+pub(crate) struct Hub {
+    index: RwLock<Index>,
+    /// Position of the last dispatched event. Read under the write lock when subscribing, so
+    /// a new subscription knows exactly which events it will and will not receive.
+    head: AtomicI64,
+    next_id: AtomicU64,
+    metrics: GatewayMetrics,
+}
+
+impl Hub {
+    pub(crate) fn new(metrics: GatewayMetrics) -> Self {
+        Hub {
+            index: RwLock::default(),
+            head: AtomicI64::new(0),
+            next_id: AtomicU64::new(1),
+            metrics,
+        }
+    }
+
+    pub(crate) fn next_id(&self) -> SubId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Files `sub` under its route keys. Returns the position of the last event dispatched
+    /// before it: every later event that matches reaches it.
+    pub(crate) fn subscribe(&self, sub: Arc<Subscription>) -> Position {
+        let keys = sub.topic.route_keys(&sub.principal);
+        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        for key in keys {
+            index
+                .by_key
+                .entry(key)
+                .or_default()
+                .insert(sub.id, sub.clone());
+        }
+        self.metrics.subscriptions.inc();
+        self.head.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn unsubscribe(&self, sub: &Subscription) {
+        let keys = sub.topic.route_keys(&sub.principal);
+        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        let mut removed = false;
+        for key in keys {
+            if let Some(subs) = index.by_key.get_mut(&key) {
+                removed |= subs.remove(&sub.id).is_some();
+                if subs.is_empty() {
+                    index.by_key.remove(&key);
+                }
+            }
+        }
+        if removed {
+            self.metrics.subscriptions.dec();
+        }
+    }
+
+    /// Queues `event` for every subscription that may see it. Never waits: a full connection
+    /// queue marks that connection slow.
+    pub(crate) fn dispatch(&self, event: &AssignmentEvent) {
+        self.metrics.events.inc();
+        let keys = event.route_keys();
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        let mut targets: Vec<&Arc<Subscription>> = keys
+            .iter()
+            .filter_map(|k| index.by_key.get(k))
+            .flat_map(|subs| subs.values())
+            .collect();
+        // A queue subscription is filed under several keys; deliver once.
+        targets.sort_unstable_by_key(|s| s.id);
+        targets.dedup_by_key(|s| s.id);
+        // Each distinct frame is serialized once; most events have one or two topics.
+        let mut frames: Vec<(Topic, Utf8Bytes)> = Vec::new();
+        let committed_micros = event.committed_at.timestamp_micros();
+        for sub in targets {
+            // The index narrows; the rule decides (authorization enforced on every event).
+            if !sub.topic.matches(&sub.principal, event) {
+                continue;
+            }
+            let frame = match frames.iter().find(|(t, _)| *t == sub.topic) {
+                Some((_, f)) => f.clone(),
+                None => {
+                    let f = Utf8Bytes::from(EventFrame::encode(&sub.topic, event));
+                    frames.push((sub.topic, f.clone()));
+                    f
+                }
+            };
+            let out = Outbound {
+                sub: sub.id,
+                position: event.position,
+                committed_micros,
+                frame,
+            };
+            match sub.conn.tx.try_send(out) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if !sub.conn.slow.is_cancelled() {
+                        sub.conn.slow.cancel();
+                    }
+                }
+                // The connection is closing; it unsubscribes itself.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        self.head.store(event.position, Ordering::Release);
+    }
+}

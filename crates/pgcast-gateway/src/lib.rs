@@ -1,0 +1,159 @@
+//! pgcast's WebSocket gateway: it owns everything between the ordered event stream of the
+//! listener and the browsers — protocol v1, authentication, who-sees-what, snapshots, replay,
+//! live fan-out and slow-consumer handling.
+//!
+//! ```text
+//!  Listener ──mpsc<Arc<AssignmentEvent>>──▶ dispatch task ──▶ Hub (RouteKey → subscriptions)
+//!                                                               │ try_send, never waits
+//!                                                               ▼ (frame serialized once per topic)
+//!  GET /ws ──upgrade──▶ connection task: auth ▸ select!{ client frame | queued frame | ping }
+//!                          │ subscribe: register in Hub, then snapshot (REPEATABLE READ)
+//!                          │            or replay from the log (EventLog), drop duplicates
+//!                          ▼            by position
+//!                       socket  (queue full → close 4008; shutdown → close 1001)
+//! ```
+//!
+//! Every task the gateway starts is tracked: [`Gateway::shutdown`] cancels them, closes every
+//! socket with 1001 and waits for them within a grace period.
+
+mod auth;
+mod config;
+mod connection;
+mod db;
+mod error;
+mod hub;
+mod metrics;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use pgcast_events::AssignmentEvent;
+use pgcast_listener::EventLog;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use auth::{mint_token, TokenVerifier};
+pub use config::GatewayConfig;
+pub use error::GatewayError;
+pub use metrics::GatewayMetrics;
+
+/// State shared by the gateway's tasks.
+struct Shared {
+    config: GatewayConfig,
+    verifier: TokenVerifier,
+    log: EventLog,
+    hub: hub::Hub,
+    metrics: GatewayMetrics,
+    /// Open connections; an upgrade without a permit is refused with 503.
+    connection_slots: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// The WebSocket gateway. Cheap to clone.
+#[derive(Clone)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl Gateway {
+    /// A gateway reading snapshots and replays through `log`'s pool.
+    pub fn new(config: GatewayConfig, log: EventLog) -> Self {
+        let metrics = GatewayMetrics::default();
+        Gateway {
+            shared: Arc::new(Shared {
+                verifier: TokenVerifier::new(&config.jwt_secret),
+                connection_slots: Arc::new(Semaphore::new(config.max_connections)),
+                hub: hub::Hub::new(metrics.clone()),
+                metrics,
+                log,
+                config,
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// The gateway's metrics, to register in the process's registry.
+    pub fn metrics(&self) -> &GatewayMetrics {
+        &self.shared.metrics
+    }
+
+    /// Routes: `GET /ws`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/ws", get(upgrade))
+            .with_state(self.shared.clone())
+    }
+
+    /// Starts fanning out `events` (the listener's output) to subscribers. The task ends when
+    /// the listener's sender is dropped or at shutdown.
+    pub fn spawn_dispatch(&self, mut events: mpsc::Receiver<Arc<AssignmentEvent>>) {
+        let shared = self.shared.clone();
+        self.shared.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    event = events.recv() => match event {
+                        Some(event) => shared.hub.dispatch(&event),
+                        None => return,
+                    },
+                    () = shared.shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    /// Stops accepting connections, closes every socket with 1001 and waits up to `grace` for
+    /// the gateway's tasks. Returns false if some did not finish in time.
+    pub async fn shutdown(&self, grace: Duration) -> bool {
+        self.shared.connection_slots.close();
+        self.shared.shutdown.cancel();
+        self.shared.tasks.close();
+        tokio::time::timeout(grace, self.shared.tasks.wait())
+            .await
+            .is_ok()
+    }
+}
+
+async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !origin_allowed(&shared.config.allowed_origins, &headers) {
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    let Ok(permit) = shared.connection_slots.clone().try_acquire_owned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
+    };
+    let config = &shared.config;
+    let tasks = shared.tasks.clone();
+    ws.max_message_size(config.max_frame_bytes)
+        .max_frame_size(config.max_frame_bytes)
+        .read_buffer_size(config.read_buffer_bytes)
+        .on_upgrade(move |socket| {
+            tasks.track_future(async move {
+                connection::serve(socket, shared).await;
+                drop(permit);
+            })
+        })
+}
+
+/// Browsers always send `Origin`; other clients usually do not and are let through (they
+/// still need a token). With no configured origins, every origin is allowed.
+fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    match headers.get(header::ORIGIN).map(|o| o.to_str()) {
+        None => true,
+        Some(Ok(origin)) => allowed.iter().any(|a| a == origin),
+        Some(Err(_)) => false,
+    }
+}

@@ -1,0 +1,74 @@
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Counters of the gateway, shared by its tasks. Cheap to clone (every field is an `Arc`).
+#[derive(Clone, Debug)]
+pub struct GatewayMetrics {
+    pub(crate) events: Counter,
+    pub(crate) frames: Counter,
+    pub(crate) latency: Histogram,
+    pub(crate) connections: Gauge,
+    pub(crate) subscriptions: Gauge,
+    pub(crate) slow_closes: Counter,
+    pub(crate) auth_failures: Counter,
+}
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        GatewayMetrics {
+            events: Counter::default(),
+            frames: Counter::default(),
+            latency: Histogram::new([
+                0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            connections: Gauge::default(),
+            subscriptions: Gauge::default(),
+            slow_closes: Counter::default(),
+            auth_failures: Counter::default(),
+        }
+    }
+}
+
+impl GatewayMetrics {
+    /// Adds every series to `registry` (names get the `pgcast_` prefix from the caller's
+    /// registry or are used as they are).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "pgcast_events_dispatched",
+            "Events handed by the listener to the gateway for fan-out",
+            self.events.clone(),
+        );
+        registry.register(
+            "pgcast_frames_delivered",
+            "Event frames written to WebSocket connections",
+            self.frames.clone(),
+        );
+        registry.register(
+            "pgcast_delivery_latency_seconds",
+            "From the writing transaction's commit (database clock) to the frame's write",
+            self.latency.clone(),
+        );
+        registry.register(
+            "pgcast_connections",
+            "Open WebSocket connections",
+            self.connections.clone(),
+        );
+        registry.register(
+            "pgcast_subscriptions",
+            "Active subscriptions",
+            self.subscriptions.clone(),
+        );
+        registry.register(
+            "pgcast_slow_consumer_closes",
+            "Connections closed with 4008 because their outgoing queue overflowed",
+            self.slow_closes.clone(),
+        );
+        registry.register(
+            "pgcast_auth_failures",
+            "Connections refused for a missing, invalid or late token",
+            self.auth_failures.clone(),
+        );
+    }
+}

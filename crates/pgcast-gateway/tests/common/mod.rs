@@ -1,0 +1,306 @@
+//! A real gateway for tests: throwaway PostgreSQL, the real listener, axum on 127.0.0.1:0, and
+//! a real tokio-tungstenite client.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures::{SinkExt, StreamExt};
+use pgcast_events::{Principal, Role};
+use pgcast_gateway::{mint_token, Gateway, GatewayConfig};
+use pgcast_listener::{migrate, EventLog, Listener, ListenerStatus, MigrationScope, Start};
+use pgcast_testkit::{PgCluster, TestDb};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub const SECRET: &[u8] = b"gateway-test-secret";
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub struct Harness {
+    pub db: TestDb,
+    pub admin: tokio_postgres::Client,
+    pub addr: SocketAddr,
+    pub gateway: Gateway,
+    pub listener: Arc<ListenerStatus>,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+    listener_task: tokio::task::JoinHandle<()>,
+}
+
+pub fn pool(db: &TestDb) -> Pool {
+    let manager = Manager::from_config(
+        db.pg_config(),
+        tokio_postgres::NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager).max_size(8).build().expect("pool")
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Harness::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tune: impl FnOnce(&mut GatewayConfig)) -> Harness {
+        let db = PgCluster::shared()
+            .expect("cluster")
+            .create_database()
+            .await
+            .expect("database");
+        let mut admin = db.connect().await.expect("connect");
+        migrate(&mut admin, MigrationScope::All)
+            .await
+            .expect("migrate");
+        let log = EventLog::new(pool(&db));
+        let mut config = GatewayConfig::new(SECRET);
+        tune(&mut config);
+        let gateway = Gateway::new(config, log.clone());
+        let listener = Listener::new(db.pg_config(), log);
+        let status = listener.status();
+        let (tx, rx) = mpsc::channel(1024);
+        let stop = CancellationToken::new();
+        let listener_task = tokio::spawn(listener.run(Start::Head, tx, stop.clone()));
+        gateway.spawn_dispatch(rx);
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let router = gateway.router();
+        let server_stop = stop.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(tcp, router)
+                .with_graceful_shutdown(server_stop.cancelled_owned())
+                .await
+                .expect("serve");
+        });
+        let deadline = Instant::now() + WAIT;
+        while !status.is_ready() {
+            assert!(Instant::now() < deadline, "listener not ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Harness {
+            db,
+            admin,
+            addr,
+            gateway,
+            listener: status,
+            stop,
+            server,
+            listener_task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn token(&self, who: &Principal) -> String {
+        mint_token(SECRET, who, Duration::from_secs(600)).unwrap()
+    }
+
+    /// A connected, not yet authenticated client.
+    pub async fn raw(&self) -> Ws {
+        let (ws, _) = tokio_tungstenite::connect_async(self.url())
+            .await
+            .expect("websocket connect");
+        Ws { ws }
+    }
+
+    /// A client authenticated as `who`.
+    pub async fn client(&self, who: &Principal) -> Ws {
+        let mut ws = self.raw().await;
+        ws.send(json!({"type": "auth", "token": self.token(who)}))
+            .await;
+        let ready = ws.recv().await;
+        assert_eq!(ready["type"], "ready", "{ready}");
+        assert_eq!(ready["user_id"], who.user_id.to_string());
+        ws
+    }
+
+    pub async fn stop(self) {
+        assert!(self.gateway.shutdown(Duration::from_secs(5)).await);
+        self.stop.cancel();
+        self.server.await.unwrap();
+        self.listener_task.await.unwrap();
+    }
+
+    /// Inserts an assignment, returning its id.
+    pub async fn insert(
+        &self,
+        session: Uuid,
+        status: &str,
+        mechanic: Option<Uuid>,
+        workshop: Option<Uuid>,
+    ) -> Uuid {
+        self.admin
+            .query_one(
+                "INSERT INTO session_assignments (session_id, status, mechanic_id, workshop_id,
+                    customer_name, vehicle_summary, concern)
+                 VALUES ($1, $2, $3, $4, 'Ana', '2014 VW Golf', 'noise') RETURNING id",
+                &[&session, &status, &mechanic, &workshop],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    pub async fn update(
+        &self,
+        id: Uuid,
+        status: &str,
+        mechanic: Option<Uuid>,
+        workshop: Option<Uuid>,
+    ) {
+        self.admin
+            .execute(
+                "UPDATE session_assignments SET status = $2, mechanic_id = $3, workshop_id = $4,
+                    updated_at = now() WHERE id = $1",
+                &[&id, &status, &mechanic, &workshop],
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn log_head(&self) -> i64 {
+        self.admin
+            .query_one(
+                "SELECT coalesce(max(position), 0) FROM pgcast.assignment_events",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+pub fn mechanic(workshop: Option<Uuid>) -> Principal {
+    Principal {
+        user_id: Uuid::new_v4(),
+        role: Role::Mechanic,
+        workshop_id: workshop,
+    }
+}
+
+pub fn customer() -> Principal {
+    Principal {
+        user_id: Uuid::new_v4(),
+        role: Role::Customer,
+        workshop_id: None,
+    }
+}
+
+pub fn service() -> Principal {
+    Principal {
+        user_id: Uuid::new_v4(),
+        role: Role::Service,
+        workshop_id: None,
+    }
+}
+
+pub struct Ws {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What the next thing from the server was.
+#[derive(Debug)]
+pub enum Next {
+    Json(Value),
+    Close(Option<CloseFrame>),
+    /// The TCP connection ended without a close frame.
+    Ended,
+    Nothing,
+}
+
+impl Ws {
+    pub async fn send(&mut self, v: Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .expect("send");
+    }
+
+    /// The next JSON frame or close, skipping pings; `Nothing` after `limit`.
+    pub async fn next(&mut self, limit: Duration) -> Next {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return Next::Nothing,
+                Ok(None) | Ok(Some(Err(_))) => return Next::Ended,
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    return Next::Json(serde_json::from_str(&t).expect("server sent JSON"))
+                }
+                Ok(Some(Ok(Message::Close(f)))) => return Next::Close(f),
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// The next JSON frame; fails the test on anything else within `WAIT`.
+    pub async fn recv(&mut self) -> Value {
+        match self.next(WAIT).await {
+            Next::Json(v) => v,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    /// Asserts that no frame arrives for a short while.
+    pub async fn quiet(&mut self) {
+        match self.next(Duration::from_millis(300)).await {
+            Next::Nothing => {}
+            other => panic!("expected silence, got {other:?}"),
+        }
+    }
+
+    /// Expects the server to close with `code`.
+    pub async fn expect_close(&mut self, code: u16) {
+        loop {
+            match self.next(WAIT).await {
+                Next::Close(Some(f)) => {
+                    assert_eq!(u16::from(f.code), code, "close reason: {}", f.reason);
+                    return;
+                }
+                Next::Json(_) => continue,
+                other => panic!("expected close {code}, got {other:?}"),
+            }
+        }
+    }
+
+    /// Subscribes and returns the `subscribed` reply.
+    pub async fn subscribe(&mut self, topic: &str, extra: Value) -> Value {
+        let mut msg = json!({"type": "subscribe", "id": topic, "topic": topic});
+        if let (Some(m), Some(e)) = (msg.as_object_mut(), extra.as_object()) {
+            m.extend(e.clone());
+        }
+        self.send(msg).await;
+        let reply = self.recv().await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        assert_eq!(reply["topic"], topic);
+        reply
+    }
+
+    /// Receives event frames until `n` arrived.
+    pub async fn events(&mut self, n: usize) -> Vec<Value> {
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            let v = match self.next(WAIT).await {
+                Next::Json(v) => v,
+                other => panic!("after {} of {n} events: {other:?}", got.len()),
+            };
+            assert_eq!(v["type"], "event", "{v}");
+            got.push(v);
+        }
+        got
+    }
+}

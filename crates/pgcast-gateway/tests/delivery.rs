@@ -1,0 +1,225 @@
+//! Snapshot, replay, live delivery and slow consumers over real sockets (design §3.4, §3.5).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn live_events_reach_a_queue_subscriber() {
+    let h = Harness::start().await;
+    let who = mechanic(None);
+    let mut ws = h.client(&who).await;
+    ws.subscribe("queue", json!({})).await;
+    let id = h.insert(Uuid::new_v4(), "queued", None, None).await;
+    let ev = ws.events(1).await.remove(0);
+    assert_eq!(ev["topic"], "queue");
+    assert_eq!(ev["event"], "assignment.created");
+    assert_eq!(ev["assignment"]["id"], id.to_string());
+    assert_eq!(ev["old_status"], serde_json::Value::Null);
+    assert!(ev["position"].as_i64().unwrap() > 0);
+    ws.send(json!({"type": "ping", "id": "p1"})).await;
+    assert_eq!(ws.recv().await, json!({"type": "pong", "id": "p1"}));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn snapshot_then_live_under_concurrent_writes_loses_and_doubles_nothing() {
+    let h = Harness::start().await;
+    let writer_db = h.db.clone();
+    // Writes keep committing while the snapshot is taken.
+    let writer = tokio::spawn(async move {
+        let c = writer_db.connect().await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..300 {
+            let id: Uuid = c
+                .query_one(
+                    "INSERT INTO session_assignments (session_id, status, customer_name)
+                     VALUES (gen_random_uuid(), 'queued', $1) RETURNING id",
+                    &[&format!("c{i}")],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            ids.push(id);
+            if i % 3 == 0 {
+                // Some leave the queue again.
+                c.execute(
+                    "UPDATE session_assignments SET status = 'cancelled' WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .unwrap();
+            }
+        }
+        ids
+    });
+    // Let the writer get going, then snapshot mid-stream.
+    while h.log_head().await < 50 {
+        tokio::task::yield_now().await;
+    }
+    let mut ws = h.client(&mechanic(None)).await;
+    let sub = ws.subscribe("queue", json!({"snapshot": true})).await;
+    let snap = ws.recv().await;
+    assert_eq!(snap["type"], "snapshot");
+    assert_eq!(snap["position"], sub["position"]);
+    let ids = writer.await.unwrap();
+    let head = h.log_head().await;
+
+    // Rebuild the queue from snapshot + events and compare with the table.
+    let mut queue: std::collections::BTreeSet<String> = snap["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap().to_owned())
+        .collect();
+    let mut last = snap["position"].as_i64().unwrap();
+    while last < head {
+        let ev = ws.events(1).await.remove(0);
+        let pos = ev["position"].as_i64().unwrap();
+        assert!(pos > last, "duplicate or out of order: {pos} after {last}");
+        last = pos;
+        let id = ev["assignment"]["id"].as_str().unwrap().to_owned();
+        if ev["assignment"]["status"] == "queued" {
+            assert!(queue.insert(id), "row doubled");
+        } else {
+            assert!(queue.remove(&id), "removed a row that was not there");
+        }
+    }
+    ws.quiet().await;
+    let expected: std::collections::BTreeSet<String> = h
+        .admin
+        .query(
+            "SELECT id::text FROM session_assignments WHERE status = 'queued'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(queue, expected);
+    assert_eq!(expected.len(), ids.len() - 100);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn since_replays_missed_events_once_then_goes_live() {
+    let h = Harness::start().await;
+    let who = mechanic(None);
+    let session = Uuid::new_v4();
+    let first = h.insert(session, "queued", None, None).await;
+    let since = h.log_head().await;
+    let mut missed = Vec::new();
+    for _ in 0..5 {
+        missed.push(h.insert(session, "queued", None, None).await);
+    }
+    // Another workshop's row in between must not be replayed.
+    h.insert(session, "queued", None, Some(Uuid::new_v4()))
+        .await;
+    let mut ws = h.client(&who).await;
+    let sub = ws.subscribe("queue", json!({"since": since})).await;
+    assert_eq!(sub["position"], since);
+    let replayed = ws.events(5).await;
+    let got: Vec<String> = replayed
+        .iter()
+        .map(|e| e["assignment"]["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        got,
+        missed.iter().map(|u| u.to_string()).collect::<Vec<_>>()
+    );
+    assert!(!got.contains(&first.to_string()));
+    let live = h.insert(session, "queued", None, None).await;
+    let ev = ws.events(1).await.remove(0);
+    assert_eq!(ev["assignment"]["id"], live.to_string());
+    ws.quiet().await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn since_older_than_retention_or_ahead_of_the_log_gets_resync() {
+    let h = Harness::start().await;
+    for _ in 0..3 {
+        h.insert(Uuid::new_v4(), "queued", None, None).await;
+    }
+    // Retention removed the first events.
+    h.admin
+        .execute(
+            "UPDATE pgcast.assignment_events SET committed_at = now() - interval '2 days'
+             WHERE position <= 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    let pruned: i32 = h
+        .admin
+        .query_one("SELECT pgcast.prune_events(interval '1 day')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pruned, 2);
+    let mut ws = h.client(&service()).await;
+    ws.subscribe("assignments", json!({"since": 1})).await;
+    let resync = ws.recv().await;
+    assert_eq!(resync["type"], "resync", "{resync}");
+    assert_eq!(resync["topic"], "assignments");
+    ws.subscribe("assignments", json!({"since": 1_000_000}))
+        .await;
+    assert_eq!(ws.recv().await["type"], "resync");
+    // From the retention boundary on, replay works.
+    ws.subscribe("assignments", json!({"since": 2})).await;
+    let ev = ws.events(1).await.remove(0);
+    assert_eq!(ev["position"], 3);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_closed_with_4008_and_others_get_everything() {
+    let h = Harness::start_with(|c| c.outbound_capacity = 4096).await;
+    let mut fast = h.client(&service()).await;
+    fast.subscribe("assignments", json!({})).await;
+    let mut slow = h.client(&service()).await;
+    slow.subscribe("assignments", json!({})).await;
+    // The slow client never reads: the socket buffers fill (some MB on loopback), then its
+    // queue overflows. 20,000 events of 1.5 KB are far more than both.
+    let writer_db = h.db.clone();
+    let writer = tokio::spawn(async move {
+        let c = writer_db.connect().await.unwrap();
+        for _ in 0..20 {
+            c.execute(
+                "INSERT INTO session_assignments (session_id, status, concern)
+                 SELECT gen_random_uuid(), 'queued', repeat('x', 1500)
+                 FROM generate_series(1, 1000)",
+                &[],
+            )
+            .await
+            .unwrap();
+        }
+    });
+    let got = fast.events(20_000).await;
+    writer.await.unwrap();
+    assert!(got
+        .windows(2)
+        .all(|w| w[1]["position"].as_i64() > w[0]["position"].as_i64()));
+    slow.expect_close(4008).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_sockets_with_1001() {
+    let h = Harness::start().await;
+    let mut ws = h.client(&mechanic(None)).await;
+    ws.subscribe("queue", json!({})).await;
+    let gateway = h.gateway.clone();
+    let closing = tokio::spawn(async move { gateway.shutdown(Duration::from_secs(5)).await });
+    ws.expect_close(1001).await;
+    assert!(
+        closing.await.unwrap(),
+        "gateway tasks finished within the grace period"
+    );
+    h.stop().await;
+}
