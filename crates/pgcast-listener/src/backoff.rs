@@ -53,7 +53,10 @@ mod tests {
         for ceiling in expected_ceilings {
             let d = b.next_delay();
             let ceiling = Duration::from_millis(ceiling);
-            assert!(d >= ceiling / 2 && d <= ceiling, "{d:?} outside {ceiling:?}");
+            assert!(
+                d >= ceiling / 2 && d <= ceiling,
+                "{d:?} outside {ceiling:?}"
+            );
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

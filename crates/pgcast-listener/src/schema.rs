@@ -70,7 +70,10 @@ async fn apply(client: &mut Client, scope: MigrationScope) -> Result<usize, List
 /// The installed `pgcast.version()`, or `None` when the realtime objects are not installed.
 pub async fn installed_version(client: &Client) -> Result<Option<i32>, ListenerError> {
     let row = client
-        .query_one("SELECT to_regprocedure('pgcast.version()') IS NOT NULL", &[])
+        .query_one(
+            "SELECT to_regprocedure('pgcast.version()') IS NOT NULL",
+            &[],
+        )
         .await?;
     let installed: bool = row.try_get(0)?;
     if !installed {

@@ -62,7 +62,11 @@ async fn drain_to_head(running: &mut Running, db: &TestDb, mut got: Vec<Arc<Assi
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, running.events.recv()).await {
             Ok(Some(e)) => got.push(e),
-            _ => panic!("listener emitted {} events, log has {}", got.len(), log.len()),
+            _ => panic!(
+                "listener emitted {} events, log has {}",
+                got.len(),
+                log.len()
+            ),
         }
     }
     running.assert_quiet().await;

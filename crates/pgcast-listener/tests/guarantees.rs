@@ -48,7 +48,10 @@ async fn migrations_are_idempotent_versioned_and_commented() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(uncommented.is_empty(), "objects without COMMENT: {uncommented:?}");
+    assert!(
+        uncommented.is_empty(),
+        "objects without COMMENT: {uncommented:?}"
+    );
     drop(db);
 }
 
@@ -95,7 +98,10 @@ async fn realtime_only_installs_onto_an_existing_table_without_touching_rows() {
         .unwrap()
         .get(0);
     assert_eq!(sessions, None, "app tables were not created");
-    assert!(log_positions(&client).await.is_empty(), "no events for old rows");
+    assert!(
+        log_positions(&client).await.is_empty(),
+        "no events for old rows"
+    );
 
     let mut listener = start_listener(&db, Start::Head).await;
     client

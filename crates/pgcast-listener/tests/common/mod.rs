@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use pgcast_events::AssignmentEvent;
-use pgcast_listener::{migrate, Backoff, EventLog, Listener, ListenerStatus, MigrationScope, Start};
+use pgcast_listener::{
+    migrate, Backoff, EventLog, Listener, ListenerStatus, MigrationScope, Start,
+};
 use pgcast_testkit::{PgCluster, TestDb};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
