@@ -1,16 +1,16 @@
 /// Errors of the gateway. Clients only ever see a short code; these carry the detail for logs.
+///
+/// Each message already contains its cause (no `source()`), so `%error` in a log line shows the
+/// whole story once.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum GatewayError {
     /// A query failed.
     #[error("database error: {0}")]
-    Db(#[from] tokio_postgres::Error),
+    Db(tokio_postgres::Error),
     /// No database connection available.
     #[error("database pool: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
-    /// Reading the event log failed.
-    #[error("event log: {0}")]
-    Log(#[from] pgcast_listener::ListenerError),
+    Pool(deadpool_postgres::PoolError),
     /// A snapshot would exceed the configured limit.
     #[error("snapshot has more than {0} rows")]
     SnapshotTooLarge(usize),
@@ -19,5 +19,23 @@ pub enum GatewayError {
     Row(serde_json::Error),
     /// A token could not be verified or minted.
     #[error("token: {0}")]
-    Token(#[from] jsonwebtoken::errors::Error),
+    Token(jsonwebtoken::errors::Error),
+}
+
+impl From<tokio_postgres::Error> for GatewayError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        GatewayError::Db(e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for GatewayError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        GatewayError::Pool(e)
+    }
+}
+
+impl From<jsonwebtoken::errors::Error> for GatewayError {
+    fn from(e: jsonwebtoken::errors::Error) -> Self {
+        GatewayError::Token(e)
+    }
 }

@@ -1,0 +1,134 @@
+//! The command functions: the binary's edge, where library errors become `anyhow` errors and
+//! outcomes become exit codes.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use pgcast_listener::{installed_version, MigrationScope};
+
+use crate::cli::{Cli, Command, DemoArgs, DoctorArgs, MigrateArgs, ServeArgs, TailArgs, TokenArgs};
+use crate::{cancel_on_signal, connect, diagnose, mint, principal, tail, TailOptions};
+
+/// Exit status of `doctor` when a check failed, and of any command that failed.
+const FAILURE: u8 = 1;
+
+/// Runs a parsed command line. Prints the configuration (without secrets) to stderr first,
+/// except for `token`, whose output is meant to be captured by scripts.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if !matches!(cli.command, Command::Token(_)) {
+        eprintln!("pgcast {}", cli.command);
+    }
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Demo(args) => demo(args).await,
+        Command::Migrate(args) => migrate(args).await,
+        Command::Doctor(args) => doctor(args).await,
+        Command::Tail(args) => tail_command(args).await,
+        Command::Token(args) => token(args),
+    }
+}
+
+async fn serve(_args: ServeArgs) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`pgcast serve` is not implemented yet")
+}
+
+async fn demo(_args: DemoArgs) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`pgcast demo` is not implemented yet")
+}
+
+async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    let mut client = connect(&args.database.database_url, "pgcast-migrate").await?;
+    let scope = if args.realtime_only {
+        MigrationScope::RealtimeOnly
+    } else {
+        MigrationScope::All
+    };
+    let applied = pgcast_listener::migrate(&mut client, scope).await?;
+    let version = installed_version(&client)
+        .await?
+        .context("pgcast.version() is missing after migrating")?;
+    print_out(&format!(
+        "applied {applied} migration{}; pgcast.version() = {version}",
+        if applied == 1 { "" } else { "s" }
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn doctor(args: DoctorArgs) -> anyhow::Result<ExitCode> {
+    let client = connect(&args.database.database_url, "pgcast-doctor").await?;
+    let report = diagnose(&client).await?;
+    print_out(&report.to_string())?;
+    Ok(if report.is_healthy() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(FAILURE)
+    })
+}
+
+async fn tail_command(args: TailArgs) -> anyhow::Result<ExitCode> {
+    let shutdown = cancel_on_signal().context("could not install signal handlers")?;
+    let options = TailOptions {
+        since: args.since,
+        topic: args.topic,
+    };
+    let mut out = tokio::io::stdout();
+    tail(
+        args.database.database_url.pg_config(),
+        options,
+        &mut out,
+        shutdown,
+    )
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
+    let who = principal(args.sub, args.role, args.workshop)?;
+    let token = mint(&args.secret.jwt_secret, &who, args.ttl)?;
+    print_out(&token)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints `text` and a newline to stdout. A reader that went away (`| head`) is not an error.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("could not write the output")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// An error and its causes on one line, `a: b: c`, skipping a cause whose text the previous
+/// message already ends with (many errors print their source in their own message too).
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if parts.last().is_some_and(|last| last.ends_with(&text)) {
+            continue;
+        }
+        parts.push(text);
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer: {0}")]
+    struct Doubled(#[source] std::io::Error);
+
+    #[test]
+    fn describe_prints_each_cause_once() {
+        let io = std::io::Error::other("disk on fire");
+        let e = anyhow::Error::new(Doubled(io)).context("could not save");
+        assert_eq!(describe(&e), "could not save: outer: disk on fire");
+        let e = anyhow::Error::new(std::io::Error::other("plain")).context("top");
+        assert_eq!(describe(&e), "top: plain");
+    }
+}

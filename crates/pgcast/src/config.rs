@@ -1,0 +1,236 @@
+//! Values of the command line that need more than clap's built-in parsing: a database URL and
+//! a secret that must never be printed, durations, rates, topics and roles.
+//!
+//! Every parser here runs inside clap, so a bad value is rejected before anything connects or
+//! binds, with one line naming the flag.
+
+use std::fmt;
+use std::time::Duration;
+
+use pgcast_events::{Role, Topic};
+use tokio_postgres::config::Host;
+
+/// A PostgreSQL connection string (URL or `key=value` form), validated when parsed.
+///
+/// `Display` and `Debug` never show the password: they render user, hosts, ports and database
+/// from the parsed settings, so whatever the original string held cannot leak through them.
+#[derive(Clone)]
+pub struct DatabaseUrl {
+    config: tokio_postgres::Config,
+}
+
+impl DatabaseUrl {
+    /// Parses and validates a connection string.
+    pub fn parse(text: &str) -> Result<DatabaseUrl, String> {
+        let config: tokio_postgres::Config = text
+            .parse()
+            .map_err(|e| format!("not a PostgreSQL connection string ({e})"))?;
+        if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
+            return Err("the connection string names no host".to_owned());
+        }
+        if config
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, Host::Tcp(name) if name.is_empty()))
+        {
+            return Err("the connection string has an empty host name".to_owned());
+        }
+        Ok(DatabaseUrl { config })
+    }
+
+    /// The connection settings.
+    pub fn pg_config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        f.write_str("postgres://")?;
+        if let Some(user) = c.get_user() {
+            f.write_str(user)?;
+            if c.get_password().is_some() {
+                f.write_str(":<redacted>")?;
+            }
+            f.write_str("@")?;
+        }
+        let ports = c.get_ports();
+        // `hostaddr` alone (no `host`) is a valid way to name the server.
+        let hosts: Vec<String> = if c.get_hosts().is_empty() {
+            c.get_hostaddrs().iter().map(ToString::to_string).collect()
+        } else {
+            c.get_hosts()
+                .iter()
+                .map(|host| match host {
+                    Host::Tcp(name) => name.clone(),
+                    Host::Unix(path) => format!("[{}]", path.display()),
+                })
+                .collect()
+        };
+        for (i, host) in hosts.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(host)?;
+            // One port for every host, or one per host.
+            if let Some(port) = ports.get(i).or(ports.first().filter(|_| ports.len() == 1)) {
+                write!(f, ":{port}")?;
+            }
+        }
+        if let Some(db) = c.get_dbname() {
+            write!(f, "/{db}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({self})")
+    }
+}
+
+/// A secret (the JWT signing key). Printing it in any way shows `<redacted>`.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Accepts any non-empty string.
+    pub fn parse(text: &str) -> Result<Secret, String> {
+        if text.is_empty() {
+            return Err("the secret is empty".to_owned());
+        }
+        Ok(Secret(text.to_owned()))
+    }
+
+    /// The secret's bytes, for signing and verifying.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// A positive duration such as `24h`, `90s` or `1h 30m` (humantime syntax).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| format!("{e} (try e.g. 24h, 90s)"))?;
+    if d.is_zero() {
+        return Err("must be longer than zero".to_owned());
+    }
+    Ok(d)
+}
+
+/// Formats a duration the way it is written on the command line (`24h`, `1h 30m`).
+pub fn format_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// Events per second for `demo --simulate`: a finite number above zero, at most 100,000.
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text
+        .parse()
+        .map_err(|_| "not a number of events per second".to_owned())?;
+    if !(rate.is_finite() && rate > 0.0 && rate <= 100_000.0) {
+        return Err("must be above 0 and at most 100000 events per second".to_owned());
+    }
+    Ok(rate)
+}
+
+/// A token role: `mechanic`, `customer` or `service`.
+pub fn parse_role(text: &str) -> Result<Role, String> {
+    [Role::Mechanic, Role::Customer, Role::Service]
+        .into_iter()
+        .find(|r| r.as_str() == text)
+        .ok_or_else(|| "expected mechanic, customer or service".to_owned())
+}
+
+/// A topic `tail` can follow: any topic but `queue`, which is defined by a mechanic's identity
+/// and so means nothing to an operator tool.
+pub fn parse_tail_topic(text: &str) -> Result<Topic, String> {
+    let topic: Topic = text.parse().map_err(|e| {
+        format!("{e}; expected assignments, mechanic:<uuid>, session:<uuid> or workshop:<uuid>")
+    })?;
+    if topic == Topic::Queue {
+        return Err(QUEUE_NEEDS_MECHANIC.to_owned());
+    }
+    Ok(topic)
+}
+
+/// Why `tail` refuses `--topic queue`.
+pub(crate) const QUEUE_NEEDS_MECHANIC: &str = "the queue topic is defined by a mechanic's \
+     identity; follow mechanic:<uuid> or workshop:<uuid> instead";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_url_display_never_shows_the_password() {
+        for (text, shown) in [
+            (
+                "postgres://app:hunter2@db.example:5433/shop",
+                "postgres://app:<redacted>@db.example:5433/shop",
+            ),
+            (
+                "postgresql://app@localhost/shop",
+                "postgres://app@localhost:5432/shop",
+            ),
+            (
+                "host=db port=6000 user=app password=hunter2 dbname=shop",
+                "postgres://app:<redacted>@db:6000/shop",
+            ),
+            (
+                "postgres://app:p%40ss@a:1,b:2/x",
+                "postgres://app:<redacted>@a:1,b:2/x",
+            ),
+            (
+                "hostaddr=10.0.0.7 user=app password=hunter2",
+                "postgres://app:<redacted>@10.0.0.7",
+            ),
+        ] {
+            let url = DatabaseUrl::parse(text).unwrap();
+            assert_eq!(url.to_string(), shown);
+            assert!(!format!("{url:?}").contains("hunter2"));
+            assert!(!url.to_string().contains("p@ss"));
+        }
+        assert!(DatabaseUrl::parse("mysql://x").is_err());
+        assert!(DatabaseUrl::parse("postgres://:5432/x").is_err());
+    }
+
+    #[test]
+    fn secrets_print_redacted() {
+        let s = Secret::parse("s3cret").unwrap();
+        assert_eq!(s.to_string(), "<redacted>");
+        assert!(!format!("{s:?}").contains("s3cret"));
+        assert_eq!(s.expose(), b"s3cret");
+        assert!(Secret::parse("").is_err());
+    }
+
+    #[test]
+    fn durations_rates_roles_topics() {
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(format_duration(Duration::from_secs(86_400)), "1day");
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_rate("2.5"), Ok(2.5));
+        for bad in ["0", "-1", "NaN", "inf", "1e9", "x"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_role("service"), Ok(Role::Service));
+        assert!(parse_role("admin").is_err());
+        assert!(parse_tail_topic("queue").is_err());
+        assert_eq!(parse_tail_topic("assignments"), Ok(Topic::Assignments));
+        assert!(parse_tail_topic("session:nope").is_err());
+    }
+}

@@ -1,0 +1,332 @@
+//! `pgcast doctor`: is this database able to deliver events, and how is the log doing?
+//!
+//! Every query it runs is a `.sql` file under `sql/doctor_*.sql`. A check either passes, warns
+//! (worth knowing, not broken) or fails (events are not, or soon will not be, delivered).
+
+use std::fmt;
+use std::time::Duration;
+
+use pgcast_listener::{installed_version, APPLICATION_NAME, SCHEMA_VERSION};
+use tokio_postgres::Client;
+
+use crate::PgcastError;
+
+const OBJECTS: &str = include_str!("../../../sql/doctor_objects.sql");
+const TRIGGER: &str = include_str!("../../../sql/doctor_trigger.sql");
+const NOTIFY_QUEUE: &str = include_str!("../../../sql/doctor_notify_queue.sql");
+const LOG: &str = include_str!("../../../sql/doctor_log.sql");
+const LISTENERS: &str = include_str!("../../../sql/doctor_listeners.sql");
+
+/// The application table the trigger must be on.
+const TABLE: &str = "session_assignments";
+/// The trigger installed by the realtime migration.
+const TRIGGER_NAME: &str = "pgcast_emit_assignment_event";
+/// Above this fraction of the NOTIFY queue in use, the database is unhealthy: at 100 % every
+/// transaction that writes `session_assignments` fails at commit.
+pub const MAX_QUEUE_USAGE: f64 = 0.5;
+
+/// Outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// As it should be.
+    Ok,
+    /// Worth knowing; does not make the database unhealthy.
+    Warn,
+    /// Events are not (or soon will not be) delivered.
+    Fail,
+}
+
+impl Verdict {
+    fn label(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "FAIL",
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    /// Short stable name: `schema`, `trigger`, `notify queue`, `event log`, `listeners`.
+    pub name: &'static str,
+    /// Pass, warn or fail.
+    pub verdict: Verdict,
+    /// What was found, naming the problem and the fix when there is one.
+    pub detail: String,
+}
+
+/// Everything `doctor` found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DoctorReport {
+    /// In the order they ran.
+    pub checks: Vec<Check>,
+}
+
+impl DoctorReport {
+    /// True when no check failed.
+    pub fn is_healthy(&self) -> bool {
+        self.checks.iter().all(|c| c.verdict != Verdict::Fail)
+    }
+
+    /// The check called `name`, if it ran.
+    pub fn check(&self, name: &str) -> Option<&Check> {
+        self.checks.iter().find(|c| c.name == name)
+    }
+
+    /// The failed checks.
+    pub fn problems(&self) -> impl Iterator<Item = &Check> {
+        self.checks.iter().filter(|c| c.verdict == Verdict::Fail)
+    }
+
+    fn push(&mut self, name: &'static str, verdict: Verdict, detail: impl Into<String>) {
+        self.checks.push(Check {
+            name,
+            verdict,
+            detail: detail.into(),
+        });
+    }
+}
+
+impl fmt::Display for DoctorReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in &self.checks {
+            writeln!(f, "{:<4}  {:<12}  {}", c.verdict.label(), c.name, c.detail)?;
+        }
+        if self.is_healthy() {
+            f.write_str("healthy")
+        } else {
+            let names: Vec<_> = self.problems().map(|c| c.name).collect();
+            write!(f, "UNHEALTHY: {}", names.join(", "))
+        }
+    }
+}
+
+fn query_error(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgcastError {
+    move |source| PgcastError::Query { what, source }
+}
+
+/// Runs every check on `client`'s database. Fails only when the database cannot answer; a
+/// broken installation is a report with failed checks.
+pub async fn diagnose(client: &Client) -> Result<DoctorReport, PgcastError> {
+    let mut report = DoctorReport { checks: Vec::new() };
+
+    let missing: Vec<String> = client
+        .query(OBJECTS, &[])
+        .await
+        .map_err(query_error("realtime objects"))?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()
+        .map_err(query_error("realtime objects"))?;
+    let installed = missing.is_empty();
+    if installed {
+        schema_check(client, &mut report).await?;
+    } else {
+        report.push(
+            "schema",
+            Verdict::Fail,
+            format!(
+                "realtime objects missing: {}; run `pgcast migrate` (or `--realtime-only`)",
+                missing.join(", ")
+            ),
+        );
+    }
+
+    trigger_check(client, &mut report).await?;
+
+    let usage: f64 = client
+        .query_one(NOTIFY_QUEUE, &[])
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(query_error("notification queue usage"))?;
+    let percent = usage * 100.0;
+    if usage > MAX_QUEUE_USAGE {
+        report.push(
+            "notify queue",
+            Verdict::Fail,
+            format!(
+                "{percent:.1}% of the NOTIFY queue in use (limit {:.0}%): a listening session is \
+                 not consuming; at 100% writes fail at commit",
+                MAX_QUEUE_USAGE * 100.0
+            ),
+        );
+    } else {
+        report.push(
+            "notify queue",
+            Verdict::Ok,
+            format!("{percent:.1}% of the NOTIFY queue in use"),
+        );
+    }
+
+    if installed {
+        log_check(client, &mut report).await?;
+    } else {
+        report.push(
+            "event log",
+            Verdict::Warn,
+            "not checked: realtime objects missing",
+        );
+    }
+
+    let listeners: i64 = client
+        .query_one(LISTENERS, &[&APPLICATION_NAME])
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(query_error("listener connections"))?;
+    if listeners == 0 {
+        report.push(
+            "listeners",
+            Verdict::Warn,
+            format!("no pgcast listener connected (application_name {APPLICATION_NAME})"),
+        );
+    } else {
+        report.push(
+            "listeners",
+            Verdict::Ok,
+            format!("{listeners} connected (application_name {APPLICATION_NAME})"),
+        );
+    }
+
+    Ok(report)
+}
+
+async fn schema_check(client: &Client, report: &mut DoctorReport) -> Result<(), PgcastError> {
+    match installed_version(client).await? {
+        None => report.push(
+            "schema",
+            Verdict::Fail,
+            "pgcast.version() is missing; run `pgcast migrate`",
+        ),
+        Some(v) if v < SCHEMA_VERSION => report.push(
+            "schema",
+            Verdict::Fail,
+            format!(
+                "installed SQL version {v} is older than this binary's {SCHEMA_VERSION}; \
+                 run `pgcast migrate`"
+            ),
+        ),
+        Some(v) if v > SCHEMA_VERSION => report.push(
+            "schema",
+            Verdict::Warn,
+            format!(
+                "installed SQL version {v} is newer than this binary's {SCHEMA_VERSION}; \
+                 upgrade pgcast"
+            ),
+        ),
+        Some(v) => report.push(
+            "schema",
+            Verdict::Ok,
+            format!("pgcast.version() = {v}, as this binary expects"),
+        ),
+    }
+    Ok(())
+}
+
+async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(), PgcastError> {
+    let row = client
+        .query_one(TRIGGER, &[&TABLE, &TRIGGER_NAME])
+        .await
+        .map_err(query_error("trigger"))?;
+    let table_exists: bool = row.try_get(0).map_err(query_error("trigger"))?;
+    let enabled: Option<String> = row.try_get(1).map_err(query_error("trigger"))?;
+    let calls_pgcast: Option<bool> = row.try_get(2).map_err(query_error("trigger"))?;
+    let on = format!("{TRIGGER_NAME} on {TABLE}");
+    let (verdict, detail) = match (table_exists, enabled.as_deref(), calls_pgcast) {
+        (false, _, _) => (Verdict::Fail, format!("table {TABLE} not found")),
+        (true, None, _) => (
+            Verdict::Fail,
+            format!("trigger {on} is missing: no change produces an event; run `pgcast migrate`"),
+        ),
+        (true, Some(_), Some(false) | None) => (
+            Verdict::Fail,
+            format!("trigger {on} does not call pgcast.emit_assignment_event()"),
+        ),
+        (true, Some("D"), _) => (
+            Verdict::Fail,
+            format!(
+                "trigger {on} is disabled: no change produces an event; \
+                 ALTER TABLE {TABLE} ENABLE TRIGGER {TRIGGER_NAME}"
+            ),
+        ),
+        (true, Some("R"), _) => (
+            Verdict::Fail,
+            format!(
+                "trigger {on} fires only in replica mode: ordinary writes produce no event; \
+                 ALTER TABLE {TABLE} ENABLE TRIGGER {TRIGGER_NAME}"
+            ),
+        ),
+        (true, Some(_), Some(true)) => (Verdict::Ok, format!("trigger {on} is enabled")),
+    };
+    report.push("trigger", verdict, detail);
+    Ok(())
+}
+
+async fn log_check(client: &Client, report: &mut DoctorReport) -> Result<(), PgcastError> {
+    let row = client
+        .query_one(LOG, &[])
+        .await
+        .map_err(query_error("event log"))?;
+    let get = |i| -> Result<Option<f64>, PgcastError> {
+        row.try_get::<_, Option<f64>>(i)
+            .map_err(query_error("event log"))
+    };
+    let rows: i64 = row.try_get(0).map_err(query_error("event log"))?;
+    let size: String = row.try_get(1).map_err(query_error("event log"))?;
+    let oldest: Option<i64> = row.try_get(2).map_err(query_error("event log"))?;
+    let oldest_age = get(3)?;
+    let newest: Option<i64> = row.try_get(4).map_err(query_error("event log"))?;
+    let newest_age = get(5)?;
+    let pruned_through: i64 = row.try_get(6).map_err(query_error("event log"))?;
+    let plural = if rows == 1 { "" } else { "s" };
+    let mut detail = format!("{rows} row{plural}, {size}");
+    match (oldest, newest) {
+        (Some(o), Some(n)) => detail.push_str(&format!(
+            "; oldest position {o} ({} ago), newest {n} ({} ago)",
+            age(oldest_age),
+            age(newest_age)
+        )),
+        _ => detail.push_str("; empty"),
+    }
+    if pruned_through > 0 {
+        detail.push_str(&format!("; pruned through {pruned_through}"));
+    }
+    report.push("event log", Verdict::Ok, detail);
+    Ok(())
+}
+
+/// Seconds as a short human duration, whole seconds (`3m 12s`).
+fn age(seconds: Option<f64>) -> String {
+    match seconds {
+        Some(s) if s.is_finite() => {
+            humantime::format_duration(Duration::from_secs(s.max(0.0).round() as u64)).to_string()
+        }
+        _ => "unknown".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_names_the_problems() {
+        let mut r = DoctorReport { checks: Vec::new() };
+        r.push("schema", Verdict::Ok, "fine");
+        r.push("listeners", Verdict::Warn, "none");
+        assert!(r.is_healthy());
+        assert!(r.to_string().ends_with("\nhealthy"));
+        r.push("trigger", Verdict::Fail, "disabled");
+        assert!(!r.is_healthy());
+        assert!(r.to_string().ends_with("UNHEALTHY: trigger"), "{r}");
+        assert_eq!(r.check("trigger").map(|c| c.verdict), Some(Verdict::Fail));
+    }
+
+    #[test]
+    fn ages_are_short() {
+        assert_eq!(age(Some(192.4)), "3m 12s");
+        assert_eq!(age(Some(-0.2)), "0s");
+        assert_eq!(age(None), "unknown");
+    }
+}

@@ -1,0 +1,48 @@
+use pgcast_listener::ListenerError;
+
+/// Errors of the `pgcast` library functions (the command functions wrap them in `anyhow`).
+///
+/// Each variant names what failed in its message and keeps the cause in `source()`, so a chain
+/// printer shows every cause once.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PgcastError {
+    /// The database could not be reached or refused the connection.
+    #[error("could not connect to the database")]
+    Connect(#[source] tokio_postgres::Error),
+    /// A diagnostic query failed.
+    #[error("query failed: {what}")]
+    Query {
+        /// Which query.
+        what: &'static str,
+        /// The database's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// Reading the event log or running migrations failed.
+    #[error(transparent)]
+    Listener(#[from] ListenerError),
+    /// The event log could not be read at start (unreachable database, or the realtime objects
+    /// are not installed).
+    #[error("could not read the event log (`pgcast doctor` tells what is wrong)")]
+    LogUnavailable(#[source] ListenerError),
+    /// The connection pool could not be set up.
+    #[error("could not set up the connection pool")]
+    Pool(#[source] deadpool_postgres::BuildError),
+    /// A combination of options that cannot work, found after clap's parsing.
+    #[error("{0}")]
+    Usage(&'static str),
+    /// Writing to the output failed (other than the reader going away).
+    #[error("could not write the output")]
+    Output(#[source] std::io::Error),
+    /// A token could not be signed.
+    #[error("could not sign the token")]
+    Token(#[source] pgcast_gateway::GatewayError),
+}
+
+impl PgcastError {
+    /// True when the error is a usage mistake rather than a failure of the environment.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, PgcastError::Usage(_))
+    }
+}

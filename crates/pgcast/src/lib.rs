@@ -1,0 +1,41 @@
+//! The `pgcast` binary's library: it owns the command line and the operator commands, and
+//! puts the other crates together into one program.
+//!
+//! ```text
+//!   argv / env ──clap──▶ Cli (validated: nothing connects or binds before this succeeds)
+//!                          │  summary printed to stderr, secrets redacted
+//!                          ▼
+//!   commands::run ──┬─ serve / demo   listener + gateway (pgcast-listener, pgcast-gateway)
+//!                   ├─ migrate        pgcast_listener::migrate
+//!                   ├─ doctor         diagnose(): sql/doctor_*.sql ──▶ DoctorReport
+//!                   ├─ tail           Listener(Start::After(p) | Head) ──▶ JSON lines
+//!                   └─ token          pgcast_gateway::mint_token
+//! ```
+//!
+//! `main.rs` only parses, starts the runtime and turns the outcome into an exit status. Library
+//! functions return [`PgcastError`]; `anyhow` appears only in the command functions.
+
+mod cli;
+mod commands;
+mod config;
+mod db;
+mod doctor;
+mod error;
+mod signal;
+mod tail;
+mod token;
+
+pub use cli::{
+    one_line_error, Cli, Command, DatabaseArgs, DemoArgs, DoctorArgs, MigrateArgs, SecretArgs,
+    ServeArgs, TailArgs, TokenArgs,
+};
+pub use commands::{describe, run};
+pub use config::{
+    format_duration, parse_duration, parse_rate, parse_role, parse_tail_topic, DatabaseUrl, Secret,
+};
+pub use db::connect;
+pub use doctor::{diagnose, Check, DoctorReport, Verdict, MAX_QUEUE_USAGE};
+pub use error::PgcastError;
+pub use signal::cancel_on_signal;
+pub use tail::{small_pool, tail, TailOptions};
+pub use token::{mint, principal};

@@ -1,0 +1,50 @@
+//! `pgcast`: parses the command line, starts the runtime, runs the command, and turns the
+//! outcome into an exit status (0 ok, 1 failure or unhealthy, 2 bad command line).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = match pgcast::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            use clap::error::ErrorKind;
+            return match err.kind() {
+                // Help and version output as clap formats it.
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    let _ = err.print();
+                    ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(2))
+                }
+                _ => {
+                    eprintln!("{}", pgcast::one_line_error(&err));
+                    ExitCode::from(2)
+                }
+            };
+        }
+    };
+
+    // Logs go to stderr; stdout carries the command's output (events, tokens, reports).
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: could not start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(pgcast::run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {}", pgcast::describe(&err));
+            ExitCode::FAILURE
+        }
+    }
+}

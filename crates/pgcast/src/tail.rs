@@ -1,0 +1,139 @@
+//! `pgcast tail`: the event stream as JSON lines, for operators and scripts.
+//!
+//! ```text
+//! EventLog::head()  fail fast if the database or the log is not there; warn if `since` was pruned
+//!        │
+//! Listener::run(Start::After(since) | Start::Head)   log pages after `since`, then LISTEN
+//!        │ ordered, de-duplicated AssignmentEvents
+//!        ▼
+//! Topic::matches(operator, event) ──▶ EventFrame::encode ──▶ one line, flushed
+//! ```
+//!
+//! The listener does the catch-up from the log and the hand-over to live notifications, so the
+//! output is exactly what a gateway client subscribed with `since` would receive.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use pgcast_events::{Access, EventFrame, Position, Principal, Role, Topic};
+use pgcast_listener::{EventLog, Listener, Start};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::QUEUE_NEEDS_MECHANIC;
+use crate::PgcastError;
+
+/// Events buffered between the listener and the output. When the reader of the output is slow
+/// the listener waits and PostgreSQL keeps the notifications; nothing is dropped.
+const BUFFER: usize = 1024;
+/// Connections of the log pool: catch-up reads one page at a time.
+const POOL_SIZE: usize = 2;
+/// How long the listener may take to stop once asked.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `tail` has full access, like a service: visibility is evaluated for this principal.
+const OPERATOR: Principal = Principal {
+    user_id: Uuid::nil(),
+    role: Role::Service,
+    workshop_id: None,
+};
+
+/// What to print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TailOptions {
+    /// Print the retained events after this position first; `None` = from the next commit on.
+    pub since: Option<Position>,
+    /// Only events visible on this topic; `None` = `assignments` (everything).
+    pub topic: Option<Topic>,
+}
+
+/// A small query pool for `pg`.
+pub fn small_pool(pg: &tokio_postgres::Config) -> Result<Pool, PgcastError> {
+    let manager = Manager::from_config(
+        pg.clone(),
+        tokio_postgres::NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(POOL_SIZE)
+        .build()
+        .map_err(PgcastError::Pool)
+}
+
+/// Writes one line per event to `out` until `shutdown` is cancelled or the reader of `out`
+/// goes away (a broken pipe, e.g. `| head`); both end it with `Ok`.
+///
+/// Fails before printing anything when the topic is `queue`, the database is unreachable or
+/// the realtime objects are not installed. If `since` is older than the retained log, a warning
+/// goes to stderr and the stream starts with the oldest retained event.
+pub async fn tail<W>(
+    pg: &tokio_postgres::Config,
+    options: TailOptions,
+    out: &mut W,
+    shutdown: CancellationToken,
+) -> Result<(), PgcastError>
+where
+    W: AsyncWrite + Unpin,
+{
+    let topic = options.topic.unwrap_or(Topic::Assignments);
+    if topic.authorize(&OPERATOR) != Access::Allowed {
+        return Err(PgcastError::Usage(QUEUE_NEEDS_MECHANIC));
+    }
+    let log = EventLog::new(small_pool(pg)?);
+    let head = log.head().await.map_err(PgcastError::LogUnavailable)?;
+    let start = match options.since {
+        Some(since) => {
+            if since < head.pruned_through {
+                eprintln!(
+                    "warning: events after position {since} up to {} were removed by retention \
+                     and are not shown",
+                    head.pruned_through
+                );
+            }
+            Start::After(since)
+        }
+        None => Start::Head,
+    };
+
+    let (tx, mut rx) = mpsc::channel(BUFFER);
+    let stop = shutdown.child_token();
+    let listener = tokio::spawn(Listener::new(pg.clone(), log).run(start, tx, stop.clone()));
+
+    let result = loop {
+        let event = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break Ok(()),
+            event = rx.recv() => match event {
+                Some(event) => event,
+                None => break Ok(()), // the listener stopped: only on shutdown
+            },
+        };
+        if !topic.matches(&OPERATOR, &event) {
+            continue;
+        }
+        let mut line = EventFrame::encode(&topic, &event);
+        line.push('\n');
+        match write_line(out, &line).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break Ok(()),
+            Err(e) => break Err(PgcastError::Output(e)),
+        }
+    };
+
+    stop.cancel();
+    drop(rx);
+    if tokio::time::timeout(STOP_TIMEOUT, listener).await.is_err() {
+        tracing::warn!("listener did not stop in time");
+    }
+    result
+}
+
+/// Each line is flushed on its own, so a reader sees an event as soon as it is committed.
+async fn write_line<W: AsyncWrite + Unpin>(out: &mut W, line: &str) -> std::io::Result<()> {
+    out.write_all(line.as_bytes()).await?;
+    out.flush().await
+}

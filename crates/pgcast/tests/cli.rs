@@ -1,0 +1,239 @@
+//! The command line without a database: validation errors are one line and a non-zero exit,
+//! the printed configuration never shows a secret, and `token` mints verifiable tokens.
+
+mod common;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::{pgcast, run, Run};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+const SECRET: &str = "s3cret-never-printed";
+const PASSWORD: &str = "hunter2-never-printed";
+
+fn url_with_password() -> String {
+    format!("postgres://app:{PASSWORD}@127.0.0.1:1/shop")
+}
+
+/// A usage error: exit status 2, nothing on stdout, exactly one line on stderr naming `flag`.
+fn assert_usage_error(out: &Run, flag: &str) {
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    assert_eq!(out.stderr.lines().count(), 1, "one line: {:?}", out.stderr);
+    assert!(out.stderr.starts_with("error: "), "{}", out.stderr);
+    assert!(out.stderr.contains(flag), "names {flag}: {}", out.stderr);
+    assert_no_secrets(out);
+}
+
+fn assert_no_secrets(out: &Run) {
+    for text in [&out.stdout, &out.stderr] {
+        assert!(!text.contains(SECRET), "secret printed: {text}");
+        assert!(!text.contains(PASSWORD), "password printed: {text}");
+    }
+}
+
+#[tokio::test]
+async fn bad_values_are_one_line_and_a_non_zero_exit() {
+    let url = url_with_password();
+    let serve = |extra: &[&str]| {
+        let mut cmd = pgcast(["serve", "--database-url", &url, "--jwt-secret", SECRET]);
+        cmd.args(extra);
+        cmd
+    };
+    assert_usage_error(&run(serve(&["--retention", "soon"])).await, "--retention");
+    assert_usage_error(&run(serve(&["--retention", "0s"])).await, "--retention");
+    assert_usage_error(&run(serve(&["--listen", "localhost"])).await, "--listen");
+    assert_usage_error(
+        &run(serve(&["--listen", "127.0.0.1:99999"])).await,
+        "--listen",
+    );
+
+    // From the environment too.
+    let mut cmd = serve(&[]);
+    cmd.env("PGCAST_LISTEN", "nowhere");
+    assert_usage_error(&run(cmd).await, "--listen");
+    let mut cmd = pgcast(["doctor"]);
+    cmd.env("DATABASE_URL", "mysql://root@db/shop");
+    assert_usage_error(&run(cmd).await, "--database-url");
+
+    // Missing required values.
+    assert_usage_error(&run(pgcast(["doctor"])).await, "--database-url");
+    let mut cmd = pgcast(["serve"]);
+    cmd.env("DATABASE_URL", &url);
+    assert_usage_error(&run(cmd).await, "--jwt-secret");
+
+    // Subcommand-specific values.
+    let mut cmd = pgcast(["tail", "--topic", "queue"]);
+    cmd.env("DATABASE_URL", &url);
+    assert_usage_error(&run(cmd).await, "--topic");
+    let mut cmd = pgcast(["tail", "--since=-5"]);
+    cmd.env("DATABASE_URL", &url);
+    assert_usage_error(&run(cmd).await, "--since");
+    assert_usage_error(
+        &run(pgcast(["demo", "--simulate", "0"])).await,
+        "--simulate",
+    );
+    let token = |role: &str| {
+        pgcast([
+            "token",
+            "--jwt-secret",
+            SECRET,
+            "--sub",
+            "6a0c5a7e-4b53-4d7e-9a57-0e3d1c0b6f10",
+            "--role",
+            role,
+        ])
+    };
+    assert_usage_error(&run(token("admin")).await, "--role");
+    let mut cmd = token("service");
+    cmd.args(["--ttl", "forever"]);
+    assert_usage_error(&run(cmd).await, "--ttl");
+}
+
+#[tokio::test]
+async fn printed_configuration_hides_the_secret_and_the_password() {
+    // Through flags.
+    let url = url_with_password();
+    let out = run(pgcast([
+        "serve",
+        "--database-url",
+        &url,
+        "--jwt-secret",
+        SECRET,
+    ]))
+    .await;
+    assert_eq!(out.code, Some(1), "serve is not wired yet: {}", out.stderr);
+    assert!(
+        out.stderr.starts_with(
+            "pgcast serve listen=127.0.0.1:8080 database=postgres://app:<redacted>@127.0.0.1:1/shop \
+             jwt_secret=<redacted> retention=1day migrate=false\n"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert_no_secrets(&out);
+
+    // Through the environment, and in --help, which shows variables.
+    for args in [
+        &["serve"][..],
+        &["serve", "--help"][..],
+        &["migrate", "--help"][..],
+    ] {
+        let mut cmd = pgcast([]);
+        cmd.args(args)
+            .env("DATABASE_URL", &url)
+            .env("PGCAST_JWT_SECRET", SECRET)
+            .env("PGCAST_RETENTION", "90m")
+            .env("PGCAST_LISTEN", "127.0.0.1:0")
+            .env("PGCAST_MIGRATE", "true");
+        let out = run(cmd).await;
+        assert_no_secrets(&out);
+        if args.len() == 1 {
+            assert!(
+                out.stderr.contains("listen=127.0.0.1:0")
+                    && out.stderr.contains("retention=1h 30m")
+                    && out.stderr.contains("migrate=true"),
+                "environment read: {}",
+                out.stderr
+            );
+        }
+    }
+
+    // Commands that connect and fail.
+    for command in ["migrate", "doctor"] {
+        let mut cmd = pgcast([command]);
+        cmd.env("DATABASE_URL", &url);
+        let out = run(cmd).await;
+        assert_eq!(out.code, Some(1), "{}", out.stderr);
+        assert!(out.stderr.contains("<redacted>"), "{}", out.stderr);
+        assert_no_secrets(&out);
+    }
+}
+
+fn decode(token: &str, secret: &str) -> jsonwebtoken::errors::Result<Value> {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    jsonwebtoken::decode::<Value>(
+        token,
+        &DecodingKey::from_secret(secret.as_bytes()),
+        &validation,
+    )
+    .map(|data| data.claims)
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn token_prints_only_a_verifiable_token() {
+    let sub = "6a0c5a7e-4b53-4d7e-9a57-0e3d1c0b6f10";
+    let workshop = "1f7d3f0e-2c1b-4e55-8a9e-3b2c1d0e9f87";
+    let mut cmd = pgcast([
+        "token",
+        "--sub",
+        sub,
+        "--role",
+        "mechanic",
+        "--workshop",
+        workshop,
+        "--ttl",
+        "2h",
+    ]);
+    cmd.env("PGCAST_JWT_SECRET", SECRET);
+    let out = run(cmd).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+    let lines: Vec<_> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", out.stdout);
+
+    let claims = decode(lines[0], SECRET).expect("valid token");
+    assert_eq!(claims["sub"], sub);
+    assert_eq!(claims["role"], "mechanic");
+    assert_eq!(claims["workshop_id"], workshop);
+    let exp = claims["exp"].as_i64().expect("exp");
+    assert!((exp - (now() + 7200)).abs() <= 60, "exp {exp}");
+    assert!(decode(lines[0], "another secret").is_err());
+
+    // Default ttl 1h, no workshop claim.
+    let out = run(pgcast([
+        "token",
+        "--jwt-secret",
+        SECRET,
+        "--sub",
+        sub,
+        "--role",
+        "service",
+    ]))
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let claims = decode(out.stdout.trim_end(), SECRET).expect("valid token");
+    assert_eq!(claims["role"], "service");
+    assert!(claims.get("workshop_id").is_none(), "{claims}");
+    let exp = claims["exp"].as_i64().expect("exp");
+    assert!((exp - (now() + 3600)).abs() <= 60, "exp {exp}");
+}
+
+#[tokio::test]
+async fn token_refuses_a_workshop_for_other_roles() {
+    let out = run(pgcast([
+        "token",
+        "--jwt-secret",
+        SECRET,
+        "--sub",
+        "6a0c5a7e-4b53-4d7e-9a57-0e3d1c0b6f10",
+        "--role",
+        "customer",
+        "--workshop",
+        "1f7d3f0e-2c1b-4e55-8a9e-3b2c1d0e9f87",
+    ]))
+    .await;
+    assert_ne!(out.code, Some(0));
+    assert!(out.stdout.is_empty());
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("--workshop"), "{}", out.stderr);
+}
