@@ -29,12 +29,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn serve(_args: ServeArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`pgcast serve` is not implemented yet")
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let shutdown = cancel_on_signal().context("could not install signal handlers")?;
+    let tcp = crate::bind(args.listen).await?;
+    let options = crate::ServeOptions {
+        pg: args.database.database_url.pg_config().clone(),
+        jwt_secret: args.secret.jwt_secret.expose().to_vec(),
+        retention: args.retention,
+        migrate: args.migrate,
+        links: Vec::new(),
+    };
+    crate::serve(tcp, options, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
-async fn demo(_args: DemoArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`pgcast demo` is not implemented yet")
+async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let shutdown = cancel_on_signal().context("could not install signal handlers")?;
+    let options = crate::DemoOptions {
+        listen: args.listen,
+        retention: args.retention,
+        simulate: args.simulate,
+        data_dir: args.data_dir,
+    };
+    crate::demo(options, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {

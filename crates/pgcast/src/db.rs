@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::DatabaseUrl;
@@ -14,7 +15,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Opens a connection named `application_name` (visible in `pg_stat_activity`); its connection
 /// task runs on the current tokio runtime and ends when the client is dropped.
 pub async fn connect(url: &DatabaseUrl, application_name: &str) -> Result<Client, PgcastError> {
-    let mut config = url.pg_config().clone();
+    connect_config(url.pg_config(), application_name).await
+}
+
+/// [`connect`] with a parsed configuration.
+pub async fn connect_config(
+    pg: &tokio_postgres::Config,
+    application_name: &str,
+) -> Result<Client, PgcastError> {
+    let mut config = pg.clone();
     config.application_name(application_name);
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
@@ -27,4 +36,23 @@ pub async fn connect(url: &DatabaseUrl, application_name: &str) -> Result<Client
         }
     });
     Ok(client)
+}
+
+/// A query pool of at most `max_size` connections to `pg`.
+pub fn pool(pg: &tokio_postgres::Config, max_size: usize) -> Result<Pool, PgcastError> {
+    let mut pg = pg.clone();
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(max_size)
+        .build()
+        .map_err(PgcastError::Pool)
 }

@@ -35,6 +35,37 @@ pub enum PgcastError {
     /// Writing to the output failed (other than the reader going away).
     #[error("could not write the output")]
     Output(#[source] std::io::Error),
+    /// The realtime objects are not installed in the database.
+    #[error("the pgcast schema is not installed; run `pgcast migrate` (or serve with --migrate)")]
+    NotInstalled,
+    /// The installed realtime objects are older than this binary.
+    #[error(
+        "pgcast.version() is {installed} but this binary needs {expected}; run `pgcast migrate`"
+    )]
+    SchemaTooOld {
+        /// `pgcast.version()` in the database.
+        installed: i32,
+        /// [`pgcast_listener::SCHEMA_VERSION`].
+        expected: i32,
+    },
+    /// The HTTP address could not be bound.
+    #[error("could not listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound socket has no local address.
+    #[error("could not read the bound address")]
+    Bind(#[source] std::io::Error),
+    /// The demo's local PostgreSQL could not be set up.
+    #[error("local PostgreSQL")]
+    LocalPg(#[source] pgcast_localpg::LocalPgError),
+    /// A background task of the demo failed to run.
+    #[error("{0}")]
+    Task(&'static str),
     /// A token could not be signed.
     #[error("could not sign the token")]
     Token(#[source] pgcast_gateway::GatewayError),

@@ -19,8 +19,10 @@ mod cli;
 mod commands;
 mod config;
 mod db;
+mod demo;
 mod doctor;
 mod error;
+mod server;
 mod signal;
 mod tail;
 mod token;
@@ -33,9 +35,11 @@ pub use commands::{describe, run};
 pub use config::{
     format_duration, parse_duration, parse_rate, parse_role, parse_tail_topic, DatabaseUrl, Secret,
 };
-pub use db::connect;
+pub use db::{connect, connect_config, pool};
+pub use demo::{default_data_dir, demo, DemoOptions};
 pub use doctor::{diagnose, Check, DoctorReport, Verdict, MAX_QUEUE_USAGE};
 pub use error::PgcastError;
+pub use server::{bind, serve, ServeOptions};
 pub use signal::cancel_on_signal;
-pub use tail::{small_pool, tail, TailOptions};
+pub use tail::{tail, TailOptions};
 pub use token::{mint, principal};

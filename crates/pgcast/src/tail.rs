@@ -14,7 +14,6 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use pgcast_events::{Access, EventFrame, Position, Principal, Role, Topic};
 use pgcast_listener::{EventLog, Listener, Start};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -49,21 +48,6 @@ pub struct TailOptions {
     pub topic: Option<Topic>,
 }
 
-/// A small query pool for `pg`.
-pub fn small_pool(pg: &tokio_postgres::Config) -> Result<Pool, PgcastError> {
-    let manager = Manager::from_config(
-        pg.clone(),
-        tokio_postgres::NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager)
-        .max_size(POOL_SIZE)
-        .build()
-        .map_err(PgcastError::Pool)
-}
-
 /// Writes one line per event to `out` until `shutdown` is cancelled or the reader of `out`
 /// goes away (a broken pipe, e.g. `| head`); both end it with `Ok`.
 ///
@@ -83,7 +67,7 @@ where
     if topic.authorize(&OPERATOR) != Access::Allowed {
         return Err(PgcastError::Usage(QUEUE_NEEDS_MECHANIC));
     }
-    let log = EventLog::new(small_pool(pg)?);
+    let log = EventLog::new(crate::db::pool(pg, POOL_SIZE)?);
     let head = log.head().await.map_err(PgcastError::LogUnavailable)?;
     let start = match options.since {
         Some(since) => {

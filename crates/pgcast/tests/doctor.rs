@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{fresh_db, migrated_db, pgcast, run};
-use pgcast::{diagnose, small_pool, DoctorReport, Verdict};
+use pgcast::{diagnose, pool, DoctorReport, Verdict};
 use pgcast_listener::{EventLog, Listener, Start};
 use pgcast_testkit::TestDb;
 use tokio::sync::mpsc;
@@ -74,7 +74,7 @@ async fn healthy_on_a_migrated_database_with_a_listener() {
     // With a listener connected, doctor counts it.
     let listener = Listener::new(
         db.pg_config(),
-        EventLog::new(small_pool(&db.pg_config()).expect("pool")),
+        EventLog::new(pool(&db.pg_config(), 2).expect("pool")),
     );
     let status = listener.status();
     let (tx, _rx) = mpsc::channel(16);

@@ -1,0 +1,407 @@
+//! `pgcast serve`: the listener and the gateway in one process, with HTTP routes, retention,
+//! metrics and graceful shutdown.
+//!
+//! ```text
+//!   Listener ──mpsc (8192)──▶ Gateway dispatch ──▶ /ws sockets
+//!      │ status                                  /healthz /readyz /metrics  pages + /client.js
+//!   pruner: pgcast.prune_events() every minute, one replica at a time (advisory lock in SQL)
+//! ```
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use deadpool_postgres::Pool;
+use pgcast_gateway::{Gateway, GatewayConfig};
+use pgcast_listener::{
+    installed_version, migrate, EventLog, Listener, ListenerStatus, MigrationScope, Start,
+    SCHEMA_VERSION,
+};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::PgcastError;
+
+/// Events buffered between the listener and the dispatcher. When full, the listener waits (and
+/// PostgreSQL buffers notifications); nothing is dropped.
+const EVENT_BUFFER: usize = 8192;
+/// Query pool per replica: snapshots, replays, ownership checks, pruning, metrics.
+const POOL_SIZE: usize = 8;
+/// How often old log rows are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Rows per prune transaction: short locks, no long vacuum debt.
+const PRUNE_BATCH: i32 = 1000;
+/// Time the gateway gets to close its sockets at shutdown; the whole exit stays under 10 s.
+const SOCKET_GRACE: Duration = Duration::from_secs(7);
+/// Time the remaining tasks (listener, pruner, HTTP server) get after that.
+const TASK_GRACE: Duration = Duration::from_secs(2);
+
+const PRUNE_SQL: &str = include_str!("../../../sql/prune_events.sql");
+const QUEUE_USAGE_SQL: &str = include_str!("../../../sql/doctor_notify_queue.sql");
+const LOG_HEAD_SQL: &str = include_str!("../../../sql/log_head.sql");
+
+const CLIENT_JS: &str = include_str!("../web/pgcast.js");
+const CLIENT_DTS: &str = include_str!("../web/pgcast.d.ts");
+const APP_CSS: &str = include_str!("../web/app.css");
+const MECHANIC_HTML: &str = include_str!("../web/mechanic.html");
+const CUSTOMER_HTML: &str = include_str!("../web/customer.html");
+const INDEX_HTML: &str = include_str!("../web/index.html");
+
+/// What `serve` needs, validated by the command line.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// Database (LISTEN connection and pool).
+    pub pg: tokio_postgres::Config,
+    /// HS256 secret of client tokens.
+    pub jwt_secret: Vec<u8>,
+    /// Log retention.
+    pub retention: Duration,
+    /// Apply pending migrations before serving.
+    pub migrate: bool,
+    /// Links listed on the index page (the demo's ready-made pages), as (label, URL path).
+    pub links: Vec<(String, String)>,
+}
+
+impl fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("retention", &self.retention)
+            .field("migrate", &self.migrate)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone)]
+struct App {
+    status: Arc<ListenerStatus>,
+    pool: Pool,
+    registry: Arc<Registry>,
+    queue_usage: Gauge<f64, AtomicU64>,
+    log_head: Gauge,
+    index: Arc<str>,
+}
+
+/// Serves on `tcp` until `shutdown` is cancelled, then closes every WebSocket with 1001 and
+/// returns within 10 s.
+pub async fn serve(
+    tcp: TcpListener,
+    options: ServeOptions,
+    shutdown: CancellationToken,
+) -> Result<(), PgcastError> {
+    let pool = crate::db::pool(&options.pg, POOL_SIZE)?;
+    {
+        let mut client = crate::db::connect_config(&options.pg, "pgcast-serve").await?;
+        if options.migrate {
+            let applied = migrate(&mut client, MigrationScope::All).await?;
+            tracing::info!(applied, "migrations applied");
+        }
+        match installed_version(&client).await? {
+            None => return Err(PgcastError::NotInstalled),
+            Some(v) if v < SCHEMA_VERSION => {
+                return Err(PgcastError::SchemaTooOld {
+                    installed: v,
+                    expected: SCHEMA_VERSION,
+                })
+            }
+            Some(v) if v > SCHEMA_VERSION => tracing::warn!(
+                installed = v,
+                expected = SCHEMA_VERSION,
+                "the database has newer pgcast SQL objects than this binary"
+            ),
+            Some(_) => {}
+        }
+    }
+
+    let log = EventLog::new(pool.clone());
+    let gateway = Gateway::new(GatewayConfig::new(options.jwt_secret.clone()), log.clone());
+    let listener = Listener::new(options.pg.clone(), log);
+    let status = listener.status();
+    let tasks = TaskTracker::new();
+    let stop = CancellationToken::new();
+    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+    tasks.spawn(listener.run(Start::Head, tx, stop.clone()));
+    gateway.spawn_dispatch(rx);
+    tasks.spawn(prune_loop(pool.clone(), options.retention, stop.clone()));
+
+    let mut registry = Registry::default();
+    gateway.metrics().register(&mut registry);
+    let queue_usage = Gauge::<f64, AtomicU64>::default();
+    registry.register(
+        "pgcast_notification_queue_usage",
+        "pg_notification_queue_usage() of the database (0..1), read at scrape time",
+        queue_usage.clone(),
+    );
+    let log_head = Gauge::default();
+    registry.register(
+        "pgcast_log_head_position",
+        "Highest position in pgcast.assignment_events, read at scrape time",
+        log_head.clone(),
+    );
+    registry.register_collector(Box::new(ListenerCollector(status.clone())));
+
+    let app = App {
+        status,
+        pool,
+        registry: Arc::new(registry),
+        queue_usage,
+        log_head,
+        index: render_index(&options.links).into(),
+    };
+    let router = gateway.router().merge(routes(app));
+    let addr = tcp.local_addr().map_err(PgcastError::Bind)?;
+    let server_stop = shutdown.clone();
+    tasks.spawn(async move {
+        let server = axum::serve(tcp, router)
+            .with_graceful_shutdown(async move { server_stop.cancelled().await });
+        if let Err(error) = server.await {
+            tracing::error!(%error, "HTTP server failed");
+        }
+    });
+    tracing::info!("pgcast ready on http://{addr} (WebSocket ws://{addr}/ws)");
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: closing WebSocket connections with 1001");
+    if !gateway.shutdown(SOCKET_GRACE).await {
+        tracing::warn!("some WebSocket connections did not close in time");
+    }
+    stop.cancel();
+    tasks.close();
+    if tokio::time::timeout(TASK_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not stop in time");
+    }
+    Ok(())
+}
+
+/// Binds `addr`, with an error that names it.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, PgcastError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| PgcastError::Listen { addr, source })
+}
+
+fn routes(app: App) -> Router {
+    fn asset(content_type: &'static str, body: &'static str) -> Response {
+        ([(header::CONTENT_TYPE, content_type)], body).into_response()
+    }
+    Router::new()
+        .route(
+            "/",
+            get(|State(app): State<App>| async move { Html(app.index.to_string()) }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route(
+            "/client.js",
+            get(|| async { asset("text/javascript; charset=utf-8", CLIENT_JS) }),
+        )
+        .route(
+            "/client.d.ts",
+            get(|| async { asset("text/plain; charset=utf-8", CLIENT_DTS) }),
+        )
+        .route(
+            "/app.css",
+            get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
+        )
+        .route("/mechanic", get(|| async { Html(MECHANIC_HTML) }))
+        .route("/customer", get(|| async { Html(CUSTOMER_HTML) }))
+        .with_state(app)
+}
+
+/// Ready while the listener is connected and caught up: a load balancer then sends clients
+/// only to replicas that deliver live events.
+async fn readyz(State(app): State<App>) -> Response {
+    if app.status.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "listener not connected or catching up\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    // Database gauges are read at scrape time; a slow or absent database must not hang the
+    // scrape, it just leaves the last values.
+    let read = async {
+        let client = app.pool.get().await.ok()?;
+        let usage: f64 = client
+            .query_one(QUEUE_USAGE_SQL, &[])
+            .await
+            .ok()?
+            .try_get(0)
+            .ok()?;
+        let head: i64 = client
+            .query_one(LOG_HEAD_SQL, &[])
+            .await
+            .ok()?
+            .try_get(0)
+            .ok()?;
+        Some((usage, head))
+    };
+    if let Ok(Some((usage, head))) = tokio::time::timeout(Duration::from_secs(2), read).await {
+        app.queue_usage.set(usage);
+        app.log_head.set(head);
+    }
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &app.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Listener state as metrics, read from its atomics at scrape time.
+#[derive(Debug)]
+struct ListenerCollector(Arc<ListenerStatus>);
+
+impl Collector for ListenerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let s = self.0.snapshot();
+        let counters = [
+            (
+                "pgcast_listener_notifications",
+                "Notifications received on the LISTEN connection",
+                s.notifications,
+            ),
+            (
+                "pgcast_events_received",
+                "Events the listener emitted (live, caught up or resolved from the log)",
+                s.events,
+            ),
+            (
+                "pgcast_listener_decode_errors",
+                "Notifications or log rows that could not be decoded and were skipped",
+                s.decode_errors,
+            ),
+            (
+                "pgcast_listener_reconnects",
+                "Times the LISTEN connection was lost and re-established",
+                s.reconnects,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let c = ConstCounter::new(value);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let lag_seconds = if s.last_committed_micros > 0 {
+            let now = chrono::Utc::now().timestamp_micros();
+            (now - s.last_committed_micros).max(0) as f64 / 1e6
+        } else {
+            0.0
+        };
+        let gauges = [
+            (
+                "pgcast_listener_connected",
+                "1 while the LISTEN connection is up and caught up",
+                i64::from(s.caught_up),
+            ),
+            (
+                "pgcast_listener_position",
+                "Position of the last event the listener emitted",
+                s.last_position,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let g = ConstGauge::new(value);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        let g = ConstGauge::new(lag_seconds);
+        g.encode(encoder.encode_descriptor(
+            "pgcast_listener_last_event_age_seconds",
+            "Seconds since the commit of the last event the listener emitted",
+            None,
+            g.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+/// Deletes log rows older than `retention` in small batches. Several replicas may run this;
+/// the SQL function lets one at a time work and the others skip.
+async fn prune_loop(pool: Pool, retention: Duration, stop: CancellationToken) {
+    let seconds = retention.as_secs_f64();
+    loop {
+        let mut total = 0u64;
+        loop {
+            let result = async {
+                let client = pool.get().await.map_err(|e| e.to_string())?;
+                let row = client
+                    .query_one(PRUNE_SQL, &[&seconds, &PRUNE_BATCH])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                row.try_get::<_, i32>(0).map_err(|e| e.to_string())
+            }
+            .await;
+            match result {
+                Ok(0) => break,
+                Ok(n) => total += n as u64,
+                Err(error) => {
+                    tracing::warn!(%error, "pruning the event log failed; retrying later");
+                    break;
+                }
+            }
+            if stop.is_cancelled() {
+                return;
+            }
+        }
+        if total > 0 {
+            tracing::info!(rows = total, "pruned old events from the log");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PRUNE_EVERY) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+fn render_index(links: &[(String, String)]) -> String {
+    let items: String = links
+        .iter()
+        .map(|(label, href)| {
+            format!(
+                "<li><a href=\"{}\">{}</a></li>\n",
+                escape(href),
+                escape(label)
+            )
+        })
+        .collect();
+    let section = if items.is_empty() {
+        String::new()
+    } else {
+        format!("<h2>Demo pages</h2>\n<ul class=\"links\">\n{items}</ul>\n")
+    };
+    INDEX_HTML.replace("<!-- LINKS -->", &section)
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
