@@ -216,25 +216,27 @@ impl Connection {
     async fn on_frame(&mut self, msg: Option<Result<Message, axum::Error>>) -> Result<(), End> {
         self.last_heard = Instant::now();
         let text = match msg {
-            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Text(t))) => Some(t),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(()),
-            Some(Ok(Message::Binary(_))) => {
-                return self
-                    .error(
-                        None,
-                        ErrorCode::BadRequest,
-                        "binary frames are not supported",
-                    )
-                    .await
-            }
+            Some(Ok(Message::Binary(_))) => None,
             Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
             Some(Err(e)) => return Err(read_error(&e)),
         };
+        // Every frame that earns a reply counts against the rate, binary ones included.
         if !self.take_token() {
             return self
                 .error(None, ErrorCode::RateLimited, "too many frames; slow down")
                 .await;
         }
+        let Some(text) = text else {
+            return self
+                .error(
+                    None,
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported",
+                )
+                .await;
+        };
         match ClientMessage::parse(&text) {
             Err(e) => {
                 self.error(None, ErrorCode::BadRequest, &e.to_string())
@@ -548,22 +550,22 @@ impl Connection {
         self.flush().await
     }
 
-    /// Queues a frame in the socket's write buffer. Gives up when the connection is declared
-    /// slow or the server shuts down, so a peer that stopped reading cannot hold the task.
+    /// Queues a frame in the socket's write buffer.
     async fn feed(&mut self, msg: Message) -> Result<(), End> {
-        tokio::select! {
-            r = self.sink.feed(msg) => r.map_err(|_| End::Gone),
-            () = self.handle.slow.cancelled() => Err(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with since")),
-            () = self.shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
-        }
+        let limit = self.shared.config.heartbeat_interval * 2;
+        guarded(
+            self.sink.feed(msg),
+            limit,
+            &self.handle.slow,
+            &self.shutdown,
+        )
+        .await
     }
 
+    /// Writes the socket's buffer out.
     async fn flush(&mut self) -> Result<(), End> {
-        tokio::select! {
-            r = self.sink.flush() => r.map_err(|_| End::Gone),
-            () = self.handle.slow.cancelled() => Err(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with since")),
-            () = self.shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
-        }
+        let limit = self.shared.config.heartbeat_interval * 2;
+        guarded(self.sink.flush(), limit, &self.handle.slow, &self.shutdown).await
     }
 
     fn burst(&self) -> f64 {
@@ -582,6 +584,25 @@ impl Connection {
         } else {
             false
         }
+    }
+}
+
+/// Runs a socket write, giving up when the connection is declared slow, when the server shuts
+/// down, or when the peer has not taken the bytes within `limit` (a peer that sends but never
+/// reads): no peer can hold its task, and with it a connection slot, forever.
+async fn guarded(
+    write: impl std::future::Future<Output = Result<(), axum::Error>>,
+    limit: Duration,
+    slow: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Result<(), End> {
+    tokio::select! {
+        r = tokio::time::timeout(limit, write) => match r {
+            Ok(r) => r.map_err(|_| End::Gone),
+            Err(_) => Err(End::Gone),
+        },
+        () = slow.cancelled() => Err(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with since")),
+        () = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
     }
 }
 

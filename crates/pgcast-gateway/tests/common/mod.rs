@@ -169,6 +169,38 @@ impl Harness {
             .unwrap();
     }
 
+    /// Inserts a help session owned by `customer`, returning its id.
+    pub async fn insert_session(&self, customer: Uuid) -> Uuid {
+        let id = Uuid::new_v4();
+        self.admin
+            .execute(
+                "INSERT INTO sessions (id, customer_id, kind) VALUES ($1, $2, 'paid')",
+                &[&id, &customer],
+            )
+            .await
+            .unwrap();
+        id
+    }
+
+    /// A gauge or counter of the gateway's metrics, by its registered name.
+    pub fn metric(&self, name: &str) -> f64 {
+        let mut registry = prometheus_client::registry::Registry::default();
+        self.gateway.metrics().register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.lines()
+            .find_map(|l| {
+                let (key, value) = l.split_once(' ')?;
+                (key == name || key == format!("{name}_total")).then(|| value.parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
+    }
+
+    /// Open WebSocket connections as the gateway counts them.
+    pub fn connections(&self) -> i64 {
+        self.metric("pgcast_connections") as i64
+    }
+
     pub async fn log_head(&self) -> i64 {
         self.admin
             .query_one(
@@ -275,6 +307,31 @@ impl Ws {
                 other => panic!("expected close {code}, got {other:?}"),
             }
         }
+    }
+
+    /// Sends a ping and expects its pong as the very next frame: the connection is usable.
+    pub async fn ping(&mut self) {
+        let id = Uuid::new_v4().to_string();
+        self.send(json!({"type": "ping", "id": id})).await;
+        let reply = self.recv().await;
+        assert_eq!(reply, json!({"type": "pong", "id": id}));
+    }
+
+    /// Expects the next frame to be an `error` with `code`; returns it.
+    pub async fn expect_error(&mut self, code: &str) -> Value {
+        let reply = self.recv().await;
+        assert_eq!(reply["type"], "error", "{reply}");
+        assert_eq!(reply["code"], code, "{reply}");
+        reply
+    }
+
+    /// Sends a subscribe that must fail with `code`; returns the error frame.
+    pub async fn subscribe_err(&mut self, topic: &str, code: &str) -> Value {
+        self.send(json!({"type": "subscribe", "id": "bad", "topic": topic}))
+            .await;
+        let reply = self.expect_error(code).await;
+        assert_eq!(reply["id"], "bad", "{reply}");
+        reply
     }
 
     /// Subscribes and returns the `subscribed` reply.
