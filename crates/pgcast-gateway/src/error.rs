@@ -6,7 +6,7 @@
 #[non_exhaustive]
 pub enum GatewayError {
     /// A query failed.
-    #[error("database error: {0}")]
+    #[error("database error: {}", pgcast_listener::describe_pg(.0))]
     Db(tokio_postgres::Error),
     /// No database connection available.
     #[error("database pool: {0}")]

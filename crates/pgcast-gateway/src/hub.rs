@@ -67,6 +67,12 @@ impl Hub {
         }
     }
 
+    /// Sets the position the dispatched stream starts after.
+    pub(crate) fn start_after(&self, position: Position) {
+        let _index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        self.head.store(position, Ordering::Release);
+    }
+
     pub(crate) fn next_id(&self) -> SubId {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }

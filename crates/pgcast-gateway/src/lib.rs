@@ -92,9 +92,16 @@ impl Gateway {
             .with_state(self.shared.clone())
     }
 
-    /// Starts fanning out `events` (the listener's output) to subscribers. The task ends when
+    /// Starts fanning out `events` (the listener's output) to subscribers. `after` is where
+    /// the listener's stream starts (its first event is the first after it): a live
+    /// subscription made before that event is told `after` as its position. The task ends when
     /// the listener's sender is dropped or at shutdown.
-    pub fn spawn_dispatch(&self, mut events: mpsc::Receiver<Arc<AssignmentEvent>>) {
+    pub fn spawn_dispatch(
+        &self,
+        mut events: mpsc::Receiver<Arc<AssignmentEvent>>,
+        after: pgcast_events::Position,
+    ) {
+        self.shared.hub.start_after(after);
         let shared = self.shared.clone();
         self.shared.tasks.spawn(async move {
             loop {

@@ -6,7 +6,7 @@
 #[non_exhaustive]
 pub enum ListenerError {
     /// A query or the connection failed.
-    #[error("database error: {0}")]
+    #[error("database error: {}", describe_pg(.0))]
     Db(tokio_postgres::Error),
     /// No connection could be taken from the pool.
     #[error("database pool: {0}")]
@@ -35,4 +35,21 @@ impl From<refinery::Error> for ListenerError {
     fn from(e: refinery::Error) -> Self {
         ListenerError::Migration(e)
     }
+}
+
+/// A PostgreSQL client error with its causes on one line ("db error: ERROR: relation … does
+/// not exist"): `tokio_postgres::Error` shows only its kind and keeps the server's message in
+/// `source()`, which a `%error` log line would drop.
+pub fn describe_pg(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = c.source();
+    }
+    text
 }

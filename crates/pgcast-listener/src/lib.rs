@@ -22,7 +22,7 @@ mod log;
 mod schema;
 
 pub use backoff::Backoff;
-pub use error::ListenerError;
+pub use error::{describe_pg, ListenerError};
 pub use listener::{Listener, ListenerStatus, Start, StatusSnapshot, APPLICATION_NAME, CHANNEL};
 pub use log::{EventLog, LogHead, LogPage};
 pub use schema::{installed_version, migrate, MigrationScope, SCHEMA_VERSION};

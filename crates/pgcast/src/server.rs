@@ -127,14 +127,17 @@ pub async fn serve(
     }
 
     let log = EventLog::new(pool.clone());
+    // The listener's stream and the gateway's notion of "now" start at the same position, so a
+    // live subscription made before the first event is told a position it can resume from.
+    let start = log.head().await?.head;
     let gateway = Gateway::new(GatewayConfig::new(options.jwt_secret.clone()), log.clone());
     let listener = Listener::new(options.pg.clone(), log);
     let status = listener.status();
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
     let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-    tasks.spawn(listener.run(Start::Head, tx, stop.clone()));
-    gateway.spawn_dispatch(rx);
+    tasks.spawn(listener.run(Start::After(start), tx, stop.clone()));
+    gateway.spawn_dispatch(rx, start);
     tasks.spawn(prune_loop(pool.clone(), options.retention, stop.clone()));
 
     let mut registry = Registry::default();

@@ -65,12 +65,13 @@ impl Harness {
         let mut config = GatewayConfig::new(SECRET);
         tune(&mut config);
         let gateway = Gateway::new(config, log.clone());
+        let start = log.head().await.expect("log head").head;
         let listener = Listener::new(db.pg_config(), log);
         let status = listener.status();
         let (tx, rx) = mpsc::channel(1024);
         let stop = CancellationToken::new();
-        let listener_task = tokio::spawn(listener.run(Start::Head, tx, stop.clone()));
-        gateway.spawn_dispatch(rx);
+        let listener_task = tokio::spawn(listener.run(Start::After(start), tx, stop.clone()));
+        gateway.spawn_dispatch(rx, start);
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
         let router = gateway.router();
