@@ -37,10 +37,22 @@ export class PgcastClient {
     /** @type {Map<string, Subscription>} */
     this.subs = new Map();
     this.ws = null;
+    /** The current socket has been accepted ("ready"): subscriptions can be sent. */
+    this.authenticated = false;
     this.attempt = 0;
+    this.retryTimer = null;
     this.stopped = false;
     this.timers = new Set();
     this.pingSeq = 0;
+    // Back online after a network loss: try now instead of waiting out the backoff.
+    this.onOnline = () => {
+      if (this.state === "reconnecting" && this.retryTimer !== null) {
+        this.#cancel(this.retryTimer);
+        this.retryTimer = null;
+        this.#connect();
+      }
+    };
+    if (typeof globalThis.addEventListener === "function") globalThis.addEventListener("online", this.onOnline);
     this.#connect();
   }
 
@@ -64,7 +76,7 @@ export class PgcastClient {
       onEvent: handlers.onEvent || (() => {}),
     };
     this.subs.set(topic, sub);
-    if (this.state === "live") this.#sendSubscribe(sub);
+    if (this.authenticated) this.#sendSubscribe(sub);
     const client = this;
     return {
       unsubscribe() {
@@ -82,6 +94,7 @@ export class PgcastClient {
     this.stopped = true;
     for (const t of this.timers) clearTimeout(t);
     this.timers.clear();
+    if (typeof globalThis.removeEventListener === "function") globalThis.removeEventListener("online", this.onOnline);
     if (this.ws) this.ws.close(1000, "client closed");
     this.#setState("closed");
   }
@@ -100,6 +113,11 @@ export class PgcastClient {
     }, ms);
     this.timers.add(t);
     return t;
+  }
+
+  #cancel(t) {
+    clearTimeout(t);
+    this.timers.delete(t);
   }
 
   #send(msg) {
@@ -123,6 +141,7 @@ export class PgcastClient {
       this.#scheduleReconnect();
       return;
     }
+    if (this.stopped) return; // closed while the token was being fetched
     const ws = new WebSocket(this.url);
     this.ws = ws;
     let pingTimer = null;
@@ -146,6 +165,7 @@ export class PgcastClient {
       switch (msg.type) {
         case "ready":
           this.attempt = 0;
+          this.authenticated = true;
           this.#setState("live");
           for (const sub of this.subs.values()) this.#sendSubscribe(sub);
           keepAlive();
@@ -182,8 +202,7 @@ export class PgcastClient {
         }
         case "pong":
           if (pongDeadline) {
-            clearTimeout(pongDeadline);
-            this.timers.delete(pongDeadline);
+            this.#cancel(pongDeadline);
             pongDeadline = null;
           }
           break;
@@ -193,9 +212,11 @@ export class PgcastClient {
       }
     };
     ws.onclose = (e) => {
-      if (pingTimer) clearTimeout(pingTimer);
-      if (pongDeadline) clearTimeout(pongDeadline);
-      if (this.ws === ws) this.ws = null;
+      if (pingTimer) this.#cancel(pingTimer);
+      if (pongDeadline) this.#cancel(pongDeadline);
+      if (this.ws !== ws) return; // an older socket; its successor is in charge
+      this.ws = null;
+      this.authenticated = false;
       if (this.stopped) return;
       if (e.code === CLOSE_AUTH && typeof this.token !== "function") {
         // A fixed token that the server refused will be refused again.
@@ -212,7 +233,10 @@ export class PgcastClient {
     const ceiling = Math.min(this.maxBackoffMs, this.initialBackoffMs * 2 ** this.attempt);
     this.attempt += 1;
     const delay = ceiling / 2 + Math.random() * (ceiling / 2);
-    this.#later(delay, () => this.#connect());
+    this.retryTimer = this.#later(delay, () => {
+      this.retryTimer = null;
+      this.#connect();
+    });
   }
 }
 

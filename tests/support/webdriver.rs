@@ -1,0 +1,357 @@
+//! Headless Chromium for the browser tests, driven over WebDriver: Debian's `chromedriver`
+//! (started on a free port of 127.0.0.1) and the `fantoccini` client over plain HTTP.
+//!
+//! ```text
+//!   test ──fantoccini (HTTP)──▶ chromedriver ──DevTools──▶ chromium (headless, fresh profile)
+//!     └─ stdin pipe ──▶ watchdog (sh): on EOF, SIGKILL chromedriver's process group, rm profile
+//! ```
+//!
+//! Cleanup does not depend on the test ending well: chromedriver runs in a process group of its
+//! own (Chromium's processes stay in it), and a small watchdog process kills that group and
+//! removes the temporary profile as soon as its stdin closes — when the [`Browser`] is dropped,
+//! or when the kernel closes the pipe because the test process died.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::wd::WebDriverCompatibleCommand;
+use fantoccini::{Client, ClientBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::{json, Value};
+
+/// Chromium as Debian installs it (`apt-get install chromium chromium-driver`).
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+/// How long chromedriver may take to listen, and Chromium to open a session.
+const START_LIMIT: Duration = Duration::from_secs(30);
+/// Poll interval of [`Browser::wait_for`]: the condition is re-read, never assumed.
+const POLL: Duration = Duration::from_millis(50);
+
+/// True once fonts are loaded and no finite animation runs (an endless one, like the blinking
+/// dot of "Reconnecting…", does not count).
+const SETTLED: &str = r#"
+return document.fonts.status === 'loaded' && document.getAnimations().every((a) =>
+  a.playState !== 'running' || a.effect.getComputedTiming().iterations === Infinity);"#;
+
+/// The viewport of a desktop screenshot.
+pub(crate) const DESKTOP: Viewport = Viewport {
+    width: 1280,
+    height: 860,
+    scale: 1.0,
+    mobile: false,
+};
+/// The viewport of a phone screenshot (an iPhone 12–15 sized screen, at 2× pixels).
+pub(crate) const PHONE: Viewport = Viewport {
+    width: 390,
+    height: 844,
+    scale: 2.0,
+    mobile: true,
+};
+
+/// A screen size to emulate, through the DevTools `Emulation` domain.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Viewport {
+    pub(crate) width: u32,
+    pub(crate) height: u32,
+    pub(crate) scale: f64,
+    pub(crate) mobile: bool,
+}
+
+/// Runs in `sh`: waits until the test closes our stdin (or dies), then kills chromedriver's
+/// process group (chromedriver and every Chromium process) and removes the temporary directory.
+/// `$1` is the process group, `$2` the directory.
+const WATCHDOG: &str = r#"trap '' HUP INT
+read -r _ || :
+kill -s KILL -- "-$1" 2>/dev/null
+i=0
+while [ "$i" -lt 50 ]; do
+    rm -rf -- "$2" 2>/dev/null
+    [ -e "$2" ] || exit 0
+    i=$((i + 1))
+    sleep 0.1
+done
+"#;
+
+/// One headless Chromium with its chromedriver; everything is killed and removed on drop.
+pub(crate) struct Browser {
+    client: Client,
+    driver: Driver,
+}
+
+struct Driver {
+    chromedriver: Child,
+    watchdog: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Closing the pipe lets the watchdog kill the process group and remove the directory.
+        drop(self.watchdog.stdin.take());
+        let _ = self.watchdog.wait();
+        // Already killed by the watchdog; this reaps it (and covers a watchdog that failed).
+        let _ = self.chromedriver.kill();
+        let _ = self.chromedriver.wait();
+    }
+}
+
+impl Driver {
+    /// Starts chromedriver on a free port and waits until it listens.
+    fn start() -> (Driver, u16) {
+        for path in [CHROMIUM, CHROMEDRIVER] {
+            assert!(
+                Path::new(path).exists(),
+                "{path} is missing: the browser tests need Debian's Chromium \
+                 (apt-get install -y chromium chromium-driver; .ci/run installs them)"
+            );
+        }
+        let mut last_error = String::new();
+        // A free port can be taken by someone else between our check and chromedriver's bind;
+        // then chromedriver exits and we try another one.
+        for _ in 0..3 {
+            let dir = tempfile::Builder::new()
+                .prefix("pgcast-chromium-")
+                .tempdir()
+                .expect("temporary directory for Chromium")
+                .keep();
+            let port = free_port();
+            let log = std::fs::File::create(dir.join("chromedriver.log")).expect("log file");
+            let chromedriver = Command::new(CHROMEDRIVER)
+                .arg(format!("--port={port}"))
+                .arg("--allowed-ips=127.0.0.1")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log file"))
+                .stderr(log)
+                // Its own process group: the watchdog kills chromedriver and Chromium with one
+                // signal, and Ctrl-C in a terminal reaches only the test (then the watchdog).
+                .process_group(0)
+                .spawn()
+                .expect("start chromedriver");
+            let watchdog = Command::new("sh")
+                .arg("-c")
+                .arg(WATCHDOG)
+                .arg("pgcast-browser-watchdog")
+                .arg(chromedriver.id().to_string())
+                .arg(&dir)
+                .current_dir("/")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .expect("start the browser cleanup watchdog");
+            let mut driver = Driver {
+                chromedriver,
+                watchdog,
+                dir,
+            };
+            match driver.wait_listening(port) {
+                Ok(()) => return (driver, port),
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("chromedriver did not start: {last_error}");
+    }
+
+    fn wait_listening(&mut self, port: u16) -> Result<(), String> {
+        let deadline = Instant::now() + START_LIMIT;
+        loop {
+            if std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.chromedriver.try_wait() {
+                return Err(format!("chromedriver exited with {status}: {}", self.log()));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "chromedriver not listening on port {port} after {START_LIMIT:?}: {}",
+                    self.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("chromedriver.log")).unwrap_or_default()
+    }
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    StdTcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+impl Browser {
+    /// Starts chromedriver and a headless Chromium with a fresh profile.
+    pub(crate) async fn start() -> Browser {
+        let (driver, port) = tokio::task::spawn_blocking(Driver::start)
+            .await
+            .expect("chromedriver start task");
+        let profile = driver.dir.join("profile");
+        let args = [
+            "--headless".to_owned(),
+            "--no-sandbox".to_owned(),
+            "--disable-gpu".to_owned(),
+            "--disable-dev-shm-usage".to_owned(),
+            // This machine's network is closed; without these, Chromium's own background
+            // connections make it refuse connections.
+            "--disable-quic".to_owned(),
+            "--no-first-run".to_owned(),
+            "--no-default-browser-check".to_owned(),
+            "--disable-background-networking".to_owned(),
+            "--disable-component-update".to_owned(),
+            "--disable-sync".to_owned(),
+            "--disable-extensions".to_owned(),
+            "--disable-default-apps".to_owned(),
+            "--password-store=basic".to_owned(),
+            "--mute-audio".to_owned(),
+            "--hide-scrollbars".to_owned(),
+            "--force-color-profile=srgb".to_owned(),
+            "--lang=en-US".to_owned(),
+            format!("--window-size={},{}", DESKTOP.width, DESKTOP.height),
+            format!("--user-data-dir={}", profile.display()),
+        ];
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert("browserName".into(), json!("chrome"));
+        capabilities.insert(
+            "goog:chromeOptions".into(),
+            json!({ "binary": CHROMIUM, "args": args }),
+        );
+        let connect = ClientBuilder::new(HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await;
+        let client = match connect {
+            Ok(c) => c,
+            Err(e) => panic!("could not open a Chromium session: {e}\n{}", driver.log()),
+        };
+        Browser { client, driver }
+    }
+
+    /// Navigates to `url` and waits for the page to load.
+    pub(crate) async fn goto(&self, url: &str) {
+        self.client
+            .goto(url)
+            .await
+            .unwrap_or_else(|e| panic!("open {url}: {e}"));
+    }
+
+    /// Runs `script` (a function body; `return` gives the value) in the page.
+    pub(crate) async fn eval(&self, script: &str) -> Value {
+        self.client
+            .execute(script, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
+    }
+
+    /// Re-evaluates `script` until `ok` accepts its value, and returns that value; panics with
+    /// `what` and the last value after `limit`.
+    pub(crate) async fn wait_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        script: &str,
+        ok: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let value = match self.client.execute(script, vec![]).await {
+                Ok(v) => v,
+                Err(e) => json!({ "script error": e.to_string() }),
+            };
+            if ok(&value) {
+                return value;
+            }
+            if Instant::now() >= deadline {
+                panic!("timed out after {limit:?} waiting for {what}; last value: {value:#}");
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Emulates `viewport` (size, pixel ratio, phone or desktop) for the current tab.
+    pub(crate) async fn set_viewport(&self, viewport: Viewport) {
+        self.devtools(
+            "Emulation.setDeviceMetricsOverride",
+            json!({
+                "width": viewport.width,
+                "height": viewport.height,
+                "deviceScaleFactor": viewport.scale,
+                "mobile": viewport.mobile,
+            }),
+        )
+        .await;
+        self.devtools(
+            "Emulation.setTouchEmulationEnabled",
+            json!({ "enabled": viewport.mobile }),
+        )
+        .await;
+    }
+
+    /// Saves a PNG of the viewport as `target/screenshots/<name>.png` of the workspace and
+    /// returns its path.
+    pub(crate) async fn screenshot(&self, name: &str) -> PathBuf {
+        // A picture of the page at rest: fonts loaded, entry animations over.
+        self.wait_for(
+            "the page to settle before a screenshot",
+            Duration::from_secs(5),
+            SETTLED,
+            |v| v == true,
+        )
+        .await;
+        let png = self.client.screenshot().await.expect("screenshot");
+        assert!(png.starts_with(b"\x89PNG"), "the screenshot is a PNG");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
+        std::fs::create_dir_all(&dir).expect("create target/screenshots");
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, png).expect("write screenshot");
+        eprintln!("screenshot: {}", path.display());
+        path
+    }
+
+    /// Ends the WebDriver session (Chromium quits cleanly); dropping kills what is left.
+    pub(crate) async fn close(self) {
+        let Browser { client, driver } = self;
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.close()).await;
+        drop(driver);
+    }
+
+    /// Sends a Chrome DevTools Protocol command through chromedriver.
+    async fn devtools(&self, method: &'static str, params: Value) -> Value {
+        self.client
+            .issue_cmd(DevTools { method, params })
+            .await
+            .unwrap_or_else(|e| panic!("DevTools {method}: {e}"))
+    }
+}
+
+/// chromedriver's `POST /session/{id}/goog/cdp/execute`.
+#[derive(Debug)]
+struct DevTools {
+    method: &'static str,
+    params: Value,
+}
+
+impl WebDriverCompatibleCommand for DevTools {
+    fn endpoint(
+        &self,
+        base_url: &url::Url,
+        session_id: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        let session = session_id.ok_or(url::ParseError::EmptyHost)?;
+        base_url.join(&format!("session/{session}/goog/cdp/execute"))
+    }
+
+    fn method_and_body(&self, _request_url: &url::Url) -> (http::Method, Option<String>) {
+        let body = json!({ "cmd": self.method, "params": self.params });
+        (http::Method::POST, Some(body.to_string()))
+    }
+}
