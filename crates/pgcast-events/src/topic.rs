@@ -97,8 +97,9 @@ impl std::str::FromStr for Topic {
             "workshop" => Topic::Workshop,
             _ => return Err(TopicError::Unknown),
         };
-        // Only the canonical hyphenated form, so one topic has exactly one spelling.
-        if id.len() != 36 {
+        // Only the canonical lowercase hyphenated form, so one topic has exactly one spelling
+        // (clients match replies and events by the topic string they sent).
+        if id.len() != 36 || id.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(TopicError::InvalidId);
         }
         let id = Uuid::try_parse(id).map_err(|_| TopicError::InvalidId)?;
@@ -327,6 +328,9 @@ mod tests {
             "mechanic:5b7f8a528f0e4d519d7e6a1f0f2f0c11",
             "mechanic:{5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11}",
             "mechanic:5B7F8A52-8F0E-4D51-9D7E-6A1F0F2F0C11x",
+            "mechanic:5B7F8A52-8F0E-4D51-9D7E-6A1F0F2F0C11",
+            // Found by the client_frame fuzz target: one uppercase digit.
+            "session:5bf87a52-8f0e-4D51-9d7e-6a1f0f2f0c11",
             "mechanic:5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11\n",
             "garage:5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11",
             "assignments\u{0}",
