@@ -47,7 +47,7 @@ impl GatewayMetrics {
         );
         registry.register(
             "pgcast_delivery_latency_seconds",
-            "From the writing transaction's commit (database clock) to the frame's write",
+            "From the writing transaction's commit (database clock) to the frame's write; one sample per write batch, its oldest frame",
             self.latency.clone(),
         );
         registry.register(
