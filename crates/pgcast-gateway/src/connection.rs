@@ -459,9 +459,12 @@ impl Connection {
             .await?;
             return Ok(None);
         }
+        // Replay up to the head read above, which was read after registering: every later
+        // event is queued for this subscription by the hub, so the replay ends instead of
+        // chasing writers.
         let mut through = since;
         loop {
-            let page = match log.read_range(through, Position::MAX, REPLAY_PAGE).await {
+            let page = match log.read_range(through, head.head, REPLAY_PAGE).await {
                 Ok(p) => p,
                 Err(error) => {
                     tracing::warn!(%error, "replay read failed");
@@ -487,7 +490,7 @@ impl Connection {
                 through = last;
             }
             if page.rows < REPLAY_PAGE as usize {
-                return Ok(Some(through));
+                return Ok(Some(head.head));
             }
         }
     }

@@ -4,6 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use tracing_subscriber::filter::{filter_fn, FilterExt};
+use tracing_subscriber::prelude::*;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -28,9 +30,18 @@ fn main() -> ExitCode {
     };
 
     // Logs go to stderr; stdout carries the command's output (events, tokens, reports).
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+    // tungstenite logs received messages and frame payloads at TRACE, and `auth` frames carry
+    // tokens: those records are vetoed whatever RUST_LOG says, so no token is ever logged.
+    let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let no_payloads = filter_fn(|meta| {
+        !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("tungstenite"))
+    });
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(env.and(no_payloads)),
+        )
         .init();
 
     let runtime = match tokio::runtime::Runtime::new() {

@@ -166,18 +166,32 @@ impl Server {
     /// `pgcast serve --listen 127.0.0.1:0 --database-url <url> --jwt-secret <SECRET> --migrate`
     /// followed by `extra`.
     pub async fn serve(url: &str, extra: &[&str]) -> Server {
-        let mut cmd = pgcast([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            url,
-            "--jwt-secret",
-            SECRET,
-            "--migrate",
-        ]);
+        let mut cmd = serve_command(url, "127.0.0.1:0", SECRET);
         cmd.args(extra);
         Server::ready(Process::spawn(cmd)).await
+    }
+
+    /// Like [`ready`](Self::ready), but a process that exits before its ready line (a port
+    /// taken, a database refusing) is an `Err` with its stderr instead of a failed test.
+    pub async fn try_ready(mut process: Process) -> Result<Server, String> {
+        let waited =
+            tokio::time::timeout(LIMIT, process.stderr.wait_for(|text| text.contains(READY)))
+                .await
+                .map(|r| r.map(|text| text.clone()));
+        let stderr = match waited {
+            Ok(Ok(text)) => text,
+            Ok(Err(_)) => return Err(process.stderr()),
+            Err(_) => panic!(
+                "no ready line within {LIMIT:?}; stderr:\n{}",
+                process.stderr()
+            ),
+        };
+        let server = Server {
+            addr: ready_addr(&stderr),
+            process,
+        };
+        server.wait_readyz(200).await;
+        Ok(server)
     }
 
     /// Waits for `process` to log its ready line and for its listener to be ready.
@@ -231,6 +245,20 @@ impl Server {
     }
 }
 
+/// `pgcast serve --listen <listen> --database-url <url> --jwt-secret <secret> --migrate`.
+pub fn serve_command(url: &str, listen: &str, secret: &str) -> Command {
+    pgcast([
+        "serve",
+        "--listen",
+        listen,
+        "--database-url",
+        url,
+        "--jwt-secret",
+        secret,
+        "--migrate",
+    ])
+}
+
 /// The address in the ready line `pgcast ready on http://ADDR (WebSocket ws://ADDR/ws)`.
 pub fn ready_addr(stderr: &str) -> SocketAddr {
     let (_, rest) = stderr.split_once(READY).expect("ready line");
@@ -250,6 +278,11 @@ pub fn token(secret: &[u8], role: Role) -> String {
         workshop_id: None,
     };
     pgcast_gateway::mint_token(secret, &who, Duration::from_secs(600)).expect("mint token")
+}
+
+/// A token signed with `secret` for `who`, valid for `ttl`.
+pub fn token_for(secret: &[u8], who: &Principal, ttl: Duration) -> String {
+    pgcast_gateway::mint_token(secret, who, ttl).expect("mint token")
 }
 
 /// A minimal HTTP/1.0 GET: the server closes the connection after the response.
@@ -306,25 +339,54 @@ pub enum Next {
 impl Ws {
     /// Connects to `ws://addr/ws` and authenticates with `token`.
     pub async fn connect(addr: SocketAddr, token: &str) -> Ws {
-        let (ws, _) = tokio::time::timeout(
-            WAIT,
-            tokio_tungstenite::connect_async(format!("ws://{addr}/ws")),
-        )
-        .await
-        .expect("WebSocket connects in time")
-        .expect("WebSocket connect");
-        let mut ws = Ws { ws };
+        let mut ws = Ws::open(addr).await.expect("WebSocket connect");
         ws.send(json!({"type": "auth", "token": token})).await;
         let ready = ws.recv().await;
         assert_eq!(ready["type"], "ready", "{ready}");
         ws
     }
 
+    /// Opens `ws://addr/ws` without authenticating; an error (refused, no upgrade, no answer
+    /// within [`WAIT`]) is returned, not a failed test: for clients that retry.
+    pub async fn open(addr: SocketAddr) -> Result<Ws, String> {
+        match tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::connect_async(format!("ws://{addr}/ws")),
+        )
+        .await
+        {
+            Ok(Ok((ws, _))) => Ok(Ws { ws }),
+            Ok(Err(e)) => Err(format!("connect to {addr}: {e}")),
+            Err(_) => Err(format!("connect to {addr}: no answer within {WAIT:?}")),
+        }
+    }
+
+    /// [`open`](Self::open), then `auth` with `token`, expecting `ready`; any failure is
+    /// returned (for clients that retry).
+    pub async fn try_connect(addr: SocketAddr, token: &str) -> Result<Ws, String> {
+        let mut ws = Ws::open(addr).await?;
+        ws.try_send(json!({"type": "auth", "token": token})).await?;
+        match ws.next(WAIT).await {
+            Next::Json(v) if v["type"] == "ready" => Ok(ws),
+            other => Err(format!("auth on {addr}: {other:?}")),
+        }
+    }
+
     pub async fn send(&mut self, v: Value) {
+        self.try_send(v).await.expect("send");
+    }
+
+    /// Sends a frame; a broken socket is returned as an error.
+    pub async fn try_send(&mut self, v: Value) -> Result<(), String> {
         self.ws
             .send(Message::Text(v.to_string().into()))
             .await
-            .expect("send");
+            .map_err(|e| format!("send: {e}"))
+    }
+
+    /// Closes the connection politely (a close frame), ignoring a socket already gone.
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(WAIT, self.ws.close(None)).await;
     }
 
     /// The next JSON frame or close, skipping pings; `Nothing` after `limit`.
