@@ -334,6 +334,18 @@ impl Collector for ListenerCollector {
             let g = ConstGauge::new(value);
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
         }
+        // Alive tokio tasks: the soak test watches this for leaks (one per connection, plus
+        // a handful for the listener, dispatcher, pruner and HTTP server).
+        let tasks = tokio::runtime::Handle::try_current()
+            .map(|h| i64::try_from(h.metrics().num_alive_tasks()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let g = ConstGauge::new(tasks);
+        g.encode(encoder.encode_descriptor(
+            "pgcast_tokio_alive_tasks",
+            "Tasks alive in the process's tokio runtime",
+            None,
+            g.metric_type(),
+        )?)?;
         let g = ConstGauge::new(lag_seconds);
         g.encode(encoder.encode_descriptor(
             "pgcast_listener_last_event_age_seconds",
