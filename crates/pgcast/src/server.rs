@@ -17,6 +17,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use deadpool_postgres::Pool;
 use pgcast_gateway::{Gateway, GatewayConfig};
@@ -168,6 +169,13 @@ pub async fn serve(
     let addr = tcp.local_addr().map_err(PgcastError::Bind)?;
     let server_stop = shutdown.clone();
     tasks.spawn(async move {
+        // Event frames are small and latency matters more than packet count: without
+        // TCP_NODELAY a frame can wait ~40 ms for the peer's delayed ACK.
+        let tcp = tcp.tap_io(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "could not set TCP_NODELAY");
+            }
+        });
         let server = axum::serve(tcp, router)
             .with_graceful_shutdown(async move { server_stop.cancelled().await });
         if let Err(error) = server.await {
