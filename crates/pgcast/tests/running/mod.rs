@@ -361,6 +361,44 @@ impl Ws {
         }
     }
 
+    /// Like [`open`](Self::open), with the client socket's receive buffer set to `bytes`
+    /// (`SO_RCVBUF`, which also stops the kernel from growing it): a client that never reads
+    /// then holds back the server's writes after a few KiB instead of several MiB.
+    pub async fn open_with_recv_buffer(addr: SocketAddr, bytes: u32) -> Result<Ws, String> {
+        let connect = async {
+            let socket = tokio::net::TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+            socket
+                .set_recv_buffer_size(bytes)
+                .map_err(|e| format!("SO_RCVBUF: {e}"))?;
+            let stream = socket
+                .connect(addr)
+                .await
+                .map_err(|e| format!("connect to {addr}: {e}"))?;
+            let (ws, _) = tokio_tungstenite::client_async(
+                format!("ws://{addr}/ws"),
+                MaybeTlsStream::Plain(stream),
+            )
+            .await
+            .map_err(|e| format!("upgrade on {addr}: {e}"))?;
+            Ok(Ws { ws })
+        };
+        match tokio::time::timeout(WAIT, connect).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("connect to {addr}: no answer within {WAIT:?}")),
+        }
+    }
+
+    /// Drops the connection without a close frame: the TCP connection ends with FIN, or with
+    /// `reset` with RST (`SO_LINGER` 0), as when a client's machine or network goes away.
+    pub fn abort(self, reset: bool) {
+        if reset {
+            if let MaybeTlsStream::Plain(stream) = self.ws.get_ref() {
+                stream.set_zero_linger().expect("SO_LINGER 0");
+            }
+        }
+        drop(self);
+    }
+
     /// [`open`](Self::open), then `auth` with `token`, expecting `ready`; any failure is
     /// returned (for clients that retry).
     pub async fn try_connect(addr: SocketAddr, token: &str) -> Result<Ws, String> {
