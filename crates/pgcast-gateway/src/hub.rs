@@ -111,16 +111,23 @@ impl Hub {
     }
 
     /// Queues `event` for every subscription that may see it. Never waits: a full connection
-    /// queue marks that connection slow.
+    /// queue marks that connection slow. The index lock is held only to collect the targets,
+    /// so subscribing and unsubscribing never wait behind a large fan-out.
     pub(crate) fn dispatch(&self, event: &AssignmentEvent) {
         self.metrics.events.inc();
         let keys = event.route_keys();
-        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
-        let mut targets: Vec<&Arc<Subscription>> = keys
-            .iter()
-            .filter_map(|k| index.by_key.get(k))
-            .flat_map(|subs| subs.values())
-            .collect();
+        let mut targets: Vec<Arc<Subscription>> = {
+            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            let targets = keys
+                .iter()
+                .filter_map(|k| index.by_key.get(k))
+                .flat_map(|subs| subs.values().cloned())
+                .collect();
+            // Under the lock: a subscription made after this point is told this position and
+            // does not expect the event; one made before it is in `targets`.
+            self.head.store(event.position, Ordering::Release);
+            targets
+        };
         // A queue subscription is filed under several keys; deliver once.
         targets.sort_unstable_by_key(|s| s.id);
         targets.dedup_by_key(|s| s.id);
@@ -157,6 +164,5 @@ impl Hub {
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
-        self.head.store(event.position, Ordering::Release);
     }
 }

@@ -11,6 +11,8 @@ use crate::PgcastError;
 /// Used when the connection string sets no `connect_timeout`: a command against an unreachable
 /// host fails instead of hanging.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a pooled connection.
+const POOL_WAIT: Duration = Duration::from_secs(5);
 
 /// Opens a connection named `application_name` (visible in `pg_stat_activity`); its connection
 /// task runs on the current tokio runtime and ends when the client is dropped.
@@ -51,8 +53,12 @@ pub fn pool(pg: &tokio_postgres::Config, max_size: usize) -> Result<Pool, Pgcast
             recycling_method: RecyclingMethod::Fast,
         },
     );
+    // A query never waits forever for a connection: under overload it fails (the gateway
+    // answers `unavailable`, the listener reconnects) instead of parking its task.
     Pool::builder(manager)
         .max_size(max_size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(POOL_WAIT))
         .build()
         .map_err(PgcastError::Pool)
 }

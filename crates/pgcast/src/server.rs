@@ -42,6 +42,8 @@ use crate::PgcastError;
 const EVENT_BUFFER: usize = 8192;
 /// Query pool per replica: snapshots, replays, ownership checks, pruning, metrics.
 const POOL_SIZE: usize = 8;
+/// The listener's own pool: catch-up pages, references and gap fills.
+const LISTENER_POOL_SIZE: usize = 2;
 /// How often old log rows are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Rows per prune transaction: short locks, no long vacuum debt.
@@ -132,7 +134,10 @@ pub async fn serve(
     // live subscription made before the first event is told a position it can resume from.
     let start = log.head().await?.head;
     let gateway = Gateway::new(GatewayConfig::new(options.jwt_secret.clone()), log.clone());
-    let listener = Listener::new(options.pg.clone(), log);
+    // The listener reads the log through a pool of its own: no amount of client snapshots and
+    // replays can stall live events behind them.
+    let listener_log = EventLog::new(crate::db::pool(&options.pg, LISTENER_POOL_SIZE)?);
+    let listener = Listener::new(options.pg.clone(), listener_log);
     let status = listener.status();
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
