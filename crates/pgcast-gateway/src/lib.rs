@@ -54,6 +54,8 @@ struct Shared {
     connection_slots: Arc<Semaphore>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Open connections, for callers that wait for a count instead of polling the gauge.
+    open: tokio::sync::watch::Sender<usize>,
 }
 
 /// The WebSocket gateway. Cheap to clone.
@@ -76,6 +78,7 @@ impl Gateway {
                 config,
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                open: tokio::sync::watch::channel(0).0,
             }),
         }
     }
@@ -83,6 +86,11 @@ impl Gateway {
     /// The gateway's metrics, to register in the process's registry.
     pub fn metrics(&self) -> &GatewayMetrics {
         &self.shared.metrics
+    }
+
+    /// Follows the number of open WebSocket connections.
+    pub fn open_connections(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.shared.open.subscribe()
     }
 
     /// Routes: `GET /ws`.
@@ -146,8 +154,12 @@ async fn upgrade(
         .read_buffer_size(config.read_buffer_bytes)
         .on_upgrade(move |socket| {
             tasks.track_future(async move {
-                connection::serve(socket, shared).await;
+                shared.open.send_modify(|n| *n += 1);
+                connection::serve(socket, shared.clone()).await;
+                // Free the slot before the count drops, so a caller that saw the count fall
+                // can connect again.
                 drop(permit);
+                shared.open.send_modify(|n| *n -= 1);
             })
         })
 }

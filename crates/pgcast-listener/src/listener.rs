@@ -39,8 +39,10 @@ pub enum Start {
 }
 
 /// Live state of a listener, shared with health checks and metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ListenerStatus {
+    /// Follows `is_ready()`, so callers can wait for a change instead of polling.
+    ready: tokio::sync::watch::Sender<bool>,
     connected: AtomicBool,
     caught_up: AtomicBool,
     last_position: AtomicI64,
@@ -92,9 +94,33 @@ impl ListenerStatus {
         self.connected.load(Ordering::Relaxed) && self.caught_up.load(Ordering::Relaxed)
     }
 
+    /// Waits until the listener is connected and caught up (returns at once if it is).
+    pub async fn wait_ready(&self) {
+        let mut rx = self.ready.subscribe();
+        // The sender lives as long as `self`, so this cannot fail while we borrow it.
+        let _ = rx.wait_for(|ready| *ready).await;
+    }
+
     fn set_connected(&self, up: bool) {
         self.connected.store(up, Ordering::Relaxed);
         self.caught_up.store(up, Ordering::Relaxed);
+        self.ready.send_replace(up);
+    }
+}
+
+impl Default for ListenerStatus {
+    fn default() -> Self {
+        ListenerStatus {
+            ready: tokio::sync::watch::channel(false).0,
+            connected: AtomicBool::default(),
+            caught_up: AtomicBool::default(),
+            last_position: AtomicI64::default(),
+            last_committed_micros: AtomicI64::default(),
+            reconnects: AtomicU64::default(),
+            notifications: AtomicU64::default(),
+            events: AtomicU64::default(),
+            decode_errors: AtomicU64::default(),
+        }
     }
 }
 

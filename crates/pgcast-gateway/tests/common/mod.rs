@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::{SinkExt, StreamExt};
@@ -82,11 +82,9 @@ impl Harness {
                 .await
                 .expect("serve");
         });
-        let deadline = Instant::now() + WAIT;
-        while !status.is_ready() {
-            assert!(Instant::now() < deadline, "listener not ready");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        tokio::time::timeout(WAIT, status.wait_ready())
+            .await
+            .expect("listener not ready");
         Harness {
             db,
             admin,
@@ -198,6 +196,15 @@ impl Harness {
     }
 
     /// Open WebSocket connections as the gateway counts them.
+    /// Waits (bounded by `WAIT`) until exactly `n` connections are open.
+    pub async fn until_connections(&self, n: usize, what: &str) {
+        let mut open = self.gateway.open_connections();
+        tokio::time::timeout(WAIT, open.wait_for(|c| *c == n))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("gateway alive");
+    }
+
     pub fn connections(&self) -> i64 {
         self.metric("pgcast_connections") as i64
     }
