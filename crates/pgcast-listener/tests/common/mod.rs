@@ -90,20 +90,10 @@ pub async fn start_listener(db: &TestDb, start: Start) -> Running {
         shutdown,
         task,
     };
-    wait_until("listener ready", Duration::from_secs(10), || {
-        running.status.is_ready()
-    })
-    .await;
+    tokio::time::timeout(Duration::from_secs(10), running.status.wait_ready())
+        .await
+        .expect("listener ready");
     running
-}
-
-/// Polls `cond` until it holds, failing after `limit`.
-pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// Every position in the log, in order.
