@@ -4,7 +4,7 @@
 //! Every other crate builds on this one, so a rule written here is the rule everywhere:
 //!
 //! ```text
-//!   pg_notify payload / log row ──decode_payload──▶ AssignmentEvent
+//!   log row (pgcast.assignment_events) ──decode_payload──▶ AssignmentEvent
 //!                                                     │ route_keys()          (which subscribers)
 //!   client frame ──ClientMessage::parse──▶ Topic ─────┤ Topic::matches()      (may this one see it)
 //!                                                     ▼
@@ -14,15 +14,17 @@
 //! The visibility rules (design §5) live in [`Topic::sees`] and [`Topic::route_keys`]; the
 //! gateway indexes subscribers by [`RouteKey`] and never decides visibility on its own.
 
+mod access;
 mod assignment;
 mod event;
 mod payload;
 mod protocol;
 mod topic;
 
+pub use access::{SessionMembership, Verdict};
 pub use assignment::{Assignment, Status, StatusParseError};
 pub use event::{AssignmentEvent, EventKind, Position, PriorState, RowState};
-pub use payload::{decode_payload, DecodeError, Payload};
+pub use payload::{decode_payload, DecodeError};
 pub use protocol::{
     ClientMessage, ErrorCode, EventFrame, ProtocolError, ServerMessage, MAX_ID_LEN,
 };

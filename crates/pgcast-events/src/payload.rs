@@ -1,36 +1,15 @@
-//! Decoding of the JSON that `pgcast.emit_assignment_event()` sends with `pg_notify` and stores
-//! in `pgcast.assignment_events.payload`. One decoder serves both, so a live event and a replayed
-//! one cannot differ.
+//! Decoding of the JSON that `pgcast.emit_assignment_event()` stores in
+//! `pgcast.assignment_events.payload`. It is the only source of events: the NOTIFY that goes with
+//! a commit is a doorbell without content (any role that can connect may NOTIFY), so live events
+//! and replayed ones are decoded from the same log rows and cannot differ.
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 use crate::{Assignment, AssignmentEvent, EventKind, Position, PriorState};
 
-/// A decoded notification.
-// Lives only between decoding and emitting one notification; boxing the common variant would
-// add an allocation per event to save stack space nobody holds.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Payload {
-    /// The whole event travelled in the notification.
-    Event(AssignmentEvent),
-    /// The event was too large for NOTIFY (8000 bytes); read it from the log at this position.
-    Reference(Position),
-}
-
-impl Payload {
-    /// The position the payload is about.
-    pub fn position(&self) -> Position {
-        match self {
-            Payload::Event(e) => e.position,
-            Payload::Reference(p) => *p,
-        }
-    }
-}
-
-/// Why a payload could not become an [`AssignmentEvent`]. Such payloads are counted and logged
-/// by the listener and skipped; they never produce a partial event.
+/// Why a log row could not become an [`AssignmentEvent`]. Such rows are counted and logged by
+/// the listener and skipped; they never produce a partial event.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
@@ -63,22 +42,17 @@ enum Op {
 #[derive(Deserialize)]
 struct RawPayload {
     position: Position,
-    #[serde(default, rename = "ref")]
-    reference: bool,
     op: Option<Op>,
     committed_at: Option<DateTime<Utc>>,
     row: Option<Assignment>,
     old: Option<PriorState>,
 }
 
-/// Decodes a notification payload or a log row's `payload` column.
-pub fn decode_payload(text: &str) -> Result<Payload, DecodeError> {
+/// Decodes a log row's `payload` column.
+pub fn decode_payload(text: &str) -> Result<AssignmentEvent, DecodeError> {
     let raw: RawPayload = serde_json::from_str(text).map_err(DecodeError::Malformed)?;
     if raw.position <= 0 {
         return Err(DecodeError::Inconsistent("position must be positive"));
-    }
-    if raw.reference {
-        return Ok(Payload::Reference(raw.position));
     }
     let op = raw.op.ok_or(DecodeError::Inconsistent("missing op"))?;
     let assignment = raw.row.ok_or(DecodeError::Inconsistent("missing row"))?;
@@ -96,13 +70,13 @@ pub fn decode_payload(text: &str) -> Result<Payload, DecodeError> {
             ))
         }
     };
-    Ok(Payload::Event(AssignmentEvent {
+    Ok(AssignmentEvent {
         position: raw.position,
         kind,
         assignment,
         prior,
         committed_at,
-    }))
+    })
 }
 
 #[cfg(test)]
@@ -123,9 +97,7 @@ mod tests {
 
     #[test]
     fn decodes_a_full_insert() {
-        let Payload::Event(e) = decode_payload(&payload("insert", "null")).unwrap() else {
-            panic!("expected an event")
-        };
+        let e = decode_payload(&payload("insert", "null")).unwrap();
         assert_eq!(e.position, 7);
         assert_eq!(e.kind, EventKind::Created);
         assert_eq!(e.assignment.status, Status::Queued);
@@ -140,9 +112,7 @@ mod tests {
     #[test]
     fn update_and_delete_carry_prior_routing_fields() {
         let old = r#"{"status":"offered","mechanic_id":"11111111-1111-4111-8111-111111111111","workshop_id":null}"#;
-        let Payload::Event(u) = decode_payload(&payload("update", old)).unwrap() else {
-            panic!("expected an event")
-        };
+        let u = decode_payload(&payload("update", old)).unwrap();
         assert_eq!(u.kind, EventKind::Updated);
         assert_eq!(u.old_status(), Some(Status::Offered));
         assert_eq!(
@@ -151,19 +121,9 @@ mod tests {
                 .map(|m| m.to_string()),
             Some("11111111-1111-4111-8111-111111111111".to_owned())
         );
-        let Payload::Event(d) = decode_payload(&payload("delete", old)).unwrap() else {
-            panic!("expected an event")
-        };
+        let d = decode_payload(&payload("delete", old)).unwrap();
         assert_eq!(d.kind, EventKind::Deleted);
         assert_eq!(d.after(), None);
-    }
-
-    #[test]
-    fn a_reference_needs_only_a_position() {
-        assert_eq!(
-            decode_payload(r#"{"position":9001,"ref":true}"#).unwrap(),
-            Payload::Reference(9001)
-        );
     }
 
     #[test]
@@ -194,6 +154,8 @@ mod tests {
             r#"{"position":"7"}"#,
             r#"{"position":0,"ref":true}"#,
             r#"{"position":-3,"ref":true}"#,
+            // The reference notifications of schema version 1 are not events.
+            r#"{"position":9001,"ref":true}"#,
             r#"{"position":7,"op":"insert"}"#,
             r#"{"position":7,"op":"truncate","committed_at":"2026-11-25T19:32:44Z","row":{}}"#,
         ] {

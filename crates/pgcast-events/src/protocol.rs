@@ -13,7 +13,7 @@ pub const MAX_ID_LEN: usize = 128;
 pub enum ClientMessage {
     /// Must be the first frame.
     Auth {
-        /// HS256 JWT.
+        /// JWT. Sent again on a live connection, it refreshes the token (same `sub` and `role`).
         token: String,
     },
     /// Start receiving a topic.
@@ -93,6 +93,9 @@ pub enum ErrorCode {
     RateLimited,
     /// The server could not complete the request (e.g. the database is unreachable); retry.
     Unavailable,
+    /// The token reached its `exp` without a refresh; the connection is then closed with 4001.
+    /// Reconnect with a fresh token and `since`.
+    TokenExpired,
 }
 
 /// A frame from the server other than `event` (see [`EventFrame`]).
@@ -105,6 +108,9 @@ pub enum ServerMessage {
         user_id: uuid::Uuid,
         /// `role` of the token.
         role: Role,
+        /// The token's `exp` (unix seconds): refresh with a new `auth` frame before it, or the
+        /// connection is closed with 4001 and nothing committed after it is sent.
+        expires_at: u64,
     },
     /// The subscription is active from `position` on.
     Subscribed {
@@ -136,6 +142,15 @@ pub enum ServerMessage {
     },
     /// The requested `since` is older than the retained log; take a fresh snapshot.
     Resync {
+        /// Canonical topic.
+        topic: String,
+        /// Why.
+        reason: String,
+    },
+    /// The subscriber lost the right to the topic (e.g. a mechanic no longer assigned to the
+    /// session, or a refreshed token that names another workshop): the subscription is gone and
+    /// nothing more of it is sent. The event that removed the right, if any, came just before.
+    Revoked {
         /// Canonical topic.
         topic: String,
         /// Why.

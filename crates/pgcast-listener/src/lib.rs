@@ -2,18 +2,24 @@
 //!
 //! ```text
 //!   migrations/ ──migrate()──▶ pgcast schema: log table, sequence, deferred trigger
-//!                                         │ pg_notify('pgcast_assignments', …)
+//!                                         │ pg_notify('pgcast_assignments', '')  (a doorbell)
 //!                                         ▼
-//!   Listener::run: 1 dedicated connection, LISTEN, decode ──▶ mpsc of Arc<AssignmentEvent>
-//!        │  on connect / reconnect / gap: EventLog::read_range via the pool     (ordered by
-//!        ▼                                                                      position, no
-//!   ListenerStatus (connected, caught up, last position, reconnects, errors)    duplicates)
+//!   Listener::run: 1 dedicated connection, LISTEN; every doorbell (and every reconnect) reads
+//!        │  EventLog::read_range after the last position, via its pool ──▶ mpsc of
+//!        ▼                                              Arc<AssignmentEvent> (position order,
+//!   ListenerStatus (connected, caught up, last position, reconnects, errors)   no duplicates)
 //! ```
 //!
+//! Events come only from the log. The notification carries nothing: PostgreSQL lets any role
+//! that can connect LISTEN and NOTIFY on any channel, so a payload can be neither private nor
+//! trusted. A forged or garbled notification makes the listener read the log early, nothing
+//! more.
+//!
 //! The LISTEN connection is driven through `Connection::poll_message` inside the listener's own
-//! task: a spawned `Connection` future (or a pooled connection) would drop notifications. Every
-//! other query (catch-up, references, gap filling) goes through the deadpool pool, so a slow
-//! catch-up never stalls the notification socket into a deadlock.
+//! task: a spawned `Connection` future (or a pooled connection) would drop notifications. It is
+//! read even while the consumer is slow (doorbells collapse into one pending wake-up), so
+//! pgcast never leaves notifications in PostgreSQL's queue. Log reads go through the deadpool
+//! pool, so a slow catch-up never stalls the notification socket into a deadlock.
 
 mod backoff;
 mod error;

@@ -3,14 +3,15 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgcast_events::{decode_payload, AssignmentEvent, Payload, Position};
-use tokio::sync::mpsc;
+use pgcast_events::{AssignmentEvent, Position};
+use tokio::sync::{mpsc, Notify};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use crate::{Backoff, EventLog, ListenerError};
 
-/// The NOTIFY channel written by `pgcast.emit_assignment_event()`.
+/// The NOTIFY channel rung by `pgcast.emit_assignment_event()`. Its payload is empty: it is a
+/// doorbell, never a source of events (any role that can connect may NOTIFY it).
 pub const CHANNEL: &str = "pgcast_assignments";
 const LISTEN: &str = "LISTEN pgcast_assignments";
 /// `application_name` of the LISTEN connection in `pg_stat_activity`.
@@ -18,10 +19,6 @@ pub const APPLICATION_NAME: &str = "pgcast-listener";
 
 /// Rows per catch-up query.
 const PAGE: i64 = 1000;
-/// Notifications buffered between the socket and decoding. When full, the listener stops
-/// reading its socket and PostgreSQL keeps further notifications in its own queue (visible as
-/// `pg_notification_queue_usage()`); nothing is dropped.
-const NOTIFY_BUFFER: usize = 4096;
 /// With no notification for this long, the connection is probed with a query so that a dead
 /// peer is noticed even when TCP says nothing.
 const IDLE_PROBE: Duration = Duration::from_secs(15);
@@ -49,6 +46,7 @@ pub struct ListenerStatus {
     last_committed_micros: AtomicI64,
     reconnects: AtomicU64,
     notifications: AtomicU64,
+    ignored_payloads: AtomicU64,
     events: AtomicU64,
     decode_errors: AtomicU64,
 }
@@ -66,11 +64,15 @@ pub struct StatusSnapshot {
     pub last_committed_micros: i64,
     /// Connections lost and re-established (or attempted) since start.
     pub reconnects: u64,
-    /// Notifications received on the channel.
+    /// Doorbells (notifications) received on the channel.
     pub notifications: u64,
+    /// Notifications whose payload was not the empty doorbell pgcast's trigger sends: forged,
+    /// garbled or from an older schema. Their content is ignored; they only make the listener
+    /// read the log.
+    pub ignored_payloads: u64,
     /// Events emitted.
     pub events: u64,
-    /// Notifications or log rows that could not be decoded and were skipped.
+    /// Log rows that could not be decoded and were skipped.
     pub decode_errors: u64,
 }
 
@@ -84,6 +86,7 @@ impl ListenerStatus {
             last_committed_micros: self.last_committed_micros.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
             notifications: self.notifications.load(Ordering::Relaxed),
+            ignored_payloads: self.ignored_payloads.load(Ordering::Relaxed),
             events: self.events.load(Ordering::Relaxed),
             decode_errors: self.decode_errors.load(Ordering::Relaxed),
         }
@@ -118,6 +121,7 @@ impl Default for ListenerStatus {
             last_committed_micros: AtomicI64::default(),
             reconnects: AtomicU64::default(),
             notifications: AtomicU64::default(),
+            ignored_payloads: AtomicU64::default(),
             events: AtomicU64::default(),
             decode_errors: AtomicU64::default(),
         }
@@ -131,8 +135,20 @@ enum End {
     ConsumerGone,
 }
 
-/// The LISTEN side: one dedicated connection turned into an ordered, de-duplicated stream of
-/// events, which survives connection loss by reconnecting and reading the log.
+/// Where the listener's output stands, carried across reconnects.
+#[derive(Debug)]
+struct Cursor {
+    /// Position of the last event emitted (or the start position); `None` until the first
+    /// connection reads the log head (with [`Start::Head`]).
+    last: Option<Position>,
+    /// This connection caught up with the log at least once (a later failure then resets the
+    /// backoff instead of growing it).
+    reached_live: bool,
+}
+
+/// The LISTEN side: one dedicated connection whose notifications are doorbells, turned into an
+/// ordered, de-duplicated stream of events read from the log. It survives connection loss by
+/// reconnecting and reading the log after its last position.
 pub struct Listener {
     pg: tokio_postgres::Config,
     log: EventLog,
@@ -171,23 +187,26 @@ impl Listener {
     /// duplicates, until `shutdown` is cancelled or `out`'s receiver is dropped. Connection
     /// failures are logged and retried with jittered backoff; they never end the stream.
     ///
-    /// `out` is bounded: when the consumer lags, the listener waits (and PostgreSQL buffers),
-    /// it never drops an event.
+    /// `out` is bounded: when the consumer lags, the listener waits before reading more of the
+    /// log; it never drops an event. Doorbells keep being read meanwhile, so a slow consumer
+    /// never leaves notifications in PostgreSQL's queue (a full queue fails every notifying
+    /// commit in the cluster).
     pub async fn run(
         mut self,
         start: Start,
         out: mpsc::Sender<Arc<AssignmentEvent>>,
         shutdown: CancellationToken,
     ) {
-        let mut last = match start {
-            Start::Head => None,
-            Start::After(p) => Some(p),
+        let mut cursor = Cursor {
+            last: match start {
+                Start::Head => None,
+                Start::After(p) => Some(p),
+            },
+            reached_live: false,
         };
         loop {
-            let mut reached_live = false;
-            let result = self
-                .session(&mut last, &out, &shutdown, &mut reached_live)
-                .await;
+            cursor.reached_live = false;
+            let result = self.session(&mut cursor, &out, &shutdown).await;
             self.status.set_connected(false);
             match result {
                 Ok(End::Shutdown) => return,
@@ -196,7 +215,7 @@ impl Listener {
                     return;
                 }
                 Err(error) => {
-                    if reached_live {
+                    if cursor.reached_live {
                         self.backoff.reset();
                     }
                     let delay = self.backoff.next_delay();
@@ -213,28 +232,31 @@ impl Listener {
 
     async fn session(
         &self,
-        last: &mut Option<Position>,
+        cursor: &mut Cursor,
         out: &mpsc::Sender<Arc<AssignmentEvent>>,
         shutdown: &CancellationToken,
-        reached_live: &mut bool,
     ) -> Result<End, ListenerError> {
         let (client, mut connection) = tokio::select! {
             r = self.pg.connect(NoTls) => r?,
             () = shutdown.cancelled() => return Ok(End::Shutdown),
         };
-        let (tx, rx) = mpsc::channel::<String>(NOTIFY_BUFFER);
-        // Drives the connection (queries and notifications alike) in this task. It stops with
-        // the error that closed the connection.
-        let driver = async move {
+        // Doorbells collapse into one stored permit: however many rang while the log was being
+        // read, the next read covers them all.
+        let bell = Notify::new();
+        let status = &self.status;
+        // Drives the connection (queries and notifications alike) in this task, and never
+        // waits on the consumer. It stops with the error that closed the connection.
+        let driver = async {
             loop {
                 match poll_fn(|cx| connection.poll_message(cx)).await {
-                    Some(Ok(AsyncMessage::Notification(n))) => {
-                        if n.channel() == CHANNEL && tx.send(n.payload().to_owned()).await.is_err()
-                        {
-                            return ListenerError::ConnectionClosed;
+                    Some(Ok(AsyncMessage::Notification(n))) if n.channel() == CHANNEL => {
+                        status.notifications.fetch_add(1, Ordering::Relaxed);
+                        if !n.payload().is_empty() {
+                            ignored_payload(status, n.payload());
                         }
+                        bell.notify_one();
                     }
-                    Some(Ok(_notice)) => {}
+                    Some(Ok(_other)) => {}
                     Some(Err(e)) => return ListenerError::Db(e),
                     None => return ListenerError::ConnectionClosed,
                 }
@@ -242,7 +264,7 @@ impl Listener {
         };
         tokio::select! {
             error = driver => Err(error),
-            result = self.consume(&client, rx, last, out, reached_live) => result,
+            result = self.consume(&client, &bell, cursor, out) => result,
             () = shutdown.cancelled() => Ok(End::Shutdown),
         }
     }
@@ -250,16 +272,15 @@ impl Listener {
     async fn consume(
         &self,
         client: &Client,
-        mut rx: mpsc::Receiver<String>,
-        last: &mut Option<Position>,
+        bell: &Notify,
+        cursor: &mut Cursor,
         out: &mpsc::Sender<Arc<AssignmentEvent>>,
-        reached_live: &mut bool,
     ) -> Result<End, ListenerError> {
-        // LISTEN before reading the log: whatever commits from now on is either in the log we
-        // are about to read or announced on the channel (or both; duplicates are skipped).
+        // LISTEN before reading the log: whatever commits from now on is either in the read
+        // below or rings the bell afterwards (or both; the cursor skips what was emitted).
         client.batch_execute(LISTEN).await?;
         let head = self.log.head().await?;
-        let from = *last.get_or_insert(head.head);
+        let from = *cursor.last.get_or_insert(head.head);
         if from < head.pruned_through {
             tracing::error!(
                 from,
@@ -267,74 +288,42 @@ impl Listener {
                 "event log was pruned past the listener's position; events in between are gone"
             );
         }
-        if self.forward_range(last, Position::MAX, out).await? == Some(End::ConsumerGone) {
-            return Ok(End::ConsumerGone);
+        if let Some(end) = self.forward(cursor, out).await? {
+            return Ok(end);
         }
         self.status.set_connected(true);
-        *reached_live = true;
-        tracing::info!(position = *last, "listener connected and caught up");
+        cursor.reached_live = true;
+        tracing::info!(position = ?cursor.last, "listener connected and caught up");
 
         loop {
-            let text = tokio::select! {
-                text = rx.recv() => text.ok_or(ListenerError::ConnectionClosed)?,
+            tokio::select! {
+                () = bell.notified() => {}
                 () = tokio::time::sleep(IDLE_PROBE) => {
+                    // No doorbell for a while: make sure the connection is alive (a dead peer
+                    // can be silent), then read the log anyway in case a doorbell was lost.
                     match tokio::time::timeout(PROBE_TIMEOUT, client.simple_query("SELECT 1")).await {
-                        Ok(r) => { r?; continue; }
+                        Ok(r) => { r?; }
                         Err(_) => return Err(ListenerError::ConnectionClosed),
                     }
                 }
-            };
-            self.status.notifications.fetch_add(1, Ordering::Relaxed);
-            let payload = match decode_payload(&text) {
-                Ok(p) => p,
-                Err(error) => {
-                    self.status.decode_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%error, payload = %clip(&text), "skipping undecodable notification");
-                    continue;
-                }
-            };
-            let position = payload.position();
-            let current = last.unwrap_or(0);
-            if position <= current {
-                continue; // already emitted by a catch-up read
             }
-            let end = match payload {
-                Payload::Event(event) if position == current + 1 => {
-                    let end = self.emit(event, out).await;
-                    *last = Some(position);
-                    end
-                }
-                // A reference, or a gap (a hole left by a failed commit, or notifications we
-                // never saw). Positions are commit-ordered, so everything up to `position` is
-                // final: the log is the truth for that range.
-                _ => {
-                    let end = self.forward_range(last, position, out).await?;
-                    if *last < Some(position) && end.is_none() {
-                        self.status.decode_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(
-                            position,
-                            "notification names a position that is not in the log; skipped"
-                        );
-                    }
-                    end
-                }
-            };
-            if let Some(end) = end {
+            if let Some(end) = self.forward(cursor, out).await? {
                 return Ok(end);
             }
         }
     }
 
-    /// Emits the log rows after `*last` up to `through`, advancing `*last`.
-    async fn forward_range(
+    /// Emits every log row after the cursor, page by page, advancing it. Positions are
+    /// commit-ordered, so once a position is visible nothing below it can still commit: a hole
+    /// (a transaction that drew a position and failed) is final and simply skipped.
+    async fn forward(
         &self,
-        last: &mut Option<Position>,
-        through: Position,
+        cursor: &mut Cursor,
         out: &mpsc::Sender<Arc<AssignmentEvent>>,
     ) -> Result<Option<End>, ListenerError> {
         loop {
-            let after = last.unwrap_or(0);
-            let page = self.log.read_range(after, through, PAGE).await?;
+            let after = cursor.last.unwrap_or(0);
+            let page = self.log.read_range(after, Position::MAX, PAGE).await?;
             for (position, error) in &page.undecodable {
                 self.status.decode_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(position, %error, "skipping undecodable log row");
@@ -344,10 +333,10 @@ impl Listener {
                 if let Some(end) = self.emit(event, out).await {
                     return Ok(Some(end));
                 }
-                *last = Some(position);
+                cursor.last = Some(position);
             }
             if let Some(p) = page.last {
-                *last = Some(p);
+                cursor.last = Some(p);
             }
             if page.rows < PAGE as usize {
                 return Ok(None);
@@ -371,6 +360,21 @@ impl Listener {
             .last_committed_micros
             .store(committed, Ordering::Relaxed);
         None
+    }
+}
+
+/// Counts a notification that carried content. pgcast's trigger rings with an empty payload;
+/// anything else came from another role (or an older trigger) and is never read as an event.
+/// Logged once per process, clipped, so a flood cannot flood the logs too.
+fn ignored_payload(status: &ListenerStatus, payload: &str) {
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    status.ignored_payloads.fetch_add(1, Ordering::Relaxed);
+    if !LOGGED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            payload = %clip(payload),
+            "a notification on {CHANNEL} carried a payload; pgcast's doorbell is empty, so it \
+             was ignored (counted in pgcast_listener_ignored_payloads; logged once)"
+        );
     }
 }
 

@@ -1,5 +1,5 @@
 use deadpool_postgres::Pool;
-use pgcast_events::{decode_payload, AssignmentEvent, DecodeError, Payload, Position};
+use pgcast_events::{decode_payload, AssignmentEvent, DecodeError, Position};
 
 use crate::ListenerError;
 
@@ -75,10 +75,10 @@ impl EventLog {
             let text: &str = row.try_get(1)?;
             page.last = Some(position);
             match decode_payload(text) {
-                Ok(Payload::Event(event)) if event.position == position => page.events.push(event),
+                Ok(event) if event.position == position => page.events.push(event),
                 Ok(_) => page.undecodable.push((
                     position,
-                    DecodeError::Inconsistent("log row is not the full event of its position"),
+                    DecodeError::Inconsistent("log row names another position"),
                 )),
                 Err(e) => page.undecodable.push((position, e)),
             }

@@ -225,7 +225,7 @@ async fn positions_follow_commit_order_not_write_order() {
 }
 
 #[tokio::test]
-async fn a_20kb_row_is_written_and_arrives_whole_by_reference() {
+async fn a_20kb_row_is_written_and_arrives_whole_from_the_log() {
     let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
     let mut listener = start_listener(&db, Start::Head).await;
     let concern: String = "The engine makes a noise. ".repeat(800); // ~20 KB
@@ -266,35 +266,6 @@ async fn a_10000_row_insert_arrives_complete_and_in_order() {
         );
     }
     assert!(got.windows(2).all(|w| w[1].position == w[0].position + 1));
-    listener.stop().await;
-}
-
-#[tokio::test]
-async fn foreign_garbage_on_the_channel_is_counted_and_skipped() {
-    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
-    let mut listener = start_listener(&db, Start::Head).await;
-    client.execute(INSERT_ONE, &[&"before"]).await.unwrap();
-    for garbage in [
-        "garbage",
-        "{}",
-        r#"{"position":1}"#,
-        r#"{"position":999999,"ref":true}"#,
-        // A well-formed event without an id: an error, never a half-filled event.
-        r#"{"position":3,"op":"insert","committed_at":"2026-01-01T00:00:00Z","row":{"session_id":"0e6b3a57-3f4c-4a9e-8a55-2f4b7a7d9a10","status":"queued"},"old":null}"#,
-    ] {
-        client
-            .execute("SELECT pg_notify('pgcast_assignments', $1)", &[&garbage])
-            .await
-            .unwrap();
-    }
-    client.execute(INSERT_ONE, &[&"after"]).await.unwrap();
-    let got = listener.take(2, LIMIT).await;
-    assert_eq!(got[0].assignment.customer_name.as_deref(), Some("before"));
-    assert_eq!(got[1].assignment.customer_name.as_deref(), Some("after"));
-    listener.assert_quiet().await;
-    let status = listener.status.snapshot();
-    assert_eq!(status.decode_errors, 5, "{status:?}");
-    assert!(status.notifications >= 7);
     listener.stop().await;
 }
 

@@ -1,0 +1,165 @@
+//! The NOTIFY channel is a doorbell (design §3.7): PostgreSQL lets any role that can connect
+//! NOTIFY on it, so whatever a notification carries must never become an event, never make a
+//! real event be skipped and never stall the listener. These tests forge notifications from a
+//! role that can merely connect.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use pgcast_listener::Start;
+use pgcast_testkit::{PgCluster, TestDb};
+use tokio_postgres::Client;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// A login role with nothing but the CONNECT that PUBLIC has on every database, and a
+/// connection as it.
+async fn connect_only_role(db: &TestDb, admin: &Client) -> Client {
+    let role = format!("forger_{}", db.name());
+    admin
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN"))
+        .await
+        .expect("create role");
+    let mut config = db.pg_config();
+    config.user(&role);
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect as the unprivileged role");
+    tokio::spawn(connection);
+    // It really is unprivileged: the log is out of its reach.
+    assert!(client
+        .query("SELECT 1 FROM pgcast.assignment_events", &[])
+        .await
+        .is_err());
+    client
+}
+
+#[tokio::test]
+async fn forged_events_references_and_garbage_are_never_delivered_and_skip_nothing() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let forger = connect_only_role(&db, &client).await;
+    let mut listener = start_listener(&db, Start::Head).await;
+
+    client.execute(INSERT_ONE, &[&"before"]).await.unwrap();
+    let before = listener.take(1, LIMIT).await;
+    let next = before[0].position + 1;
+    // The real payload of the last event, re-addressed to the next position with other
+    // content: exactly what a forger who can read the channel's old traffic would send.
+    let real: String = client
+        .query_one(
+            "SELECT payload::text FROM pgcast.assignment_events WHERE position = $1",
+            &[&before[0].position],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut forged: serde_json::Value = serde_json::from_str(&real).unwrap();
+    forged["position"] = next.into();
+    forged["row"]["customer_name"] = "forged".into();
+    let forged_one = forged.to_string();
+    forger
+        .execute("SELECT pg_notify('pgcast_assignments', $1)", &[&forged_one])
+        .await
+        .expect("any role may NOTIFY");
+    // A batch of 100 forged events at the next positions, one notification each.
+    forger
+        .execute(
+            "SELECT pg_notify('pgcast_assignments',
+                     jsonb_set(jsonb_set($1::jsonb, '{position}', to_jsonb($2::bigint + g)),
+                               '{row,id}', to_jsonb(gen_random_uuid()))::text)
+             FROM generate_series(0, 99) g",
+            &[&forged_one, &next],
+        )
+        .await
+        .unwrap();
+    for hint in [
+        r#"{"position":999999999,"ref":true}"#.to_owned(),
+        (next + 1_000_000).to_string(),
+        "garbage \u{1F527}".to_owned(),
+        "x".repeat(7_000),
+    ] {
+        forger
+            .execute("SELECT pg_notify('pgcast_assignments', $1)", &[&hint])
+            .await
+            .unwrap();
+    }
+
+    // The real events committed after the forgeries all arrive, once, in order, from the log.
+    for name in ["after-1", "after-2", "after-3"] {
+        client.execute(INSERT_ONE, &[&name]).await.unwrap();
+    }
+    let got = listener.take(3, LIMIT).await;
+    let names: Vec<_> = got
+        .iter()
+        .map(|e| e.assignment.customer_name.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(names, ["after-1", "after-2", "after-3"]);
+    assert_eq!(
+        got[0].position, next,
+        "the forged position did not hide the real event"
+    );
+    let positions: Vec<i64> = got.iter().map(|e| e.position).collect();
+    assert_eq!(positions, log_positions(&client).await[1..]);
+    listener.assert_quiet().await;
+
+    let status = listener.status.snapshot();
+    assert_eq!(status.ignored_payloads, 105, "{status:?}");
+    assert_eq!(status.decode_errors, 0, "{status:?}");
+    assert_eq!(status.events, 4, "{status:?}");
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn a_doorbell_flood_does_not_stall_the_listener() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let forger = connect_only_role(&db, &client).await;
+    let mut listener = start_listener(&db, Start::Head).await;
+    // 20,000 distinct notifications (identical ones would collapse into one).
+    forger
+        .execute(
+            "SELECT pg_notify('pgcast_assignments', g::text) FROM generate_series(1, 20000) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    client.execute(INSERT_ONE, &[&"real"]).await.unwrap();
+    let got = listener.take(1, LIMIT).await;
+    assert_eq!(got[0].assignment.customer_name.as_deref(), Some("real"));
+    listener.assert_quiet().await;
+    // Every doorbell was read off the connection: none is left pinning PostgreSQL's queue.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while listener.status.snapshot().notifications < 20_001 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            listener.status.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn one_transaction_rings_once_however_many_rows_it_writes() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let mut listener = start_listener(&db, Start::Head).await;
+    let before = listener.status.snapshot().notifications;
+    client
+        .execute(
+            "INSERT INTO session_assignments (session_id, status, customer_name)
+             SELECT gen_random_uuid(), 'queued', 'c' || g FROM generate_series(1, 100) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got = listener.take(100, LIMIT).await;
+    assert!(got.windows(2).all(|w| w[1].position > w[0].position));
+    listener.assert_quiet().await;
+    let status = listener.status.snapshot();
+    assert_eq!(status.notifications - before, 1, "{status:?}");
+    assert_eq!(status.ignored_payloads, 0, "{status:?}");
+    listener.stop().await;
+}
