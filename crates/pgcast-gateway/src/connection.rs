@@ -1,20 +1,26 @@
 //! One WebSocket connection: authentication, then a single task that reads client frames,
 //! writes queued event frames and heartbeats under one `select!`.
+//!
+//! Access is decided per event, not once: a frame is written only if the token has not expired
+//! by the event's commit time, and a mechanic on `session:<id>` receives an event only while the
+//! session's rows, at that event's position, make them a member.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use pgcast_events::{
-    Access, ClientMessage, ErrorCode, EventFrame, Position, Principal, ServerMessage, Topic,
+    Access, AssignmentEvent, ClientMessage, ErrorCode, EventFrame, Position, Principal, Role,
+    ServerMessage, SessionMembership, Topic, Verdict,
 };
+use pgcast_listener::LogHead;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::{ConnHandle, Outbound, Subscription};
-use crate::{db, Shared};
+use crate::{db, Shared, Verified};
 
 /// Close codes of protocol v1 (design §4).
 pub(crate) mod close {
@@ -24,6 +30,8 @@ pub(crate) mod close {
     pub(crate) const POLICY: u16 = 1008;
     /// A frame or message over the size limit.
     pub(crate) const TOO_BIG: u16 = 1009;
+    /// The token expired without a refresh; reconnect with a fresh token and `since`.
+    pub(crate) const TOKEN_EXPIRED: u16 = 4001;
     /// The outgoing queue overflowed; resume with `since`.
     pub(crate) const SLOW_CONSUMER: u16 = 4008;
 }
@@ -48,6 +56,8 @@ enum End {
     Close(u16, &'static str),
     /// The peer is gone or the socket broke: nothing more to write.
     Gone,
+    /// The token expired: tell the client (`token_expired`), then close with 4001.
+    Expired,
 }
 
 struct ActiveSub {
@@ -55,6 +65,29 @@ struct ActiveSub {
     /// Frames at or below this position were already sent (by snapshot or replay) and are
     /// dropped when they arrive from the live queue.
     delivered_through: Position,
+    /// A mechanic on `session:<id>`: their membership at `delivered_through`, moved by every
+    /// later event of the session.
+    membership: Option<SessionMembership>,
+}
+
+/// Why a subscription is revoked after a membership change.
+const NO_LONGER_ASSIGNED: &str = "no longer assigned to this session";
+
+/// Unix time in microseconds, on the same scale as events' commit times.
+fn unix_micros(seconds: u64) -> i64 {
+    i64::try_from(seconds)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1_000_000)
+}
+
+/// The monotonic instant at which a token with `exp` = `expires_at` stops being accepted.
+fn expiry_instant(expires_at: u64, leeway: Duration) -> tokio::time::Instant {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let left = Duration::from_secs(expires_at).saturating_sub(now) + leeway;
+    // Far-future `exp` values must not overflow the timer.
+    tokio::time::Instant::now() + left.min(Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// Serves one upgraded socket until it closes.
@@ -75,11 +108,23 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         subs: Vec::new(),
         batch: Vec::new(),
         principal: None,
+        expires_at: 0,
         last_heard: Instant::now(),
         tokens: 0.0,
         tokens_at: Instant::now(),
     };
-    let end = conn.run().await;
+    let mut end = conn.run().await;
+    if let End::Expired = end {
+        let reply = ServerMessage::Error {
+            id: None,
+            code: ErrorCode::TokenExpired,
+            message: "token expired: reconnect with a fresh token and since".to_owned(),
+        };
+        end = match conn.send(reply).await {
+            Ok(()) => End::Close(close::TOKEN_EXPIRED, "token expired"),
+            Err(end) => end,
+        };
+    }
     for s in conn.subs.drain(..) {
         conn.shared.hub.unsubscribe(&s.sub);
     }
@@ -114,6 +159,9 @@ struct Connection {
     /// Frames picked for one write; kept to reuse its allocation.
     batch: Vec<Utf8Bytes>,
     principal: Option<Principal>,
+    /// `exp` of the current token (unix seconds). Nothing committed after it is written, and
+    /// the connection closes with 4001 at `exp` + leeway unless a new `auth` frame refreshed it.
+    expires_at: u64,
     last_heard: Instant,
     /// Token bucket of the client frame rate limit.
     tokens: f64,
@@ -122,33 +170,33 @@ struct Connection {
 
 impl Connection {
     async fn run(&mut self) -> End {
-        let principal = match self.authenticate().await {
-            Ok(p) => p,
+        let verified = match self.authenticate().await {
+            Ok(v) => v,
             Err(end) => {
                 self.shared.metrics.auth_failures.inc();
                 return end;
             }
         };
-        self.principal = Some(principal);
-        if let Err(end) = self
-            .send(ServerMessage::Ready {
-                user_id: principal.user_id,
-                role: principal.role,
-            })
-            .await
-        {
+        self.principal = Some(verified.principal);
+        self.expires_at = verified.expires_at;
+        if let Err(end) = self.send(self.ready()).await {
             return end;
         }
         self.tokens = self.burst();
         let interval = self.shared.config.heartbeat_interval;
+        let leeway = self.shared.config.token_leeway;
         let mut heartbeat =
             tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut expiry_set = self.expires_at;
+        let expiry = tokio::time::sleep_until(expiry_instant(expiry_set, leeway));
+        tokio::pin!(expiry);
         loop {
             let step = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
                 () = self.handle.slow.cancelled() => Err(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with since")),
+                () = &mut expiry => Err(End::Expired),
                 msg = self.stream.next() => self.on_frame(msg).await,
                 Some(out) = self.rx.recv() => self.deliver(out).await,
                 _ = heartbeat.tick() => self.heartbeat(interval).await,
@@ -156,11 +204,31 @@ impl Connection {
             if let Err(end) = step {
                 return end;
             }
+            if self.expires_at != expiry_set {
+                expiry_set = self.expires_at;
+                expiry.as_mut().reset(expiry_instant(expiry_set, leeway));
+            }
         }
     }
 
+    fn ready(&self) -> ServerMessage {
+        let (user_id, role) = self
+            .principal
+            .map_or((uuid::Uuid::nil(), Role::Customer), |p| (p.user_id, p.role));
+        ServerMessage::Ready {
+            user_id,
+            role,
+            expires_at: self.expires_at,
+        }
+    }
+
+    /// Commit times after this (unix microseconds) are past the token's `exp`.
+    fn expires_micros(&self) -> i64 {
+        unix_micros(self.expires_at)
+    }
+
     /// Waits for the `auth` frame; anything else first is refused with 1008.
-    async fn authenticate(&mut self) -> Result<Principal, End> {
+    async fn authenticate(&mut self) -> Result<Verified, End> {
         let deadline = tokio::time::Instant::now() + self.shared.config.auth_timeout;
         loop {
             let msg = tokio::select! {
@@ -190,18 +258,70 @@ impl Connection {
                         .await)
                 }
             };
-            if token.len() > self.shared.config.max_token_bytes {
-                return Err(self.refuse("token too long").await);
-            }
-            return match self.shared.verifier.verify(&token) {
-                Ok(p) => Ok(p),
-                Err(error) => {
-                    // The reason goes to the log (never the token itself); the client gets the code.
-                    tracing::info!(%error, "websocket authentication failed");
-                    Err(self.refuse("invalid token").await)
-                }
-            };
+            return self.verify(&token).await;
         }
+    }
+
+    /// Verifies a token from an `auth` frame; a bad one is refused with 1008.
+    async fn verify(&mut self, token: &str) -> Result<Verified, End> {
+        if token.len() > self.shared.config.max_token_bytes {
+            return Err(self.refuse("token too long").await);
+        }
+        match self.shared.verifier.verify(token) {
+            Ok(v) => Ok(v),
+            Err(error) => {
+                // The reason goes to the log (never the token itself); the client gets the code.
+                tracing::info!(%error, "websocket authentication failed");
+                Err(self.refuse("invalid token").await)
+            }
+        }
+    }
+
+    /// A second `auth` frame: the same user and role with a later (or earlier) `exp`, and
+    /// possibly another workshop. Subscriptions the new claims no longer allow are revoked.
+    async fn refresh(&mut self, token: &str) -> Result<(), End> {
+        let Some(current) = self.principal else {
+            return Err(End::Gone);
+        };
+        let verified = match self.verify(token).await {
+            Ok(v) => v,
+            Err(end) => {
+                self.shared.metrics.auth_failures.inc();
+                return Err(end);
+            }
+        };
+        let new = verified.principal;
+        if new.user_id != current.user_id || new.role != current.role {
+            tracing::info!("a refreshed token named another user or role");
+            self.shared.metrics.auth_failures.inc();
+            return Err(self
+                .refuse("a refreshed token must name the same user and role")
+                .await);
+        }
+        self.principal = Some(new);
+        self.expires_at = verified.expires_at;
+        self.send(self.ready()).await?;
+        let mut revoked = Vec::new();
+        self.subs.retain(|s| {
+            let keep = match s.sub.topic {
+                // The queue's workshop part comes from the claims it was filed under.
+                Topic::Queue => new.workshop_id == current.workshop_id,
+                topic => topic.authorize(&new) != Access::Forbidden,
+            };
+            if !keep {
+                revoked.push(s.sub.clone());
+            }
+            keep
+        });
+        for sub in revoked {
+            self.shared.hub.unsubscribe(&sub);
+            self.send(ServerMessage::Revoked {
+                topic: sub.topic.to_string(),
+                reason: "the refreshed token does not allow this topic".to_owned(),
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     async fn refuse(&mut self, message: &str) -> End {
@@ -245,10 +365,7 @@ impl Connection {
                 self.error(None, ErrorCode::BadRequest, &e.to_string())
                     .await
             }
-            Ok(ClientMessage::Auth { .. }) => {
-                self.error(None, ErrorCode::BadRequest, "already authenticated")
-                    .await
-            }
+            Ok(ClientMessage::Auth { token }) => self.refresh(&token).await,
             Ok(ClientMessage::Ping { id }) => self.send(ServerMessage::Pong { id }).await,
             Ok(ClientMessage::Unsubscribe { id, topic }) => match topic.parse::<Topic>() {
                 Ok(topic) => {
@@ -322,14 +439,13 @@ impl Connection {
                 )
                 .await;
         }
-        let allowed = match topic.authorize(&principal) {
-            Access::Allowed => true,
-            Access::Forbidden => false,
-            Access::NeedsSessionCheck => {
-                let Topic::Session(session) = topic else {
-                    return Err(End::Gone);
-                };
-                match db::may_follow_session(self.shared.log.pool(), session, &principal).await {
+        let allowed = match (topic.authorize(&principal), topic) {
+            (Access::Allowed, _) => true,
+            (Access::Forbidden, _) => false,
+            (Access::NeedsSessionCheck, Topic::Session(session))
+                if principal.role == Role::Customer =>
+            {
+                match db::owns_session(self.shared.log.pool(), session, principal.user_id).await {
                     Ok(ok) => ok,
                     Err(error) => {
                         tracing::warn!(%error, "session ownership check failed");
@@ -339,15 +455,12 @@ impl Connection {
                     }
                 }
             }
+            // A mechanic: decided after registering, at the log head the membership is read
+            // at (`start_following`).
+            (Access::NeedsSessionCheck, _) => true,
         };
         if !allowed {
-            return self
-                .error(
-                    id,
-                    ErrorCode::Forbidden,
-                    "not allowed to subscribe to this topic",
-                )
-                .await;
+            return self.forbidden(id).await;
         }
 
         // Register first, then read: an event is either dispatched after this point (and
@@ -359,26 +472,43 @@ impl Connection {
             principal,
             conn: self.handle.clone(),
         });
-        let head = self.shared.hub.subscribe(sub.clone());
+        let hub_head = self.shared.hub.subscribe(sub.clone());
         let topic_name = topic.to_string();
-        let result = if snapshot {
-            self.start_with_snapshot(&sub, id, topic_name).await
+        let result = if sub.follows_membership() {
+            self.start_following(&sub, id, topic_name, since, snapshot)
+                .await
+        } else if snapshot {
+            self.start_with_snapshot(&sub, id, topic_name)
+                .await
+                .map(|p| p.map(|p| (p, None)))
         } else if let Some(since) = since {
-            self.start_with_replay(&sub, id, topic_name, since).await
+            match self.shared.log.head().await {
+                Ok(head) => self
+                    .start_with_replay(&sub, id, topic_name, since, head, None)
+                    .await
+                    .map(|p| p.map(|p| (p, None))),
+                Err(error) => {
+                    tracing::warn!(%error, "reading the log head failed");
+                    self.error(id, ErrorCode::Unavailable, "replay failed; retry")
+                        .await
+                        .map(|()| None)
+                }
+            }
         } else {
             self.send(ServerMessage::Subscribed {
                 id,
                 topic: topic_name,
-                position: head,
+                position: hub_head,
             })
             .await
-            .map(|()| Some(head))
+            .map(|()| Some((hub_head, None)))
         };
         match result {
-            Ok(Some(delivered_through)) => {
+            Ok(Some((delivered_through, membership))) => {
                 self.subs.push(ActiveSub {
                     sub,
                     delivered_through,
+                    membership,
                 });
                 Ok(())
             }
@@ -391,6 +521,80 @@ impl Connection {
                 Err(end)
             }
         }
+    }
+
+    async fn forbidden(&mut self, id: Option<String>) -> Result<(), End> {
+        self.error(
+            id,
+            ErrorCode::Forbidden,
+            "not allowed to subscribe to this topic",
+        )
+        .await
+    }
+
+    /// A mechanic on `session:<id>`: the membership, the log head and (for a snapshot) the
+    /// session's rows are read together; a mechanic who is not a member at that head is
+    /// refused. A replay delivers each event the mechanic could see at its own position.
+    /// `Ok(None)`: the subscription did not start (an error was sent to the client).
+    async fn start_following(
+        &mut self,
+        sub: &Subscription,
+        id: Option<String>,
+        topic: String,
+        since: Option<Position>,
+        snapshot: bool,
+    ) -> Result<Option<(Position, Option<SessionMembership>)>, End> {
+        let Topic::Session(session) = sub.topic else {
+            return Err(End::Gone);
+        };
+        let mechanic = sub.principal.user_id;
+        let rows_limit = snapshot.then_some(self.shared.config.snapshot_limit);
+        let view = match db::mechanic_session(self.shared.log.pool(), session, mechanic, rows_limit)
+            .await
+        {
+            Ok(view) => view,
+            Err(error) => {
+                tracing::warn!(%error, "session membership check failed");
+                self.error(id, ErrorCode::Unavailable, "could not check access; retry")
+                    .await?;
+                return Ok(None);
+            }
+        };
+        if view.granting.is_empty() {
+            self.forbidden(id).await?;
+            return Ok(None);
+        }
+        let mut membership = SessionMembership::new(session, mechanic, view.granting);
+        let position = view.head.head;
+        if let Some(assignments) = view.rows {
+            self.send(ServerMessage::Subscribed {
+                id,
+                topic: topic.clone(),
+                position,
+            })
+            .await?;
+            self.send(ServerMessage::Snapshot {
+                topic,
+                position,
+                assignments,
+            })
+            .await?;
+        } else if let Some(since) = since {
+            let replayed = self
+                .start_with_replay(sub, id, topic, since, view.head, Some(&mut membership))
+                .await?;
+            if replayed.is_none() {
+                return Ok(None);
+            }
+        } else {
+            self.send(ServerMessage::Subscribed {
+                id,
+                topic,
+                position,
+            })
+            .await?;
+        }
+        Ok(Some((position, Some(membership))))
     }
 
     /// `Ok(None)`: the subscription did not start (an error was sent to the client).
@@ -426,25 +630,21 @@ impl Connection {
         }
     }
 
+    /// Replays the events after `since` up to `head` (read after registering: every later
+    /// event is queued for this subscription by the hub, so the replay ends instead of chasing
+    /// writers). With a `membership` (at `head`), each event is delivered only if the mechanic
+    /// could see the session at its position. `Ok(None)`: the client was told to resync.
     async fn start_with_replay(
         &mut self,
         sub: &Subscription,
         id: Option<String>,
         topic: String,
         since: Position,
+        head: LogHead,
+        membership: Option<&mut SessionMembership>,
     ) -> Result<Option<Position>, End> {
-        let log = self.shared.log.clone();
-        let head = match log.head().await {
-            Ok(h) => h,
-            Err(error) => {
-                tracing::warn!(%error, "reading the log head failed");
-                self.error(id, ErrorCode::Unavailable, "replay failed; retry")
-                    .await?;
-                return Ok(None);
-            }
-        };
         self.send(ServerMessage::Subscribed {
-            id: id.clone(),
+            id,
             topic: topic.clone(),
             position: since,
         })
@@ -462,14 +662,22 @@ impl Connection {
             .await?;
             return Ok(None);
         }
-        // Replay up to the head read above, which was read after registering: every later
-        // event is queued for this subscription by the hub, so the replay ends instead of
-        // chasing writers. The next page is read while the current one is written.
-        let replay_failed = |error: pgcast_listener::ListenerError| {
-            tracing::warn!(%error, "replay read failed");
-            // The client resumes from the last position it received.
-            End::Close(close::GOING_AWAY, "replay failed: resume with since")
-        };
+        match membership {
+            Some(membership) => self.replay_following(sub, since, head, membership).await?,
+            None => self.replay(sub, since, head).await?,
+        }
+        Ok(Some(head.head))
+    }
+
+    /// Streams the topic's events in `(since, head]`; the next page is read while the current
+    /// one is written.
+    async fn replay(
+        &mut self,
+        sub: &Subscription,
+        since: Position,
+        head: LogHead,
+    ) -> Result<(), End> {
+        let log = self.shared.log.clone();
         let mut page = log
             .read_range(since, head.head, REPLAY_PAGE)
             .await
@@ -478,13 +686,19 @@ impl Connection {
             for (position, error) in &page.undecodable {
                 tracing::warn!(position, %error, "skipping undecodable log row in replay");
             }
-            let mut frames: Vec<Utf8Bytes> = page
-                .events
-                .iter()
-                .filter(|event| sub.topic.matches(&sub.principal, event))
-                .map(|event| EventFrame::encode(&sub.topic, event).into())
-                .collect();
-            let more = page.rows == REPLAY_PAGE as usize;
+            let mut frames = Vec::new();
+            let mut expired = false;
+            for event in &page.events {
+                if !sub.topic.matches(&sub.principal, event) {
+                    continue;
+                }
+                if event.committed_at.timestamp_micros() > self.expires_micros() {
+                    expired = true;
+                    break;
+                }
+                frames.push(EventFrame::encode(&sub.topic, event).into());
+            }
+            let more = !expired && page.rows == REPLAY_PAGE as usize;
             let after = page.last.unwrap_or(head.head);
             let prefetch = async {
                 if more {
@@ -495,11 +709,68 @@ impl Connection {
             };
             let (next, written) = tokio::join!(prefetch, self.write_frames(&mut frames));
             written?;
+            if expired {
+                return Err(End::Expired);
+            }
             match next {
-                None => return Ok(Some(head.head)),
+                None => return Ok(()),
                 Some(next) => page = next.map_err(replay_failed)?,
             }
         }
+    }
+
+    /// Replays a session to a mechanic. Membership is known at `head`; it is rewound through
+    /// the session's events down to `since`, then moved forward again event by event, so each
+    /// event is judged by the rows as they stood at its position. A session has few events, so
+    /// they are collected first. On return `membership` is back at `head`.
+    async fn replay_following(
+        &mut self,
+        sub: &Subscription,
+        since: Position,
+        head: LogHead,
+        membership: &mut SessionMembership,
+    ) -> Result<(), End> {
+        let log = self.shared.log.clone();
+        let mut events: Vec<AssignmentEvent> = Vec::new();
+        let mut after = since;
+        loop {
+            let page = log
+                .read_range(after, head.head, REPLAY_PAGE)
+                .await
+                .map_err(replay_failed)?;
+            for (position, error) in &page.undecodable {
+                tracing::warn!(position, %error, "skipping undecodable log row in replay");
+            }
+            events.extend(
+                page.events
+                    .into_iter()
+                    .filter(|e| e.assignment.session_id == membership.session()),
+            );
+            match page.last {
+                Some(last) if page.rows == REPLAY_PAGE as usize => after = last,
+                _ => break,
+            }
+        }
+        for event in events.iter().rev() {
+            membership.rewind(event);
+        }
+        let mut frames = Vec::new();
+        let mut expired = false;
+        for event in &events {
+            if membership.apply(event) == Verdict::Skip {
+                continue;
+            }
+            if event.committed_at.timestamp_micros() > self.expires_micros() {
+                expired = true;
+                break;
+            }
+            frames.push(EventFrame::encode(&sub.topic, event).into());
+        }
+        self.write_frames(&mut frames).await?;
+        if expired {
+            return Err(End::Expired);
+        }
+        Ok(())
     }
 
     /// Writes (and drains) `frames` with one flush, under one guard.
@@ -523,15 +794,24 @@ impl Connection {
     /// The frames are picked first and then written under one guard (slow, shutdown, write
     /// timeout), not one per frame: under fan-out this loop runs a million times a second.
     /// The latency histogram gets one sample per batch: the oldest commit in the batch to the
-    /// moment the batch is written (the batch's worst case).
+    /// moment the batch is written (the batch's worst case). An event committed after the
+    /// token's `exp` is never written: what came before it is, then the connection expires.
     async fn deliver(&mut self, first: Outbound) -> Result<(), End> {
         let mut batch = std::mem::take(&mut self.batch);
         let mut oldest_commit = i64::MAX;
+        let mut expired = false;
         let mut next = Some(first);
         while let Some(out) = next.take() {
-            if let Some(frame) = self.accept(&out) {
+            if let Some((frame, revoked)) = self.accept(&out) {
+                if out.committed_micros > self.expires_micros() {
+                    expired = true;
+                    break;
+                }
                 batch.push(frame);
                 oldest_commit = oldest_commit.min(out.committed_micros);
+                if let Some(revoked) = revoked {
+                    batch.push(revoked);
+                }
             }
             if batch.len() < WRITE_BATCH {
                 next = self.rx.try_recv().ok();
@@ -539,7 +819,7 @@ impl Connection {
         }
         if batch.is_empty() {
             self.batch = batch;
-            return Ok(());
+            return if expired { Err(End::Expired) } else { Ok(()) };
         }
         let result = self.write_frames(&mut batch).await;
         self.batch = batch;
@@ -547,17 +827,44 @@ impl Connection {
         let now = chrono::Utc::now().timestamp_micros();
         let latency = (now - oldest_commit).max(0) as f64 / 1e6;
         self.shared.metrics.latency.observe(latency);
+        if expired {
+            return Err(End::Expired);
+        }
         Ok(())
     }
 
-    /// The frame to send for `out`, or `None` if its subscription is gone or already has it.
-    fn accept(&mut self, out: &Outbound) -> Option<Utf8Bytes> {
-        let sub = self.subs.iter_mut().find(|s| s.sub.id == out.sub)?;
-        if out.position <= sub.delivered_through {
+    /// The frame to send for `out`, or `None` if its subscription is gone, already has it, or
+    /// may not see it. When the event ends a mechanic's membership of a session, the
+    /// subscription is removed here and the `revoked` frame to send after the event comes too.
+    fn accept(&mut self, out: &Outbound) -> Option<(Utf8Bytes, Option<Utf8Bytes>)> {
+        let i = self.subs.iter().position(|s| s.sub.id == out.sub)?;
+        let active = &mut self.subs[i];
+        if out.position <= active.delivered_through {
             return None;
         }
-        sub.delivered_through = out.position;
-        Some(out.frame.clone())
+        active.delivered_through = out.position;
+        let revoke = match (&mut active.membership, &out.event) {
+            (None, _) => false,
+            (Some(membership), Some(event)) => match membership.apply(event) {
+                Verdict::Deliver => false,
+                Verdict::DeliverThenRevoke => true,
+                Verdict::Skip => return None,
+            },
+            // The hub always attaches the event for these subscriptions; without it the right
+            // cannot be judged, so nothing is sent.
+            (Some(_), None) => return None,
+        };
+        let frame = out.frame.clone();
+        if !revoke {
+            return Some((frame, None));
+        }
+        let gone = self.subs.swap_remove(i);
+        self.shared.hub.unsubscribe(&gone.sub);
+        let revoked = ServerMessage::Revoked {
+            topic: gone.sub.topic.to_string(),
+            reason: NO_LONGER_ASSIGNED.to_owned(),
+        };
+        Some((frame, Some(revoked.encode().into())))
     }
 
     async fn heartbeat(&mut self, interval: Duration) -> Result<(), End> {
@@ -623,6 +930,12 @@ impl Connection {
             false
         }
     }
+}
+
+/// A replay read failed: the client resumes from the last position it received.
+fn replay_failed(error: pgcast_listener::ListenerError) -> End {
+    tracing::warn!(%error, "replay read failed");
+    End::Close(close::GOING_AWAY, "replay failed: resume with since")
 }
 
 /// Runs a socket write, giving up when the connection is declared slow, when the server shuts

@@ -1,8 +1,9 @@
-//! The gateway's own queries (through the pool, never the LISTEN connection): snapshots and
-//! session ownership.
+//! The gateway's own queries (through the pool, never the LISTEN connection): snapshots,
+//! session ownership and session membership.
 
 use deadpool_postgres::Pool;
-use pgcast_events::{Assignment, Position, Principal, Role, Topic};
+use pgcast_events::{Assignment, Position, Principal, Topic};
+use pgcast_listener::LogHead;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::IsolationLevel;
 use uuid::Uuid;
@@ -16,23 +17,86 @@ const SNAPSHOT_SESSION: &str = include_str!("../../../sql/snapshot_session.sql")
 const SNAPSHOT_WORKSHOP: &str = include_str!("../../../sql/snapshot_workshop.sql");
 const SNAPSHOT_ASSIGNMENTS: &str = include_str!("../../../sql/snapshot_assignments.sql");
 const SESSION_CUSTOMER: &str = include_str!("../../../sql/session_access_customer.sql");
-const SESSION_MECHANIC: &str = include_str!("../../../sql/session_access_mechanic.sql");
+const SESSION_MEMBERSHIP: &str = include_str!("../../../sql/session_membership.sql");
 
-/// Does the database say `who` may follow session `session`?
-pub(crate) async fn may_follow_session(
+/// Is `customer` the customer of session `session`? (A session's customer never changes, so
+/// this is checked once, at subscribe.)
+pub(crate) async fn owns_session(
     pool: &Pool,
     session: Uuid,
-    who: &Principal,
+    customer: Uuid,
 ) -> Result<bool, GatewayError> {
-    let sql = match who.role {
-        Role::Customer => SESSION_CUSTOMER,
-        Role::Mechanic => SESSION_MECHANIC,
-        Role::Service => return Ok(true),
-    };
     let client = pool.get().await?;
-    let stmt = client.prepare_cached(sql).await?;
-    let row = client.query_one(&stmt, &[&session, &who.user_id]).await?;
+    let stmt = client.prepare_cached(SESSION_CUSTOMER).await?;
+    let row = client.query_one(&stmt, &[&session, &customer]).await?;
     Ok(row.try_get(0)?)
+}
+
+/// A mechanic's view of one session at one log position.
+pub(crate) struct SessionView {
+    /// The log head the view is consistent with.
+    pub(crate) head: LogHead,
+    /// Ids of the session's assignments that make the mechanic a member (empty: not one).
+    pub(crate) granting: Vec<Uuid>,
+    /// The session's rows, when asked for (a snapshot).
+    pub(crate) rows: Option<Vec<Assignment>>,
+}
+
+/// Reads, in one REPEATABLE READ transaction, the log head, the assignments that make
+/// `mechanic` a member of `session`, and with `rows_limit` the session's rows: membership and
+/// rows are exactly as they stood at that head.
+pub(crate) async fn mechanic_session(
+    pool: &Pool,
+    session: Uuid,
+    mechanic: Uuid,
+    rows_limit: Option<usize>,
+) -> Result<SessionView, GatewayError> {
+    let mut client = pool.get().await?;
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let head = tx.query_one(LOG_HEAD, &[]).await?;
+    let head = LogHead {
+        head: head.try_get(0)?,
+        pruned_through: head.try_get(1)?,
+    };
+    let stmt = tx.prepare_cached(SESSION_MEMBERSHIP).await?;
+    let granting = tx
+        .query(&stmt, &[&session, &mechanic])
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<Vec<Uuid>, _>>()?;
+    let rows = match rows_limit {
+        Some(limit) if !granting.is_empty() => {
+            let fetch = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
+            let stmt = tx.prepare_cached(SNAPSHOT_SESSION).await?;
+            let rows = tx.query(&stmt, &[&session, &fetch]).await?;
+            if rows.len() > limit {
+                return Err(GatewayError::SnapshotTooLarge(limit));
+            }
+            Some(decode_rows(rows)?)
+        }
+        _ => None,
+    };
+    tx.commit().await?;
+    Ok(SessionView {
+        head,
+        granting,
+        rows,
+    })
+}
+
+fn decode_rows(rows: Vec<tokio_postgres::Row>) -> Result<Vec<Assignment>, GatewayError> {
+    let mut assignments = Vec::with_capacity(rows.len());
+    for row in rows {
+        let text: &str = row.try_get(0)?;
+        assignments.push(serde_json::from_str(text).map_err(GatewayError::Row)?);
+    }
+    Ok(assignments)
 }
 
 /// The rows of `topic` visible to `who` and the log position they are consistent with, read in
@@ -75,14 +139,8 @@ pub(crate) async fn snapshot(
     if rows.len() > limit {
         return Err(GatewayError::SnapshotTooLarge(limit));
     }
-    let mut assignments = Vec::with_capacity(rows.len());
-    for row in rows {
-        let text: &str = row.try_get(0)?;
-        let a: Assignment = serde_json::from_str(text).map_err(GatewayError::Row)?;
-        // SQL narrows, the shared rule decides: a snapshot can never show more than events do.
-        if topic.sees(who, &a.row_state()) {
-            assignments.push(a);
-        }
-    }
+    // SQL narrows, the shared rule decides: a snapshot can never show more than events do.
+    let mut assignments = decode_rows(rows)?;
+    assignments.retain(|a| topic.sees(who, &a.row_state()));
     Ok((head, assignments))
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
-use pgcast_events::{AssignmentEvent, EventFrame, Position, Principal, RouteKey, Topic};
+use pgcast_events::{AssignmentEvent, EventFrame, Position, Principal, Role, RouteKey, Topic};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +23,9 @@ pub(crate) struct Outbound {
     pub(crate) committed_micros: i64,
     /// Shared by every recipient of the same (event, topic).
     pub(crate) frame: Utf8Bytes,
+    /// The event itself, only for subscriptions whose right depends on it (a mechanic on
+    /// `session:<id>`): the connection moves the membership and decides.
+    pub(crate) event: Option<Arc<AssignmentEvent>>,
 }
 
 /// The hub's handle on a connection.
@@ -40,6 +43,14 @@ pub(crate) struct Subscription {
     pub(crate) topic: Topic,
     pub(crate) principal: Principal,
     pub(crate) conn: Arc<ConnHandle>,
+}
+
+impl Subscription {
+    /// A mechanic on `session:<id>`: whether an event reaches them depends on the session's
+    /// other rows at that position, which only the connection's membership state knows.
+    pub(crate) fn follows_membership(&self) -> bool {
+        matches!(self.topic, Topic::Session(_)) && self.principal.role == Role::Mechanic
+    }
 }
 
 #[derive(Default)]
@@ -113,7 +124,7 @@ impl Hub {
     /// Queues `event` for every subscription that may see it. Never waits: a full connection
     /// queue marks that connection slow. The index lock is held only to collect the targets,
     /// so subscribing and unsubscribing never wait behind a large fan-out.
-    pub(crate) fn dispatch(&self, event: &AssignmentEvent) {
+    pub(crate) fn dispatch(&self, event: &Arc<AssignmentEvent>) {
         self.metrics.events.inc();
         let keys = event.route_keys();
         let mut targets: Vec<Arc<Subscription>> = {
@@ -152,6 +163,7 @@ impl Hub {
                 position: event.position,
                 committed_micros,
                 frame,
+                event: sub.follows_membership().then(|| event.clone()),
             };
             match sub.conn.tx.try_send(out) {
                 Ok(()) => {}

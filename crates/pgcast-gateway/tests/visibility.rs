@@ -518,8 +518,19 @@ fn state_of(a: &Value) -> RowSt {
     }
 }
 
+/// Is `mechanic` a member of `session` with the rows as they stand in `rows`: does one of
+/// their assignments in it stand accepted or completed? (Design §5, written from the design.)
+fn member(rows: &HashMap<Uuid, RowSt>, session: Uuid, mechanic: Uuid) -> bool {
+    rows.values().any(|r| {
+        r.session == session
+            && r.mechanic == Some(mechanic)
+            && (r.status == "accepted" || r.status == "completed")
+    })
+}
+
 /// Design §5, written here from the design and not taken from `pgcast_events`, so a wrong rule
-/// in the library shows up as a difference.
+/// in the library shows up as a difference. (A mechanic on `session:<id>` is judged by
+/// [`member`] instead: the rule depends on the session's other rows.)
 fn visible(topic: &str, who: &Principal, s: &RowSt) -> bool {
     match topic {
         // The open queue: queued rows that are general or for the own workshop; a row tied to
@@ -597,6 +608,17 @@ struct Client {
     topics: Vec<String>,
     /// The marker whose frame ends this client's stream.
     last_marker: Uuid,
+    /// Sends a fresh token (same claims) after this many frames: delivery must not notice.
+    refresh_after: Option<usize>,
+}
+
+/// What one client's socket delivered: event frames, and for each `revoked` frame its topic and
+/// the number of event frames before it.
+#[derive(Default)]
+struct Stream {
+    events: Vec<Value>,
+    revoked: Vec<(String, usize)>,
+    refreshed: bool,
 }
 
 #[tokio::test]
@@ -626,10 +648,43 @@ async fn random_writes_reach_exactly_the_subscribers_the_rules_allow() {
     }
     sessions.extend((0..4).map(|_| Uuid::new_v4()));
 
-    // Markers: one general queued row per followed session, written last, so that every
-    // client (queue subscribers and session followers) sees one and knows its stream is done.
+    // Mechanics who follow a session: each holds an accepted assignment in it before
+    // subscribing. The random writes reassign, cancel and delete those rows, so followers lose
+    // (and some regain) their right while they listen.
+    let mut current: HashMap<Uuid, RowSt> = HashMap::new();
+    let mut live: Vec<Uuid> = Vec::new();
+    let mut followers: Vec<(usize, Uuid)> = Vec::new(); // (mechanic index, session)
+    for (k, i) in (1..30).step_by(4).enumerate() {
+        let session = sessions[k % customers.len()];
+        let row = RowSt {
+            session,
+            status: "accepted",
+            mechanic: Some(mechanics[i].user_id),
+            workshop: mechanics[i].workshop_id,
+        };
+        let id = Uuid::new_v4();
+        apply(
+            &h.admin,
+            &Op {
+                id,
+                kind: OpKind::Insert,
+                row,
+            },
+        )
+        .await;
+        current.insert(id, row);
+        live.push(id);
+        followers.push((i, session));
+    }
+    let start_head = h.log_head().await;
+    let live_at_start = live.clone();
+    let current_at_start = current.clone();
+
+    // Markers: one general queued row per followed session, for its customer, and a final one
+    // in a session nobody follows (a follower's session topic never carries it), written last,
+    // so that every client sees its marker and knows its stream is done.
     let markers: Vec<Uuid> = (0..customers.len()).map(|_| Uuid::new_v4()).collect();
-    let final_marker = *markers.last().unwrap();
+    let final_marker = Uuid::new_v4();
 
     let mut clients = Vec::new();
     let mut sockets = Vec::new();
@@ -643,10 +698,17 @@ async fn random_writes_reach_exactly_the_subscribers_the_rules_allow() {
         if i % 2 == 0 {
             topics.push(format!("mechanic:{}", who.user_id));
         }
+        topics.extend(
+            followers
+                .iter()
+                .filter(|(f, _)| *f == i)
+                .map(|(_, s)| format!("session:{s}")),
+        );
         clients.push(Client {
             who: *who,
             topics,
             last_marker: final_marker,
+            refresh_after: (i % 7 == 3).then_some(5 + i),
         });
     }
     for (i, who) in customers.iter().enumerate() {
@@ -654,6 +716,7 @@ async fn random_writes_reach_exactly_the_subscribers_the_rules_allow() {
             who: *who,
             topics: vec![format!("session:{}", sessions[i])],
             last_marker: markers[i],
+            refresh_after: (i == 1).then_some(3),
         });
     }
     let svc = service();
@@ -661,25 +724,49 @@ async fn random_writes_reach_exactly_the_subscribers_the_rules_allow() {
         who: svc,
         topics: vec!["assignments".to_owned()],
         last_marker: final_marker,
+        refresh_after: Some(100),
     });
     for c in &clients {
         let mut ws = h.client(&c.who).await;
         for t in &c.topics {
-            ws.subscribe(t, json!({})).await;
+            // From the set-up's end exactly: its own events may still be on their way through
+            // the listener, and must not count.
+            ws.subscribe(t, json!({"since": start_head})).await;
         }
         sockets.push(ws);
     }
 
-    // Every client reads concurrently with the writes until its last marker.
+    // Every client reads concurrently with the writes until its last marker, refreshing its
+    // token on the way when told to.
     let mut readers = Vec::new();
     for (c, mut ws) in clients.iter().zip(sockets) {
         let stop = c.last_marker;
+        let refresh = c.refresh_after.map(|n| (n, h.token(&c.who)));
         readers.push(tokio::spawn(async move {
-            let mut got = Vec::new();
+            let mut got = Stream::default();
             loop {
-                let ev = ws.events(1).await.remove(0);
-                let done = id_of(&ev) == stop;
-                got.push(ev);
+                if let Some((n, token)) = &refresh {
+                    if got.events.len() == *n && !got.refreshed {
+                        ws.send(json!({"type": "auth", "token": token})).await;
+                        got.refreshed = true;
+                    }
+                }
+                let frame = match ws.next(WAIT).await {
+                    Next::Json(v) => v,
+                    other => panic!("after {} events: {other:?}", got.events.len()),
+                };
+                match frame["type"].as_str() {
+                    Some("event") => {}
+                    Some("revoked") => {
+                        let topic = frame["topic"].as_str().unwrap_or_default().to_owned();
+                        got.revoked.push((topic, got.events.len()));
+                        continue;
+                    }
+                    Some("ready") if got.refreshed => continue,
+                    _ => panic!("unexpected frame {frame}"),
+                }
+                let done = id_of(&frame) == stop;
+                got.events.push(frame);
                 if done {
                     return got;
                 }
@@ -690,8 +777,6 @@ async fn random_writes_reach_exactly_the_subscribers_the_rules_allow() {
     // The writes.
     let mut writer = h.db.connect().await.unwrap();
     let mut ops: Vec<Op> = Vec::new();
-    let mut live: Vec<Uuid> = Vec::new();
-    let mut current: HashMap<Uuid, RowSt> = HashMap::new();
     let mechanic_ids: Vec<Uuid> = mechanics.iter().map(|m| m.user_id).collect();
     let random_state = |rng: &mut rand::rngs::StdRng, session: Uuid| RowSt {
         session,
@@ -785,12 +870,19 @@ async fn random_writes_reach_exactly_the_subscribers_the_rules_allow() {
         ops.extend(pending);
     }
     let head_before_markers = h.log_head().await;
-    for (i, &id) in markers.iter().enumerate() {
+    let marker_sessions = sessions[..customers.len()]
+        .iter()
+        .chain(std::iter::once(&sessions[customers.len()]));
+    for (&id, &session) in markers
+        .iter()
+        .chain(std::iter::once(&final_marker))
+        .zip(marker_sessions)
+    {
         let op = Op {
             id,
             kind: OpKind::Insert,
             row: RowSt {
-                session: sessions[i],
+                session,
                 status: "queued",
                 mechanic: None,
                 workshop: None,
@@ -804,14 +896,17 @@ async fn random_writes_reach_exactly_the_subscribers_the_rules_allow() {
     for r in readers {
         received.push(r.await.expect("reader"));
     }
-    let service_stream = received.last().unwrap();
+    for (c, got) in clients.iter().zip(&received) {
+        assert_eq!(got.refreshed, c.refresh_after.is_some(), "seed {seed}");
+    }
+    let service_stream = &received.last().unwrap().events;
 
-    // The service saw every event of the log, in order, exactly as written.
+    // The service saw every event of the log after the set-up, in order, exactly as written.
     let log: Vec<i64> = h
         .admin
         .query(
-            "SELECT position FROM pgcast.assignment_events ORDER BY position",
-            &[],
+            "SELECT position FROM pgcast.assignment_events WHERE position > $1 ORDER BY position",
+            &[&start_head],
         )
         .await
         .unwrap()
@@ -826,8 +921,13 @@ async fn random_writes_reach_exactly_the_subscribers_the_rules_allow() {
     // Replay the service stream: before = the row as last seen (tracked here, the wire only
     // carries old_status), after = the row in the frame. Expected (position, topic) per client.
     let mut expected: Vec<BTreeSet<(i64, String)>> = vec![BTreeSet::new(); clients.len()];
+    // Per client and followed session: the position of the change that revoked it.
+    let mut revoked_at: Vec<BTreeMap<String, i64>> = vec![BTreeMap::new(); clients.len()];
     let mut by_position: HashMap<i64, &Value> = HashMap::new();
     let mut seen: HashMap<Uuid, RowSt> = HashMap::new();
+    for id in &live_at_start {
+        seen.insert(*id, current_at_start[id]);
+    }
     let mut before_only = 0usize;
     for (ev, op) in service_stream.iter().zip(&ops) {
         let id = id_of(ev);
@@ -845,17 +945,43 @@ async fn random_writes_reach_exactly_the_subscribers_the_rules_allow() {
             before.map(|b| b.status),
             "seed {seed}: old_status of {ev}"
         );
+        let session_rows_before = seen.clone();
         match after {
             Some(a) => seen.insert(id, a),
             None => seen.remove(&id),
         };
         by_position.insert(pos_of(ev), ev);
-        for (c, want) in clients.iter().zip(expected.iter_mut()) {
+        for ((c, want), gone) in clients
+            .iter()
+            .zip(expected.iter_mut())
+            .zip(revoked_at.iter_mut())
+        {
             for t in &c.topics {
-                let saw_before = before.is_some_and(|b| visible(t, &c.who, &b));
-                let sees_after = after.is_some_and(|a| visible(t, &c.who, &a));
+                let follower = c.who.role == Role::Mechanic && t.starts_with("session:");
+                let (saw_before, sees_after) = if follower {
+                    if gone.contains_key(t) {
+                        continue;
+                    }
+                    let session: Uuid = t["session:".len()..].parse().unwrap();
+                    let row_session = before.or(after).map(|r| r.session);
+                    if row_session != Some(session) {
+                        continue;
+                    }
+                    (
+                        member(&session_rows_before, session, c.who.user_id),
+                        member(&seen, session, c.who.user_id),
+                    )
+                } else {
+                    (
+                        before.is_some_and(|b| visible(t, &c.who, &b)),
+                        after.is_some_and(|a| visible(t, &c.who, &a)),
+                    )
+                };
                 if saw_before || sees_after {
                     want.insert((pos_of(ev), t.clone()));
+                }
+                if follower && saw_before && !sees_after {
+                    gone.insert(t.clone(), pos_of(ev));
                 }
                 if saw_before && !sees_after && t == "queue" {
                     before_only += 1;
@@ -867,7 +993,25 @@ async fn random_writes_reach_exactly_the_subscribers_the_rules_allow() {
     // Each client got exactly its expected set: nothing missing, nothing extra, no duplicate,
     // positions increasing per topic, and the frame content of the event.
     let mut total = 0;
-    for (i, (c, got)) in clients.iter().zip(&received).enumerate() {
+    let mut revocations = 0;
+    for (i, (c, stream)) in clients.iter().zip(&received).enumerate() {
+        let got = &stream.events;
+        // A `revoked` frame comes right after the change that removed the right, and only
+        // then.
+        let mut revoked: BTreeMap<String, i64> = BTreeMap::new();
+        for (topic, after_events) in &stream.revoked {
+            let last = &got[after_events - 1];
+            assert_eq!(last["topic"], topic.as_str(), "seed {seed}: client #{i}");
+            assert!(
+                revoked.insert(topic.clone(), pos_of(last)).is_none(),
+                "seed {seed}: client #{i}: {topic} revoked twice"
+            );
+        }
+        assert_eq!(
+            revoked, revoked_at[i],
+            "seed {seed}: client #{i} revocations"
+        );
+        revocations += revoked.len();
         let mut set = BTreeSet::new();
         let mut last: BTreeMap<String, i64> = BTreeMap::new();
         for ev in got {
@@ -926,8 +1070,13 @@ async fn random_writes_reach_exactly_the_subscribers_the_rules_allow() {
         "too few cards left a queue: {before_only}"
     );
     assert!(total > 2000, "too few frames: {total}");
+    assert!(
+        revocations >= 2,
+        "too few session followers lost their right: {revocations}"
+    );
     eprintln!(
-        "{} events, {total} frames checked, {before_only} queue departures, {:?}",
+        "{} events, {total} frames checked, {before_only} queue departures, {revocations} \
+         revocations, {:?}",
         ops.len(),
         started.elapsed()
     );

@@ -68,7 +68,7 @@ async fn forged_events_references_and_garbage_are_never_delivered_and_skip_nothi
     forger
         .execute(
             "SELECT pg_notify('pgcast_assignments',
-                     jsonb_set(jsonb_set($1::jsonb, '{position}', to_jsonb($2::bigint + g)),
+                     jsonb_set(jsonb_set($1::text::jsonb, '{position}', to_jsonb($2::bigint + g)),
                                '{row,id}', to_jsonb(gen_random_uuid()))::text)
              FROM generate_series(0, 99) g",
             &[&forged_one, &next],

@@ -1,0 +1,379 @@
+//! Only the database decides what a client sees (design §3.7, §4, §5): forged notifications
+//! never reach a client, a mechanic's access to a session follows the rows at every event's
+//! position, and nothing committed after a token's `exp` is sent unless it was refreshed.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use pgcast_gateway::mint_token;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Waits until the wall clock has passed `exp` (a condition on time itself, not a race).
+async fn until_past(exp: u64) {
+    while unix_now() <= exp {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A client authenticated with a token that expires in `ttl`; returns its `expires_at`.
+async fn client_with_ttl(h: &Harness, who: &pgcast_events::Principal, ttl: Duration) -> (Ws, u64) {
+    let mut ws = h.raw().await;
+    let token = mint_token(SECRET, who, ttl).unwrap();
+    ws.send(json!({"type": "auth", "token": token})).await;
+    let ready = ws.recv().await;
+    assert_eq!(ready["type"], "ready", "{ready}");
+    let expires_at = ready["expires_at"]
+        .as_u64()
+        .expect("ready carries expires_at");
+    assert!(expires_at >= unix_now() && expires_at <= unix_now() + ttl.as_secs() + 1);
+    (ws, expires_at)
+}
+
+fn position(v: &Value) -> i64 {
+    v["position"].as_i64().expect("position")
+}
+
+#[tokio::test]
+async fn forged_notifications_never_reach_clients_and_hide_no_real_event() {
+    let h = Harness::start().await;
+    let role = format!("forger_{}", h.db.name());
+    h.admin
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN"))
+        .await
+        .unwrap();
+    let mut config = h.db.pg_config();
+    config.user(&role);
+    let (forger, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+
+    let mut svc = h.client(&service()).await;
+    svc.subscribe("assignments", json!({})).await;
+    let mut m = h.client(&mechanic(None)).await;
+    m.subscribe("queue", json!({})).await;
+
+    let next = h.log_head().await + 1;
+    let forged = json!({
+        "position": next, "op": "insert", "committed_at": "2026-11-28T00:00:00Z", "old": null,
+        "row": {"id": Uuid::new_v4(), "session_id": Uuid::new_v4(), "mechanic_id": null,
+                "workshop_id": null, "status": "queued", "urgent": true,
+                "customer_name": "forged", "vehicle_summary": "x", "concern": "x",
+                "created_at": null, "updated_at": null}
+    })
+    .to_string();
+    forger
+        .execute("SELECT pg_notify('pgcast_assignments', $1)", &[&forged])
+        .await
+        .expect("any role may NOTIFY");
+    forger
+        .execute(
+            "SELECT pg_notify('pgcast_assignments',
+                     jsonb_set($1::text::jsonb, '{position}', to_jsonb($2::bigint + g))::text)
+             FROM generate_series(1, 100) g",
+            &[&forged, &next],
+        )
+        .await
+        .unwrap();
+    forger
+        .execute(
+            "SELECT pg_notify('pgcast_assignments', '{\"position\":999999999,\"ref\":true}')",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    let real = h.insert(Uuid::new_v4(), "queued", None, None).await;
+    for ws in [&mut svc, &mut m] {
+        let got = ws.events(1).await;
+        assert_eq!(got[0]["assignment"]["id"], real.to_string());
+        assert_eq!(position(&got[0]), next, "the real event keeps its position");
+        ws.quiet().await;
+    }
+    h.stop().await;
+}
+
+/// A customer's session with one assignment accepted by `m1`; returns (session, assignment).
+async fn accepted_session(h: &Harness, m1: Uuid) -> (Uuid, Uuid) {
+    let session = h.insert_session(Uuid::new_v4()).await;
+    let a = h.insert(session, "queued", None, None).await;
+    h.update(a, "accepted", Some(m1), None).await;
+    (session, a)
+}
+
+#[tokio::test]
+async fn a_reassigned_mechanic_gets_the_change_then_revoked_and_nothing_more() {
+    let h = Harness::start().await;
+    let m1 = mechanic(None);
+    let m2 = mechanic(None);
+    let (session, a) = accepted_session(&h, m1.user_id).await;
+    let topic = format!("session:{session}");
+
+    let mut ws = h.client(&m1).await;
+    ws.subscribe(&topic, json!({})).await;
+    h.admin
+        .execute(
+            "UPDATE session_assignments SET concern = 'brakes' WHERE id = $1",
+            &[&a],
+        )
+        .await
+        .unwrap();
+    let edit = ws.events(1).await;
+    assert_eq!(edit[0]["assignment"]["concern"], "brakes");
+
+    // Reassigned: the change that removes m1 is the last thing m1 gets, then `revoked`.
+    h.update(a, "accepted", Some(m2.user_id), None).await;
+    let change = ws.events(1).await;
+    assert_eq!(
+        change[0]["assignment"]["mechanic_id"],
+        m2.user_id.to_string()
+    );
+    let revoked = ws.recv().await;
+    assert_eq!(
+        revoked,
+        json!({"type": "revoked", "topic": topic, "reason": revoked["reason"]})
+    );
+    assert!(revoked["reason"].as_str().is_some_and(|r| !r.is_empty()));
+
+    // Nothing of the session any more, not its other rows either.
+    h.admin
+        .execute(
+            "UPDATE session_assignments SET concern = 'secret' WHERE id = $1",
+            &[&a],
+        )
+        .await
+        .unwrap();
+    h.insert(session, "queued", None, None).await;
+    ws.quiet().await;
+    ws.ping().await;
+
+    // And no way back in: neither live nor with since.
+    ws.subscribe_err(&topic, "forbidden").await;
+    ws.send(json!({"type": "subscribe", "id": "bad", "topic": topic, "since": 0}))
+        .await;
+    ws.expect_error("forbidden").await;
+    ws.send(json!({"type": "subscribe", "id": "bad", "topic": topic, "snapshot": true}))
+        .await;
+    ws.expect_error("forbidden").await;
+
+    // The new mechanic may follow it.
+    let mut ws2 = h.client(&m2).await;
+    ws2.subscribe(&topic, json!({})).await;
+    h.update(a, "completed", Some(m2.user_id), None).await;
+    assert_eq!(ws2.events(1).await[0]["assignment"]["status"], "completed");
+    ws.quiet().await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_or_deleted_assignment_revokes_its_mechanic() {
+    let h = Harness::start().await;
+    let m = mechanic(None);
+    for end in ["cancel", "delete"] {
+        let (session, a) = accepted_session(&h, m.user_id).await;
+        let topic = format!("session:{session}");
+        let mut ws = h.client(&m).await;
+        ws.subscribe(&topic, json!({})).await;
+        if end == "cancel" {
+            h.update(a, "cancelled", Some(m.user_id), None).await;
+        } else {
+            h.admin
+                .execute("DELETE FROM session_assignments WHERE id = $1", &[&a])
+                .await
+                .unwrap();
+        }
+        let last = ws.events(1).await;
+        assert_eq!(last[0]["assignment"]["id"], a.to_string(), "{end}");
+        let revoked = ws.recv().await;
+        assert_eq!(revoked["type"], "revoked", "{end}: {revoked}");
+        h.insert(session, "queued", None, None).await;
+        ws.quiet().await;
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_replay_shows_a_mechanic_only_what_they_could_see_at_each_position() {
+    let h = Harness::start().await;
+    let m1 = mechanic(None);
+    let m2 = mechanic(None);
+    let owner = customer();
+    let session = h.insert_session(owner.user_id).await;
+    let start = h.log_head().await;
+    let a = h.insert(session, "queued", None, None).await; // 1: before m1: hidden
+    h.admin
+        .execute(
+            "UPDATE session_assignments SET concern = 'private' WHERE id = $1",
+            &[&a],
+        )
+        .await
+        .unwrap(); // 2: hidden
+    h.update(a, "offered", Some(m1.user_id), None).await; // 3: an offer is not enough: hidden
+    h.update(a, "accepted", Some(m1.user_id), None).await; // 4: m1 is in: shown
+    let b = h.insert(session, "queued", None, None).await; // 5: shown
+    h.update(a, "accepted", Some(m2.user_id), None).await; // 6: removes m1: shown
+    h.update(a, "completed", Some(m2.user_id), None).await; // 7: hidden
+    h.update(b, "accepted", Some(m1.user_id), None).await; // 8: m1 back in: shown
+    h.update(b, "completed", Some(m1.user_id), None).await; // 9: shown
+    let positions: Vec<i64> = h
+        .admin
+        .query(
+            "SELECT position FROM pgcast.assignment_events WHERE position > $1 ORDER BY position",
+            &[&start],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(positions.len(), 9);
+    let shown: Vec<i64> = [4, 5, 6, 8, 9].iter().map(|i| positions[i - 1]).collect();
+
+    let topic = format!("session:{session}");
+    let mut ws = h.client(&m1).await;
+    ws.subscribe(&topic, json!({"since": start})).await;
+    let got: Vec<i64> = ws.events(shown.len()).await.iter().map(position).collect();
+    assert_eq!(got, shown);
+    ws.quiet().await;
+
+    // Live after the replay: the membership is where the replay left it.
+    h.update(b, "cancelled", Some(m1.user_id), None).await;
+    assert_eq!(ws.events(1).await[0]["assignment"]["status"], "cancelled");
+    assert_eq!(ws.recv().await["type"], "revoked");
+
+    // The session's customer sees the whole history.
+    let mut c = h.client(&owner).await;
+    c.subscribe(&topic, json!({"since": start})).await;
+    let all: Vec<i64> = c.events(10).await.iter().map(position).collect();
+    assert_eq!(all[..9], positions[..]);
+    c.quiet().await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_event_committed_after_exp_is_never_sent_the_connection_closes_4001() {
+    // A long leeway keeps the expiry timer away: the commit time alone must stop the event.
+    let h = Harness::start_with(|c| c.token_leeway = Duration::from_secs(60)).await;
+    let who = service();
+    let (mut ws, exp) = client_with_ttl(&h, &who, Duration::from_secs(2)).await;
+    ws.subscribe("assignments", json!({})).await;
+    let before = h.insert(Uuid::new_v4(), "queued", None, None).await;
+    assert_eq!(
+        ws.events(1).await[0]["assignment"]["id"],
+        before.to_string()
+    );
+    until_past(exp).await;
+    h.insert(Uuid::new_v4(), "queued", None, None).await;
+    ws.expect_error("token_expired").await;
+    ws.expect_close(4001).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_expired_connection_is_closed_with_4001() {
+    let h = Harness::start_with(|c| c.token_leeway = Duration::ZERO).await;
+    let (mut ws, exp) = client_with_ttl(&h, &mechanic(None), Duration::from_secs(1)).await;
+    ws.subscribe("queue", json!({})).await;
+    match ws.next(Duration::from_secs(10)).await {
+        Next::Json(v) => {
+            assert_eq!(v["code"], "token_expired", "{v}");
+            assert!(unix_now() >= exp, "closed before exp");
+        }
+        other => panic!("expected token_expired, got {other:?}"),
+    }
+    ws.expect_close(4001).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_refreshed_connection_keeps_receiving_past_the_old_exp() {
+    let h = Harness::start_with(|c| c.token_leeway = Duration::ZERO).await;
+    let who = service();
+    let (mut ws, exp) = client_with_ttl(&h, &who, Duration::from_secs(2)).await;
+    ws.subscribe("assignments", json!({})).await;
+    let fresh = mint_token(SECRET, &who, Duration::from_secs(600)).unwrap();
+    ws.send(json!({"type": "auth", "token": fresh})).await;
+    let ready = ws.recv().await;
+    assert_eq!(ready["type"], "ready", "{ready}");
+    assert!(ready["expires_at"].as_u64().unwrap() > exp + 500);
+    until_past(exp + 1).await;
+    let after = h.insert(Uuid::new_v4(), "queued", None, None).await;
+    assert_eq!(ws.events(1).await[0]["assignment"]["id"], after.to_string());
+    ws.ping().await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_refresh_must_name_the_same_user_and_role() {
+    let h = Harness::start().await;
+    let who = mechanic(None);
+    for other in [
+        mechanic(None),
+        pgcast_events::Principal {
+            role: pgcast_events::Role::Service,
+            ..who
+        },
+    ] {
+        let mut ws = h.client(&who).await;
+        ws.send(json!({"type": "auth", "token": h.token(&other)}))
+            .await;
+        ws.expect_error("unauthorized").await;
+        ws.expect_close(1008).await;
+    }
+    // A garbage refresh is refused the same way.
+    let mut ws = h.client(&who).await;
+    ws.send(json!({"type": "auth", "token": "garbage"})).await;
+    ws.expect_error("unauthorized").await;
+    ws.expect_close(1008).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_refresh_with_another_workshop_revokes_what_it_no_longer_allows() {
+    let h = Harness::start().await;
+    let w1 = Uuid::new_v4();
+    let w2 = Uuid::new_v4();
+    let who = mechanic(Some(w1));
+    let mut ws = h.client(&who).await;
+    let own = format!("mechanic:{}", who.user_id);
+    let shop = format!("workshop:{w1}");
+    ws.subscribe("queue", json!({})).await;
+    ws.subscribe(&shop, json!({})).await;
+    ws.subscribe(&own, json!({})).await;
+
+    let moved = pgcast_events::Principal {
+        workshop_id: Some(w2),
+        ..who
+    };
+    ws.send(json!({"type": "auth", "token": h.token(&moved)}))
+        .await;
+    assert_eq!(ws.recv().await["type"], "ready");
+    let mut revoked = [ws.recv().await, ws.recv().await];
+    revoked.sort_by_key(|v| v["topic"].as_str().unwrap_or_default().to_owned());
+    assert_eq!(revoked[0]["type"], "revoked");
+    assert_eq!(revoked[0]["topic"], "queue");
+    assert_eq!(revoked[1]["type"], "revoked");
+    assert_eq!(revoked[1]["topic"], shop);
+
+    // The old workshop's rows no longer arrive; the mechanic's own topic still does.
+    h.insert(Uuid::new_v4(), "queued", None, Some(w1)).await;
+    let mine = h
+        .insert(Uuid::new_v4(), "offered", Some(who.user_id), Some(w2))
+        .await;
+    let got = ws.events(1).await;
+    assert_eq!(got[0]["topic"], own);
+    assert_eq!(got[0]["assignment"]["id"], mine.to_string());
+    ws.quiet().await;
+    // The queue under the new claims is one subscribe away.
+    ws.subscribe("queue", json!({})).await;
+    ws.subscribe_err(&shop, "forbidden").await;
+    h.stop().await;
+}
