@@ -1,5 +1,7 @@
-// Baseline relay for pgcast-bench: one PostgreSQL connection LISTENs on pgcast_assignments and
-// every notification payload is sent, as it is, to every connected WebSocket. No auth, no
+// Baseline relay for pgcast-bench: one PostgreSQL connection LISTENs on the bench's baseline
+// channel (a plain pg_notify(to_jsonb(NEW)) trigger the bench installs for the run: pgcast's
+// own NOTIFY is a doorbell without content) and every notification payload is sent, as it is,
+// to every connected WebSocket. No auth, no
 // per-user routing, no resume: the minimal thing a team writes when it needs "live updates".
 //
 // Environment: DATABASE_URL (required), HOST (default 127.0.0.1), PORT (default 0 = any free
@@ -9,7 +11,7 @@
 const { Client } = require('pg');
 const { WebSocketServer, WebSocket } = require('ws');
 
-const CHANNEL = 'pgcast_assignments';
+const CHANNEL = 'pgcast_bench_bare';
 
 async function main() {
   const databaseUrl = process.env.DATABASE_URL;

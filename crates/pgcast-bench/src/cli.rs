@@ -108,8 +108,9 @@ pub(crate) struct Args {
     #[arg(long, help_heading = "Catch-up")]
     pub(crate) catchup_events: Option<u64>,
 
-    /// Raw mode: a WebSocket server that forwards NOTIFY payloads of pgcast_assignments as
-    /// text frames (loopback only), e.g. ws://127.0.0.1:7700/listen/pgcast_assignments.
+    /// Raw mode: a WebSocket server that forwards NOTIFY payloads of the bench's baseline
+    /// channel pgcast_bench_bare (a plain `pg_notify(to_jsonb(NEW))` trigger installed for the
+    /// run) as text frames (loopback only), e.g. ws://127.0.0.1:7700/listen/pgcast_bench_bare.
     #[arg(long, value_name = "URL", help_heading = "Other servers")]
     pub(crate) raw_url: Option<String>,
     /// Raw mode: text to send right after connecting.
@@ -119,7 +120,7 @@ pub(crate) struct Args {
     /// does not resolve are not counted as events).
     #[arg(
         long,
-        default_value = "/row/id",
+        default_value = "/id",
         value_name = "POINTER",
         help_heading = "Other servers"
     )]

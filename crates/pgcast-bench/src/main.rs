@@ -2,10 +2,12 @@
 //!
 //! ```text
 //!  throwaway PostgreSQL (or --database-url) ◀── writers (tokio-postgres, paced or flat out)
-//!        │ trigger → NOTIFY pgcast_assignments           │ marker pgcb:<run>:<seq>:<t_us>:
-//!        ├──▶ bare LISTEN reader (the database alone)     ▼ in customer_name
-//!        └──▶ pgcast serve (child, or --ws-url) ──ws──▶ readers: many sockets per task, 2 threads
-//!                                               Node relay / --raw-url (raw mode)
+//!        │ pgcast trigger → log + doorbell NOTIFY          │ marker pgcb:<run>:<seq>:<t_us>:
+//!        │   └──▶ pgcast serve (child, or --ws-url) ──ws──▶ readers: many sockets per task,
+//!        │                                              ▲ 2 threads (marker in customer_name)
+//!        └ baseline trigger (bench-only, while needed) → NOTIFY pgcast_bench_bare (row JSON)
+//!            ├──▶ bare LISTEN reader (the database alone)
+//!            └──▶ Node relay / --raw-url (raw mode) ──ws──▶ readers
 //! ```
 //!
 //! Latency is the receipt time of a frame minus the writer's clock just before its statement,

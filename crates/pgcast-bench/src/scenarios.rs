@@ -358,7 +358,7 @@ pub(crate) async fn latency(ctx: &mut Ctx) -> Result<Section> {
     let ws = write_summary(&d.writes);
 
     let mut md = format!(
-        "{} mechanics in {} workshops, each subscribed to `queue`; {} writer connections at {} events/s for {} s: a marketplace mix (20 % general queued inserts, 30 % workshop inserts, 10 % direct offers, 25 % accepts, 15 % edits), each event delivered to every mechanic who could see the row before or after. Latency = frame receipt − the writer's clock just before its statement (same process). A bare LISTEN connection reads the same notifications.\n\n",
+        "{} mechanics in {} workshops, each subscribed to `queue`; {} writer connections at {} events/s for {} s: a marketplace mix (20 % general queued inserts, 30 % workshop inserts, 10 % direct offers, 25 % accepts, 15 % edits), each event delivered to every mechanic who could see the row before or after. Latency = frame receipt − the writer's clock just before its statement (same process). A bare LISTEN connection reads a plain `pg_notify(to_jsonb(NEW))` trigger the bench installs beside pgcast's for the run (the database alone, same commits).\n\n",
         int(s.mechanics as u64),
         ctx.args.workshops,
         ctx.args.writers,
@@ -1095,7 +1095,7 @@ pub(crate) async fn overhead(ctx: &mut Ctx) -> Result<Section> {
     let ws = write_summary(&d.writes);
     let delta = |a: f64, b: f64| format!("{:+.2} ms", a - b);
     let mut md = format!(
-        "The same marketplace load as scenario 1 ({} events/s for {} s) read at once by a bare tokio-postgres LISTEN connection on `pgcast_assignments` (the database alone: trigger, NOTIFY, one socket) and by one pgcast `service` subscriber on `assignments` (listener, decoding, routing, serialization, WebSocket). The difference is what the gateway adds.\n\n",
+        "The same marketplace load as scenario 1 ({} events/s for {} s) read at once by a bare tokio-postgres LISTEN connection (the database alone: a plain `pg_notify(to_jsonb(NEW))` row trigger the bench installs beside pgcast's for the run, NOTIFY, one socket) and by one pgcast `service` subscriber on `assignments` (doorbell NOTIFY, log read, decoding, routing, serialization, WebSocket). The difference is what pgcast adds, the doorbell's log read included.\n\n",
         s.rate,
         s.duration.as_secs_f64()
     );
@@ -1136,7 +1136,7 @@ pub(crate) async fn overhead(ctx: &mut Ctx) -> Result<Section> {
 pub(crate) async fn raw(ctx: &mut Ctx) -> Result<Section> {
     let pointer = crate::jsonptr::Pointer::parse(&ctx.args.raw_id_pointer)?;
     let mut md = format!(
-        "The loads of scenarios 2 and 3 pointed at WebSocket servers that forward the NOTIFY payloads of `pgcast_assignments` as text frames, to every connection (they do no auth, no routing, no resume). A frame counts as an event when the JSON pointer `{}` resolves in it.\n\n",
+        "The loads of scenarios 2 and 3 pointed at WebSocket servers that forward NOTIFY payloads as text frames, to every connection (they do no auth, no routing, no resume). pgcast's NOTIFY is a doorbell without content, so for this scenario the bench installs the trigger such a server is usually fed by — a plain `pg_notify('pgcast_bench_bare', to_jsonb(NEW)::text)` row trigger, beside pgcast's — and the servers forward that channel. A frame counts as an event when the JSON pointer `{}` resolves in it.\n\n",
         ctx.args.raw_id_pointer
     );
     let mut targets = Vec::new();
@@ -1176,6 +1176,8 @@ pub(crate) async fn raw(ctx: &mut Ctx) -> Result<Section> {
             })
             .collect();
         let mode = Mode::Raw(pointer.clone());
+        // The channel these servers forward is fed by the baseline trigger, for this run only.
+        let trigger = clients::BareTrigger::install(&ctx.db.config).await?;
         let result = async {
             let steps = fanout_sweep(ctx, &target, specs, mode.clone(), pid, false).await?;
             let ff = first_frame.clone();
@@ -1195,6 +1197,7 @@ pub(crate) async fn raw(ctx: &mut Ctx) -> Result<Section> {
             Ok::<_, anyhow::Error>((steps, ceil))
         }
         .await;
+        trigger.remove().await;
         if let Some(s) = server {
             s.stop();
         }
