@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use pgcast_listener::Start;
+use pgcast_listener::{Backoff, EventLog, Listener, Start};
 use pgcast_testkit::{PgCluster, TestDb};
 use tokio_postgres::Client;
 
@@ -162,4 +162,60 @@ async fn one_transaction_rings_once_however_many_rows_it_writes() {
     assert_eq!(status.notifications - before, 1, "{status:?}");
     assert_eq!(status.ignored_payloads, 0, "{status:?}");
     listener.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_consumer_never_leaves_doorbells_in_the_database_queue() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let forger = connect_only_role(&db, &client).await;
+    // A consumer that takes one event and then stops reading, like a paused pager.
+    let listener = Listener::new(db.pg_config(), EventLog::new(pool(&db))).with_backoff(
+        Backoff::new(Duration::from_millis(20), Duration::from_millis(200)),
+    );
+    let status = listener.status();
+    let (tx, mut events) = tokio::sync::mpsc::channel(1);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(listener.run(Start::Head, tx, shutdown.clone()));
+    tokio::time::timeout(LIMIT, status.wait_ready())
+        .await
+        .expect("listener ready");
+    for i in 0..20 {
+        client
+            .execute(INSERT_ONE, &[&format!("row {i}")])
+            .await
+            .unwrap();
+    }
+    forger
+        .execute(
+            "SELECT pg_notify('pgcast_assignments', g::text) FROM generate_series(1, 10000) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    // Every doorbell is read off the connection although the consumer reads nothing.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while status.snapshot().notifications < 10_020 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "doorbells stuck behind a stalled consumer: {:?}",
+            status.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nothing was lost meanwhile: the consumer, reading again, gets all 20 in order.
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        let e = tokio::time::timeout(LIMIT, events.recv())
+            .await
+            .expect("events after the stall")
+            .expect("listener alive");
+        got.push(e.assignment.customer_name.clone().unwrap_or_default());
+    }
+    let expected: Vec<String> = (0..20).map(|i| format!("row {i}")).collect();
+    assert_eq!(got, expected);
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("listener stops")
+        .expect("listener task");
 }

@@ -25,7 +25,8 @@ use crate::config::QUEUE_NEEDS_MECHANIC;
 use crate::PgcastError;
 
 /// Events buffered between the listener and the output. When the reader of the output is slow
-/// the listener waits and PostgreSQL keeps the notifications; nothing is dropped.
+/// the listener stops reading the log (it resumes from its position); it keeps reading its
+/// doorbells, so a paused pager never fills PostgreSQL's notification queue. Nothing is dropped.
 const BUFFER: usize = 1024;
 /// Connections of the log pool: catch-up reads one page at a time.
 const POOL_SIZE: usize = 2;
