@@ -28,7 +28,7 @@ use uuid::Uuid;
 use pgcast_server::Pgcast;
 use webdriver::{Browser, DESKTOP, PHONE};
 
-const SECRET: &[u8] = b"pgcast browser test secret";
+const SECRET: &[u8] = b"pgcast browser test secret, 32+ bytes";
 /// Bound of every wait on the page; reached only when something is wrong.
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -46,6 +46,8 @@ async fn database() -> (TestDb, Client, ServeOptions) {
     let options = ServeOptions {
         pg: db.pg_config(),
         jwt_secret: SECRET.to_vec(),
+        jwt_issuer: None,
+        jwt_audience: None,
         retention: Duration::from_secs(3600),
         migrate: false,
         links: Vec::new(),

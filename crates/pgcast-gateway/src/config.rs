@@ -1,10 +1,26 @@
 use std::time::Duration;
 
+use crate::auth::DEFAULT_LEEWAY;
+#[cfg(doc)]
+use crate::MIN_SECRET_BYTES;
+
 /// Limits and settings of the gateway. Every field documents its default ([`Default`]).
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
-    /// HS256 secret that verifies client tokens. No default: required.
+    /// HS256 secret that verifies client tokens, at least [`MIN_SECRET_BYTES`] (32) bytes;
+    /// [`Gateway::new`](crate::Gateway::new) refuses a shorter one. No default: required.
     pub jwt_secret: Vec<u8>,
+    /// When set, only tokens whose `iss` claim is exactly this are accepted. Default `None`
+    /// (the issuer is not checked).
+    pub jwt_issuer: Option<String>,
+    /// When set, only tokens whose `aud` claim is (or contains) this are accepted. Default
+    /// `None`: a token that names any audience is then refused, as it was minted for someone
+    /// else (RFC 7519 §4.1.3).
+    pub jwt_audience: Option<String>,
+    /// Clock skew allowed between the token's minter and the gateway, on `exp` and `nbf`: a
+    /// token is accepted until `exp + leeway`, and a connection whose token expired is closed
+    /// at that time. Whole seconds (a fraction rounds up). Default 5 s.
+    pub token_leeway: Duration,
     /// Time a new connection has to send its `auth` frame. Default 10 s.
     pub auth_timeout: Duration,
     /// The server pings every interval; a peer silent for two intervals is closed.
@@ -40,6 +56,9 @@ impl GatewayConfig {
     pub fn new(jwt_secret: impl Into<Vec<u8>>) -> Self {
         GatewayConfig {
             jwt_secret: jwt_secret.into(),
+            jwt_issuer: None,
+            jwt_audience: None,
+            token_leeway: DEFAULT_LEEWAY,
             auth_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(20),
             max_frame_bytes: 1 << 20,

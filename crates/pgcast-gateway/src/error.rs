@@ -20,6 +20,28 @@ pub enum GatewayError {
     /// A token could not be verified or minted.
     #[error("token: {0}")]
     Token(jsonwebtoken::errors::Error),
+    /// The HS256 secret is too short to resist an offline brute force of any one token.
+    #[error("the JWT secret is {len} bytes long; at least {min} bytes are required")]
+    SecretTooShort {
+        /// Length of the refused secret, in bytes.
+        len: usize,
+        /// [`MIN_SECRET_BYTES`](crate::MIN_SECRET_BYTES).
+        min: usize,
+    },
+    /// A token setting (issuer, audience, lifetime) that cannot work.
+    #[error("{0}")]
+    InvalidConfig(&'static str),
+}
+
+impl GatewayError {
+    /// True when the error is a configuration the gateway refuses to run with (rather than a
+    /// bad token or a failure at run time).
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::SecretTooShort { .. } | GatewayError::InvalidConfig(_)
+        )
+    }
 }
 
 impl From<tokio_postgres::Error> for GatewayError {

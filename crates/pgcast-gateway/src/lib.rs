@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use auth::{mint_token, TokenVerifier};
+pub use auth::{mint_token, TokenMinter, TokenVerifier, Verified, MIN_SECRET_BYTES};
 pub use config::GatewayConfig;
 pub use error::GatewayError;
 pub use metrics::GatewayMetrics;
@@ -65,12 +65,14 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// A gateway reading snapshots and replays through `log`'s pool.
-    pub fn new(config: GatewayConfig, log: EventLog) -> Self {
+    /// A gateway reading snapshots and replays through `log`'s pool. Refuses a configuration
+    /// it cannot run safely with (a JWT secret shorter than [`MIN_SECRET_BYTES`], an empty
+    /// issuer or audience), so a weak secret never reaches a running gateway.
+    pub fn new(config: GatewayConfig, log: EventLog) -> Result<Self, GatewayError> {
         let metrics = GatewayMetrics::default();
-        Gateway {
+        Ok(Gateway {
             shared: Arc::new(Shared {
-                verifier: TokenVerifier::new(&config.jwt_secret),
+                verifier: TokenVerifier::from_config(&config)?,
                 connection_slots: Arc::new(Semaphore::new(config.max_connections)),
                 hub: hub::Hub::new(metrics.clone()),
                 metrics,
@@ -80,7 +82,7 @@ impl Gateway {
                 tasks: TaskTracker::new(),
                 open: tokio::sync::watch::channel(0).0,
             }),
-        }
+        })
     }
 
     /// The gateway's metrics, to register in the process's registry.

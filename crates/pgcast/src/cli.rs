@@ -15,7 +15,8 @@ use pgcast_events::{Position, Role, Topic};
 use uuid::Uuid;
 
 use crate::config::{
-    format_duration, parse_duration, parse_rate, parse_role, parse_tail_topic, DatabaseUrl, Secret,
+    format_duration, parse_claim, parse_duration, parse_rate, parse_role, parse_tail_topic,
+    parse_ttl, DatabaseUrl, Secret,
 };
 
 /// pgcast: PostgreSQL changes of session_assignments, delivered as typed events to WebSocket
@@ -64,7 +65,8 @@ pub struct DatabaseArgs {
 /// The JWT signing secret.
 #[derive(Debug, Clone, Args)]
 pub struct SecretArgs {
-    /// HS256 secret that signs and verifies client tokens. Required.
+    /// HS256 secret that signs and verifies client tokens, at least 32 bytes (e.g. the output
+    /// of `openssl rand -hex 32`). Required.
     #[arg(
         long = "jwt-secret",
         env = "PGCAST_JWT_SECRET",
@@ -92,6 +94,24 @@ pub struct ServeArgs {
     /// Token secret.
     #[command(flatten)]
     pub secret: SecretArgs,
+    /// Accept only tokens whose `iss` claim is exactly this. Default: the issuer is not
+    /// checked.
+    #[arg(
+        long = "jwt-issuer",
+        env = "PGCAST_JWT_ISSUER",
+        value_name = "ISSUER",
+        value_parser = parse_claim
+    )]
+    pub jwt_issuer: Option<String>,
+    /// Accept only tokens whose `aud` claim is (or lists) this. Default: no audience, and a
+    /// token that names one is refused (it was minted for another service).
+    #[arg(
+        long = "jwt-audience",
+        env = "PGCAST_JWT_AUDIENCE",
+        value_name = "AUDIENCE",
+        value_parser = parse_claim
+    )]
+    pub jwt_audience: Option<String>,
     /// How long events stay in the log for clients resuming with `since` (e.g. 24h, 90m).
     #[arg(
         long,
@@ -186,19 +206,55 @@ pub struct TokenArgs {
     /// Workshop of a mechanic (`workshop_id` claim).
     #[arg(long, value_name = "UUID")]
     pub workshop: Option<Uuid>,
-    /// How long the token is valid (e.g. 1h, 30m, 7d).
-    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = parse_duration)]
+    /// How long the token is valid (e.g. 1h, 30m, 7d); at most 30d, since a token cannot be
+    /// revoked before it expires.
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = parse_ttl)]
     pub ttl: Duration,
+    /// Issuer to stamp in the `iss` claim (what `serve --jwt-issuer` expects). Default: none.
+    #[arg(
+        long = "jwt-issuer",
+        env = "PGCAST_JWT_ISSUER",
+        value_name = "ISSUER",
+        value_parser = parse_claim
+    )]
+    pub jwt_issuer: Option<String>,
+    /// Audience to stamp in the `aud` claim (what `serve --jwt-audience` expects). Default:
+    /// none.
+    #[arg(
+        long = "jwt-audience",
+        env = "PGCAST_JWT_AUDIENCE",
+        value_name = "AUDIENCE",
+        value_parser = parse_claim
+    )]
+    pub jwt_audience: Option<String>,
+}
+
+/// ` jwt_issuer=… jwt_audience=…` for the summaries, each only when set.
+fn write_claims(
+    f: &mut fmt::Formatter<'_>,
+    issuer: Option<&str>,
+    audience: Option<&str>,
+) -> fmt::Result {
+    if let Some(issuer) = issuer {
+        write!(f, " jwt_issuer={issuer}")?;
+    }
+    if let Some(audience) = audience {
+        write!(f, " jwt_audience={audience}")?;
+    }
+    Ok(())
 }
 
 impl fmt::Display for ServeArgs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "serve listen={} database={} jwt_secret={} retention={} migrate={}",
-            self.listen,
-            self.database.database_url,
-            self.secret.jwt_secret,
+            "serve listen={} database={} jwt_secret={}",
+            self.listen, self.database.database_url, self.secret.jwt_secret,
+        )?;
+        write_claims(f, self.jwt_issuer.as_deref(), self.jwt_audience.as_deref())?;
+        write!(
+            f,
+            " retention={} migrate={}",
             format_duration(self.retention),
             self.migrate
         )
@@ -263,7 +319,7 @@ impl fmt::Display for TokenArgs {
         if let Some(w) = self.workshop {
             write!(f, " workshop={w}")?;
         }
-        Ok(())
+        write_claims(f, self.jwt_issuer.as_deref(), self.jwt_audience.as_deref())
     }
 }
 
@@ -280,10 +336,27 @@ impl fmt::Display for Command {
     }
 }
 
+/// Flags whose values must never be printed, not even when they are refused: a secret that is
+/// too short, or a connection string with a password and a typo, is still someone's secret.
+const HIDDEN_VALUES: [&str; 2] = ["--jwt-secret", "--database-url"];
+
 /// Renders a clap error as one line (`error: … for '--retention <DURATION>': …`), without the
-/// usage block and the "try --help" hint that clap appends.
+/// usage block and the "try --help" hint that clap appends. A refused value of
+/// `--jwt-secret` or `--database-url` shows as `<redacted>`.
 pub fn one_line_error(err: &clap::Error) -> String {
-    let text = err.to_string();
+    use clap::error::{ContextKind, ContextValue};
+    let mut text = err.to_string();
+    if let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+        err.get(ContextKind::InvalidArg),
+        err.get(ContextKind::InvalidValue),
+    ) {
+        if HIDDEN_VALUES
+            .iter()
+            .any(|flag| arg.split_whitespace().next() == Some(flag))
+        {
+            text = text.replace(&format!("'{value}'"), "'<redacted>'");
+        }
+    }
     let first_paragraph = text.split("\n\n").next().unwrap_or_default();
     first_paragraph
         .lines()
@@ -298,6 +371,9 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
 
+    const SECRET: &str = "s3cret-of-at-least-thirty-two-bytes";
+    const SUB: &str = "6a0c5a7e-4b53-4d7e-9a57-0e3d1c0b6f10";
+
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
@@ -311,7 +387,7 @@ mod tests {
             "--database-url",
             "postgres://app:hunter2@db/shop",
             "--jwt-secret",
-            "s3cret",
+            SECRET,
         ])
         .unwrap();
         let shown = cli.command.to_string();
@@ -326,16 +402,88 @@ mod tests {
     }
 
     #[test]
-    fn errors_fit_on_one_line() {
-        let err = Cli::try_parse_from(["pgcast", "token", "--jwt-secret", "x", "--role", "admin"])
+    fn summaries_show_issuer_and_audience() {
+        for command in ["serve", "token"] {
+            let mut args = vec!["pgcast", command, "--jwt-secret", SECRET];
+            if command == "serve" {
+                args.extend(["--database-url", "postgres://app@db/shop"]);
+            } else {
+                args.extend(["--sub", SUB, "--role", "service"]);
+            }
+            args.extend([
+                "--jwt-issuer",
+                "https://id.example",
+                "--jwt-audience",
+                "pgcast",
+            ]);
+            let shown = Cli::try_parse_from(args).unwrap().command.to_string();
+            assert!(
+                shown.contains(" jwt_issuer=https://id.example jwt_audience=pgcast"),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn refused_secrets_are_not_echoed() {
+        let short = "sixteen-byte-key";
+        let err = Cli::try_parse_from(["pgcast", "token", "--jwt-secret", short, "--sub", SUB])
             .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert_eq!(err.exit_code(), 2);
+        let line = one_line_error(&err);
+        assert!(!line.contains(short), "{line}");
+        assert!(
+            line.starts_with("error: invalid value '<redacted>' for '--jwt-secret <SECRET>'"),
+            "{line}"
+        );
+        assert!(line.contains("at least 32"), "{line}");
+        let err = Cli::try_parse_from([
+            "pgcast",
+            "doctor",
+            "--database-url",
+            "postgres://app:hunter2@:5432/shop",
+        ])
+        .unwrap_err();
+        let line = one_line_error(&err);
+        assert!(!line.contains("hunter2"), "{line}");
+        assert!(line.contains("--database-url"), "{line}");
+        // Other values are still shown: they help and are not secret.
+        let err = Cli::try_parse_from([
+            "pgcast",
+            "token",
+            "--jwt-secret",
+            SECRET,
+            "--sub",
+            SUB,
+            "--role",
+            "service",
+            "--ttl",
+            "100y",
+        ])
+        .unwrap_err();
+        let line = one_line_error(&err);
+        assert!(line.contains("'100y'") && line.contains("--ttl"), "{line}");
+    }
+
+    #[test]
+    fn errors_fit_on_one_line() {
+        let err =
+            Cli::try_parse_from(["pgcast", "token", "--jwt-secret", SECRET, "--role", "admin"])
+                .unwrap_err();
         let line = one_line_error(&err);
         assert!(!line.contains('\n'));
         assert!(line.starts_with("error:"), "{line}");
         // (No flag here has an environment variable, so the outcome does not depend on it.)
-        let err =
-            Cli::try_parse_from(["pgcast", "token", "--jwt-secret", "x", "--role", "service"])
-                .unwrap_err();
+        let err = Cli::try_parse_from([
+            "pgcast",
+            "token",
+            "--jwt-secret",
+            SECRET,
+            "--role",
+            "service",
+        ])
+        .unwrap_err();
         let line = one_line_error(&err);
         assert!(line.contains("--sub"), "{line}");
     }

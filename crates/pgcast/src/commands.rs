@@ -35,6 +35,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let options = crate::ServeOptions {
         pg: args.database.database_url.pg_config().clone(),
         jwt_secret: args.secret.jwt_secret.expose().to_vec(),
+        jwt_issuer: args.jwt_issuer,
+        jwt_audience: args.jwt_audience,
         retention: args.retention,
         migrate: args.migrate,
         links: Vec::new(),
@@ -103,7 +105,13 @@ async fn tail_command(args: TailArgs) -> anyhow::Result<ExitCode> {
 
 fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
     let who = principal(args.sub, args.role, args.workshop)?;
-    let token = mint(&args.secret.jwt_secret, &who, args.ttl)?;
+    let token = mint(
+        &args.secret.jwt_secret,
+        &who,
+        args.ttl,
+        args.jwt_issuer.as_deref(),
+        args.jwt_audience.as_deref(),
+    )?;
     print_out(&token)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -8,6 +8,7 @@ use std::fmt;
 use std::time::Duration;
 
 use pgcast_events::{Role, Topic};
+use pgcast_gateway::MIN_SECRET_BYTES;
 use tokio_postgres::config::Host;
 
 /// A PostgreSQL connection string (URL or `key=value` form), validated when parsed.
@@ -96,10 +97,18 @@ impl fmt::Debug for DatabaseUrl {
 pub struct Secret(String);
 
 impl Secret {
-    /// Accepts any non-empty string.
+    /// Accepts a string of at least [`MIN_SECRET_BYTES`] (32) bytes: a shorter HS256 secret
+    /// can be brute-forced offline from any one token. The error never contains the secret.
     pub fn parse(text: &str) -> Result<Secret, String> {
         if text.is_empty() {
             return Err("the secret is empty".to_owned());
+        }
+        if text.len() < MIN_SECRET_BYTES {
+            return Err(format!(
+                "the secret is {} bytes long; at least {MIN_SECRET_BYTES} are required \
+                 (generate one with `openssl rand -hex 32`)",
+                text.len()
+            ));
         }
         Ok(Secret(text.to_owned()))
     }
@@ -129,6 +138,35 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err("must be longer than zero".to_owned());
     }
     Ok(d)
+}
+
+/// Longest lifetime `pgcast token` mints (30 days; the refusal says so): a token cannot be revoked before its `exp` (short of
+/// changing the secret, which revokes every token), so a lost one must stop working soon.
+pub(crate) const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
+
+/// A token lifetime: a duration above zero and at most [`MAX_TOKEN_TTL`] (30 days).
+pub(crate) fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d > MAX_TOKEN_TTL {
+        return Err(
+            "must be at most 30 days (a token cannot be revoked before it expires; \
+                    mint a new one when it does)"
+                .to_owned(),
+        );
+    }
+    Ok(d)
+}
+
+/// A JWT `iss` or `aud` value: non-empty, printable, without surrounding whitespace (which
+/// would make a token that looks right fail the exact comparison).
+pub(crate) fn parse_claim(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    if text.trim() != text || text.chars().any(char::is_control) {
+        return Err("must not have surrounding whitespace or control characters".to_owned());
+    }
+    Ok(text.to_owned())
 }
 
 /// Formats a duration the way it is written on the command line (`24h`, `1h 30m`).
@@ -210,11 +248,43 @@ mod tests {
 
     #[test]
     fn secrets_print_redacted() {
-        let s = Secret::parse("s3cret").unwrap();
+        let text = "s3cret-that-is-at-least-32-bytes-long";
+        let s = Secret::parse(text).unwrap();
         assert_eq!(s.to_string(), "<redacted>");
         assert!(!format!("{s:?}").contains("s3cret"));
-        assert_eq!(s.expose(), b"s3cret");
+        assert_eq!(s.expose(), text.as_bytes());
         assert!(Secret::parse("").is_err());
+    }
+
+    #[test]
+    fn secrets_shorter_than_32_bytes_are_refused_without_showing_them() {
+        let short = "sixteen-byte-key";
+        let err = Secret::parse(short).map(|_| ()).unwrap_err();
+        assert!(err.contains("16 bytes") && err.contains("32"), "{err}");
+        assert!(!err.contains(short), "{err}");
+        assert!(Secret::parse(&"k".repeat(31)).is_err());
+        assert!(Secret::parse(&"k".repeat(32)).is_ok());
+    }
+
+    #[test]
+    fn token_lifetimes_are_capped_at_30_days() {
+        assert_eq!(parse_ttl("30d"), Ok(MAX_TOKEN_TTL));
+        assert_eq!(parse_ttl("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["30d 1s", "31d", "100y", "0s", "later"] {
+            assert!(parse_ttl(bad).is_err(), "{bad}");
+        }
+        assert!(parse_ttl("100y").unwrap_err().contains("at most 30 days"));
+    }
+
+    #[test]
+    fn claims_are_non_empty_and_trimmed() {
+        assert_eq!(
+            parse_claim("https://id.example/"),
+            Ok("https://id.example/".to_owned())
+        );
+        for bad in ["", " pgcast", "pgcast ", "a\nb"] {
+            assert!(parse_claim(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -223,6 +223,8 @@ async fn run(
         ServeOptions {
             pg: config,
             jwt_secret: secret,
+            jwt_issuer: None,
+            jwt_audience: None,
             retention: options.retention,
             migrate: false,
             links,

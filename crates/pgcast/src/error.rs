@@ -69,6 +69,9 @@ pub enum PgcastError {
     /// A token could not be signed.
     #[error("could not sign the token")]
     Token(#[source] pgcast_gateway::GatewayError),
+    /// The gateway refused its configuration (e.g. a JWT secret shorter than 32 bytes).
+    #[error("invalid gateway configuration")]
+    Gateway(#[source] pgcast_gateway::GatewayError),
 }
 
 impl PgcastError {

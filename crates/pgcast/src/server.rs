@@ -20,7 +20,7 @@ use axum::routing::get;
 use axum::serve::ListenerExt;
 use axum::Router;
 use deadpool_postgres::Pool;
-use pgcast_gateway::{Gateway, GatewayConfig};
+use pgcast_gateway::{Gateway, GatewayConfig, TokenVerifier};
 use pgcast_listener::{
     installed_version, migrate, EventLog, Listener, ListenerStatus, MigrationScope, Start,
     SCHEMA_VERSION,
@@ -69,8 +69,13 @@ const INDEX_HTML: &str = include_str!("../web/index.html");
 pub struct ServeOptions {
     /// Database (LISTEN connection and pool).
     pub pg: tokio_postgres::Config,
-    /// HS256 secret of client tokens.
+    /// HS256 secret of client tokens, at least 32 bytes.
     pub jwt_secret: Vec<u8>,
+    /// When set, only tokens with this `iss` are accepted.
+    pub jwt_issuer: Option<String>,
+    /// When set, only tokens with this `aud` are accepted; when not, a token naming any
+    /// audience is refused.
+    pub jwt_audience: Option<String>,
     /// Log retention.
     pub retention: Duration,
     /// Apply pending migrations before serving.
@@ -82,6 +87,8 @@ pub struct ServeOptions {
 impl fmt::Debug for ServeOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServeOptions")
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
             .field("retention", &self.retention)
             .field("migrate", &self.migrate)
             .finish_non_exhaustive()
@@ -105,6 +112,11 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: CancellationToken,
 ) -> Result<(), PgcastError> {
+    let mut gateway_config = GatewayConfig::new(options.jwt_secret.clone());
+    gateway_config.jwt_issuer = options.jwt_issuer.clone();
+    gateway_config.jwt_audience = options.jwt_audience.clone();
+    // Refuse a weak secret before touching the database; `Gateway::new` checks it again.
+    TokenVerifier::from_config(&gateway_config).map_err(PgcastError::Gateway)?;
     let pool = crate::db::pool(&options.pg, POOL_SIZE)?;
     {
         let mut client = crate::db::connect_config(&options.pg, "pgcast-serve").await?;
@@ -133,7 +145,7 @@ pub async fn serve(
     // The listener's stream and the gateway's notion of "now" start at the same position, so a
     // live subscription made before the first event is told a position it can resume from.
     let start = log.head().await?.head;
-    let gateway = Gateway::new(GatewayConfig::new(options.jwt_secret.clone()), log.clone());
+    let gateway = Gateway::new(gateway_config, log.clone()).map_err(PgcastError::Gateway)?;
     // The listener reads the log through a pool of its own: no amount of client snapshots and
     // replays can stall live events behind them.
     let listener_log = EventLog::new(crate::db::pool(&options.pg, LISTENER_POOL_SIZE)?);

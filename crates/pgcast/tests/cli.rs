@@ -9,7 +9,10 @@ use common::{pgcast, run, Run};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
-const SECRET: &str = "s3cret-never-printed";
+const SECRET: &str = "s3cret-never-printed-and-32-bytes-long";
+/// Too short to be accepted (16 bytes), and never printed either.
+const SHORT_SECRET: &str = "s3cret-16-bytes!";
+const SUB: &str = "6a0c5a7e-4b53-4d7e-9a57-0e3d1c0b6f10";
 const PASSWORD: &str = "hunter2-never-printed";
 
 fn url_with_password() -> String {
@@ -29,6 +32,7 @@ fn assert_usage_error(out: &Run, flag: &str) {
 fn assert_no_secrets(out: &Run) {
     for text in [&out.stdout, &out.stderr] {
         assert!(!text.contains(SECRET), "secret printed: {text}");
+        assert!(!text.contains(SHORT_SECRET), "short secret printed: {text}");
         assert!(!text.contains(PASSWORD), "password printed: {text}");
     }
 }
@@ -236,4 +240,198 @@ async fn token_refuses_a_workshop_for_other_roles() {
     assert!(out.stdout.is_empty());
     assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
     assert!(out.stderr.contains("--workshop"), "{}", out.stderr);
+}
+
+#[tokio::test]
+async fn short_secrets_are_refused_before_anything_binds() {
+    // A port we hold: had serve got as far as binding, it would fail with "could not listen"
+    // and exit status 1; had it got as far as the database, also 1.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let listen = held.local_addr().expect("address").to_string();
+    let url = url_with_password();
+    let out = run(pgcast([
+        "serve",
+        "--database-url",
+        &url,
+        "--listen",
+        &listen,
+        "--jwt-secret",
+        SHORT_SECRET,
+    ]))
+    .await;
+    assert_usage_error(&out, "--jwt-secret");
+    assert!(
+        out.stderr.contains("16 bytes") && out.stderr.contains("at least 32"),
+        "says why: {}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("pgcast serve"), "{}", out.stderr);
+
+    // The same from the environment, and for every command that takes a secret.
+    let mut cmd = pgcast(["serve"]);
+    cmd.env("DATABASE_URL", &url)
+        .env("PGCAST_LISTEN", &listen)
+        .env("PGCAST_JWT_SECRET", SHORT_SECRET);
+    assert_usage_error(&run(cmd).await, "--jwt-secret");
+    let mut cmd = pgcast(["token", "--sub", SUB, "--role", "service"]);
+    cmd.env("PGCAST_JWT_SECRET", SHORT_SECRET);
+    assert_usage_error(&run(cmd).await, "--jwt-secret");
+    // 31 bytes are not enough; 32 are.
+    let token = |secret: &str| {
+        pgcast([
+            "token",
+            "--jwt-secret",
+            secret,
+            "--sub",
+            SUB,
+            "--role",
+            "service",
+        ])
+    };
+    assert_eq!(run(token(&"k".repeat(31))).await.code, Some(2));
+    assert_eq!(run(token(&"k".repeat(32))).await.code, Some(0));
+    drop(held);
+}
+
+#[tokio::test]
+async fn token_lifetimes_are_capped_at_30_days() {
+    let token = |ttl: &str| {
+        pgcast([
+            "token",
+            "--jwt-secret",
+            SECRET,
+            "--sub",
+            SUB,
+            "--role",
+            "service",
+            "--ttl",
+            ttl,
+        ])
+    };
+    for too_long in ["100y", "31d", "30d 1s"] {
+        let out = run(token(too_long)).await;
+        assert_usage_error(&out, "--ttl");
+        assert!(out.stderr.contains("at most 30 days"), "{}", out.stderr);
+    }
+    let out = run(token("30d")).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let claims = decode(out.stdout.trim_end(), SECRET).expect("valid token");
+    let exp = claims["exp"].as_i64().expect("exp");
+    assert!((exp - (now() + 30 * 86_400)).abs() <= 60, "exp {exp}");
+}
+
+#[tokio::test]
+async fn token_stamps_issuer_and_audience() {
+    let issuer = "https://id.example";
+    let audience = "pgcast-prod";
+    let bound = |iss: &str, aud: &str| {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        validation.set_issuer(&[iss]);
+        validation.set_audience(&[aud]);
+        validation
+    };
+    let verify = |token: &str, validation: &Validation| {
+        jsonwebtoken::decode::<Value>(
+            token,
+            &DecodingKey::from_secret(SECRET.as_bytes()),
+            validation,
+        )
+        .map(|data| data.claims)
+    };
+
+    // Through flags.
+    let out = run(pgcast([
+        "token",
+        "--jwt-secret",
+        SECRET,
+        "--sub",
+        SUB,
+        "--role",
+        "service",
+        "--jwt-issuer",
+        issuer,
+        "--jwt-audience",
+        audience,
+    ]))
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let token = out.stdout.trim_end();
+    let claims = verify(token, &bound(issuer, audience)).expect("bound token");
+    assert_eq!(claims["iss"], issuer);
+    assert_eq!(claims["aud"], audience);
+    assert_eq!(claims["sub"], SUB);
+    assert!(verify(token, &bound("https://evil.example", audience)).is_err());
+    assert!(verify(token, &bound(issuer, "another-service")).is_err());
+
+    // Through the environment (what `serve` reads too).
+    let mut cmd = pgcast(["token", "--sub", SUB, "--role", "customer"]);
+    cmd.env("PGCAST_JWT_SECRET", SECRET)
+        .env("PGCAST_JWT_ISSUER", issuer)
+        .env("PGCAST_JWT_AUDIENCE", audience);
+    let out = run(cmd).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let claims = verify(out.stdout.trim_end(), &bound(issuer, audience)).expect("bound token");
+    assert_eq!(claims["role"], "customer");
+
+    // Without them, no such claims.
+    let out = run(pgcast([
+        "token",
+        "--jwt-secret",
+        SECRET,
+        "--sub",
+        SUB,
+        "--role",
+        "service",
+    ]))
+    .await;
+    let claims = decode(out.stdout.trim_end(), SECRET).expect("valid token");
+    assert!(
+        claims.get("iss").is_none() && claims.get("aud").is_none(),
+        "{claims}"
+    );
+
+    // An empty value is a usage error, not a token nobody accepts.
+    let out = run(pgcast([
+        "token",
+        "--jwt-secret",
+        SECRET,
+        "--sub",
+        SUB,
+        "--role",
+        "service",
+        "--jwt-audience",
+        "",
+    ]))
+    .await;
+    assert_usage_error(&out, "--jwt-audience");
+}
+
+#[tokio::test]
+async fn serve_shows_issuer_and_audience_in_its_summary() {
+    let url = url_with_password();
+    let out = run(pgcast([
+        "serve",
+        "--database-url",
+        &url,
+        "--jwt-secret",
+        SECRET,
+        "--jwt-issuer",
+        "https://id.example",
+        "--jwt-audience",
+        "pgcast-prod",
+    ]))
+    .await;
+    // The database is unreachable: the summary is printed, then the connection fails.
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.starts_with(
+            "pgcast serve listen=127.0.0.1:8080 database=postgres://app:<redacted>@127.0.0.1:1/shop \
+             jwt_secret=<redacted> jwt_issuer=https://id.example jwt_audience=pgcast-prod \
+             retention=1day migrate=false\n"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert_no_secrets(&out);
 }

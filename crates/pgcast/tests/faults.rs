@@ -1372,7 +1372,11 @@ async fn assert_logs_hold_no_secret(rust_log: &str) {
     };
     let valid_mechanic = token_for(secret.as_bytes(), &mechanic, Duration::from_secs(600));
     let valid_service = token_for(secret.as_bytes(), &service, Duration::from_secs(600));
-    let wrong_secret = token_for(b"not-the-secret", &mechanic, Duration::from_secs(600));
+    let wrong_secret = token_for(
+        b"not-the-secret-but-just-as-long-32b",
+        &mechanic,
+        Duration::from_secs(600),
+    );
     let expired = sign(
         secret.as_bytes(),
         &json!({"sub": Uuid::new_v4(), "role": "mechanic", "exp": unix_now() - 3600}),

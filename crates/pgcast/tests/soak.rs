@@ -339,7 +339,9 @@ async fn bad_auth(addr: SocketAddr, rng: &mut StdRng, stats: &Stats) -> Result<(
     stats.connections.fetch_add(1, Ordering::Relaxed);
     let who = principal(Uuid::new_v4(), Role::Mechanic, None);
     let frame = match rng.random_range(0..4) {
-        0 => json!({"type": "auth", "token": token_for(b"not-the-secret", &who, WAIT)}),
+        0 => {
+            json!({"type": "auth", "token": token_for(b"not-the-secret-but-just-as-long-32b", &who, WAIT)})
+        }
         1 => json!({"type": "auth", "token": "garbage.garbage.garbage"}),
         2 => json!({"type": "auth", "token": ""}),
         _ => json!({"type": "subscribe", "id": "q", "topic": "queue"}),

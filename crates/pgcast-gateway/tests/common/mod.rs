@@ -21,7 +21,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub const SECRET: &[u8] = b"gateway-test-secret";
+pub const SECRET: &[u8] = b"gateway-test-secret-of-at-least-32-bytes";
 pub const WAIT: Duration = Duration::from_secs(15);
 
 pub struct Harness {
@@ -64,7 +64,7 @@ impl Harness {
         let log = EventLog::new(pool(&db));
         let mut config = GatewayConfig::new(SECRET);
         tune(&mut config);
-        let gateway = Gateway::new(config, log.clone());
+        let gateway = Gateway::new(config, log.clone()).expect("gateway config");
         let start = log.head().await.expect("log head").head;
         let listener = Listener::new(db.pg_config(), log);
         let status = listener.status();

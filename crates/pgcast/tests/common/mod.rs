@@ -12,10 +12,12 @@ use tokio_postgres::Client;
 
 /// Every variable the binary reads, removed so that the machine's environment cannot change
 /// what a test sees; tests set the ones they mean.
-const ENV: [&str; 8] = [
+const ENV: [&str; 10] = [
     "DATABASE_URL",
     "PGCAST_LISTEN",
     "PGCAST_JWT_SECRET",
+    "PGCAST_JWT_ISSUER",
+    "PGCAST_JWT_AUDIENCE",
     "PGCAST_RETENTION",
     "PGCAST_MIGRATE",
     "PGCAST_SIMULATE",

@@ -25,7 +25,7 @@ use uuid::Uuid;
 use crate::common::{pgcast, LIMIT};
 
 /// The token secret of every `serve` the tests start.
-pub const SECRET: &str = "process-test-secret";
+pub const SECRET: &str = "process-test-secret-of-at-least-32-bytes";
 /// Bound for one awaited frame or condition; never reached when things work.
 pub const WAIT: Duration = Duration::from_secs(15);
 /// How often a polled condition (an HTTP status, a row count) is checked again.
