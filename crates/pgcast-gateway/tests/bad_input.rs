@@ -207,8 +207,6 @@ async fn malformed_frames_after_auth_get_bad_request_and_the_connection_stays_us
         r#"{"type":"subscribe","id":"1","topic":"queue","extra":true}"#.to_owned(),
         // A request id longer than 128 bytes.
         json!({"type": "ping", "id": long_id}).to_string(),
-        // Authenticating twice.
-        auth_frame(&h.token(&who)),
     ];
     for frame in &frames {
         ws.send_text(frame).await;
@@ -216,6 +214,12 @@ async fn malformed_frames_after_auth_get_bad_request_and_the_connection_stays_us
         assert!(e["message"].is_string(), "{e}");
         ws.ping().await;
     }
+    // Authenticating again is a token refresh: `ready` with the token's expiry.
+    ws.send_text(&auth_frame(&h.token(&who))).await;
+    let ready = ws.recv().await;
+    assert_eq!(ready["type"], "ready", "{ready}");
+    assert!(ready["expires_at"].as_u64().is_some(), "{ready}");
+    ws.ping().await;
     // A negative since: bad_request with the request id.
     ws.send(json!({"type": "subscribe", "id": "neg", "topic": "queue", "since": -1}))
         .await;
