@@ -377,3 +377,35 @@ async fn a_refresh_with_another_workshop_revokes_what_it_no_longer_allows() {
     ws.subscribe_err(&shop, "forbidden").await;
     h.stop().await;
 }
+
+#[tokio::test]
+async fn issuer_and_audience_bind_tokens_over_the_socket() {
+    let h = Harness::start_with(|c| {
+        c.jwt_issuer = Some("https://id.example".into());
+        c.jwt_audience = Some("pgcast".into());
+    })
+    .await;
+    let who = service();
+    let bound = pgcast_gateway::TokenMinter::new(SECRET)
+        .and_then(|m| m.with_issuer("https://id.example"))
+        .and_then(|m| m.with_audience("pgcast"))
+        .and_then(|m| m.mint(&who, Duration::from_secs(60)))
+        .unwrap();
+    let other_audience = pgcast_gateway::TokenMinter::new(SECRET)
+        .and_then(|m| m.with_issuer("https://id.example"))
+        .and_then(|m| m.with_audience("billing"))
+        .and_then(|m| m.mint(&who, Duration::from_secs(60)))
+        .unwrap();
+    let unbound = mint_token(SECRET, &who, Duration::from_secs(60)).unwrap();
+    for token in [other_audience, unbound] {
+        let mut ws = h.raw().await;
+        ws.send(json!({"type": "auth", "token": token})).await;
+        ws.expect_error("unauthorized").await;
+        ws.expect_close(1008).await;
+    }
+    let mut ws = h.raw().await;
+    ws.send(json!({"type": "auth", "token": bound})).await;
+    assert_eq!(ws.recv().await["type"], "ready");
+    ws.ping().await;
+    h.stop().await;
+}
