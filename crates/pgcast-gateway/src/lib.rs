@@ -6,12 +6,18 @@
 //!  Listener ──mpsc<Arc<AssignmentEvent>>──▶ dispatch task ──▶ Hub (RouteKey → subscriptions)
 //!                                                               │ try_send, never waits
 //!                                                               ▼ (frame serialized once per topic)
-//!  GET /ws ──upgrade──▶ connection task: auth ▸ select!{ client frame | queued frame | ping }
+//!  GET /ws ──upgrade──▶ connection task: auth ▸ select!{ client frame | queued frame | ping | exp }
 //!                          │ subscribe: register in Hub, then snapshot (REPEATABLE READ)
 //!                          │            or replay from the log (EventLog), drop duplicates
-//!                          ▼            by position
-//!                       socket  (queue full → close 4008; shutdown → close 1001)
+//!                          │            by position
+//!                          │ every frame: committed before the token's exp? a mechanic on
+//!                          ▼ session:<id> still a member at that position? (else revoked)
+//!                       socket  (queue full → 4008; exp → 4001; shutdown → 1001)
 //! ```
+//!
+//! Access is a property of each event, not of the subscription: the claims decide which topics
+//! may be asked for, the rows as they stood at the event's position decide what is sent, and
+//! the token's lifetime bounds both (a second `auth` frame refreshes it).
 //!
 //! Every task the gateway starts is tracked: [`Gateway::shutdown`] cancels them, closes every
 //! socket with 1001 and waits for them within a grace period.
