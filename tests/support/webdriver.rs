@@ -244,10 +244,23 @@ impl Browser {
             .unwrap_or_else(|e| panic!("open {url}: {e}"));
     }
 
+    /// Reloads the page and waits for it to load.
+    pub(crate) async fn reload(&self) {
+        self.client
+            .refresh()
+            .await
+            .unwrap_or_else(|e| panic!("reload: {e}"));
+    }
+
     /// Runs `script` (a function body; `return` gives the value) in the page.
     pub(crate) async fn eval(&self, script: &str) -> Value {
+        self.eval_with(script, Vec::new()).await
+    }
+
+    /// Runs `script` with `args` (its `arguments`); a returned promise is awaited.
+    pub(crate) async fn eval_with(&self, script: &str, args: Vec<Value>) -> Value {
         self.client
-            .execute(script, vec![])
+            .execute(script, args)
             .await
             .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
     }

@@ -177,19 +177,21 @@ async fn run(
     let token = |who: &Principal| {
         pgcast_gateway::mint_token(&secret, who, TOKEN_TTL).map_err(PgcastError::Token)
     };
+    // Tokens travel in the fragment, which browsers never send to a server or proxy; the pages
+    // take them out of the address bar as soon as they load.
     let links = vec![
         (
             format!("Mechanic queue ({})", WORKSHOPS[0].1),
-            format!("/mechanic?token={}", token(&mechanic)?),
+            format!("/mechanic#token={}", token(&mechanic)?),
         ),
         (
             "Mechanic queue (freelancer)".to_owned(),
-            format!("/mechanic?token={}", token(&freelancer)?),
+            format!("/mechanic#token={}", token(&freelancer)?),
         ),
         (
             "Customer session".to_owned(),
             format!(
-                "/customer?session={DEMO_SESSION}&token={}",
+                "/customer?session={DEMO_SESSION}#token={}",
                 token(&customer)?
             ),
         ),

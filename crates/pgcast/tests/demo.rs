@@ -1,6 +1,6 @@
 //! `pgcast demo` from nothing: it initialises and starts its own PostgreSQL, serves simulated
-//! traffic to the printed mechanic URL, stops everything on SIGTERM, and reuses its data on
-//! the next start.
+//! traffic to the printed mechanic URL (its token in the fragment, never the query), stops
+//! everything on SIGTERM, and reuses its data on the next start.
 
 mod common;
 mod running;
@@ -112,6 +112,19 @@ struct Demo {
     pg_port: u16,
 }
 
+/// The `token` of a URL's fragment (`…#token=<jwt>`).
+fn fragment_token(url: &str) -> String {
+    let (_, fragment) = url
+        .split_once('#')
+        .unwrap_or_else(|| panic!("no fragment in {url}"));
+    fragment
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| panic!("no token in the fragment of {url}"))
+        .to_owned()
+}
+
 impl Demo {
     async fn start(data_dir: &Path, extra: &[&str]) -> Demo {
         let dir = data_dir.to_str().expect("UTF-8 path");
@@ -134,7 +147,7 @@ impl Demo {
                 .unwrap_or_else(|| panic!("no {path} URL in:\n{out}"))
                 .to_string()
         };
-        let mechanic = url("/mechanic?token=");
+        let mechanic = url("/mechanic#");
         let customer = url("/customer?session=");
         for u in [&mechanic, &customer] {
             assert!(
@@ -143,17 +156,27 @@ impl Demo {
                 server.addr
             );
         }
-        let mechanic_token = mechanic.split_once("token=").expect("token").1.to_owned();
-        let query = customer.split_once('?').expect("query").1;
-        let param = |name: &str| {
-            query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-                .unwrap_or_else(|| panic!("no {name} in {customer}"))
-                .to_owned()
-        };
-        let session = param("session").parse().expect("session uuid");
-        let customer_token = param("token");
+        // Every printed link carries its token in the fragment, which the browser never sends.
+        for u in &urls {
+            let (before, _) = u.split_once('#').unwrap_or((u, ""));
+            assert!(
+                !before.contains("token="),
+                "a token outside the fragment: {u}"
+            );
+        }
+        let mechanic_token = fragment_token(&mechanic);
+        let query = customer
+            .split_once('?')
+            .and_then(|(_, rest)| rest.split_once('#'))
+            .expect("query and fragment")
+            .0;
+        let session = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("session="))
+            .unwrap_or_else(|| panic!("no session in {customer}"))
+            .parse()
+            .expect("session uuid");
+        let customer_token = fragment_token(&customer);
 
         let pg_line = out
             .lines()
@@ -228,6 +251,23 @@ async fn demo_starts_from_nothing_serves_simulated_events_stops_cleanly_and_reus
         let (status, _) = demo.server.get(path).await;
         assert_eq!(status, 200, "GET {path}");
     }
+    // The overview links to the same pages, tokens in the fragment too.
+    let (_, index) = demo.server.get("/").await;
+    let hrefs: Vec<&str> = index
+        .split("href=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .filter(|href| href.contains("token="))
+        .collect();
+    assert_eq!(hrefs.len(), 3, "three demo links with tokens in:\n{index}");
+    for href in hrefs {
+        let (before, _) = href.split_once('#').unwrap_or((href, ""));
+        assert!(
+            !before.contains("token="),
+            "a token outside the fragment: {href}"
+        );
+    }
+    assert!(index.contains(&format!("#token={}", demo.mechanic_token)));
     // The mechanic of the printed URL sees simulated changes in their queue.
     let mut mechanic = demo.server.client(&demo.mechanic_token).await;
     mechanic.subscribe("queue", json!({})).await;
