@@ -37,12 +37,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::PgcastError;
 
-/// Events buffered between the listener and the dispatcher. When full, the listener waits (and
-/// PostgreSQL buffers notifications); nothing is dropped.
+/// Events buffered between the listener and the dispatcher. When full, the listener waits
+/// before reading more of the log (the log keeps the events; doorbells are still read, so
+/// PostgreSQL's notification queue never fills behind us); nothing is dropped.
 const EVENT_BUFFER: usize = 8192;
 /// Query pool per replica: snapshots, replays, ownership checks, pruning, metrics.
 const POOL_SIZE: usize = 8;
-/// The listener's own pool: catch-up pages, references and gap fills.
+/// The listener's own pool: log reads after each doorbell and catch-up after a reconnect.
 const LISTENER_POOL_SIZE: usize = 2;
 /// How often old log rows are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -314,17 +315,23 @@ impl Collector for ListenerCollector {
         let counters = [
             (
                 "pgcast_listener_notifications",
-                "Notifications received on the LISTEN connection",
+                "Doorbells (notifications) received on the LISTEN connection",
                 s.notifications,
             ),
             (
+                "pgcast_listener_ignored_payloads",
+                "Notifications that carried a payload (pgcast's doorbell is empty): forged, \
+                 garbled or from an older trigger; ignored, they only woke the listener",
+                s.ignored_payloads,
+            ),
+            (
                 "pgcast_events_received",
-                "Events the listener emitted (live, caught up or resolved from the log)",
+                "Events the listener read from the log and emitted",
                 s.events,
             ),
             (
                 "pgcast_listener_decode_errors",
-                "Notifications or log rows that could not be decoded and were skipped",
+                "Log rows that could not be decoded and were skipped",
                 s.decode_errors,
             ),
             (
