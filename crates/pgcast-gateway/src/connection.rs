@@ -227,6 +227,14 @@ impl Connection {
         unix_micros(self.expires_at)
     }
 
+    /// Has the token's `exp` passed (by this machine's clock)?
+    fn past_expiry(&self) -> bool {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            >= self.expires_at
+    }
+
     /// Waits for the `auth` frame; anything else first is refused with 1008.
     async fn authenticate(&mut self) -> Result<Verified, End> {
         let deadline = tokio::time::Instant::now() + self.shared.config.auth_timeout;
@@ -414,6 +422,11 @@ impl Connection {
         let Some(principal) = self.principal else {
             return Err(End::Gone);
         };
+        // Within the leeway after `exp` nothing new starts: a snapshot would show rows as they
+        // stand after the token ended.
+        if self.past_expiry() {
+            return Err(End::Expired);
+        }
         let topic: Topic = match topic.parse() {
             Ok(t) => t,
             Err(e) => {

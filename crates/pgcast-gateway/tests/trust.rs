@@ -274,6 +274,15 @@ async fn an_event_committed_after_exp_is_never_sent_the_connection_closes_4001()
     h.insert(Uuid::new_v4(), "queued", None, None).await;
     ws.expect_error("token_expired").await;
     ws.expect_close(4001).await;
+
+    // Within the leeway after exp nothing new starts either: no snapshot of rows as they
+    // stand after the token ended.
+    let (mut late, exp) = client_with_ttl(&h, &who, Duration::from_secs(1)).await;
+    until_past(exp).await;
+    late.send(json!({"type": "subscribe", "id": "s", "topic": "assignments", "snapshot": true}))
+        .await;
+    late.expect_error("token_expired").await;
+    late.expect_close(4001).await;
     h.stop().await;
 }
 
