@@ -505,6 +505,7 @@ mod tests {
             assignment,
             prior,
             committed_at: chrono::DateTime::UNIX_EPOCH,
+            customer_id: None,
         };
         let queued = |workshop| PriorState {
             status: Status::Queued,

@@ -146,6 +146,7 @@ mod tests {
                 workshop_id: None,
             }),
             committed_at: chrono::DateTime::UNIX_EPOCH,
+            customer_id: None,
         }
     }
 

@@ -104,10 +104,12 @@ pub struct Assignment {
 }
 
 impl Assignment {
-    /// The fields that decide who may see this row.
+    /// The fields that decide who may see this row. The row alone does not name its session's
+    /// customer: `customer_id` is `None` (the caller sets it when it knows it).
     pub fn row_state(&self) -> crate::RowState {
         crate::RowState {
             session_id: self.session_id,
+            customer_id: None,
             status: self.status,
             mechanic_id: self.mechanic_id,
             workshop_id: self.workshop_id,

@@ -54,6 +54,9 @@ pub struct PriorState {
 pub struct RowState {
     /// Session of the row (never changes in practice; taken from the row image).
     pub session_id: Uuid,
+    /// Customer of the row's session, when known (recorded in the log at commit; a row read
+    /// alone does not carry it).
+    pub customer_id: Option<Uuid>,
     /// Status.
     pub status: Status,
     /// Mechanic.
@@ -75,6 +78,10 @@ pub struct AssignmentEvent {
     pub prior: Option<PriorState>,
     /// When the writing transaction committed (clock of the database), for latency metrics.
     pub committed_at: DateTime<Utc>,
+    /// Customer of the row's session as the database stood at commit (`sessions.customer_id`,
+    /// recorded in the log by the trigger); `None` when the session has no row there. A
+    /// session's customer never changes, so it is the same before and after the change.
+    pub customer_id: Option<Uuid>,
 }
 
 impl AssignmentEvent {
@@ -87,6 +94,7 @@ impl AssignmentEvent {
     pub fn before(&self) -> Option<RowState> {
         self.prior.map(|p| RowState {
             session_id: self.assignment.session_id,
+            customer_id: self.customer_id,
             status: p.status,
             mechanic_id: p.mechanic_id,
             workshop_id: p.workshop_id,
@@ -97,7 +105,10 @@ impl AssignmentEvent {
     pub fn after(&self) -> Option<RowState> {
         match self.kind {
             EventKind::Deleted => None,
-            EventKind::Created | EventKind::Updated => Some(self.assignment.row_state()),
+            EventKind::Created | EventKind::Updated => Some(RowState {
+                customer_id: self.customer_id,
+                ..self.assignment.row_state()
+            }),
         }
     }
 }

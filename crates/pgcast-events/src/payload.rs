@@ -46,6 +46,9 @@ struct RawPayload {
     committed_at: Option<DateTime<Utc>>,
     row: Option<Assignment>,
     old: Option<PriorState>,
+    /// Written by schema version 3 and later; older rows have none.
+    #[serde(default)]
+    customer_id: Option<uuid::Uuid>,
 }
 
 /// Decodes a log row's `payload` column.
@@ -76,6 +79,7 @@ pub fn decode_payload(text: &str) -> Result<AssignmentEvent, DecodeError> {
         assignment,
         prior,
         committed_at,
+        customer_id: raw.customer_id,
     })
 }
 

@@ -329,6 +329,7 @@ mod tests {
                 workshop_id: None,
             }),
             committed_at: chrono::DateTime::UNIX_EPOCH,
+            customer_id: None,
         };
         let text = EventFrame::encode(&Topic::Queue, &ev);
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();

@@ -59,6 +59,8 @@ pub enum Topic {
     Session(Uuid),
     /// One workshop's assignments, any status.
     Workshop(Uuid),
+    /// Every assignment of every session of one customer (an "active session" banner).
+    Customer(Uuid),
     /// Every event (services).
     Assignments,
 }
@@ -95,6 +97,7 @@ impl std::str::FromStr for Topic {
             "mechanic" => Topic::Mechanic,
             "session" => Topic::Session,
             "workshop" => Topic::Workshop,
+            "customer" => Topic::Customer,
             _ => return Err(TopicError::Unknown),
         };
         // Only the canonical lowercase hyphenated form, so one topic has exactly one spelling
@@ -115,6 +118,7 @@ impl std::fmt::Display for Topic {
             Topic::Mechanic(id) => write!(f, "mechanic:{id}"),
             Topic::Session(id) => write!(f, "session:{id}"),
             Topic::Workshop(id) => write!(f, "workshop:{id}"),
+            Topic::Customer(id) => write!(f, "customer:{id}"),
         }
     }
 }
@@ -146,6 +150,8 @@ pub enum RouteKey {
     Session(Uuid),
     /// `workshop:<id>` topic.
     Workshop(Uuid),
+    /// `customer:<id>` topic.
+    Customer(Uuid),
     /// `assignments` topic.
     All,
 }
@@ -166,6 +172,7 @@ fn state_keys(state: &RowState, keys: &mut Vec<RouteKey>) {
     keys.extend(state.mechanic_id.map(RouteKey::Mechanic));
     keys.extend(state.workshop_id.map(RouteKey::Workshop));
     keys.push(RouteKey::Session(state.session_id));
+    keys.extend(state.customer_id.map(RouteKey::Customer));
 }
 
 impl AssignmentEvent {
@@ -193,11 +200,13 @@ impl Topic {
             (Topic::Workshop(id), Role::Mechanic) if who.workshop_id == Some(*id) => {
                 Access::Allowed
             }
+            (Topic::Customer(id), Role::Customer) if *id == who.user_id => Access::Allowed,
             // A service sees every event through `assignments`; the narrower topics show it
             // nothing more, so tools may use them too.
-            (Topic::Mechanic(_) | Topic::Workshop(_) | Topic::Session(_), Role::Service) => {
-                Access::Allowed
-            }
+            (
+                Topic::Mechanic(_) | Topic::Workshop(_) | Topic::Session(_) | Topic::Customer(_),
+                Role::Service,
+            ) => Access::Allowed,
             (Topic::Session(_), Role::Customer | Role::Mechanic) => Access::NeedsSessionCheck,
             _ => Access::Forbidden,
         }
@@ -214,6 +223,7 @@ impl Topic {
             Topic::Mechanic(id) => vec![RouteKey::Mechanic(*id)],
             Topic::Session(id) => vec![RouteKey::Session(*id)],
             Topic::Workshop(id) => vec![RouteKey::Workshop(*id)],
+            Topic::Customer(id) => vec![RouteKey::Customer(*id)],
             Topic::Assignments => vec![RouteKey::All],
         }
     }
@@ -231,6 +241,7 @@ impl Topic {
             Topic::Mechanic(id) => state.mechanic_id == Some(*id),
             Topic::Session(id) => state.session_id == *id,
             Topic::Workshop(id) => state.workshop_id == Some(*id),
+            Topic::Customer(id) => state.customer_id == Some(*id),
             Topic::Assignments => true,
         }
     }
@@ -271,6 +282,7 @@ mod tests {
     fn state(status: Status, m: Option<u128>, w: Option<u128>) -> RowState {
         RowState {
             session_id: uuid(0x5e55),
+            customer_id: Some(uuid(0xc)),
             status,
             mechanic_id: m.map(uuid),
             workshop_id: w.map(uuid),
@@ -304,6 +316,7 @@ mod tests {
                 workshop_id: b.workshop_id,
             }),
             committed_at: chrono::DateTime::UNIX_EPOCH,
+            customer_id: after.customer_id,
         }
     }
 
@@ -315,6 +328,7 @@ mod tests {
             "mechanic:5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11",
             "session:5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11",
             "workshop:5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11",
+            "customer:5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11",
         ] {
             assert_eq!(s.parse::<Topic>().unwrap().to_string(), s);
         }
@@ -433,6 +447,20 @@ mod tests {
             Access::Forbidden
         );
         assert_eq!(Topic::Queue.authorize(&service), Access::Forbidden);
+        // customer:<id>: that customer only (and services).
+        assert_eq!(
+            Topic::Customer(uuid(0xc)).authorize(&customer),
+            Access::Allowed
+        );
+        assert_eq!(
+            Topic::Customer(uuid(0xd)).authorize(&customer),
+            Access::Forbidden
+        );
+        assert_eq!(Topic::Customer(uuid(0xc)).authorize(&m1), Access::Forbidden);
+        assert_eq!(
+            Topic::Customer(uuid(0xc)).authorize(&service),
+            Access::Allowed
+        );
     }
 
     /// The index (route keys) and the rule (`matches`) must agree on every combination of
@@ -449,6 +477,11 @@ mod tests {
                 }
             }
         }
+        // A session whose customer the log does not know reaches no customer topic.
+        states.push(RowState {
+            customer_id: None,
+            ..state(Status::Queued, None, None)
+        });
         let subscribers = [
             mechanic(M1, Some(W1)),
             mechanic(M2, Some(W2)),
@@ -467,6 +500,8 @@ mod tests {
                         Topic::Workshop(uuid(W1)),
                         Topic::Session(uuid(0x5e55)),
                         Topic::Session(uuid(0x5e56)),
+                        Topic::Customer(uuid(0xc)),
+                        Topic::Customer(uuid(0xd)),
                         Topic::Assignments,
                     ] {
                         let routed = topic.route_keys(who).iter().any(|k| keys.contains(k));

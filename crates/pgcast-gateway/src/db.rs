@@ -16,6 +16,7 @@ const SNAPSHOT_MECHANIC: &str = include_str!("../../../sql/snapshot_mechanic.sql
 const SNAPSHOT_SESSION: &str = include_str!("../../../sql/snapshot_session.sql");
 const SNAPSHOT_WORKSHOP: &str = include_str!("../../../sql/snapshot_workshop.sql");
 const SNAPSHOT_ASSIGNMENTS: &str = include_str!("../../../sql/snapshot_assignments.sql");
+const SNAPSHOT_CUSTOMER: &str = include_str!("../../../sql/snapshot_customer.sql");
 const SESSION_CUSTOMER: &str = include_str!("../../../sql/session_access_customer.sql");
 const SESSION_MEMBERSHIP: &str = include_str!("../../../sql/session_membership.sql");
 
@@ -114,6 +115,7 @@ pub(crate) async fn snapshot(
         Topic::Mechanic(id) => (SNAPSHOT_MECHANIC, Some(*id)),
         Topic::Session(id) => (SNAPSHOT_SESSION, Some(*id)),
         Topic::Workshop(id) => (SNAPSHOT_WORKSHOP, Some(*id)),
+        Topic::Customer(id) => (SNAPSHOT_CUSTOMER, Some(*id)),
         Topic::Assignments => (SNAPSHOT_ASSIGNMENTS, None),
     };
     let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(3);
@@ -140,7 +142,19 @@ pub(crate) async fn snapshot(
         return Err(GatewayError::SnapshotTooLarge(limit));
     }
     // SQL narrows, the shared rule decides: a snapshot can never show more than events do.
+    // The customer's rows were selected through `sessions`, which is where the log takes a
+    // session's customer from too.
+    let customer_id = match topic {
+        Topic::Customer(id) => Some(*id),
+        _ => None,
+    };
     let mut assignments = decode_rows(rows)?;
-    assignments.retain(|a| topic.sees(who, &a.row_state()));
+    assignments.retain(|a| {
+        let state = pgcast_events::RowState {
+            customer_id,
+            ..a.row_state()
+        };
+        topic.sees(who, &state)
+    });
     Ok((head, assignments))
 }

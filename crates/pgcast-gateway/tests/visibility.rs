@@ -530,8 +530,9 @@ fn member(rows: &HashMap<Uuid, RowSt>, session: Uuid, mechanic: Uuid) -> bool {
 
 /// Design §5, written here from the design and not taken from `pgcast_events`, so a wrong rule
 /// in the library shows up as a difference. (A mechanic on `session:<id>` is judged by
-/// [`member`] instead: the rule depends on the session's other rows.)
-fn visible(topic: &str, who: &Principal, s: &RowSt) -> bool {
+/// [`member`] instead: the rule depends on the session's other rows.) `customer_of` maps the
+/// sessions that have a `sessions` row to their customer.
+fn visible(topic: &str, who: &Principal, s: &RowSt, customer_of: &HashMap<Uuid, Uuid>) -> bool {
     match topic {
         // The open queue: queued rows that are general or for the own workshop; a row tied to
         // one mechanic (offered or queued to them directly) is in that mechanic's queue only.
@@ -553,6 +554,7 @@ fn visible(topic: &str, who: &Principal, s: &RowSt) -> bool {
                 "mechanic" => s.mechanic == Some(id),
                 "workshop" => s.workshop == Some(id),
                 "session" => s.session == id,
+                "customer" => customer_of.get(&s.session) == Some(&id),
                 _ => unreachable!("{topic}"),
             }
         }
@@ -610,6 +612,8 @@ struct Client {
     last_marker: Uuid,
     /// Sends a fresh token (same claims) after this many frames: delivery must not notice.
     refresh_after: Option<usize>,
+    /// How many frames carry the last marker (one per topic that sees it).
+    marker_frames: usize,
 }
 
 /// What one client's socket delivered: event frames, and for each `revoked` frame its topic and
@@ -709,22 +713,36 @@ async fn random_writes_reach_exactly_the_subscribers_the_rules_allow() {
             topics,
             last_marker: final_marker,
             refresh_after: (i % 7 == 3).then_some(5 + i),
+            marker_frames: 1,
         });
     }
     for (i, who) in customers.iter().enumerate() {
+        // Every customer follows their session; half of them also their whole account
+        // (customer:<id>), which carries the same session's events under another topic.
+        let mut topics = vec![format!("session:{}", sessions[i])];
+        if i % 2 == 0 {
+            topics.push(format!("customer:{}", who.user_id));
+        }
         clients.push(Client {
             who: *who,
-            topics: vec![format!("session:{}", sessions[i])],
+            marker_frames: topics.len(),
+            topics,
             last_marker: markers[i],
             refresh_after: (i == 1).then_some(3),
         });
     }
+    let customer_of: HashMap<Uuid, Uuid> = customers
+        .iter()
+        .zip(&sessions)
+        .map(|(c, s)| (*s, c.user_id))
+        .collect();
     let svc = service();
     clients.push(Client {
         who: svc,
         topics: vec!["assignments".to_owned()],
         last_marker: final_marker,
         refresh_after: Some(100),
+        marker_frames: 1,
     });
     for c in &clients {
         let mut ws = h.client(&c.who).await;
@@ -741,6 +759,7 @@ async fn random_writes_reach_exactly_the_subscribers_the_rules_allow() {
     let mut readers = Vec::new();
     for (c, mut ws) in clients.iter().zip(sockets) {
         let stop = c.last_marker;
+        let mut stop_frames = c.marker_frames;
         let refresh = c.refresh_after.map(|n| (n, h.token(&c.who)));
         readers.push(tokio::spawn(async move {
             let mut got = Stream::default();
@@ -765,9 +784,11 @@ async fn random_writes_reach_exactly_the_subscribers_the_rules_allow() {
                     Some("ready") if got.refreshed => continue,
                     _ => panic!("unexpected frame {frame}"),
                 }
-                let done = id_of(&frame) == stop;
+                if id_of(&frame) == stop {
+                    stop_frames -= 1;
+                }
                 got.events.push(frame);
-                if done {
+                if stop_frames == 0 {
                     return got;
                 }
             }
@@ -973,8 +994,8 @@ async fn random_writes_reach_exactly_the_subscribers_the_rules_allow() {
                     )
                 } else {
                     (
-                        before.is_some_and(|b| visible(t, &c.who, &b)),
-                        after.is_some_and(|a| visible(t, &c.who, &a)),
+                        before.is_some_and(|b| visible(t, &c.who, &b, &customer_of)),
+                        after.is_some_and(|a| visible(t, &c.who, &a, &customer_of)),
                     )
                 };
                 if saw_before || sees_after {

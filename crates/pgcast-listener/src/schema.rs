@@ -13,7 +13,7 @@ mod realtime {
 
 /// The value of `pgcast.version()` this build expects. Bumped together with a new realtime
 /// migration that redefines `pgcast.version()`.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Key of the session advisory lock that serializes concurrent `migrate` runs (several replicas
 /// started at once).

@@ -186,7 +186,7 @@ pub struct TailArgs {
     #[arg(long, value_name = "POSITION", value_parser = clap::value_parser!(i64).range(0..))]
     pub since: Option<Position>,
     /// Only events visible on this topic: assignments (default), mechanic:<uuid>,
-    /// session:<uuid> or workshop:<uuid>.
+    /// session:<uuid>, workshop:<uuid> or customer:<uuid>.
     #[arg(long, value_name = "TOPIC", value_parser = parse_tail_topic)]
     pub topic: Option<Topic>,
 }

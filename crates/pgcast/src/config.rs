@@ -197,7 +197,7 @@ pub fn parse_role(text: &str) -> Result<Role, String> {
 /// and so means nothing to an operator tool.
 pub fn parse_tail_topic(text: &str) -> Result<Topic, String> {
     let topic: Topic = text.parse().map_err(|e| {
-        format!("{e}; expected assignments, mechanic:<uuid>, session:<uuid> or workshop:<uuid>")
+        format!("{e}; expected assignments, mechanic:<uuid>, session:<uuid>, workshop:<uuid> or customer:<uuid>")
     })?;
     if topic == Topic::Queue {
         return Err(QUEUE_NEEDS_MECHANIC.to_owned());
