@@ -1,0 +1,272 @@
+//! What a database role without pgcast's privileges can and cannot do (design §3.7): it may
+//! LISTEN and NOTIFY (PostgreSQL allows that to every role that can connect) and take advisory
+//! locks, but it learns no row data from the channel, cannot attach pgcast's trigger function,
+//! cannot write the log and cannot take the locks that order commits or pruning.
+
+mod common;
+
+use std::future::poll_fn;
+use std::time::Duration;
+
+use common::*;
+use pgcast_testkit::{PgCluster, TestDb};
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+mod realtime {
+    refinery::embed_migrations!("../../migrations/realtime");
+}
+mod app {
+    refinery::embed_migrations!("../../migrations/app");
+}
+
+/// A login role with the given grants, and a connection as it whose notifications are
+/// forwarded to the returned receiver.
+async fn role(
+    db: &TestDb,
+    admin: &Client,
+    name: &str,
+    grants: &str,
+) -> (Client, mpsc::UnboundedReceiver<String>) {
+    let role = format!("{name}_{}", db.name());
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; {}",
+            grants.replace("{role}", &role)
+        ))
+        .await
+        .expect("create role");
+    let mut config = db.pg_config();
+    config.user(&role);
+    let (client, mut connection) = config.connect(NoTls).await.expect("connect as the role");
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = poll_fn(|cx| connection.poll_message(cx)).await {
+            if let AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    (client, rx)
+}
+
+/// The error of a statement that must fail with "permission denied".
+async fn denied(client: &Client, sql: &str) {
+    let err = client
+        .batch_execute(sql)
+        .await
+        .expect_err(&format!("{sql} must be refused"));
+    let db = err.as_db_error().unwrap_or_else(|| panic!("{sql}: {err}"));
+    assert_eq!(
+        db.code(),
+        &tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE,
+        "{sql}: {}",
+        db.message()
+    );
+}
+
+#[tokio::test]
+async fn a_role_that_can_only_connect_hears_doorbells_without_row_data() {
+    let (db, mut client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let (snoop, mut heard) = role(&db, &client, "snoop", "").await;
+    snoop
+        .batch_execute("LISTEN pgcast_assignments")
+        .await
+        .expect("PostgreSQL lets any role LISTEN");
+    let tx = client.transaction().await.unwrap();
+    for name in ["Ana Secret", "Ben Private", "Cy Hidden"] {
+        tx.execute(INSERT_ONE, &[&name]).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    client.execute(INSERT_ONE, &[&"Dee Quiet"]).await.unwrap();
+    // Two transactions, two doorbells, both empty.
+    for _ in 0..2 {
+        let payload = tokio::time::timeout(LIMIT, heard.recv())
+            .await
+            .expect("a doorbell")
+            .expect("connection alive");
+        assert_eq!(payload, "", "the channel carries no row data");
+    }
+    // And the log itself is out of reach.
+    denied(&snoop, "SELECT payload FROM pgcast.assignment_events").await;
+}
+
+#[tokio::test]
+async fn a_role_with_usage_on_the_schema_cannot_attach_write_or_lock() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let (intruder, _) = role(
+        &db,
+        &client,
+        "intruder",
+        "GRANT USAGE ON SCHEMA pgcast TO {role}",
+    )
+    .await;
+
+    // Attaching the SECURITY DEFINER function to its own temp table: no EXECUTE.
+    intruder
+        .batch_execute(
+            "CREATE TEMP TABLE fake (id uuid, session_id uuid, mechanic_id uuid, workshop_id uuid,
+                                     status text)",
+        )
+        .await
+        .unwrap();
+    denied(
+        &intruder,
+        "CREATE CONSTRAINT TRIGGER fake_emit AFTER INSERT ON fake DEFERRABLE INITIALLY DEFERRED
+         FOR EACH ROW EXECUTE FUNCTION pgcast.emit_assignment_event()",
+    )
+    .await;
+    denied(&intruder, "SELECT pgcast.emit_assignment_event()").await;
+    denied(&intruder, "SELECT pgcast.prune_events('1 second')").await;
+    denied(
+        &intruder,
+        "INSERT INTO pgcast.assignment_events VALUES (999999, gen_random_uuid(), 'insert', now(), '{}')",
+    )
+    .await;
+    denied(&intruder, "DELETE FROM pgcast.assignment_events").await;
+    denied(&intruder, "SELECT nextval('pgcast.event_position')").await;
+    // The commit-order lock and the prune lock.
+    denied(
+        &intruder,
+        "BEGIN; LOCK TABLE pgcast.commit_order IN EXCLUSIVE MODE",
+    )
+    .await;
+    intruder.batch_execute("ROLLBACK").await.unwrap();
+    denied(
+        &intruder,
+        "BEGIN; SELECT * FROM pgcast.log_state FOR UPDATE",
+    )
+    .await;
+    intruder.batch_execute("ROLLBACK").await.unwrap();
+
+    // What it can take — the advisory keys pgcast used to rely on, and an open transaction
+    // that touched what it could — stalls nothing: writes commit and pruning runs.
+    intruder
+        .batch_execute(
+            "SELECT pg_advisory_lock(7277017001), pg_advisory_lock(7277017002);
+             BEGIN; SELECT count(*) FROM pg_class; SELECT pg_advisory_xact_lock(7277017001);",
+        )
+        .await
+        .unwrap();
+    let mut listener = start_listener(&db, pgcast_listener::Start::Head).await;
+    tokio::time::timeout(LIMIT, client.execute(INSERT_ONE, &[&"still writes"]))
+        .await
+        .expect("a write commits while the intruder holds what it can")
+        .unwrap();
+    let got = listener.take(1, LIMIT).await;
+    assert_eq!(
+        got[0].assignment.customer_name.as_deref(),
+        Some("still writes")
+    );
+    let pruned: i32 = tokio::time::timeout(
+        LIMIT,
+        client.query_one("SELECT pgcast.prune_events('1 hour')", &[]),
+    )
+    .await
+    .expect("pruning runs while the intruder holds what it can")
+    .unwrap()
+    .get(0);
+    assert_eq!(pruned, 0);
+    let ran: bool = client
+        .query_one(
+            "SELECT last_pruned_at > now() - interval '1 minute' FROM pgcast.log_state",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ran, "pruning records its run");
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn the_trigger_function_refuses_any_other_table() {
+    let (_db, mut client) = migrated_db(PgCluster::shared().unwrap()).await;
+    // A superuser bypasses EXECUTE; the function itself still refuses.
+    client
+        .batch_execute(
+            "CREATE TABLE other_assignments (LIKE session_assignments INCLUDING DEFAULTS);
+             CREATE CONSTRAINT TRIGGER other_emit AFTER INSERT ON other_assignments
+                 DEFERRABLE INITIALLY DEFERRED
+                 FOR EACH ROW EXECUTE FUNCTION pgcast.emit_assignment_event();",
+        )
+        .await
+        .unwrap();
+    let before = log_positions(&client).await;
+    let tx = client.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO other_assignments (session_id, status) VALUES (gen_random_uuid(), 'queued')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let err = tx
+        .commit()
+        .await
+        .expect_err("the foreign table's commit is refused");
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(
+        message.contains("only the table it was installed on"),
+        "{err}"
+    );
+    assert_eq!(log_positions(&client).await, before, "nothing was logged");
+    // The real table still works.
+    client.execute(INSERT_ONE, &[&"real"]).await.unwrap();
+    assert_eq!(log_positions(&client).await.len(), before.len() + 1);
+}
+
+#[tokio::test]
+async fn a_version_1_install_upgrades_keeping_its_log() {
+    let db = PgCluster::shared()
+        .unwrap()
+        .create_database()
+        .await
+        .unwrap();
+    let mut client = db.connect().await.unwrap();
+    client
+        .batch_execute("CREATE SCHEMA IF NOT EXISTS pgcast")
+        .await
+        .unwrap();
+    app::migrations::runner()
+        .set_migration_table_name("pgcast.app_migrations")
+        .run_async(&mut client)
+        .await
+        .unwrap();
+    let mut v1 = realtime::migrations::runner().set_target(refinery::Target::Version(1));
+    v1.set_migration_table_name("pgcast.realtime_migrations");
+    v1.run_async(&mut client).await.unwrap();
+    assert_eq!(
+        pgcast_listener::installed_version(&client).await.unwrap(),
+        Some(1)
+    );
+    for name in ["old one", "old two"] {
+        client.execute(INSERT_ONE, &[&name]).await.unwrap();
+    }
+    let old = log_positions(&client).await;
+    assert_eq!(old.len(), 2);
+
+    let applied = pgcast_listener::migrate(&mut client, pgcast_listener::MigrationScope::All)
+        .await
+        .unwrap();
+    assert!(applied >= 1);
+    assert_eq!(
+        pgcast_listener::installed_version(&client).await.unwrap(),
+        Some(pgcast_listener::SCHEMA_VERSION)
+    );
+    // The old rows are still there and readable; new writes continue the positions.
+    let mut listener = start_listener(&db, pgcast_listener::Start::After(0)).await;
+    client.execute(INSERT_ONE, &[&"new"]).await.unwrap();
+    let got = listener.take(3, LIMIT).await;
+    let names: Vec<_> = got
+        .iter()
+        .map(|e| e.assignment.customer_name.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(names, ["old one", "old two", "new"]);
+    assert!(got[2].position > old[1]);
+    listener.stop().await;
+}
