@@ -8,7 +8,8 @@ FROM (VALUES
     (4, 'table pgcast.assignment_events',                    to_regclass('pgcast.assignment_events')::oid),
     (5, 'table pgcast.log_state',                            to_regclass('pgcast.log_state')::oid),
     (6, 'function pgcast.emit_assignment_event()',           to_regprocedure('pgcast.emit_assignment_event()')::oid),
-    (7, 'function pgcast.prune_events(interval, integer)',   to_regprocedure('pgcast.prune_events(interval, integer)')::oid)
+    (7, 'function pgcast.prune_events(interval, integer)',   to_regprocedure('pgcast.prune_events(interval, integer)')::oid),
+    (8, 'table pgcast.commit_order',                         to_regclass('pgcast.commit_order')::oid)
 ) AS expected(n, object, oid)
 WHERE expected.oid IS NULL
 ORDER BY expected.n

@@ -16,6 +16,9 @@ const TRIGGER: &str = include_str!("../../../sql/doctor_trigger.sql");
 const NOTIFY_QUEUE: &str = include_str!("../../../sql/doctor_notify_queue.sql");
 const LOG: &str = include_str!("../../../sql/doctor_log.sql");
 const LISTENERS: &str = include_str!("../../../sql/doctor_listeners.sql");
+const GRANTS: &str = include_str!("../../../sql/doctor_grants.sql");
+const COMMIT_LOCK: &str = include_str!("../../../sql/doctor_commit_lock.sql");
+const PRUNING: &str = include_str!("../../../sql/doctor_pruning.sql");
 
 /// The application table the trigger must be on.
 const TABLE: &str = "session_assignments";
@@ -24,6 +27,12 @@ const TRIGGER_NAME: &str = "pgcast_emit_assignment_event";
 /// Above this fraction of the NOTIFY queue in use, the database is unhealthy: at 100 % every
 /// transaction that writes `session_assignments` fails at commit.
 pub const MAX_QUEUE_USAGE: f64 = 0.5;
+/// A session holding the commit-order lock this long is stalling every write to
+/// `session_assignments` (a commit holds it for microseconds).
+const MAX_COMMIT_LOCK: Duration = Duration::from_secs(5);
+/// `pgcast serve` prunes every minute; no run for this long means pruning is stuck or no
+/// server has run.
+const MAX_PRUNE_GAP: Duration = Duration::from_secs(3600);
 
 /// Outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +58,8 @@ impl Verdict {
 /// One line of the report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Check {
-    /// Short stable name: `schema`, `trigger`, `notify queue`, `event log`, `listeners`.
+    /// Short stable name: `schema`, `trigger`, `grants`, `commit lock`, `notify queue`,
+    /// `event log`, `pruning`, `listeners`.
     pub name: &'static str,
     /// Pass, warn or fail.
     pub verdict: Verdict,
@@ -135,6 +145,10 @@ pub async fn diagnose(client: &Client) -> Result<DoctorReport, PgcastError> {
     }
 
     trigger_check(client, &mut report).await?;
+    if installed {
+        grants_check(client, &mut report).await?;
+        commit_lock_check(client, &mut report).await?;
+    }
 
     let usage: f64 = client
         .query_one(NOTIFY_QUEUE, &[])
@@ -162,6 +176,7 @@ pub async fn diagnose(client: &Client) -> Result<DoctorReport, PgcastError> {
 
     if installed {
         log_check(client, &mut report).await?;
+        pruning_check(client, &mut report).await?;
     } else {
         report.push(
             "event log",
@@ -260,6 +275,102 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
         (true, Some(_), Some(true)) => (Verdict::Ok, format!("trigger {on} is enabled")),
     };
     report.push("trigger", verdict, detail);
+    Ok(())
+}
+
+/// Grants that would let another role write the log, run pgcast's functions or create objects
+/// in its schema: each one undoes a guarantee (design §3.7).
+async fn grants_check(client: &Client, report: &mut DoctorReport) -> Result<(), PgcastError> {
+    let grants: Vec<String> = client
+        .query(GRANTS, &[])
+        .await
+        .map_err(query_error("grants"))?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()
+        .map_err(query_error("grants"))?;
+    if grants.is_empty() {
+        report.push(
+            "grants",
+            Verdict::Ok,
+            "only pgcast's owner may write the log or run its functions",
+        );
+    } else {
+        report.push(
+            "grants",
+            Verdict::Fail,
+            format!(
+                "dangerous grants: {}; REVOKE them (only pgcast's owner may write the log, draw                  positions or run its functions)",
+                grants.join(", ")
+            ),
+        );
+    }
+    Ok(())
+}
+
+async fn commit_lock_check(client: &Client, report: &mut DoctorReport) -> Result<(), PgcastError> {
+    let rows = client
+        .query(COMMIT_LOCK, &[])
+        .await
+        .map_err(query_error("commit lock"))?;
+    let Some(row) = rows.first() else {
+        report.push("commit lock", Verdict::Ok, "not held");
+        return Ok(());
+    };
+    let pid: i32 = row.try_get(0).map_err(query_error("commit lock"))?;
+    let application: String = row.try_get(1).map_err(query_error("commit lock"))?;
+    let state: String = row.try_get(2).map_err(query_error("commit lock"))?;
+    let held: Option<f64> = row.try_get(3).map_err(query_error("commit lock"))?;
+    let waiting: i64 = row.try_get(4).map_err(query_error("commit lock"))?;
+    let detail = format!(
+        "held by pid {pid} ({application:?}, {state}) for {}, {waiting} writer(s) waiting",
+        age(held)
+    );
+    if held.is_some_and(|h| h > MAX_COMMIT_LOCK.as_secs_f64()) {
+        report.push(
+            "commit lock",
+            Verdict::Fail,
+            format!(
+                "{detail}: every commit that writes session_assignments waits for it (a                  transaction that ran SET CONSTRAINTS ALL IMMEDIATE holds it until it ends);                  end that transaction or pg_terminate_backend({pid})"
+            ),
+        );
+    } else {
+        report.push("commit lock", Verdict::Ok, detail);
+    }
+    Ok(())
+}
+
+async fn pruning_check(client: &Client, report: &mut DoctorReport) -> Result<(), PgcastError> {
+    let row = client
+        .query_one(PRUNING, &[])
+        .await
+        .map_err(query_error("pruning"))?;
+    let since_run: Option<f64> = row.try_get(0).map_err(query_error("pruning"))?;
+    let oldest: Option<f64> = row.try_get(1).map_err(query_error("pruning"))?;
+    let oldest = match oldest {
+        Some(o) => format!("oldest event {} old", age(Some(o))),
+        None => "log empty".to_owned(),
+    };
+    match since_run {
+        None => report.push(
+            "pruning",
+            Verdict::Warn,
+            format!("has not run yet (pgcast serve prunes every minute); {oldest}"),
+        ),
+        Some(s) if s > MAX_PRUNE_GAP.as_secs_f64() => report.push(
+            "pruning",
+            Verdict::Fail,
+            format!(
+                "last ran {} ago (pgcast serve prunes every minute): the log grows without                  bound; is a pgcast serve running, or does a session hold the pgcast.log_state                  row lock?; {oldest}",
+                age(Some(s))
+            ),
+        ),
+        Some(s) => report.push(
+            "pruning",
+            Verdict::Ok,
+            format!("last ran {} ago; {oldest}", age(Some(s))),
+        ),
+    }
     Ok(())
 }
 

@@ -183,3 +183,108 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn dangerous_grants_are_a_failure() {
+    let (db, client) = migrated_db().await;
+    let report = doctor(&db, &client).await;
+    assert_eq!(
+        report.check("grants").map(|c| c.verdict),
+        Some(Verdict::Ok),
+        "{report}"
+    );
+    let role = format!("helper_{}", db.name());
+    client
+        .batch_execute(&format!(
+            "CREATE ROLE {role};
+             GRANT EXECUTE ON FUNCTION pgcast.emit_assignment_event() TO PUBLIC;
+             GRANT INSERT ON pgcast.assignment_events TO {role};
+             GRANT CREATE ON SCHEMA pgcast TO {role};"
+        ))
+        .await
+        .expect("grant");
+    let report = doctor(&db, &client).await;
+    let detail = failed(&report, "grants");
+    for grant in [
+        "EXECUTE on function pgcast.emit_assignment_event() to PUBLIC".to_owned(),
+        format!("INSERT on table pgcast.assignment_events to {role}"),
+        format!("CREATE on schema pgcast to {role}"),
+    ] {
+        assert!(detail.contains(&grant), "{grant} not in {detail}");
+    }
+    // A read grant for a monitor role is not dangerous.
+    client
+        .batch_execute(&format!(
+            "REVOKE EXECUTE ON FUNCTION pgcast.emit_assignment_event() FROM PUBLIC;
+             REVOKE INSERT ON pgcast.assignment_events FROM {role};
+             REVOKE CREATE ON SCHEMA pgcast FROM {role};
+             GRANT USAGE ON SCHEMA pgcast TO {role};
+             GRANT SELECT ON ALL TABLES IN SCHEMA pgcast TO {role};"
+        ))
+        .await
+        .expect("revoke");
+    assert!(doctor(&db, &client).await.is_healthy());
+}
+
+#[tokio::test]
+async fn a_commit_lock_held_by_an_idle_transaction_is_a_failure() {
+    let (db, client) = migrated_db().await;
+    let holder = db.connect().await.expect("connect");
+    // What an ORM's SET CONSTRAINTS ALL IMMEDIATE does: the deferred trigger fires at the
+    // statement and its lock stays until the transaction ends.
+    holder
+        .batch_execute(
+            "BEGIN; SET CONSTRAINTS ALL IMMEDIATE;
+             INSERT INTO session_assignments (session_id, status) VALUES (gen_random_uuid(), 'queued');",
+        )
+        .await
+        .expect("hold the lock");
+    let started = Instant::now();
+    let report = doctor(&db, &client).await;
+    assert_eq!(
+        report.check("commit lock").map(|c| c.verdict),
+        Some(Verdict::Ok),
+        "held only briefly so far: {report}"
+    );
+    // Past the threshold (5 s of holding) it is a failure naming the session.
+    let wait = Duration::from_secs(6).saturating_sub(started.elapsed());
+    tokio::time::sleep(wait).await;
+    let report = doctor(&db, &client).await;
+    let detail = failed(&report, "commit lock");
+    assert!(detail.contains("idle in transaction"), "{detail}");
+    assert!(detail.contains("pg_terminate_backend("), "{detail}");
+    holder.batch_execute("COMMIT").await.expect("commit");
+    let report = doctor(&db, &client).await;
+    assert_eq!(
+        report
+            .check("commit lock")
+            .map(|c| (c.verdict, c.detail.as_str())),
+        Some((Verdict::Ok, "not held")),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn pruning_that_stopped_is_a_failure() {
+    let (db, client) = migrated_db().await;
+    let report = doctor(&db, &client).await;
+    let pruning = report.check("pruning").expect("pruning check");
+    assert_eq!(pruning.verdict, Verdict::Warn, "never ran yet: {report}");
+    client
+        .query_one("SELECT pgcast.prune_events('1 day')", &[])
+        .await
+        .expect("prune");
+    let report = doctor(&db, &client).await;
+    assert_eq!(
+        report.check("pruning").map(|c| c.verdict),
+        Some(Verdict::Ok),
+        "{report}"
+    );
+    client
+        .batch_execute("UPDATE pgcast.log_state SET last_pruned_at = now() - interval '3 hours'")
+        .await
+        .expect("age the last run");
+    let report = doctor(&db, &client).await;
+    let detail = failed(&report, "pruning");
+    assert!(detail.contains("last ran 3h"), "{detail}");
+}
