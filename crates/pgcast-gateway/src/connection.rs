@@ -580,18 +580,7 @@ impl Connection {
         let mut membership = SessionMembership::new(session, mechanic, view.granting);
         let position = view.head.head;
         if let Some(assignments) = view.rows {
-            self.send(ServerMessage::Subscribed {
-                id,
-                topic: topic.clone(),
-                position,
-            })
-            .await?;
-            self.send(ServerMessage::Snapshot {
-                topic,
-                position,
-                assignments,
-            })
-            .await?;
+            self.send_snapshot(id, topic, position, assignments).await?;
         } else if let Some(since) = since {
             let replayed = self
                 .start_with_replay(sub, id, topic, since, view.head, Some(&mut membership))
@@ -610,6 +599,28 @@ impl Connection {
         Ok(Some((position, Some(membership))))
     }
 
+    /// `subscribed` at `position`, then the snapshot taken there.
+    async fn send_snapshot(
+        &mut self,
+        id: Option<String>,
+        topic: String,
+        position: Position,
+        assignments: Vec<pgcast_events::Assignment>,
+    ) -> Result<(), End> {
+        self.send(ServerMessage::Subscribed {
+            id,
+            topic: topic.clone(),
+            position,
+        })
+        .await?;
+        self.send(ServerMessage::Snapshot {
+            topic,
+            position,
+            assignments,
+        })
+        .await
+    }
+
     /// `Ok(None)`: the subscription did not start (an error was sent to the client).
     async fn start_with_snapshot(
         &mut self,
@@ -620,18 +631,7 @@ impl Connection {
         let limit = self.shared.config.snapshot_limit;
         match db::snapshot(self.shared.log.pool(), &sub.topic, &sub.principal, limit).await {
             Ok((position, assignments)) => {
-                self.send(ServerMessage::Subscribed {
-                    id,
-                    topic: topic.clone(),
-                    position,
-                })
-                .await?;
-                self.send(ServerMessage::Snapshot {
-                    topic,
-                    position,
-                    assignments,
-                })
-                .await?;
+                self.send_snapshot(id, topic, position, assignments).await?;
                 Ok(Some(position))
             }
             Err(error) => {

@@ -53,12 +53,7 @@ pub(crate) async fn mechanic_session(
     rows_limit: Option<usize>,
 ) -> Result<SessionView, GatewayError> {
     let mut client = pool.get().await?;
-    let tx = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
+    let tx = consistent_read(&mut client).await?;
     let head = tx.query_one(LOG_HEAD, &[]).await?;
     let head = LogHead {
         head: head.try_get(0)?,
@@ -89,6 +84,20 @@ pub(crate) async fn mechanic_session(
         granting,
         rows,
     })
+}
+
+/// A read-only REPEATABLE READ transaction: every query in it sees one snapshot, so rows and
+/// the log head read in it agree (positions are commit-ordered, so the snapshot holds exactly
+/// the events up to its head).
+async fn consistent_read(
+    client: &mut deadpool_postgres::Client,
+) -> Result<deadpool_postgres::Transaction<'_>, GatewayError> {
+    Ok(client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?)
 }
 
 fn decode_rows(rows: Vec<tokio_postgres::Row>) -> Result<Vec<Assignment>, GatewayError> {
@@ -128,12 +137,7 @@ pub(crate) async fn snapshot(
     params.push(&fetch);
 
     let mut client = pool.get().await?;
-    let tx = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
+    let tx = consistent_read(&mut client).await?;
     let head: Position = tx.query_one(LOG_HEAD, &[]).await?.try_get(0)?;
     let stmt = tx.prepare_cached(sql).await?;
     let rows = tx.query(&stmt, &params).await?;
