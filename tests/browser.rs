@@ -19,6 +19,8 @@
 
 #[path = "support/pgcast_server.rs"]
 mod pgcast_server;
+// Each test binary uses part of the shared helpers.
+#[allow(dead_code)]
 #[path = "support/webdriver.rs"]
 mod webdriver;
 

@@ -225,6 +225,8 @@ impl Browser {
             "goog:chromeOptions".into(),
             json!({ "binary": CHROMIUM, "args": args }),
         );
+        // Console messages (and failed loads) are kept for `Browser::console`.
+        capabilities.insert("goog:loggingPrefs".into(), json!({ "browser": "ALL" }));
         let connect = ClientBuilder::new(HttpConnector::new())
             .capabilities(capabilities)
             .connect(&format!("http://127.0.0.1:{port}"))
@@ -322,9 +324,10 @@ impl Browser {
         .await;
         let png = self.client.screenshot().await.expect("screenshot");
         assert!(png.starts_with(b"\x89PNG"), "the screenshot is a PNG");
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
-        std::fs::create_dir_all(&dir).expect("create target/screenshots");
-        let path = dir.join(format!("{name}.png"));
+        let path = screenshot_dir().join(format!("{name}.png"));
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).expect("create the screenshot directory");
+        }
         std::fs::write(&path, png).expect("write screenshot");
         eprintln!("screenshot: {}", path.display());
         path
@@ -337,12 +340,125 @@ impl Browser {
         drop(driver);
     }
 
-    /// Sends a Chrome DevTools Protocol command through chromedriver.
-    async fn devtools(&self, method: &'static str, params: Value) -> Value {
+    /// Opens a new tab (or window) and returns its handle; the current one stays current.
+    pub(crate) async fn new_tab(&self, as_tab: bool) -> fantoccini::wd::WindowHandle {
+        self.client
+            .new_window(as_tab)
+            .await
+            .unwrap_or_else(|e| panic!("new window: {e}"))
+            .handle
+    }
+
+    /// Clicks the element `css` selects (waiting up to the start limit for it to exist), as a
+    /// person would: WebDriver scrolls it into view and clicks its centre.
+    pub(crate) async fn click(&self, css: &str) {
+        let element = self.element(css).await;
+        element
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("click {css}: {e}"));
+    }
+
+    /// Types `text` into the field `css` selects, after clearing it.
+    pub(crate) async fn type_into(&self, css: &str, text: &str) {
+        let element = self.element(css).await;
+        element
+            .clear()
+            .await
+            .unwrap_or_else(|e| panic!("clear {css}: {e}"));
+        element
+            .send_keys(text)
+            .await
+            .unwrap_or_else(|e| panic!("type into {css}: {e}"));
+    }
+
+    async fn element(&self, css: &str) -> fantoccini::elements::Element {
+        self.client
+            .wait()
+            .at_most(START_LIMIT)
+            .every(POLL)
+            .for_element(fantoccini::Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no element {css}: {e}"))
+    }
+
+    /// Minimizes the current window: its pages become hidden (`visibilityState` "hidden").
+    pub(crate) async fn minimize(&self) {
+        self.client
+            .minimize_window()
+            .await
+            .unwrap_or_else(|e| panic!("minimize window: {e}"))
+    }
+
+    /// Restores the current window (after [`Browser::minimize`]) to the desktop size.
+    pub(crate) async fn restore(&self) {
+        self.client
+            .set_window_size(DESKTOP.width, DESKTOP.height)
+            .await
+            .unwrap_or_else(|e| panic!("restore window: {e}"))
+    }
+
+    /// The current tab's handle.
+    pub(crate) async fn current_tab(&self) -> fantoccini::wd::WindowHandle {
+        self.client
+            .window()
+            .await
+            .unwrap_or_else(|e| panic!("window handle: {e}"))
+    }
+
+    /// Makes `tab` the one commands go to.
+    pub(crate) async fn switch_to(&self, tab: &fantoccini::wd::WindowHandle) {
+        self.client
+            .switch_to_window(tab.clone())
+            .await
+            .unwrap_or_else(|e| panic!("switch to window: {e}"))
+    }
+
+    /// The browser's console messages since the last call (chromedriver's `browser` log; needs
+    /// the `goog:loggingPrefs` capability set by [`Browser::start`]).
+    pub(crate) async fn console(&self) -> Vec<Value> {
+        let log = self
+            .client
+            .issue_cmd(BrowserLog)
+            .await
+            .unwrap_or_else(|e| panic!("browser log: {e}"));
+        log.as_array().cloned().unwrap_or_default()
+    }
+
+    /// Sends a Chrome DevTools Protocol command through chromedriver (to the current tab).
+    pub(crate) async fn devtools(&self, method: &'static str, params: Value) -> Value {
         self.client
             .issue_cmd(DevTools { method, params })
             .await
             .unwrap_or_else(|e| panic!("DevTools {method}: {e}"))
+    }
+}
+
+/// Where screenshots (and other output of the browser tests) go: `target/screenshots/`.
+pub(crate) fn screenshot_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots")
+}
+
+/// chromedriver's `POST /session/{id}/se/log` for the `browser` log (console messages and
+/// failed loads, such as a 404 favicon).
+#[derive(Debug)]
+struct BrowserLog;
+
+impl WebDriverCompatibleCommand for BrowserLog {
+    fn endpoint(
+        &self,
+        base_url: &url::Url,
+        session_id: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        let session = session_id.ok_or(url::ParseError::EmptyHost)?;
+        base_url.join(&format!("session/{session}/se/log"))
+    }
+
+    fn method_and_body(&self, _request_url: &url::Url) -> (http::Method, Option<String>) {
+        (
+            http::Method::POST,
+            Some(json!({ "type": "browser" }).to_string()),
+        )
     }
 }
 

@@ -2,9 +2,20 @@
 //! migrates, loads a small marketplace (workshops, mechanics, sessions), serves it, prints
 //! ready-to-open URLs and, with `--simulate`, keeps writing realistic assignment lifecycles
 //! through plain SQL — the way any other service would.
+//!
+//! The demo also serves a small action API (`/demo/api/…`, [`crate::demo_api`]) behind the
+//! pages' buttons: a customer opens and ends requests, a mechanic accepts, declines and
+//! completes. It too only writes plain SQL; what the pages show still arrives through the
+//! trigger → log → listener → gateway path, never from a button's response.
+//!
+//! ```text
+//!   demo ──▶ LocalPg (initdb once, data kept) ──▶ demo_on(tcp, DemoSetup)
+//!              migrate, sql/demo_*.sql data ──▶ serve_with(…, Extras { /demo/api/… })
+//!              --simulate: simulator task (sql/demo_sim_*.sql), stopped with the server
+//! ```
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use pgcast_events::{Principal, Role};
@@ -15,8 +26,16 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::server::{serve, ServeOptions};
+use crate::server::{serve_with, Extras, ServeOptions};
 use crate::PgcastError;
+
+const COUNT_SESSIONS_SQL: &str = include_str!("../../../sql/demo_count_sessions.sql");
+pub(crate) const INSERT_SESSION_SQL: &str = include_str!("../../../sql/demo_insert_session.sql");
+pub(crate) const INSERT_ASSIGNMENT_SQL: &str =
+    include_str!("../../../sql/demo_insert_assignment.sql");
+const SIM_COUNT_OPEN_SQL: &str = include_str!("../../../sql/demo_sim_count_open.sql");
+const SIM_ACCEPT_SQL: &str = include_str!("../../../sql/demo_sim_accept.sql");
+const SIM_FINISH_SQL: &str = include_str!("../../../sql/demo_sim_finish.sql");
 
 /// Demo tokens stay valid this long.
 const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -42,9 +61,13 @@ const MECHANICS: [(Uuid, Option<usize>); 6] = [
     (id(0xb005), None),
     (id(0xb006), None),
 ];
-/// The customer whose session page the demo prints, and that session.
-const DEMO_CUSTOMER: Uuid = id(0xc001);
-const DEMO_SESSION: Uuid = id(0xd001);
+/// The customer whose page the demo prints: the one a person plays. The simulator leaves
+/// their sessions alone, so that nothing but the person's own clicks changes them.
+pub(crate) const DEMO_CUSTOMER: Uuid = id(0xc001);
+/// The name the demo customer's requests carry (a real app would take it from its profile).
+pub(crate) const DEMO_CUSTOMER_NAME: &str = "Sam Rivera";
+/// Sessions the simulator never touches: those of the customer people play.
+const PLAYED_CUSTOMERS: [Uuid; 1] = [DEMO_CUSTOMER];
 
 const CUSTOMERS: [&str; 10] = [
     "Ana Souza",
@@ -92,6 +115,38 @@ pub struct DemoOptions {
     pub data_dir: Option<PathBuf>,
 }
 
+/// What [`demo_on`] needs: a database to run the demo in, instead of the local PostgreSQL
+/// that [`demo`] starts (tests use a throwaway database).
+#[derive(Clone)]
+pub struct DemoSetup {
+    /// The database; it is migrated, and demo data is loaded when it has no sessions.
+    pub pg: tokio_postgres::Config,
+    /// HS256 secret of the demo's tokens (at least 32 bytes).
+    pub jwt_secret: Vec<u8>,
+    /// Log retention.
+    pub retention: Duration,
+    /// Simulated events per second, if any.
+    pub simulate: Option<f64>,
+}
+
+impl std::fmt::Debug for DemoSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DemoSetup")
+            .field("retention", &self.retention)
+            .field("simulate", &self.simulate)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A demo about to serve: where, and its ready-made pages.
+#[derive(Debug, Clone)]
+pub struct DemoReady {
+    /// The address it serves on.
+    pub addr: SocketAddr,
+    /// (label, path) of each demo page, its token in the fragment.
+    pub links: Vec<(String, String)>,
+}
+
 /// The default data directory: outside any home directory, so that the `postgres` OS user
 /// (used when running as root) can reach it, and kept across runs and reboots.
 pub fn default_data_dir() -> PathBuf {
@@ -103,10 +158,44 @@ pub fn default_data_dir() -> PathBuf {
 pub async fn demo(options: DemoOptions, shutdown: CancellationToken) -> Result<(), PgcastError> {
     // Bind first: a busy port fails before anything is started.
     let tcp = crate::server::bind(options.listen).await?;
-    let addr = tcp.local_addr().map_err(PgcastError::Bind)?;
     let data_dir = options.data_dir.clone().unwrap_or_else(default_data_dir);
     let pg = start_postgres(data_dir.clone()).await?;
-    let result = run(tcp, addr, &pg, &data_dir, &options, shutdown).await;
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(pg.port())
+        .user("postgres")
+        .dbname("postgres");
+    let secret: [u8; 32] = rand::rng().random();
+    let secret: Vec<u8> = secret
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        .into_bytes();
+    let setup = DemoSetup {
+        pg: config,
+        jwt_secret: secret,
+        retention: options.retention,
+        simulate: options.simulate,
+    };
+    let port = pg.port();
+    let print = |ready: &DemoReady| {
+        println!("pgcast demo");
+        println!(
+            "  PostgreSQL: {} (port {port}, data kept for the next run)",
+            data_dir.display(),
+        );
+        for (label, path) in &ready.links {
+            println!("  {label}:\n    http://{}{path}", ready.addr);
+        }
+        println!("  Overview: http://{}/", ready.addr);
+        println!("  Play it: open a request on the customer page, accept it on a mechanic page.");
+        match options.simulate {
+            Some(rate) => println!("  Simulating {rate} events/s. Press Ctrl-C to stop."),
+            None => println!("  Add --simulate 5 for live traffic. Press Ctrl-C to stop."),
+        }
+    };
+    let result = demo_on(tcp, setup, print, shutdown).await;
     let stopper = pg.clone();
     let stopped = tokio::task::spawn_blocking(move || stopper.stop(StopMode::Fast)).await;
     match stopped {
@@ -135,30 +224,23 @@ async fn start_postgres(data_dir: PathBuf) -> Result<LocalPg, PgcastError> {
     .map_err(PgcastError::LocalPg)
 }
 
-async fn run(
+/// Runs the demo on `tcp` against `setup.pg` until `shutdown`: migrates, loads the demo data
+/// into an empty database, calls `on_ready` with the pages, then serves pgcast, its pages and
+/// the demo's action API (and, with `simulate`, writes simulated traffic).
+pub async fn demo_on(
     tcp: tokio::net::TcpListener,
-    addr: SocketAddr,
-    pg: &LocalPg,
-    data_dir: &Path,
-    options: &DemoOptions,
+    setup: DemoSetup,
+    on_ready: impl FnOnce(&DemoReady),
     shutdown: CancellationToken,
 ) -> Result<(), PgcastError> {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host("127.0.0.1")
-        .port(pg.port())
-        .user("postgres")
-        .dbname("postgres");
+    let addr = tcp.local_addr().map_err(PgcastError::Bind)?;
+    let config = setup.pg.clone();
     let mut client = crate::db::connect_config(&config, "pgcast-demo").await?;
     pgcast_listener::migrate(&mut client, pgcast_listener::MigrationScope::All).await?;
     load_demo_data(&client).await?;
+    drop(client);
 
-    let secret: [u8; 32] = rand::rng().random();
-    let secret: Vec<u8> = secret
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>()
-        .into_bytes();
+    let secret = setup.jwt_secret;
     let mechanic = Principal {
         user_id: MECHANICS[0].0,
         role: Role::Mechanic,
@@ -189,29 +271,17 @@ async fn run(
             format!("/mechanic#token={}", token(&freelancer)?),
         ),
         (
-            "Customer session".to_owned(),
-            format!(
-                "/customer?session={DEMO_SESSION}#token={}",
-                token(&customer)?
-            ),
+            format!("Customer ({DEMO_CUSTOMER_NAME})"),
+            format!("/customer#token={}", token(&customer)?),
         ),
     ];
-    println!("pgcast demo");
-    println!(
-        "  PostgreSQL: {} (port {}, data kept for the next run)",
-        data_dir.display(),
-        pg.port()
-    );
-    for (label, path) in &links {
-        println!("  {label}:\n    http://{addr}{path}");
-    }
-    println!("  Overview: http://{addr}/");
-    match options.simulate {
-        Some(rate) => println!("  Simulating {rate} events/s. Press Ctrl-C to stop."),
-        None => println!("  Add --simulate 5 for live traffic. Press Ctrl-C to stop."),
-    }
+    let api = crate::demo_api::router(&config, &secret)?;
+    on_ready(&DemoReady {
+        addr,
+        links: links.clone(),
+    });
 
-    let simulator = options.simulate.map(|rate| {
+    let simulator = setup.simulate.map(|rate| {
         let config = config.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -220,17 +290,21 @@ async fn run(
             }
         })
     });
-    let served = serve(
+    let served = serve_with(
         tcp,
         ServeOptions {
             pg: config,
             jwt_secret: secret,
             jwt_issuer: None,
             jwt_audience: None,
-            retention: options.retention,
+            retention: setup.retention,
             migrate: false,
             links,
         },
+        Some(Extras {
+            routes: api,
+            head: crate::demo_api::PAGE_HEAD,
+        }),
         shutdown.clone(),
     )
     .await;
@@ -241,61 +315,58 @@ async fn run(
     served
 }
 
+/// The SQL error helper: which statement failed.
+fn q(what: &'static str) -> impl Fn(tokio_postgres::Error) -> PgcastError {
+    move |source| PgcastError::Query { what, source }
+}
+
 async fn load_demo_data(client: &Client) -> Result<(), PgcastError> {
-    let row = client
-        .query_one("SELECT count(*) FROM sessions", &[])
+    let sessions: i64 = client
+        .query_one(COUNT_SESSIONS_SQL, &[])
         .await
-        .map_err(|source| PgcastError::Query {
-            what: "count demo sessions",
-            source,
-        })?;
-    let sessions: i64 = row.get(0);
+        .map_err(q("count demo sessions"))?
+        .get(0);
     if sessions > 0 {
         return Ok(());
     }
-    let q = |what: &'static str| move |source| PgcastError::Query { what, source };
-    client
-        .execute(
-            "INSERT INTO sessions (id, customer_id, kind) VALUES ($1, $2, 'paid')",
-            &[&DEMO_SESSION, &DEMO_CUSTOMER],
-        )
-        .await
-        .map_err(q("insert the demo session"))?;
-    insert_assignment(client, DEMO_SESSION, None, false).await?;
-    // A few open assignments so the queue is not empty at first sight.
+    // A few open assignments so the queues are not empty at first sight. The demo customer
+    // starts with none: opening one is theirs to play.
     for (i, workshop) in [None, Some(0), Some(1), None, Some(0)]
         .into_iter()
         .enumerate()
     {
-        let session = Uuid::new_v4();
-        client
-            .execute(
-                "INSERT INTO sessions (id, customer_id, kind) VALUES ($1, gen_random_uuid(), 'free')",
-                &[&session],
-            )
-            .await
-            .map_err(q("insert a demo session"))?;
+        let session = insert_session(client, "free").await?;
         insert_assignment(client, session, workshop.map(|w| WORKSHOPS[w].0), i == 1).await?;
     }
     // One offered directly to the demo mechanic.
-    let session = Uuid::new_v4();
+    let session = insert_session(client, "paid").await?;
+    let (status, urgent) = ("offered", false);
     client
         .execute(
-            "INSERT INTO sessions (id, customer_id, kind) VALUES ($1, gen_random_uuid(), 'paid')",
-            &[&session],
-        )
-        .await
-        .map_err(q("insert a demo session"))?;
-    client
-        .execute(
-            "INSERT INTO session_assignments (session_id, mechanic_id, workshop_id, status,
-                customer_name, vehicle_summary, concern)
-             VALUES ($1, $2, $3, 'offered', 'Kofi Mensah', '2015 Audi A4 Avant', 'Oil leak under the engine.')",
-            &[&session, &MECHANICS[0].0, &WORKSHOPS[0].0],
+            INSERT_ASSIGNMENT_SQL,
+            &[
+                &session,
+                &Some(MECHANICS[0].0),
+                &Some(WORKSHOPS[0].0),
+                &status,
+                &urgent,
+                &"Kofi Mensah",
+                &"2015 Audi A4 Avant",
+                &"Oil leak under the engine.",
+            ],
         )
         .await
         .map_err(q("insert a direct offer"))?;
     Ok(())
+}
+
+/// A session of a simulated customer (a fresh id each time).
+async fn insert_session(client: &Client, kind: &str) -> Result<Uuid, PgcastError> {
+    Ok(client
+        .query_one(INSERT_SESSION_SQL, &[&Uuid::new_v4(), &kind])
+        .await
+        .map_err(q("insert a session"))?
+        .get(0))
 }
 
 async fn insert_assignment(
@@ -312,18 +383,16 @@ async fn insert_assignment(
             CONCERNS.choose(&mut rng).copied().unwrap_or("Needs help."),
         )
     };
+    let (mechanic, status): (Option<Uuid>, &str) = (None, "queued");
     client
         .execute(
-            "INSERT INTO session_assignments (session_id, workshop_id, status, urgent,
-                customer_name, vehicle_summary, concern)
-             VALUES ($1, $2, 'queued', $3, $4, $5, $6)",
-            &[&session, &workshop, &urgent, &name, &vehicle, &concern],
+            INSERT_ASSIGNMENT_SQL,
+            &[
+                &session, &mechanic, &workshop, &status, &urgent, &name, &vehicle, &concern,
+            ],
         )
         .await
-        .map_err(|source| PgcastError::Query {
-            what: "insert an assignment",
-            source,
-        })?;
+        .map_err(q("insert an assignment"))?;
     Ok(())
 }
 
@@ -347,12 +416,8 @@ async fn simulate(
 }
 
 async fn step(client: &Client) -> Result<(), PgcastError> {
-    let q = |what: &'static str| move |source| PgcastError::Query { what, source };
     let open: i64 = client
-        .query_one(
-            "SELECT count(*) FROM session_assignments WHERE status IN ('queued', 'offered')",
-            &[],
-        )
+        .query_one(SIM_COUNT_OPEN_SQL, &[])
         .await
         .map_err(q("count open assignments"))?
         .get(0);
@@ -365,75 +430,33 @@ async fn step(client: &Client) -> Result<(), PgcastError> {
         };
         (rng.random_range(0..100u32), m, w, rng.random_bool(0.15))
     };
+    let played = &PLAYED_CUSTOMERS[..];
+    let finish = |from: &'static str, to: &'static str, min_age: f64, what: &'static str| async move {
+        let row = client
+            .query_one(SIM_FINISH_SQL, &[&from, &to, &min_age, &played])
+            .await
+            .map_err(q(what))?;
+        Ok::<u64, PgcastError>(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    };
     let changed = match roll {
         0..=39 if open < MAX_OPEN => {
-            // The demo customer's session gets a new request whenever its last one is over.
-            let demo_idle: bool = client
-                .query_one(
-                    "SELECT NOT EXISTS (SELECT 1 FROM session_assignments WHERE session_id = $1
-                        AND status IN ('queued', 'offered', 'accepted'))",
-                    &[&DEMO_SESSION],
-                )
-                .await
-                .map_err(q("check the demo session"))?
-                .get(0);
-            let session = if demo_idle && roll < 10 {
-                DEMO_SESSION
-            } else {
-                let s = Uuid::new_v4();
-                client
-                    .execute(
-                        "INSERT INTO sessions (id, customer_id, kind) VALUES ($1, gen_random_uuid(), 'free')",
-                        &[&s],
-                    )
-                    .await
-                    .map_err(q("insert a session"))?;
-                s
-            };
+            let kind = if urgent { "paid" } else { "free" };
+            let session = insert_session(client, kind).await?;
             insert_assignment(client, session, workshop, urgent).await?;
             1
         }
         0..=69 => client
-            .execute(
-                "UPDATE session_assignments SET status = 'accepted', mechanic_id = $1, updated_at = now()
-                 WHERE id = (SELECT id FROM session_assignments WHERE status = 'queued'
-                             ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)",
-                &[&mechanic],
-            )
+            .execute(SIM_ACCEPT_SQL, &[&mechanic, &played])
             .await
             .map_err(q("accept an assignment"))?,
-        70..=89 => client
-            .execute(
-                "UPDATE session_assignments SET status = 'completed', updated_at = now()
-                 WHERE id = (SELECT id FROM session_assignments WHERE status = 'accepted'
-                             ORDER BY updated_at LIMIT 1 FOR UPDATE SKIP LOCKED)",
-                &[],
-            )
-            .await
-            .map_err(q("complete an assignment"))?,
-        90..=94 => client
-            .execute(
-                "UPDATE session_assignments SET status = 'cancelled', updated_at = now()
-                 WHERE id = (SELECT id FROM session_assignments WHERE status = 'queued'
-                             AND session_id <> $1 ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED)",
-                &[&DEMO_SESSION],
-            )
-            .await
-            .map_err(q("cancel an assignment"))?,
-        _ => client
-            .execute(
-                "UPDATE session_assignments SET status = 'expired', updated_at = now()
-                 WHERE id = (SELECT id FROM session_assignments WHERE status = 'queued'
-                             AND session_id <> $1 AND created_at < now() - interval '30 seconds'
-                             ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)",
-                &[&DEMO_SESSION],
-            )
-            .await
-            .map_err(q("expire an assignment"))?,
+        70..=89 => finish("accepted", "completed", 0.0, "complete an assignment").await?,
+        90..=94 => finish("queued", "cancelled", 0.0, "cancel an assignment").await?,
+        _ => finish("queued", "expired", 30.0, "expire an assignment").await?,
     };
     if changed == 0 && open < MAX_OPEN {
         // Nothing to move forward: queue something new instead, so every step is one event.
-        insert_assignment(client, Uuid::new_v4(), workshop, urgent).await?;
+        let session = insert_session(client, "free").await?;
+        insert_assignment(client, session, workshop, urgent).await?;
     }
     Ok(())
 }

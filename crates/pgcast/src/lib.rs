@@ -20,6 +20,7 @@ mod commands;
 mod config;
 mod db;
 mod demo;
+mod demo_api;
 mod doctor;
 mod error;
 mod server;
@@ -36,7 +37,7 @@ pub use config::{
     format_duration, parse_duration, parse_rate, parse_role, parse_tail_topic, DatabaseUrl, Secret,
 };
 pub use db::{connect, connect_config, pool};
-pub use demo::{default_data_dir, demo, DemoOptions};
+pub use demo::{default_data_dir, demo, demo_on, DemoOptions, DemoReady, DemoSetup};
 pub use doctor::{diagnose, Check, DoctorReport, Verdict, MAX_QUEUE_USAGE};
 pub use error::PgcastError;
 pub use server::{bind, serve, ServeOptions};

@@ -64,6 +64,10 @@ const APP_CSS: &str = include_str!("../web/app.css");
 const MECHANIC_HTML: &str = include_str!("../web/mechanic.html");
 const CUSTOMER_HTML: &str = include_str!("../web/customer.html");
 const INDEX_HTML: &str = include_str!("../web/index.html");
+const FAVICON_SVG: &str = include_str!("../web/favicon.svg");
+
+/// Where the pages mark the spot for what only some servers have (the demo's action API).
+const EXTRAS_MARK: &str = "<!-- EXTRAS -->";
 
 /// What `serve` needs, validated by the command line.
 #[derive(Clone)]
@@ -104,6 +108,18 @@ struct App {
     queue_usage: Gauge<f64, AtomicU64>,
     log_head: Gauge,
     index: Arc<str>,
+    mechanic: Arc<str>,
+    customer: Arc<str>,
+}
+
+/// Routes that only `pgcast demo` serves (its action API), handed to [`serve_with`], and the
+/// `<head>` lines that tell the pages about them. `serve` has none, so its pages show no
+/// buttons and the routes do not exist there.
+pub(crate) struct Extras {
+    /// Merged into the router next to pgcast's own routes (no path may overlap).
+    pub(crate) routes: Router,
+    /// Inserted into the `<head>` of the mechanic and customer pages.
+    pub(crate) head: &'static str,
 }
 
 /// Serves on `tcp` until `shutdown` is cancelled, then closes every WebSocket with 1001 and
@@ -111,6 +127,16 @@ struct App {
 pub async fn serve(
     tcp: TcpListener,
     options: ServeOptions,
+    shutdown: CancellationToken,
+) -> Result<(), PgcastError> {
+    serve_with(tcp, options, None, shutdown).await
+}
+
+/// [`serve`], plus the demo's extra routes.
+pub(crate) async fn serve_with(
+    tcp: TcpListener,
+    options: ServeOptions,
+    extras: Option<Extras>,
     shutdown: CancellationToken,
 ) -> Result<(), PgcastError> {
     let mut gateway_config = GatewayConfig::new(options.jwt_secret.clone());
@@ -182,8 +208,13 @@ pub async fn serve(
         queue_usage,
         log_head,
         index: render_index(&options.links).into(),
+        mechanic: render_page(MECHANIC_HTML, extras.as_ref()).into(),
+        customer: render_page(CUSTOMER_HTML, extras.as_ref()).into(),
     };
-    let router = gateway.router().merge(routes(app));
+    let mut router = gateway.router().merge(routes(app));
+    if let Some(extras) = extras {
+        router = router.merge(extras.routes);
+    }
     let addr = tcp.local_addr().map_err(PgcastError::Bind)?;
     let server_stop = shutdown.clone();
     tasks.spawn(async move {
@@ -249,8 +280,23 @@ fn routes(app: App) -> Router {
             "/app.css",
             get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
         )
-        .route("/mechanic", get(|| async { Html(MECHANIC_HTML) }))
-        .route("/customer", get(|| async { Html(CUSTOMER_HTML) }))
+        // Without an icon of their own, browsers ask for /favicon.ico and log its 404.
+        .route(
+            "/favicon.svg",
+            get(|| async { asset("image/svg+xml", FAVICON_SVG) }),
+        )
+        .route(
+            "/favicon.ico",
+            get(|| async { asset("image/svg+xml", FAVICON_SVG) }),
+        )
+        .route(
+            "/mechanic",
+            get(|State(app): State<App>| async move { Html(app.mechanic.to_string()) }),
+        )
+        .route(
+            "/customer",
+            get(|State(app): State<App>| async move { Html(app.customer.to_string()) }),
+        )
         .with_state(app)
 }
 
@@ -444,6 +490,11 @@ fn render_index(links: &[(String, String)]) -> String {
         format!("<h2>Demo pages</h2>\n<ul class=\"links\">\n{items}</ul>\n")
     };
     INDEX_HTML.replace("<!-- LINKS -->", &section)
+}
+
+/// A page with the extras' `<head>` lines in place of its mark (or just without the mark).
+fn render_page(html: &str, extras: Option<&Extras>) -> String {
+    html.replace(EXTRAS_MARK, extras.map_or("", |e| e.head))
 }
 
 fn escape(text: &str) -> String {

@@ -1,6 +1,7 @@
 //! `pgcast demo` from nothing: it initialises and starts its own PostgreSQL, serves simulated
-//! traffic to the printed mechanic URL (its token in the fragment, never the query), stops
-//! everything on SIGTERM, and reuses its data on the next start.
+//! traffic to the printed mechanic URL (its token in the fragment, never the query), leaves the
+//! printed customer's sessions to the person playing them, stops everything on SIGTERM, and
+//! reuses its data on the next start.
 
 mod common;
 mod running;
@@ -105,9 +106,9 @@ struct Demo {
     server: Server,
     /// Token of the mechanic queue URL (a mechanic of the first workshop).
     mechanic_token: String,
-    /// The customer page's session and token.
-    session: Uuid,
+    /// The customer page's token, and that customer.
     customer_token: String,
+    customer: Uuid,
     /// The demo PostgreSQL's port on 127.0.0.1.
     pg_port: u16,
 }
@@ -123,6 +124,35 @@ fn fragment_token(url: &str) -> String {
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| panic!("no token in the fragment of {url}"))
         .to_owned()
+}
+
+/// The `sub` claim of a JWT, read without verifying it.
+fn claimed_sub(token: &str) -> Uuid {
+    let payload = token.split('.').nth(1).expect("JWT payload");
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut bytes = Vec::new();
+    for c in payload.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => panic!("not base64url: {payload}"),
+        };
+        bits = (bits << 6) | u32::from(v);
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            bytes.push((bits >> n) as u8);
+        }
+    }
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON claims");
+    claims["sub"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("sub is a UUID")
 }
 
 impl Demo {
@@ -148,7 +178,7 @@ impl Demo {
                 .to_string()
         };
         let mechanic = url("/mechanic#");
-        let customer = url("/customer?session=");
+        let customer = url("/customer#");
         for u in [&mechanic, &customer] {
             assert!(
                 u.starts_with(&format!("http://{}/", server.addr)),
@@ -165,18 +195,8 @@ impl Demo {
             );
         }
         let mechanic_token = fragment_token(&mechanic);
-        let query = customer
-            .split_once('?')
-            .and_then(|(_, rest)| rest.split_once('#'))
-            .expect("query and fragment")
-            .0;
-        let session = query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("session="))
-            .unwrap_or_else(|| panic!("no session in {customer}"))
-            .parse()
-            .expect("session uuid");
         let customer_token = fragment_token(&customer);
+        let customer = claimed_sub(&customer_token);
 
         let pg_line = out
             .lines()
@@ -191,8 +211,8 @@ impl Demo {
         Demo {
             server,
             mechanic_token,
-            session,
             customer_token,
+            customer,
             pg_port,
         }
     }
@@ -246,8 +266,8 @@ async fn demo_starts_from_nothing_serves_simulated_events_stops_cleanly_and_reus
         !dir.processes().is_empty(),
         "the running PostgreSQL is found by its data directory"
     );
-    // The printed pages open.
-    for path in ["/", "/mechanic", "/customer", "/client.js"] {
+    // The printed pages open, with the demo's actions and an icon.
+    for path in ["/", "/mechanic", "/customer", "/client.js", "/favicon.ico"] {
         let (status, _) = demo.server.get(path).await;
         assert_eq!(status, 200, "GET {path}");
     }
@@ -278,11 +298,20 @@ async fn demo_starts_from_nothing_serves_simulated_events_stops_cleanly_and_reus
         .as_str()
         .and_then(|id| id.parse().ok())
         .unwrap_or_else(|| panic!("assignment id in {event}"));
-    // The customer of the printed URL may follow the demo session.
+    let (_, page) = demo.server.get("/customer").await;
+    assert!(page.contains(r#"<meta name="pgcast-demo-api" content="/demo/api">"#));
+    // The customer of the printed URL follows their sessions (none yet: opening one is theirs
+    // to play).
     let mut customer = demo.server.client(&demo.customer_token).await;
     customer
-        .subscribe(&format!("session:{}", demo.session), json!({}))
+        .subscribe(
+            &format!("customer:{}", demo.customer),
+            json!({"snapshot": true}),
+        )
         .await;
+    let snapshot = customer.recv().await;
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+    assert_eq!(snapshot["assignments"], json!([]), "{snapshot}");
 
     // Shut down: clients get 1001, PostgreSQL stops, nothing is left running.
     let sent = demo.terminate();
@@ -312,11 +341,21 @@ async fn demo_starts_from_nothing_serves_simulated_events_stops_cleanly_and_reus
         .expect("log head")
         .get(0);
     assert!(head >= position, "log kept: head {head} < {position}");
+    // The simulator never opened a session for the customer people play.
+    let played: i64 = db
+        .query_one(
+            "SELECT count(*) FROM sessions WHERE customer_id = $1",
+            &[&demo.customer],
+        )
+        .await
+        .expect("count the demo customer's sessions")
+        .get(0);
+    assert_eq!(played, 0, "the simulator left the demo customer alone");
     drop(db);
     // The same demo users work against the reused data.
     let mut customer = demo.server.client(&demo.customer_token).await;
     customer
-        .subscribe(&format!("session:{}", demo.session), json!({}))
+        .subscribe(&format!("customer:{}", demo.customer), json!({}))
         .await;
     drop(customer);
     demo.stop().await;

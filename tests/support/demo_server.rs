@@ -1,0 +1,209 @@
+//! `pgcast demo` running in the test process (`pgcast::demo_on`) on a throwaway database of the
+//! shared test cluster: the demo's data, pages and action API, with tokens the test can mint.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use pgcast::{DemoReady, DemoSetup, PgcastError};
+use pgcast_events::{Principal, Role};
+use pgcast_testkit::{PgCluster, TestDb};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+/// The token secret of the demo the tests start (the real demo draws a random one).
+pub(crate) const DEMO_SECRET: &[u8] = b"pgcast checklist test secret, 32+ bytes";
+/// Time to migrate, load the demo data and get ready.
+const START_LIMIT: Duration = Duration::from_secs(30);
+/// pgcast exits within 10 s of its shutdown token (design §6); a little slack.
+const STOP_LIMIT: Duration = Duration::from_secs(15);
+
+/// A running demo; dropping it cancels its shutdown token.
+pub(crate) struct DemoServer {
+    addr: SocketAddr,
+    ready: DemoReady,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), PgcastError>>>,
+    /// The database, kept until the demo has stopped.
+    _db: TestDb,
+}
+
+impl DemoServer {
+    /// Starts the demo on a fresh database and waits until `/readyz` answers 200. Returns it
+    /// and a connection to its database.
+    pub(crate) async fn start() -> (DemoServer, Client) {
+        let db = PgCluster::shared()
+            .expect("test cluster")
+            .create_database()
+            .await
+            .expect("create database");
+        let client = db.connect().await.expect("connect");
+        let tcp = pgcast::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .expect("bind");
+        let addr = tcp.local_addr().expect("local address");
+        let setup = DemoSetup {
+            pg: db.pg_config(),
+            jwt_secret: DEMO_SECRET.to_vec(),
+            retention: Duration::from_secs(3600),
+            simulate: None,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let shutdown = CancellationToken::new();
+        let mut task = tokio::spawn(pgcast::demo_on(
+            tcp,
+            setup,
+            move |ready: &DemoReady| {
+                let _ = tx.send(ready.clone());
+            },
+            shutdown.clone(),
+        ));
+        let deadline = Instant::now() + START_LIMIT;
+        let ready = tokio::select! {
+            ready = rx => ready.expect("the demo reports its pages"),
+            ended = &mut task => panic!("the demo stopped before it was ready: {ended:?}"),
+            () = tokio::time::sleep(START_LIMIT) => panic!("the demo not ready within {START_LIMIT:?}"),
+        };
+        let server = DemoServer {
+            addr,
+            ready,
+            shutdown,
+            task: Some(task),
+            _db: db,
+        };
+        loop {
+            if server.request("GET", "/readyz", None, None).await.0 == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the demo not ready within {START_LIMIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (server, client)
+    }
+
+    /// `http://<addr>` + `path`.
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The path of the demo page whose label contains `label` (as the demo prints it).
+    pub(crate) fn link(&self, label: &str) -> String {
+        self.ready
+            .links
+            .iter()
+            .find(|(l, _)| l.contains(label))
+            .map(|(_, path)| path.clone())
+            .unwrap_or_else(|| panic!("no demo page {label:?} in {:?}", self.ready.links))
+    }
+
+    /// A token of the demo for `who`.
+    pub(crate) fn token(&self, who: &Principal) -> String {
+        pgcast_gateway::mint_token(DEMO_SECRET, who, Duration::from_secs(3600)).expect("mint")
+    }
+
+    /// A page link for a new user of `role` (and `workshop`), its token in the fragment.
+    pub(crate) fn page_for(&self, role: Role, workshop: Option<uuid::Uuid>) -> (Principal, String) {
+        let who = Principal {
+            user_id: uuid::Uuid::new_v4(),
+            role,
+            workshop_id: workshop,
+        };
+        let page = match role {
+            Role::Customer => "/customer",
+            _ => "/mechanic",
+        };
+        let link = format!("{page}#token={}", self.token(&who));
+        (who, link)
+    }
+
+    /// A minimal HTTP/1.0 exchange: (status, body).
+    pub(crate) async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, String) {
+        let addr = self.addr;
+        let exchange = async {
+            let mut tcp = TcpStream::connect(addr).await.ok()?;
+            let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+            if let Some(token) = token {
+                request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+            }
+            let body = body.unwrap_or("");
+            request.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ));
+            tcp.write_all(request.as_bytes()).await.ok()?;
+            let mut response = Vec::new();
+            tcp.read_to_end(&mut response).await.ok()?;
+            let text = String::from_utf8_lossy(&response).into_owned();
+            let (head, body) = text.split_once("\r\n\r\n")?;
+            let status = head.split_whitespace().nth(1)?.parse().ok()?;
+            Some((status, body.to_owned()))
+        };
+        tokio::time::timeout(Duration::from_secs(5), exchange)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or((0, String::new()))
+    }
+
+    /// Cancels the shutdown token and waits until the demo has returned.
+    pub(crate) async fn stop(mut self) {
+        self.shutdown.cancel();
+        let task = self.task.take().expect("running");
+        match tokio::time::timeout(STOP_LIMIT, task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => panic!("the demo failed: {e}"),
+            Ok(Err(e)) => panic!("the demo panicked: {e}"),
+            Err(_) => panic!("the demo did not stop within {STOP_LIMIT:?}"),
+        }
+    }
+}
+
+impl Drop for DemoServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The demo user a printed page link is for (the `sub` of its fragment token).
+pub(crate) fn link_user(link: &str) -> uuid::Uuid {
+    let token = link
+        .split_once("#token=")
+        .map(|(_, t)| t)
+        .unwrap_or_else(|| panic!("no token in {link}"));
+    let payload = token.split('.').nth(1).expect("JWT payload");
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut bytes = Vec::new();
+    for c in payload.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => panic!("not base64url: {payload}"),
+        };
+        bits = (bits << 6) | u32::from(v);
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            bytes.push((bits >> n) as u8);
+        }
+    }
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON claims");
+    claims["sub"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("sub is a UUID")
+}
