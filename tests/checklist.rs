@@ -515,7 +515,9 @@ async fn checklist_end_to_end() {
     );
     browser.screenshot("checklist/04-assigned-customer").await;
     browser.set_viewport(PHONE).await;
-    browser.screenshot("checklist/04-assigned-customer-phone").await;
+    browser
+        .screenshot("checklist/04-assigned-customer-phone")
+        .await;
     browser.set_viewport(DESKTOP).await;
     browser.switch_to(&windows.freelancer).await;
     let view = wait_card_gone(&browser, "freelancer", paid).await;
