@@ -324,8 +324,8 @@ async fn load_demo_data(client: &Client) -> Result<(), PgcastError> {
     let sessions: i64 = client
         .query_one(COUNT_SESSIONS_SQL, &[])
         .await
-        .map_err(q("count demo sessions"))?
-        .get(0);
+        .and_then(|row| row.try_get(0))
+        .map_err(q("count demo sessions"))?;
     if sessions > 0 {
         return Ok(());
     }
@@ -362,11 +362,11 @@ async fn load_demo_data(client: &Client) -> Result<(), PgcastError> {
 
 /// A session of a simulated customer (a fresh id each time).
 async fn insert_session(client: &Client, kind: &str) -> Result<Uuid, PgcastError> {
-    Ok(client
+    client
         .query_one(INSERT_SESSION_SQL, &[&Uuid::new_v4(), &kind])
         .await
-        .map_err(q("insert a session"))?
-        .get(0))
+        .and_then(|row| row.try_get(0))
+        .map_err(q("insert a session"))
 }
 
 async fn insert_assignment(
@@ -419,8 +419,8 @@ async fn step(client: &Client) -> Result<(), PgcastError> {
     let open: i64 = client
         .query_one(SIM_COUNT_OPEN_SQL, &[])
         .await
-        .map_err(q("count open assignments"))?
-        .get(0);
+        .and_then(|row| row.try_get(0))
+        .map_err(q("count open assignments"))?;
     let (roll, mechanic, workshop, urgent) = {
         let mut rng = rand::rng();
         let (m, _) = MECHANICS[rng.random_range(0..MECHANICS.len())];
@@ -432,11 +432,12 @@ async fn step(client: &Client) -> Result<(), PgcastError> {
     };
     let played = &PLAYED_CUSTOMERS[..];
     let finish = |from: &'static str, to: &'static str, min_age: f64, what: &'static str| async move {
-        let row = client
+        let n: i64 = client
             .query_one(SIM_FINISH_SQL, &[&from, &to, &min_age, &played])
             .await
+            .and_then(|row| row.try_get(0))
             .map_err(q(what))?;
-        Ok::<u64, PgcastError>(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+        Ok::<u64, PgcastError>(u64::try_from(n).unwrap_or(0))
     };
     let changed = match roll {
         0..=39 if open < MAX_OPEN => {
