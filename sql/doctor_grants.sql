@@ -1,33 +1,83 @@
--- pgcast doctor: grants that let a role other than pgcast's owner write the log, draw
--- positions, run pgcast's functions or create objects in schema pgcast. No rows = none.
--- A NULL ACL means the default privileges, which for functions include EXECUTE for PUBLIC
--- (hence acldefault). SELECT on the log is a deliberate read grant (e.g. a monitor role) and is
--- not listed.
-SELECT format('%s on %s to %s', a.privilege_type, o.object,
-              CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END)
-FROM (
-    SELECT 'function ' || p.oid::regprocedure::text AS object, p.proowner AS owner,
-           coalesce(p.proacl, acldefault('f', p.proowner)) AS acl,
-           ARRAY['EXECUTE'] AS dangerous
+-- pgcast doctor: privileges that let a role other than pgcast's owner write the log, draw or
+-- reset positions, run pgcast's functions, take or block pgcast's locks, or create objects in
+-- schema pgcast. One row per role and object, e.g.
+-- 'INSERT, DELETE on table pgcast.assignment_events to app'. No rows = none.
+--
+-- Effective privileges are checked (has_*_privilege), not only the ACLs: a role also gets them
+-- from a role it is a member of, e.g. the predefined pg_write_all_data. Not listed: superusers
+-- (they bypass every check; pgcast needs none), the owner of each object and the roles that are
+-- members of that owner (they are the owner), and predefined roles themselves (their members
+-- are listed instead).
+--
+-- Why each privilege is dangerous:
+--   functions: EXECUTE on emit_assignment_event (SECURITY DEFINER) lets a role attach it to a
+--     table of its own and append to the log; on prune_events it lets a role delete the log.
+--   tables: INSERT/UPDATE/DELETE/TRUNCATE write the log or its state; UPDATE, DELETE, TRUNCATE
+--     (and MAINTAIN from PostgreSQL 17) also allow LOCK TABLE in any mode, i.e. holding the
+--     commit-order lock; TRIGGER attaches code that runs as pgcast's owner inside its trigger;
+--     REFERENCES lets a role's foreign key hold SHARE ROW EXCLUSIVE on the table and KEY SHARE
+--     row locks on log_state, stalling commits or pruning.
+--   sequence: UPDATE (setval) breaks the order of positions; USAGE draws positions.
+--   schema: CREATE lets a role add objects to pgcast's schema.
+--   PUBLIC only: SELECT on the log would show every event to every role that can connect.
+WITH objects AS (
+    SELECT 'function'::text AS kind, 'function ' || p.oid::regprocedure::text AS object,
+           p.oid, p.proowner AS owner, ARRAY['EXECUTE'] AS dangerous,
+           '{}'::text[] AS dangerous_for_public
     FROM pg_proc p
-    WHERE p.pronamespace = 'pgcast'::regnamespace
+    WHERE p.pronamespace = to_regnamespace('pgcast')
       AND p.proname IN ('emit_assignment_event', 'prune_events')
     UNION ALL
-    SELECT CASE c.relkind WHEN 'S' THEN 'sequence ' ELSE 'table ' END || c.oid::regclass::text,
-           c.relowner,
-           coalesce(c.relacl, acldefault(CASE c.relkind WHEN 'S' THEN 's' ELSE 'r' END::"char",
-                                         c.relowner)),
-           CASE c.relkind WHEN 'S' THEN ARRAY['USAGE', 'UPDATE']
-                          ELSE ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'TRIGGER'] END
+    SELECT 'table', 'table ' || c.oid::regclass::text, c.oid, c.relowner,
+           ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'TRIGGER', 'REFERENCES']
+               || CASE WHEN current_setting('server_version_num')::int >= 170000
+                       THEN ARRAY['MAINTAIN'] ELSE '{}'::text[] END,
+           CASE WHEN c.relname = 'assignment_events' THEN ARRAY['SELECT'] ELSE '{}'::text[] END
     FROM pg_class c
-    WHERE c.relnamespace = 'pgcast'::regnamespace AND c.relkind IN ('r', 'S')
+    WHERE c.relnamespace = to_regnamespace('pgcast') AND c.relkind IN ('r', 'p')
     UNION ALL
-    SELECT 'schema pgcast', n.nspowner, coalesce(n.nspacl, acldefault('n', n.nspowner)),
-           ARRAY['CREATE']
+    SELECT 'sequence', 'sequence ' || c.oid::regclass::text, c.oid, c.relowner,
+           ARRAY['USAGE', 'UPDATE'], '{}'::text[]
+    FROM pg_class c
+    WHERE c.relnamespace = to_regnamespace('pgcast') AND c.relkind = 'S'
+    UNION ALL
+    SELECT 'schema', 'schema pgcast', n.oid, n.nspowner, ARRAY['CREATE'], '{}'::text[]
     FROM pg_namespace n
     WHERE n.nspname = 'pgcast'
-) AS o
-CROSS JOIN LATERAL aclexplode(o.acl) AS a
-WHERE a.grantee <> o.owner
-  AND a.privilege_type = ANY (o.dangerous)
-ORDER BY 1
+), grantees AS (
+    -- 'public' is how has_*_privilege names the PUBLIC pseudo-role.
+    SELECT 'public'::text AS name, NULL::oid AS oid, 'PUBLIC'::text AS shown
+    UNION ALL
+    SELECT r.rolname::text, r.oid, r.rolname::text
+    FROM pg_roles r
+    WHERE NOT r.rolsuper AND r.rolname !~ '^pg_'
+), pairs AS (
+    SELECT o.*, d.priv, d.ord
+    FROM objects o
+    CROSS JOIN LATERAL unnest(o.dangerous || o.dangerous_for_public) WITH ORDINALITY AS d(priv, ord)
+), checked AS (
+    SELECT p.object, p.priv, p.ord, g.shown,
+           g.oid IS NULL                    AS is_public,
+           p.priv = ANY (p.dangerous)       AS for_everyone,
+           CASE p.kind
+               WHEN 'function' THEN has_function_privilege(g.name, p.oid, p.priv)
+               WHEN 'table'    THEN has_table_privilege(g.name, p.oid, p.priv)
+               WHEN 'sequence' THEN has_sequence_privilege(g.name, p.oid, p.priv)
+               WHEN 'schema'   THEN has_schema_privilege(g.name, p.oid, p.priv)
+           END                              AS has_it,
+           CASE p.kind
+               WHEN 'function' THEN has_function_privilege('public', p.oid, p.priv)
+               WHEN 'table'    THEN has_table_privilege('public', p.oid, p.priv)
+               WHEN 'sequence' THEN has_sequence_privilege('public', p.oid, p.priv)
+               WHEN 'schema'   THEN has_schema_privilege('public', p.oid, p.priv)
+           END                              AS public_has_it
+    FROM pairs p
+    CROSS JOIN grantees g
+    WHERE g.oid IS NULL OR NOT pg_has_role(g.oid, p.owner, 'MEMBER')
+)
+-- A privilege PUBLIC has is listed once, for PUBLIC, not again for every role.
+SELECT format('%s on %s to %s', string_agg(priv, ', ' ORDER BY ord), object, shown)
+FROM checked
+WHERE has_it AND (is_public OR (for_everyone AND NOT public_has_it))
+GROUP BY object, shown
+ORDER BY bool_or(is_public) DESC, shown, object

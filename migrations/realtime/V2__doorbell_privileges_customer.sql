@@ -6,33 +6,72 @@
 -- * The trigger function runs only for the table it was installed on, and nobody but its owner
 --   may execute pgcast's functions.
 -- * Commit order and pruning use locks on pgcast-owned tables, which a role without privileges
---   on them cannot take (an advisory key can be taken by any role).
+--   on them cannot take (an advisory key can be taken by any role). The commit-order lock is
+--   SHARE UPDATE EXCLUSIVE: the strongest locks a role without privileges can hold on a table
+--   (ROW SHARE and ROW EXCLUSIVE, taken when a statement naming it is parsed, e.g. kept by
+--   PREPARE until that role's transaction ends) do not conflict with it.
 -- * Each log row records the customer of its session, so `customer:<id>` subscribers are found
 --   without a query per event.
 
 -- The table the trigger serves, and when pruning last ran.
 ALTER TABLE pgcast.log_state
     ADD COLUMN source_table regclass,
-    ADD COLUMN last_pruned_at timestamptz;
-UPDATE pgcast.log_state
-SET source_table = (SELECT t.tgrelid FROM pg_trigger t
-                    WHERE t.tgname = 'pgcast_emit_assignment_event'
-                      AND t.tgfoid = 'pgcast.emit_assignment_event()'::regprocedure);
+    ADD COLUMN last_pruned_at timestamptz,
+    ADD COLUMN prune_retention interval;
+-- The table version 1 installed the trigger on (whatever the search_path is now); a clear
+-- error instead of a NULL when that is not exactly one table.
+DO $migration$
+DECLARE
+    tables regclass[];
+BEGIN
+    SELECT array_agg(t.tgrelid::regclass ORDER BY t.tgrelid) INTO tables
+    FROM pg_trigger t
+    WHERE t.tgname = 'pgcast_emit_assignment_event'
+      AND t.tgfoid = 'pgcast.emit_assignment_event()'::regprocedure;
+    IF tables IS NULL THEN
+        RAISE EXCEPTION 'pgcast: trigger pgcast_emit_assignment_event not found on any table'
+            USING HINT = 'Recreate it on session_assignments as migration V1 does, then migrate '
+                         'again.';
+    ELSIF cardinality(tables) > 1 THEN
+        RAISE EXCEPTION 'pgcast: trigger pgcast_emit_assignment_event is on several tables: %',
+            array_to_string(tables::text[], ', ')
+            USING HINT = 'Drop it from every table but session_assignments, then migrate again.';
+    END IF;
+    UPDATE pgcast.log_state SET source_table = tables[1];
+END
+$migration$;
 ALTER TABLE pgcast.log_state ALTER COLUMN source_table SET NOT NULL;
+COMMENT ON TABLE pgcast.log_state IS
+    'One row: pruned_through (retention), source_table (the table the trigger function serves), '
+    'last_pruned_at and prune_retention (the last pruning run). Its row lock, taken with SKIP '
+    'LOCKED, lets one pruner work at a time.';
+COMMENT ON COLUMN pgcast.log_state.pruned_through IS
+    'The highest position ever deleted by retention; a client resuming from a lower position '
+    'may have missed events and is told to resync.';
 COMMENT ON COLUMN pgcast.log_state.source_table IS
     'The session_assignments table pgcast''s trigger is installed on. The trigger function '
     'refuses to run for any other table.';
 COMMENT ON COLUMN pgcast.log_state.last_pruned_at IS
     'When pgcast.prune_events() last ran (whether or not it deleted anything); `pgcast doctor` '
-    'reports pruning that has stopped.';
+    'reports pruning that has stopped while rows older than prune_retention remain.';
+COMMENT ON COLUMN pgcast.log_state.prune_retention IS
+    'The retention the last pgcast.prune_events() run was given (`pgcast serve --retention`).';
 
 CREATE TABLE pgcast.commit_order ();
 COMMENT ON TABLE pgcast.commit_order IS
-    'Holds no rows: the trigger function locks it (EXCLUSIVE) from drawing a position until its '
-    'transaction ends, so positions follow commit order. Only its owner may lock it; a lock held '
-    'for more than a few seconds (e.g. after SET CONSTRAINTS ALL IMMEDIATE in a long '
-    'transaction) delays every write to session_assignments, and `pgcast doctor` reports it.';
+    'Holds no rows: the trigger function locks it (SHARE UPDATE EXCLUSIVE) from drawing a '
+    'position until its transaction ends, so positions follow commit order. A role without '
+    'UPDATE, DELETE or TRUNCATE on it cannot take that lock, and the ROW SHARE / ROW EXCLUSIVE '
+    'locks any role with USAGE on schema pgcast can hold on it (e.g. via PREPARE) do not '
+    'conflict with it. VACUUM and ANALYZE of this empty table take the same lock for '
+    'microseconds. A lock held for more than a few seconds (e.g. after SET CONSTRAINTS ALL '
+    'IMMEDIATE in a long transaction) delays every write to session_assignments, and `pgcast '
+    'doctor` reports it. Grant nothing on it.';
 REVOKE ALL ON pgcast.commit_order FROM PUBLIC;
+COMMENT ON SEQUENCE pgcast.event_position IS
+    'Source of event positions. Values are drawn only at commit time under the pgcast.commit_order '
+    'lock, so they increase in commit order. A transaction that fails after drawing leaves a '
+    'hole; readers tolerate holes. Grant nothing on it (setval would break the order).';
 
 -- The function is created here with the application's `sessions` table written into it,
 -- schema-qualified (the function's search_path holds only pg_catalog and pg_temp, so nothing
@@ -69,8 +108,12 @@ BEGIN
     -- Commit order: this is a deferred trigger, so it runs while the transaction commits. The
     -- table lock is held until the transaction ends, so the next committer draws its position
     -- only after this one is visible. NOTIFY already serializes commits, so the lock adds
-    -- little. Only pgcast's owner can take it (this function runs as that owner).
-    LOCK TABLE pgcast.commit_order IN EXCLUSIVE MODE;
+    -- little. Only pgcast's owner can take it (this function runs as that owner). SHARE UPDATE
+    -- EXCLUSIVE conflicts with itself but not with the ACCESS SHARE, ROW SHARE and ROW
+    -- EXCLUSIVE locks that any role with USAGE on schema pgcast can take and keep (a PREPAREd
+    -- SELECT, SELECT ... FOR UPDATE or INSERT naming the table is locked at parse time, before
+    -- the permission check); EXCLUSIVE would wait for them.
+    LOCK TABLE pgcast.commit_order IN SHARE UPDATE EXCLUSIVE MODE;
     pos := nextval('pgcast.event_position');
     at := clock_timestamp();
 
@@ -144,13 +187,15 @@ BEGIN
     SELECT count(*), max(position) INTO deleted, highest FROM gone;
     UPDATE pgcast.log_state
     SET last_pruned_at = now(),
+        prune_retention = retention,
         pruned_through = greatest(pruned_through, coalesce(highest, 0));
     RETURN deleted;
 END
 $$;
 COMMENT ON FUNCTION pgcast.prune_events(interval, integer) IS
     'Deletes at most batch_size log rows older than retention, records the highest deleted '
-    'position in pgcast.log_state.pruned_through and the time of the run in last_pruned_at. '
+    'position in pgcast.log_state.pruned_through, the time of the run in last_pruned_at and '
+    'the retention in prune_retention. '
     'Returns how many rows went; call again until 0. Small batches keep locks short; concurrent '
     'callers skip instead of waiting. EXECUTE is not granted to anyone but the owner.';
 REVOKE EXECUTE ON FUNCTION pgcast.prune_events(interval, integer) FROM PUBLIC;
@@ -163,10 +208,19 @@ COMMENT ON COLUMN pgcast.assignment_events.payload IS
     'The event: position, op, committed_at, row (the row after the change; for a delete the row '
     'before), old (status, mechanic_id, workshop_id before an update or delete, else null) and '
     'customer_id (the customer of the row''s session in sessions at commit, or null).';
-COMMENT ON TRIGGER pgcast_emit_assignment_event ON session_assignments IS
-    'pgcast: records every committed change in pgcast.assignment_events and rings '
-    'pgcast_assignments (an empty doorbell). Deferred to commit so positions follow commit '
-    'order. Disabling it silences every live client; `pgcast doctor` reports that.';
+-- On the table the trigger is on, whatever the search_path of this run.
+DO $migration$
+BEGIN
+    EXECUTE format(
+        'COMMENT ON TRIGGER pgcast_emit_assignment_event ON %s IS %L',
+        (SELECT source_table FROM pgcast.log_state),
+        'pgcast: records every committed change in pgcast.assignment_events and rings '
+        'pgcast_assignments (an empty doorbell). Deferred to commit so positions follow commit '
+        'order; SET CONSTRAINTS ALL IMMEDIATE makes it fire at the statement and hold pgcast''s '
+        'commit-order lock until the transaction ends. Disabling it silences every live '
+        'client; `pgcast doctor` reports that.');
+END
+$migration$;
 
 CREATE OR REPLACE FUNCTION pgcast.version() RETURNS integer
     LANGUAGE sql IMMUTABLE PARALLEL SAFE

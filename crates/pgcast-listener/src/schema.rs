@@ -16,8 +16,21 @@ mod realtime {
 pub const SCHEMA_VERSION: i32 = 2;
 
 /// Key of the session advisory lock that serializes concurrent `migrate` runs (several replicas
-/// started at once).
+/// started at once). Any role that can connect can take an advisory key, so a session holding
+/// this one makes `migrate` (and `serve --migrate`) wait until it lets go; it stalls nothing
+/// else: writes, listeners and pruning never take it.
 const MIGRATION_LOCK: i64 = 7_277_017_000;
+
+/// `lock_timeout` of the migration statements. A DDL statement waiting for a table lock makes
+/// every later statement on that table queue behind it: `CREATE TRIGGER` on a busy
+/// `session_assignments` would hold up the application's writes for as long as the longest
+/// open write transaction, and an `ALTER TABLE` of `pgcast.log_state` (read by every commit
+/// since version 2) would hold up every commit, for as long as anyone holds a lock on it — and
+/// any role with USAGE on schema `pgcast` can hold a weak one (a PREPAREd statement keeps its
+/// parse-time locks until its transaction ends). Each migration runs in one transaction, so a
+/// timeout leaves nothing half-done: `migrate` fails naming the lock timeout and can be run
+/// again.
+const MIGRATION_LOCK_TIMEOUT: &str = "5s";
 
 /// Which migration sets to apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,12 +42,14 @@ pub enum MigrationScope {
 }
 
 /// Applies pending migrations; returns how many were applied. Safe to call from several
-/// processes at once: they queue on an advisory lock.
+/// processes at once: they queue on an advisory lock. A migration statement waits at most
+/// 5 s for a table lock (then the migration fails and can be run again) so that it never
+/// queues the application's writes behind it for long.
 pub async fn migrate(client: &mut Client, scope: MigrationScope) -> Result<usize, ListenerError> {
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await?;
-    let result = apply(client, scope).await;
+    let result = apply_with_lock_timeout(client, scope).await;
     // Unlock even when a migration failed; if the connection itself is gone, the server has
     // already released the session lock.
     let unlock = client
@@ -42,6 +57,31 @@ pub async fn migrate(client: &mut Client, scope: MigrationScope) -> Result<usize
         .await;
     let applied = result?;
     unlock?;
+    Ok(applied)
+}
+
+/// [`apply`] with [`MIGRATION_LOCK_TIMEOUT`], restoring the session's own `lock_timeout` after
+/// (the client may be the caller's, e.g. a pooled connection).
+async fn apply_with_lock_timeout(
+    client: &mut Client,
+    scope: MigrationScope,
+) -> Result<usize, ListenerError> {
+    let previous: String = client
+        .query_one("SELECT current_setting('lock_timeout')", &[])
+        .await?
+        .try_get(0)?;
+    client
+        .execute(
+            "SELECT set_config('lock_timeout', $1, false)",
+            &[&MIGRATION_LOCK_TIMEOUT],
+        )
+        .await?;
+    let result = apply(client, scope).await;
+    let restore = client
+        .execute("SELECT set_config('lock_timeout', $1, false)", &[&previous])
+        .await;
+    let applied = result?;
+    restore?;
     Ok(applied)
 }
 

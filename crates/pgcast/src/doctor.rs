@@ -1,7 +1,17 @@
 //! `pgcast doctor`: is this database able to deliver events, and how is the log doing?
 //!
 //! Every query it runs is a `.sql` file under `sql/doctor_*.sql`. A check either passes, warns
-//! (worth knowing, not broken) or fails (events are not, or soon will not be, delivered).
+//! (worth knowing, not broken) or fails (events are not, or soon will not be, delivered, or a
+//! guarantee of design §3 no longer holds). The privilege, lock and retention checks:
+//!
+//! | check | fails when | warns when |
+//! |---|---|---|
+//! | `grants` | a role other than pgcast's owner may run pgcast's functions, write, lock or reference its tables, set the position sequence or create objects in schema `pgcast`; or PUBLIC may read the log | — |
+//! | `commit lock` | a session not committing (idle in transaction, e.g. after `SET CONSTRAINTS ALL IMMEDIATE`) has held the commit-order lock for more than 5 s, or writers have waited that long for it | — |
+//! | `pruning` | it has not run for 10 min while events older than the retention it was last given remain: the log grows without bound | it never ran, or has not run for 10 min with nothing overdue yet |
+//!
+//! The role running `doctor` needs `USAGE` on schema `pgcast`, `SELECT` on its tables and
+//! `pg_monitor` (to see the state of another role's session that holds the commit-order lock).
 
 use std::fmt;
 use std::time::Duration;
@@ -30,9 +40,11 @@ pub const MAX_QUEUE_USAGE: f64 = 0.5;
 /// A session holding the commit-order lock this long is stalling every write to
 /// `session_assignments` (a commit holds it for microseconds).
 const MAX_COMMIT_LOCK: Duration = Duration::from_secs(5);
-/// `pgcast serve` prunes every minute; no run for this long means pruning is stuck or no
-/// server has run.
-const MAX_PRUNE_GAP: Duration = Duration::from_secs(3600);
+/// `pgcast serve` prunes every minute (every replica tries; one works, the others skip); no
+/// run for this long means pruning is stuck or no server runs.
+const MAX_PRUNE_GAP: Duration = Duration::from_secs(600);
+/// Dangerous privileges listed in full; beyond, only their number.
+const MAX_GRANTS_SHOWN: usize = 10;
 
 /// Outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,8 +290,8 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
     Ok(())
 }
 
-/// Grants that would let another role write the log, run pgcast's functions or create objects
-/// in its schema: each one undoes a guarantee (design §3.7).
+/// Privileges that would let another role write the log, run pgcast's functions, take or block
+/// its locks or create objects in its schema: each one undoes a guarantee (design §3.7).
 async fn grants_check(client: &Client, report: &mut DoctorReport) -> Result<(), PgcastError> {
     let grants: Vec<String> = client
         .query(GRANTS, &[])
@@ -295,24 +307,36 @@ async fn grants_check(client: &Client, report: &mut DoctorReport) -> Result<(), 
             Verdict::Ok,
             "only pgcast's owner may write the log or run its functions",
         );
-    } else {
-        report.push(
-            "grants",
-            Verdict::Fail,
-            format!(
-                "dangerous grants: {}; REVOKE them (only pgcast's owner may write the log, draw                  positions or run its functions)",
-                grants.join(", ")
-            ),
-        );
+        return Ok(());
     }
+    let mut shown = grants
+        .iter()
+        .take(MAX_GRANTS_SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if grants.len() > MAX_GRANTS_SHOWN {
+        shown.push_str(&format!("; and {} more", grants.len() - MAX_GRANTS_SHOWN));
+    }
+    report.push(
+        "grants",
+        Verdict::Fail,
+        format!(
+            "dangerous privileges: {shown}; REVOKE them (only pgcast's owner may write, lock or \
+             reference pgcast's tables, draw positions or run its functions)"
+        ),
+    );
     Ok(())
 }
 
+/// The commit-order lock held by a session that is not committing: every write to
+/// `session_assignments` waits behind it.
 async fn commit_lock_check(client: &Client, report: &mut DoctorReport) -> Result<(), PgcastError> {
     let rows = client
         .query(COMMIT_LOCK, &[])
         .await
         .map_err(query_error("commit lock"))?;
+    // Sorted longest first; only one session can hold the lock at a time anyway.
     let Some(row) = rows.first() else {
         report.push("commit lock", Verdict::Ok, "not held");
         return Ok(());
@@ -322,16 +346,20 @@ async fn commit_lock_check(client: &Client, report: &mut DoctorReport) -> Result
     let state: String = row.try_get(2).map_err(query_error("commit lock"))?;
     let held: Option<f64> = row.try_get(3).map_err(query_error("commit lock"))?;
     let waiting: i64 = row.try_get(4).map_err(query_error("commit lock"))?;
-    let detail = format!(
-        "held by pid {pid} ({application:?}, {state}) for {}, {waiting} writer(s) waiting",
-        age(held)
-    );
+    let since = match held {
+        Some(_) => format!(" for at least {}", age(held)),
+        None => String::new(),
+    };
+    let detail =
+        format!("held by pid {pid} ({application:?}, {state}){since}, {waiting} writer(s) waiting");
     if held.is_some_and(|h| h > MAX_COMMIT_LOCK.as_secs_f64()) {
         report.push(
             "commit lock",
             Verdict::Fail,
             format!(
-                "{detail}: every commit that writes session_assignments waits for it (a                  transaction that ran SET CONSTRAINTS ALL IMMEDIATE holds it until it ends);                  end that transaction or pg_terminate_backend({pid})"
+                "{detail}: every commit that writes {TABLE} waits for it (a transaction that \
+                 ran SET CONSTRAINTS ALL IMMEDIATE holds it until it ends); end that \
+                 transaction or SELECT pg_terminate_backend({pid})"
             ),
         );
     } else {
@@ -340,37 +368,50 @@ async fn commit_lock_check(client: &Client, report: &mut DoctorReport) -> Result
     Ok(())
 }
 
+/// Retention is enforced: `pgcast serve` prunes every minute, and `prune_events` records each
+/// run and the retention it was given.
 async fn pruning_check(client: &Client, report: &mut DoctorReport) -> Result<(), PgcastError> {
     let row = client
         .query_one(PRUNING, &[])
         .await
         .map_err(query_error("pruning"))?;
     let since_run: Option<f64> = row.try_get(0).map_err(query_error("pruning"))?;
-    let oldest: Option<f64> = row.try_get(1).map_err(query_error("pruning"))?;
-    let oldest = match oldest {
+    let retention: Option<f64> = row.try_get(1).map_err(query_error("pruning"))?;
+    let oldest: Option<f64> = row.try_get(2).map_err(query_error("pruning"))?;
+    let log = match oldest {
         Some(o) => format!("oldest event {} old", age(Some(o))),
         None => "log empty".to_owned(),
     };
-    match since_run {
-        None => report.push(
+    let (Some(since_run), Some(retention)) = (since_run, retention) else {
+        report.push(
             "pruning",
             Verdict::Warn,
-            format!("has not run yet (pgcast serve prunes every minute); {oldest}"),
-        ),
-        Some(s) if s > MAX_PRUNE_GAP.as_secs_f64() => report.push(
-            "pruning",
+            format!("has not run yet (`pgcast serve` prunes every minute); {log}"),
+        );
+        return Ok(());
+    };
+    let overdue = oldest.is_some_and(|o| o > retention);
+    let ran = format!(
+        "last ran {} ago with retention {}",
+        age(Some(since_run)),
+        age(Some(retention))
+    );
+    let (verdict, detail) = match (since_run > MAX_PRUNE_GAP.as_secs_f64(), overdue) {
+        (true, true) => (
             Verdict::Fail,
             format!(
-                "last ran {} ago (pgcast serve prunes every minute): the log grows without                  bound; is a pgcast serve running, or does a session hold the pgcast.log_state                  row lock?; {oldest}",
-                age(Some(s))
+                "{ran}; {log}: retention is not enforced and the log grows without bound; is a \
+                 `pgcast serve` running and able to prune (its log says why not), or does a \
+                 session hold the pgcast.log_state row lock?"
             ),
         ),
-        Some(s) => report.push(
-            "pruning",
-            Verdict::Ok,
-            format!("last ran {} ago; {oldest}", age(Some(s))),
+        (true, false) => (
+            Verdict::Warn,
+            format!("{ran} (`pgcast serve` prunes every minute); {log}, nothing overdue yet"),
         ),
-    }
+        (false, _) => (Verdict::Ok, format!("{ran}; {log}")),
+    };
+    report.push("pruning", verdict, detail);
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! `pgcast doctor` on real databases: healthy when migrated, and failing with the problem named
-//! when the trigger is disabled or dropped or the installed SQL is older than the binary.
+//! when the trigger is disabled or dropped, the installed SQL is older than the binary, a
+//! dangerous privilege is granted, the commit-order lock is held too long or pruning stopped.
 
 mod common;
 
@@ -7,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use common::{fresh_db, migrated_db, pgcast, run};
 use pgcast::{diagnose, pool, DoctorReport, Verdict};
+use pgcast_listener::{migrate, MigrationScope};
 use pgcast_listener::{EventLog, Listener, Start};
-use pgcast_testkit::TestDb;
+use pgcast_testkit::{PgCluster, TestDb};
 use tokio::sync::mpsc;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
 /// Runs the library check and the binary, asserts that they agree, and returns the report.
@@ -184,6 +186,49 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The privileges the README gives a read-only DBA / monitor role that runs `doctor`.
+const MONITOR_GRANTS: &str = "GRANT pg_monitor TO {role}; GRANT USAGE ON SCHEMA pgcast TO {role};
+     GRANT SELECT ON ALL TABLES IN SCHEMA pgcast TO {role};";
+
+/// Creates login role `<name>_<db>` with `grants` (`{role}` stands for its name) and connects
+/// as it. Roles belong to the cluster, hence the database name in theirs.
+async fn connect_as(db: &TestDb, admin: &Client, name: &str, grants: &str) -> (String, Client) {
+    let role = format!("{name}_{}", db.name());
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; {}",
+            grants.replace("{role}", &role)
+        ))
+        .await
+        .expect("create role");
+    let mut config = db.pg_config();
+    config.user(&role);
+    let (client, connection) = config.connect(NoTls).await.expect("connect as the role");
+    tokio::spawn(connection);
+    (role, client)
+}
+
+async fn backend_pid(client: &Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0)
+}
+
+/// Polls the library check until `name` fails, within `limit`.
+async fn until_failed(client: &Client, name: &str, limit: Duration) -> DoctorReport {
+    let deadline = Instant::now() + limit;
+    loop {
+        let report = diagnose(client).await.expect("doctor runs");
+        if report.check(name).map(|c| c.verdict) == Some(Verdict::Fail) {
+            return report;
+        }
+        assert!(Instant::now() < deadline, "{name} never failed: {report}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn dangerous_grants_are_a_failure() {
     let (db, client) = migrated_db().await;
@@ -198,7 +243,10 @@ async fn dangerous_grants_are_a_failure() {
         .batch_execute(&format!(
             "CREATE ROLE {role};
              GRANT EXECUTE ON FUNCTION pgcast.emit_assignment_event() TO PUBLIC;
+             GRANT SELECT ON pgcast.assignment_events TO PUBLIC;
              GRANT INSERT ON pgcast.assignment_events TO {role};
+             GRANT REFERENCES ON pgcast.log_state TO {role};
+             GRANT UPDATE ON SEQUENCE pgcast.event_position TO {role};
              GRANT CREATE ON SCHEMA pgcast TO {role};"
         ))
         .await
@@ -207,29 +255,91 @@ async fn dangerous_grants_are_a_failure() {
     let detail = failed(&report, "grants");
     for grant in [
         "EXECUTE on function pgcast.emit_assignment_event() to PUBLIC".to_owned(),
+        "SELECT on table pgcast.assignment_events to PUBLIC".to_owned(),
         format!("INSERT on table pgcast.assignment_events to {role}"),
+        format!("REFERENCES on table pgcast.log_state to {role}"),
+        format!("UPDATE on sequence pgcast.event_position to {role}"),
         format!("CREATE on schema pgcast to {role}"),
     ] {
         assert!(detail.contains(&grant), "{grant} not in {detail}");
     }
-    // A read grant for a monitor role is not dangerous.
+    // PUBLIC's EXECUTE is named once, not again for every role (which all inherit it).
+    assert_eq!(
+        detail.matches("emit_assignment_event").count(),
+        1,
+        "{detail}"
+    );
+
+    // Read grants for a monitor role are not dangerous, and with them the role runs doctor.
     client
         .batch_execute(&format!(
             "REVOKE EXECUTE ON FUNCTION pgcast.emit_assignment_event() FROM PUBLIC;
-             REVOKE INSERT ON pgcast.assignment_events FROM {role};
-             REVOKE CREATE ON SCHEMA pgcast FROM {role};
-             GRANT USAGE ON SCHEMA pgcast TO {role};
-             GRANT SELECT ON ALL TABLES IN SCHEMA pgcast TO {role};"
+             REVOKE SELECT ON pgcast.assignment_events FROM PUBLIC;
+             REVOKE ALL ON pgcast.assignment_events, pgcast.log_state FROM {role};
+             REVOKE ALL ON SEQUENCE pgcast.event_position FROM {role};
+             REVOKE CREATE ON SCHEMA pgcast FROM {role};"
         ))
         .await
         .expect("revoke");
-    assert!(doctor(&db, &client).await.is_healthy());
+    let (_, monitor) = connect_as(&db, &client, "monitor", MONITOR_GRANTS).await;
+    let report = doctor(&db, &monitor).await;
+    assert!(report.is_healthy(), "{report}");
+    assert_eq!(
+        report.check("grants").map(|c| c.verdict),
+        Some(Verdict::Ok),
+        "{report}"
+    );
+}
+
+/// Membership in a predefined role is a grant too: pg_write_all_data may write — and lock —
+/// every table. On a private cluster, because role membership is cluster-wide and would show in
+/// the other tests' reports.
+#[tokio::test]
+async fn a_member_of_pg_write_all_data_is_a_dangerous_grant() {
+    let cluster = PgCluster::start().expect("private cluster");
+    let db = cluster.create_database().await.expect("create database");
+    let mut client = db.connect().await.expect("connect");
+    migrate(&mut client, MigrationScope::All)
+        .await
+        .expect("migrate");
+    let (writer, _) = connect_as(&db, &client, "writer", "GRANT pg_write_all_data TO {role}").await;
+    let report = doctor(&db, &client).await;
+    let detail = failed(&report, "grants");
+    for grant in [
+        format!("INSERT, UPDATE, DELETE on table pgcast.assignment_events to {writer}"),
+        format!("INSERT, UPDATE, DELETE on table pgcast.commit_order to {writer}"),
+        format!("UPDATE on sequence pgcast.event_position to {writer}"),
+    ] {
+        assert!(detail.contains(&grant), "{grant} not in {detail}");
+    }
+    assert!(!detail.contains("pg_write_all_data"), "{detail}");
 }
 
 #[tokio::test]
 async fn a_commit_lock_held_by_an_idle_transaction_is_a_failure() {
     let (db, client) = migrated_db().await;
+    // A role with USAGE on schema pgcast holds what it can on the lock table: ROW SHARE and ROW
+    // EXCLUSIVE through PREPARE. Those delay nobody and must never be reported as the lock.
+    let (_, decoy) = connect_as(
+        &db,
+        &client,
+        "decoy",
+        "GRANT USAGE ON SCHEMA pgcast TO {role}",
+    )
+    .await;
+    decoy
+        .batch_execute(
+            "BEGIN;
+             PREPARE rs AS SELECT 1 FROM pgcast.commit_order FOR UPDATE;
+             PREPARE rx AS DELETE FROM pgcast.commit_order;",
+        )
+        .await
+        .expect("hold parse-time locks");
+    let decoy_pid = backend_pid(&decoy).await;
+    let (_, monitor) = connect_as(&db, &client, "monitor", MONITOR_GRANTS).await;
+
     let holder = db.connect().await.expect("connect");
+    let holder_pid = backend_pid(&holder).await;
     // What an ORM's SET CONSTRAINTS ALL IMMEDIATE does: the deferred trigger fires at the
     // statement and its lock stays until the transaction ends.
     holder
@@ -241,18 +351,40 @@ async fn a_commit_lock_held_by_an_idle_transaction_is_a_failure() {
         .expect("hold the lock");
     let started = Instant::now();
     let report = doctor(&db, &client).await;
+    let check = report.check("commit lock").expect("commit lock check");
     assert_eq!(
-        report.check("commit lock").map(|c| c.verdict),
-        Some(Verdict::Ok),
+        check.verdict,
+        Verdict::Ok,
         "held only briefly so far: {report}"
     );
-    // Past the threshold (5 s of holding) it is a failure naming the session.
-    let wait = Duration::from_secs(6).saturating_sub(started.elapsed());
-    tokio::time::sleep(wait).await;
-    let report = doctor(&db, &client).await;
-    let detail = failed(&report, "commit lock");
-    assert!(detail.contains("idle in transaction"), "{detail}");
-    assert!(detail.contains("pg_terminate_backend("), "{detail}");
+    assert!(
+        check.detail.contains(&format!("pid {holder_pid} ")),
+        "{report}"
+    );
+
+    // Past the threshold (5 s of holding) it is a failure naming the session, for the monitor
+    // role too (pg_monitor lets it see another role's session state).
+    until_failed(&monitor, "commit lock", Duration::from_secs(20)).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(4500),
+        "failed after {:?}, before the 5 s threshold",
+        started.elapsed()
+    );
+    for report in [
+        doctor(&db, &client).await,
+        diagnose(&monitor)
+            .await
+            .expect("doctor runs as the monitor"),
+    ] {
+        let detail = failed(&report, "commit lock");
+        assert!(detail.contains(&format!("pid {holder_pid} ")), "{detail}");
+        assert!(detail.contains("idle in transaction"), "{detail}");
+        assert!(
+            detail.contains(&format!("pg_terminate_backend({holder_pid})")),
+            "{detail}"
+        );
+        assert!(!detail.contains(&decoy_pid.to_string()), "{detail}");
+    }
     holder.batch_execute("COMMIT").await.expect("commit");
     let report = doctor(&db, &client).await;
     assert_eq!(
@@ -260,31 +392,141 @@ async fn a_commit_lock_held_by_an_idle_transaction_is_a_failure() {
             .check("commit lock")
             .map(|c| (c.verdict, c.detail.as_str())),
         Some((Verdict::Ok, "not held")),
-        "{report}"
+        "the decoy still holds its weak locks, and they are not the commit lock: {report}"
+    );
+    decoy.batch_execute("ROLLBACK").await.expect("rollback");
+}
+
+/// A session that holds the lock while busy (not idle) is not flagged for its own state, but
+/// writers queueing behind it for more than 5 s are.
+#[tokio::test]
+async fn writers_waiting_for_the_commit_lock_are_a_failure() {
+    let (db, client) = migrated_db().await;
+    let holder = db.connect().await.expect("connect");
+    let holder_pid = backend_pid(&holder).await;
+    let busy = tokio::spawn(async move {
+        let result = holder
+            .batch_execute(
+                "BEGIN; SET CONSTRAINTS ALL IMMEDIATE;
+                 INSERT INTO session_assignments (session_id, status)
+                 VALUES (gen_random_uuid(), 'queued');
+                 SELECT pg_sleep(60);",
+            )
+            .await;
+        (holder, result)
+    });
+    let writer = db.connect().await.expect("connect");
+    let writer_pid = backend_pid(&writer).await;
+    let write = tokio::spawn(async move {
+        writer
+            .execute(
+                "INSERT INTO session_assignments (session_id, status)
+                 VALUES (gen_random_uuid(), 'queued')",
+                &[],
+            )
+            .await
+    });
+    // The writer queues behind the busy holder.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waits: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted
+                                  AND relation = 'pgcast.commit_order'::regclass)",
+                &[&writer_pid],
+            )
+            .await
+            .expect("pg_locks")
+            .get(0);
+        if waits {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the writer never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = until_failed(&client, "commit lock", Duration::from_secs(20)).await;
+    let detail = failed(&report, "commit lock");
+    assert!(detail.contains(&format!("pid {holder_pid} ")), "{detail}");
+    assert!(detail.contains("active"), "{detail}");
+    assert!(detail.contains("1 writer(s) waiting"), "{detail}");
+    let binary = doctor(&db, &client).await;
+    assert!(!binary.is_healthy(), "{binary}");
+
+    // Ending the busy transaction lets the writer commit.
+    client
+        .execute("SELECT pg_cancel_backend($1)", &[&holder_pid])
+        .await
+        .expect("cancel");
+    let (holder, result) = busy.await.expect("holder task");
+    assert!(result.is_err(), "the sleep was cancelled");
+    holder.batch_execute("ROLLBACK").await.expect("rollback");
+    tokio::time::timeout(Duration::from_secs(10), write)
+        .await
+        .expect("the writer commits once the lock is free")
+        .expect("writer task")
+        .expect("insert");
+    assert_eq!(
+        doctor(&db, &client)
+            .await
+            .check("commit lock")
+            .map(|c| c.detail.clone()),
+        Some("not held".to_owned())
     );
 }
 
 #[tokio::test]
-async fn pruning_that_stopped_is_a_failure() {
+async fn pruning_that_stopped_while_events_are_overdue_is_a_failure() {
     let (db, client) = migrated_db().await;
     let report = doctor(&db, &client).await;
     let pruning = report.check("pruning").expect("pruning check");
     assert_eq!(pruning.verdict, Verdict::Warn, "never ran yet: {report}");
+    assert!(report.is_healthy(), "{report}");
+
     client
         .query_one("SELECT pgcast.prune_events('1 day')", &[])
         .await
         .expect("prune");
+    let report = doctor(&db, &client).await;
+    let pruning = report.check("pruning").expect("pruning check");
+    assert_eq!(pruning.verdict, Verdict::Ok, "{report}");
+    assert!(pruning.detail.contains("with retention 1day"), "{report}");
+
+    // No run for 3 hours, but nothing older than the retention: worth knowing, not broken.
+    client
+        .batch_execute(
+            "INSERT INTO session_assignments (session_id, status) VALUES (gen_random_uuid(), 'queued');
+             UPDATE pgcast.log_state SET last_pruned_at = now() - interval '3 hours';",
+        )
+        .await
+        .expect("age the last run");
+    let report = doctor(&db, &client).await;
+    let pruning = report.check("pruning").expect("pruning check");
+    assert_eq!(pruning.verdict, Verdict::Warn, "{report}");
+    assert!(pruning.detail.contains("nothing overdue"), "{report}");
+
+    // An event older than the retention that nobody pruned: retention is not enforced.
+    client
+        .batch_execute(
+            "UPDATE pgcast.assignment_events SET committed_at = now() - interval '2 days'",
+        )
+        .await
+        .expect("age the event");
+    let report = doctor(&db, &client).await;
+    let detail = failed(&report, "pruning");
+    assert!(detail.contains("last ran 3h"), "{detail}");
+    assert!(detail.contains("oldest event 2days"), "{detail}");
+
+    // A run puts it right.
+    let pruned: i32 = client
+        .query_one("SELECT pgcast.prune_events('1 day')", &[])
+        .await
+        .expect("prune")
+        .get(0);
+    assert_eq!(pruned, 1);
     let report = doctor(&db, &client).await;
     assert_eq!(
         report.check("pruning").map(|c| c.verdict),
         Some(Verdict::Ok),
         "{report}"
     );
-    client
-        .batch_execute("UPDATE pgcast.log_state SET last_pruned_at = now() - interval '3 hours'")
-        .await
-        .expect("age the last run");
-    let report = doctor(&db, &client).await;
-    let detail = failed(&report, "pruning");
-    assert!(detail.contains("last ran 3h"), "{detail}");
 }
