@@ -70,6 +70,9 @@ struct ActiveSub {
     membership: Option<SessionMembership>,
 }
 
+/// Why a `since` that the log no longer covers gets `resync`.
+const PRUNED: &str = "since is older than the retained event log";
+
 /// Why a subscription is revoked after a membership change.
 const NO_LONGER_ASSIGNED: &str = "no longer assigned to this session";
 
@@ -662,12 +665,18 @@ impl Connection {
             position: since,
         })
         .await?;
-        if since < head.pruned_through || since > head.head {
-            let reason = if since > head.head {
-                "since is ahead of the event log"
-            } else {
-                "since is older than the retained event log"
+        let reason = if since > head.head {
+            Some("since is ahead of the event log")
+        } else if since < head.pruned_through {
+            Some(PRUNED)
+        } else {
+            let complete = match membership {
+                Some(membership) => self.replay_following(sub, since, head, membership).await?,
+                None => self.replay(sub, since, head).await?,
             };
+            (!complete).then_some(PRUNED)
+        };
+        if let Some(reason) = reason {
             self.send(ServerMessage::Resync {
                 topic,
                 reason: reason.to_owned(),
@@ -675,27 +684,29 @@ impl Connection {
             .await?;
             return Ok(None);
         }
-        match membership {
-            Some(membership) => self.replay_following(sub, since, head, membership).await?,
-            None => self.replay(sub, since, head).await?,
-        }
         Ok(Some(head.head))
     }
 
     /// Streams the topic's events in `(since, head]`; the next page is read while the current
-    /// one is written.
+    /// one is written. `Ok(false)`: a prune overtook the replay (a page came back with the
+    /// retention boundary inside its range), so what follows would have a gap; nothing of that
+    /// page was sent and the client must resync.
     async fn replay(
         &mut self,
         sub: &Subscription,
         since: Position,
         head: LogHead,
-    ) -> Result<(), End> {
+    ) -> Result<bool, End> {
         let log = self.shared.log.clone();
+        let mut page_after = since;
         let mut page = log
             .read_range(since, head.head, REPLAY_PAGE)
             .await
             .map_err(replay_failed)?;
         loop {
+            if page.pruned_past(page_after) {
+                return Ok(false);
+            }
             for (position, error) in &page.undecodable {
                 tracing::warn!(position, %error, "skipping undecodable log row in replay");
             }
@@ -726,8 +737,11 @@ impl Connection {
                 return Err(End::Expired);
             }
             match next {
-                None => return Ok(()),
-                Some(next) => page = next.map_err(replay_failed)?,
+                None => return Ok(true),
+                Some(next) => {
+                    page = next.map_err(replay_failed)?;
+                    page_after = after;
+                }
             }
         }
     }
@@ -735,14 +749,15 @@ impl Connection {
     /// Replays a session to a mechanic. Membership is known at `head`; it is rewound through
     /// the session's events down to `since`, then moved forward again event by event, so each
     /// event is judged by the rows as they stood at its position. A session has few events, so
-    /// they are collected first. On return `membership` is back at `head`.
+    /// they are collected first. `Ok(true)`: replayed, `membership` is back at `head`;
+    /// `Ok(false)`: a prune overtook the read and nothing was sent (the client must resync).
     async fn replay_following(
         &mut self,
         sub: &Subscription,
         since: Position,
         head: LogHead,
         membership: &mut SessionMembership,
-    ) -> Result<(), End> {
+    ) -> Result<bool, End> {
         let log = self.shared.log.clone();
         let mut events: Vec<AssignmentEvent> = Vec::new();
         let mut after = since;
@@ -751,6 +766,9 @@ impl Connection {
                 .read_range(after, head.head, REPLAY_PAGE)
                 .await
                 .map_err(replay_failed)?;
+            if page.pruned_past(after) {
+                return Ok(false);
+            }
             for (position, error) in &page.undecodable {
                 tracing::warn!(position, %error, "skipping undecodable log row in replay");
             }
@@ -783,7 +801,7 @@ impl Connection {
         if expired {
             return Err(End::Expired);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Writes (and drains) `frames` with one flush, under one guard.

@@ -223,3 +223,93 @@ async fn shutdown_closes_sockets_with_1001() {
     );
     h.stop().await;
 }
+
+/// Replays race a pruner that deletes the log from its oldest end: every replay is either the
+/// whole range, contiguous, or a contiguous start followed by `resync` — never a silent gap.
+#[tokio::test]
+async fn a_prune_during_replay_gives_resync_or_a_contiguous_stream_never_a_gap() {
+    let h = Harness::start().await;
+    let start = h.log_head().await;
+    h.admin
+        .execute(
+            // 2 KB rows: 12 MB per replay, more than loopback socket buffers hold, so the
+            // replays are still reading the log while the pruner runs.
+            "INSERT INTO session_assignments (session_id, status, customer_name, concern)
+             SELECT gen_random_uuid(), 'queued', 'c' || g, repeat('x', 2000)
+             FROM generate_series(1, 6000) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let head = h.log_head().await;
+    assert_eq!(head - start, 6000, "no holes in this test's positions");
+    // The live stream of those rows is over before anyone subscribes: the replays alone are
+    // under test.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while h.listener.snapshot().last_position < head {
+        assert!(tokio::time::Instant::now() < deadline, "listener behind");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(h.client(&service()).await);
+    }
+    // Every client subscribes from the start and has its first event (its replay is under
+    // way); then the pruner eats the log from its oldest end in small batches.
+    for ws in &mut clients {
+        ws.send(json!({"type": "subscribe", "id": "r", "topic": "assignments", "since": start}))
+            .await;
+    }
+    let mut firsts = Vec::new();
+    for ws in &mut clients {
+        let sub = ws.recv().await;
+        assert_eq!(sub["type"], "subscribed", "{sub}");
+        let first = ws.recv().await;
+        assert_eq!(first["position"], start + 1, "{first}");
+        firsts.push(first);
+    }
+    let pruner = {
+        let db = h.db.clone();
+        tokio::spawn(async move {
+            let client = db.connect().await.unwrap();
+            loop {
+                let n: i32 = client
+                    .query_one("SELECT pgcast.prune_events('0 seconds', 150)", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                if n == 0 {
+                    return;
+                }
+            }
+        })
+    };
+    let mut outcomes = Vec::new();
+    for ws in &mut clients {
+        let mut expected = start + 2;
+        loop {
+            match ws.next(WAIT).await {
+                Next::Json(v) if v["type"] == "event" => {
+                    assert_eq!(v["position"], expected, "a gap in the replay");
+                    expected += 1;
+                    if expected > head {
+                        outcomes.push("complete");
+                        break;
+                    }
+                }
+                Next::Json(v) if v["type"] == "resync" => {
+                    outcomes.push("resync");
+                    break;
+                }
+                other => panic!("after position {}: {other:?}", expected - 1),
+            }
+        }
+    }
+    pruner.await.unwrap();
+    eprintln!("replays under pruning: {outcomes:?}");
+    // Once the log is gone, a resume from the start is told to resync at once.
+    let mut late = h.client(&service()).await;
+    late.subscribe("assignments", json!({"since": start})).await;
+    assert_eq!(late.recv().await["type"], "resync");
+    h.stop().await;
+}

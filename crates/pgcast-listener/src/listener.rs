@@ -324,6 +324,13 @@ impl Listener {
         loop {
             let after = cursor.last.unwrap_or(0);
             let page = self.log.read_range(after, Position::MAX, PAGE).await?;
+            if page.pruned_past(after) {
+                tracing::error!(
+                    after,
+                    pruned_through = page.pruned_through,
+                    "event log was pruned past the listener's position; events in between are gone"
+                );
+            }
             for (position, error) in &page.undecodable {
                 self.status.decode_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(position, %error, "skipping undecodable log row");

@@ -23,6 +23,17 @@ pub struct LogPage {
     pub last: Option<Position>,
     /// Rows read (to tell a full page from the end of the range).
     pub rows: usize,
+    /// The retention boundary, read in the same statement as the rows. When it is above the
+    /// start of the range, rows of the range may have been pruned before they were read.
+    pub pruned_through: Position,
+}
+
+impl LogPage {
+    /// Could rows after `after` have been pruned before this page was read? Then the page is
+    /// not a complete account of the range.
+    pub fn pruned_past(&self, after: Position) -> bool {
+        self.pruned_through > after
+    }
 }
 
 /// Where the log stands.
@@ -66,13 +77,14 @@ impl EventLog {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(READ_RANGE).await?;
         let rows = client.query(&stmt, &[&after, &through, &limit]).await?;
-        let mut page = LogPage {
-            rows: rows.len(),
-            ..LogPage::default()
-        };
+        let mut page = LogPage::default();
         for row in rows {
-            let position: Position = row.try_get(0)?;
-            let text: &str = row.try_get(1)?;
+            page.pruned_through = row.try_get(0)?;
+            let Some(position) = row.try_get::<_, Option<Position>>(1)? else {
+                continue; // the range is empty: only the boundary came back
+            };
+            page.rows += 1;
+            let text: &str = row.try_get(2)?;
             page.last = Some(position);
             match decode_payload(text) {
                 Ok(event) if event.position == position => page.events.push(event),
