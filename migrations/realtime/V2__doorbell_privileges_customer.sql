@@ -208,9 +208,17 @@ COMMENT ON COLUMN pgcast.assignment_events.payload IS
     'The event: position, op, committed_at, row (the row after the change; for a delete the row '
     'before), old (status, mechanic_id, workshop_id before an update or delete, else null) and '
     'customer_id (the customer of the row''s session in sessions at commit, or null).';
--- On the table the trigger is on, whatever the search_path of this run.
+-- On the table the trigger is on, whatever the search_path of this run. Commenting a trigger
+-- takes ownership of its table, which pgcast's role need not keep after the first install (the
+-- application may own session_assignments): without it, version 1's comment stays.
 DO $migration$
 BEGIN
+    IF NOT pg_has_role((SELECT c.relowner FROM pg_class c
+                        WHERE c.oid = (SELECT source_table FROM pgcast.log_state)), 'USAGE') THEN
+        RAISE NOTICE 'pgcast: not the owner of %, its trigger keeps the comment of version 1',
+            (SELECT source_table FROM pgcast.log_state);
+        RETURN;
+    END IF;
     EXECUTE format(
         'COMMENT ON TRIGGER pgcast_emit_assignment_event ON %s IS %L',
         (SELECT source_table FROM pgcast.log_state),

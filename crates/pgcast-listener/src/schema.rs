@@ -87,10 +87,18 @@ async fn apply_with_lock_timeout(
 
 async fn apply(client: &mut Client, scope: MigrationScope) -> Result<usize, ListenerError> {
     // The history tables live in the pgcast schema, which must exist before refinery creates
-    // them; the realtime migration itself uses CREATE SCHEMA IF NOT EXISTS.
-    client
-        .batch_execute("CREATE SCHEMA IF NOT EXISTS pgcast")
-        .await?;
+    // them; the realtime migration itself uses CREATE SCHEMA IF NOT EXISTS. Only when it is
+    // missing: CREATE SCHEMA IF NOT EXISTS checks CREATE on the database even when the schema
+    // exists, and after the first install pgcast's role needs no privilege on the database.
+    let schema_exists: bool = client
+        .query_one("SELECT to_regnamespace('pgcast') IS NOT NULL", &[])
+        .await?
+        .try_get(0)?;
+    if !schema_exists {
+        client
+            .batch_execute("CREATE SCHEMA IF NOT EXISTS pgcast")
+            .await?;
+    }
     let mut applied = 0;
     if scope == MigrationScope::All {
         let report = app::migrations::runner()

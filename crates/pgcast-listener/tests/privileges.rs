@@ -496,3 +496,127 @@ async fn a_migration_that_cannot_get_its_lock_fails_fast_and_leaves_nothing_half
     );
     assert_eq!(log_positions(&client).await.len(), 1, "the log is kept");
 }
+
+/// The README's least privileges for pgcast's own role, end to end: the first install as a
+/// member of the application table's owner with CREATE on the database; then, with both taken
+/// away and only SELECT on the application tables left, an upgrade, live events (the trigger
+/// function reads `sessions` as that role at every commit) and pruning.
+#[tokio::test]
+async fn a_least_privileged_pgcast_role_installs_upgrades_and_serves() {
+    let db = PgCluster::shared()
+        .unwrap()
+        .create_database()
+        .await
+        .unwrap();
+    let mut admin = db.connect().await.unwrap();
+    admin.batch_execute("CREATE SCHEMA pgcast").await.unwrap();
+    app::migrations::runner()
+        .set_migration_table_name("pgcast.app_migrations")
+        .run_async(&mut admin)
+        .await
+        .unwrap();
+    // The application owns its tables; pgcast's role is a plain login role. (The schema pgcast
+    // made for the app's history table is handed over: normally the DBA creates none.)
+    let name = db.name().to_owned();
+    let (owner, app_owner) = (format!("pgcast_{name}"), format!("app_{name}"));
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {app_owner};
+             ALTER TABLE session_assignments OWNER TO {app_owner};
+             ALTER TABLE sessions OWNER TO {app_owner};"
+        ))
+        .await
+        .unwrap();
+    let (_, mut pgcast) = connect_as(
+        &db,
+        &admin,
+        "pgcast",
+        &format!(
+            "GRANT CREATE ON DATABASE {name} TO {{role}}; GRANT {app_owner} TO {{role}};
+             ALTER SCHEMA pgcast OWNER TO {{role}};
+             ALTER TABLE pgcast.app_migrations OWNER TO {{role}};"
+        ),
+    )
+    .await;
+    let mut v1 = realtime::migrations::runner().set_target(refinery::Target::Version(1));
+    v1.set_migration_table_name("pgcast.realtime_migrations");
+    v1.run_async(&mut pgcast)
+        .await
+        .expect("install as pgcast's role");
+
+    // After the install: no privilege on the database, not the application's owner any more.
+    admin
+        .batch_execute(&format!(
+            "REVOKE CREATE ON DATABASE {name} FROM {owner};
+             REVOKE {app_owner} FROM {owner};
+             GRANT SELECT ON session_assignments, sessions TO {owner};"
+        ))
+        .await
+        .unwrap();
+    admin.execute(INSERT_ONE, &[&"v1 row"]).await.unwrap();
+    assert_eq!(
+        migrate(&mut pgcast, MigrationScope::RealtimeOnly)
+            .await
+            .expect("upgrade as pgcast's role without CREATE on the database"),
+        1
+    );
+    assert_eq!(
+        installed_version(&pgcast).await.unwrap(),
+        Some(SCHEMA_VERSION)
+    );
+
+    // Serving as pgcast's role: the listener and its pool connect as it.
+    let mut config = db.pg_config();
+    config.user(&owner);
+    let pool =
+        deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(config.clone(), NoTls))
+            .max_size(2)
+            .build()
+            .unwrap();
+    let listener = pgcast_listener::Listener::new(config, pgcast_listener::EventLog::new(pool));
+    let status = listener.status();
+    let (tx, mut events) = tokio::sync::mpsc::channel(16);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(listener.run(Start::After(0), tx, shutdown.clone()));
+    tokio::time::timeout(LIMIT, status.wait_ready())
+        .await
+        .expect("listener ready");
+
+    let customer = uuid::Uuid::new_v4();
+    let session: uuid::Uuid = admin
+        .query_one(
+            "INSERT INTO sessions (customer_id, kind) VALUES ($1, 'free') RETURNING id",
+            &[&customer],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    admin
+        .execute(
+            "INSERT INTO session_assignments (session_id, status, customer_name)
+             VALUES ($1, 'queued', 'v2 row')",
+            &[&session],
+        )
+        .await
+        .expect("a write commits: the trigger function reads sessions as pgcast's role");
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let event = tokio::time::timeout(LIMIT, events.recv())
+            .await
+            .expect("an event")
+            .expect("listener running");
+        got.push(event);
+    }
+    assert_eq!(got[0].assignment.customer_name.as_deref(), Some("v1 row"));
+    assert_eq!(got[1].assignment.customer_name.as_deref(), Some("v2 row"));
+    assert_eq!(got[1].customer_id, Some(customer));
+
+    let pruned: i32 = pgcast
+        .query_one("SELECT pgcast.prune_events('0 seconds')", &[])
+        .await
+        .expect("pgcast's role prunes")
+        .get(0);
+    assert_eq!(pruned, 2);
+    shutdown.cancel();
+    task.await.unwrap();
+}
