@@ -70,6 +70,27 @@ struct ActiveSub {
     membership: Option<SessionMembership>,
 }
 
+/// A subscription filed in the hub that is unfiled when this is dropped, unless kept.
+struct Registered {
+    shared: Arc<Shared>,
+    sub: Option<Arc<Subscription>>,
+}
+
+impl Registered {
+    /// The subscription started: it stays filed (the connection unfiles it when it ends).
+    fn keep(mut self) {
+        self.sub = None;
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Some(sub) = self.sub.take() {
+            self.shared.hub.unsubscribe(&sub);
+        }
+    }
+}
+
 /// Why a `since` that the log no longer covers gets `resync`.
 const PRUNED: &str = "since is older than the retained event log";
 
@@ -398,8 +419,15 @@ impl Connection {
                 since,
                 snapshot,
             }) => {
-                self.subscribe(id, &topic, since, snapshot.unwrap_or(false))
-                    .await
+                // A subscribe waits on the database (bounded by the pool's statement timeout);
+                // meanwhile shutdown and the slow-consumer signal still end the connection.
+                let slow = self.handle.slow.clone();
+                let shutdown = self.shutdown.clone();
+                tokio::select! {
+                    r = self.subscribe(id, &topic, since, snapshot.unwrap_or(false)) => r,
+                    () = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
+                    () = slow.cancelled() => Err(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with since")),
+                }
             }
         }
     }
@@ -489,6 +517,12 @@ impl Connection {
             conn: self.handle.clone(),
         });
         let hub_head = self.shared.hub.subscribe(sub.clone());
+        // Unfiled again unless the subscription starts, also when this future is dropped
+        // half-way (the connection ending while it waits on the database).
+        let registered = Registered {
+            shared: self.shared.clone(),
+            sub: Some(sub.clone()),
+        };
         let topic_name = topic.to_string();
         let result = if sub.follows_membership() {
             self.start_following(&sub, id, topic_name, since, snapshot)
@@ -521,6 +555,7 @@ impl Connection {
         };
         match result {
             Ok(Some((delivered_through, membership))) => {
+                registered.keep();
                 self.subs.push(ActiveSub {
                     sub,
                     delivered_through,
@@ -528,14 +563,8 @@ impl Connection {
                 });
                 Ok(())
             }
-            Ok(None) => {
-                self.shared.hub.unsubscribe(&sub);
-                Ok(())
-            }
-            Err(end) => {
-                self.shared.hub.unsubscribe(&sub);
-                Err(end)
-            }
+            Ok(None) => Ok(()),
+            Err(end) => Err(end),
         }
     }
 

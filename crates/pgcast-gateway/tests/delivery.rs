@@ -313,3 +313,27 @@ async fn a_prune_during_replay_gives_resync_or_a_contiguous_stream_never_a_gap()
     assert_eq!(late.recv().await["type"], "resync");
     h.stop().await;
 }
+
+/// A connection waiting on the database (a snapshot blocked behind a lock) still closes with
+/// 1001 at shutdown, and the gateway's shutdown does not wait for the query.
+#[tokio::test]
+async fn a_connection_waiting_on_the_database_still_closes_at_shutdown() {
+    let h = Harness::start().await;
+    let mut locker = h.db.connect().await.unwrap();
+    let tx = locker.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE session_assignments IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut ws = h.client(&service()).await;
+    ws.send(json!({"type": "subscribe", "id": "s", "topic": "assignments", "snapshot": true}))
+        .await;
+    // The snapshot is now waiting for the lock (nothing comes back).
+    ws.quiet().await;
+    assert!(
+        h.gateway.shutdown(Duration::from_secs(5)).await,
+        "shutdown waited for a connection stuck on the database"
+    );
+    ws.expect_close(1001).await;
+    tx.rollback().await.unwrap();
+    h.stop().await;
+}

@@ -13,6 +13,10 @@ use crate::PgcastError;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for a pooled connection.
 const POOL_WAIT: Duration = Duration::from_secs(5);
+/// Longest statement on a pooled connection (snapshots, replay pages, log reads, pruning,
+/// metrics): a stuck query fails instead of holding a connection, and the task waiting on it,
+/// indefinitely. Set as a session default, so it covers every statement the pool runs.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens a connection named `application_name` (visible in `pg_stat_activity`); its connection
 /// task runs on the current tokio runtime and ends when the client is dropped.
@@ -40,12 +44,21 @@ pub async fn connect_config(
     Ok(client)
 }
 
-/// A query pool of at most `max_size` connections to `pg`.
+/// A query pool of at most `max_size` connections to `pg`, every statement bounded by a
+/// statement timeout.
 pub fn pool(pg: &tokio_postgres::Config, max_size: usize) -> Result<Pool, PgcastError> {
     let mut pg = pg.clone();
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(CONNECT_TIMEOUT);
     }
+    // Added to the `options` of the connection string unless the operator set their own.
+    let timeout = format!("-c statement_timeout={}", STATEMENT_TIMEOUT.as_millis());
+    let options = match pg.get_options() {
+        Some(o) if o.contains("statement_timeout") => o.to_owned(),
+        Some(o) if !o.is_empty() => format!("{o} {timeout}"),
+        _ => timeout,
+    };
+    pg.options(&options);
     let manager = Manager::from_config(
         pg,
         NoTls,
