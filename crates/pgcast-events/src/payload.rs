@@ -46,7 +46,7 @@ struct RawPayload {
     committed_at: Option<DateTime<Utc>>,
     row: Option<Assignment>,
     old: Option<PriorState>,
-    /// Written by schema version 3 and later; older rows have none.
+    /// Written by schema version 2 and later; older rows have none.
     #[serde(default)]
     customer_id: Option<uuid::Uuid>,
 }

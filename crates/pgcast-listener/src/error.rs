@@ -12,7 +12,7 @@ pub enum ListenerError {
     #[error("database pool: {0}")]
     Pool(deadpool_postgres::PoolError),
     /// Applying migrations failed.
-    #[error("migration failed: {0}")]
+    #[error("migration failed: {}", describe_chain(.0))]
     Migration(refinery::Error),
     /// The LISTEN connection closed without an error from the server.
     #[error("listener connection closed")]
@@ -37,19 +37,24 @@ impl From<refinery::Error> for ListenerError {
     }
 }
 
-/// A PostgreSQL client error with its causes on one line ("db error: ERROR: relation … does
-/// not exist"): `tokio_postgres::Error` shows only its kind and keeps the server's message in
-/// `source()`, which a `%error` log line would drop.
-pub fn describe_pg(error: &tokio_postgres::Error) -> String {
+/// An error with every cause in its `source()` chain on one line, each once.
+fn describe_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
-    let mut cause = std::error::Error::source(error);
+    let mut cause = error.source();
     while let Some(c) = cause {
         let next = c.to_string();
-        if !text.ends_with(&next) {
+        if !text.contains(&next) {
             text.push_str(": ");
             text.push_str(&next);
         }
         cause = c.source();
     }
     text
+}
+
+/// A PostgreSQL client error with its causes on one line ("db error: ERROR: relation … does
+/// not exist"): `tokio_postgres::Error` shows only its kind and keeps the server's message in
+/// `source()`, which a `%error` log line would drop.
+pub fn describe_pg(error: &tokio_postgres::Error) -> String {
+    describe_chain(error)
 }
