@@ -319,3 +319,69 @@ async fn unmigrated_database_fails_before_printing() {
     );
     assert!(out.stderr.contains("does not exist"), "{}", out.stderr);
 }
+
+/// The pages of PostgreSQL's notification queue in use (`pg_notification_queue_usage()` is a
+/// fraction of its 8 GB: 2^20 pages of 8 KiB).
+async fn queue_pages(client: &Client) -> f64 {
+    let usage: f64 = client
+        .query_one("SELECT pg_notification_queue_usage()", &[])
+        .await
+        .expect("queue usage")
+        .get(0);
+    usage * f64::from(1u32 << 20)
+}
+
+/// A `tail` whose reader pauses (a pager waiting for a key) keeps reading its doorbells: the
+/// notification queue does not fill behind it, every write commits, and when the reader comes
+/// back it gets every event once, in order.
+#[tokio::test]
+async fn a_stalled_reader_never_holds_the_notification_queue() {
+    let (db, client) = migrated_db().await;
+    let mut tail = Tail::start(db.url(), &["--since", "0"]);
+    let session = Uuid::new_v4();
+    insert(&client, session).await;
+    tail.next().await; // live: now the reader stops reading.
+                       // Enough rows to fill the pipe and every buffer between it and the log (2 KB lines) ...
+    client
+        .batch_execute(
+            "INSERT INTO session_assignments (session_id, status, customer_name, concern)
+             SELECT gen_random_uuid(), 'queued', 'row ' || g, repeat('x', 2000)
+             FROM generate_series(1, 2500) g",
+        )
+        .await
+        .expect("rows");
+    // ... while single-row commits and a flood of doorbells (~250 pages of the queue) keep
+    // coming.
+    for _ in 0..50 {
+        insert(&client, session).await;
+    }
+    client
+        .batch_execute(
+            "SELECT pg_notify('pgcast_assignments', g::text) FROM generate_series(1, 50000) g",
+        )
+        .await
+        .expect("doorbells");
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let pages = queue_pages(&client).await;
+        if pages < 8.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pages:.0} pages of the notification queue held behind a stalled tail"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The reader comes back: everything, once, in order.
+    let expected = log_after(&client, 1).await;
+    assert_eq!(expected.len(), 2550);
+    for logged in &expected {
+        let line = tail.next().await;
+        assert_eq!(line["position"], logged.position, "{line}");
+        assert_eq!(line["assignment"]["id"], logged.id.to_string());
+    }
+    assert!(tail.next_within(Duration::from_millis(300)).await.is_none());
+    let (code, stderr) = tail.stop().await;
+    assert_eq!(code, Some(0), "{stderr}");
+}
