@@ -1,7 +1,10 @@
--- pgcast snapshot of topic `mechanic:<id>`: everything assigned to one mechanic, any status.
+-- pgcast snapshot of topic `mechanic:<id>`: the assignments of one mechanic that are still open (queued,
+-- offered, accepted) — what a page shows. The topic's events carry every status; finished rows are
+-- history, available from the log with `since`, and would make this snapshot grow forever.
 -- $1 = mechanic id, $2 = row limit.
 SELECT to_jsonb(a)::text
 FROM session_assignments a
 WHERE a.mechanic_id = $1
+  AND a.status IN ('queued', 'offered', 'accepted')
 ORDER BY a.created_at, a.id
 LIMIT $2

@@ -337,3 +337,39 @@ async fn a_connection_waiting_on_the_database_still_closes_at_shutdown() {
     tx.rollback().await.unwrap();
     h.stop().await;
 }
+
+/// `mechanic:` and `workshop:` snapshots hold what a page shows — the open rows — not every
+/// finished assignment ever (history comes with `since`).
+#[tokio::test]
+async fn mechanic_and_workshop_snapshots_hold_open_rows_only() {
+    let h = Harness::start().await;
+    let w = Uuid::new_v4();
+    let m = mechanic(Some(w));
+    let open = h
+        .insert(Uuid::new_v4(), "accepted", Some(m.user_id), Some(w))
+        .await;
+    let offered = h
+        .insert(Uuid::new_v4(), "offered", Some(m.user_id), Some(w))
+        .await;
+    for status in ["completed", "cancelled", "declined", "expired"] {
+        h.insert(Uuid::new_v4(), status, Some(m.user_id), Some(w))
+            .await;
+    }
+    let mut ws = h.client(&m).await;
+    for topic in [format!("mechanic:{}", m.user_id), format!("workshop:{w}")] {
+        ws.subscribe(&topic, json!({"snapshot": true})).await;
+        let snap = ws.recv().await;
+        assert_eq!(snap["type"], "snapshot", "{snap}");
+        let mut ids: Vec<String> = snap["assignments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        let mut want = vec![open.to_string(), offered.to_string()];
+        want.sort();
+        assert_eq!(ids, want, "{topic}");
+    }
+    h.stop().await;
+}
