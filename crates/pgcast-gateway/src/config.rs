@@ -35,9 +35,15 @@ pub struct GatewayConfig {
     pub max_subscriptions: usize,
     /// Open WebSocket connections per process; further upgrades get HTTP 503. Default 20,000.
     pub max_connections: usize,
-    /// Frames queued for one connection before it is closed with 4008 (slow consumer).
-    /// Default 4096.
+    /// Frames queued for one connection before it is closed with 4008 (slow consumer): a
+    /// bound on the queue's entries. Default 4096.
     pub outbound_capacity: usize,
+    /// Bytes of event frames queued for one connection before it is closed with 4008 (slow
+    /// consumer). The budget that matters for bursts: a reader at a mobile link's pace takes a
+    /// 10,000-row transaction (a few MB) without being closed, while one that stopped reading
+    /// is closed once this much waits for it. The frames themselves are shared between
+    /// recipients, so this bounds what one reader can make the process hold. Default 16 MiB.
+    pub outbound_bytes: usize,
     /// Most rows a snapshot may hold; a larger one fails with `unavailable`. Default 10,000.
     pub snapshot_limit: usize,
     /// Client frames per second allowed on average (bursts of twice that); frames over the
@@ -66,6 +72,7 @@ impl GatewayConfig {
             max_subscriptions: 32,
             max_connections: 20_000,
             outbound_capacity: 4096,
+            outbound_bytes: 16 << 20,
             snapshot_limit: 10_000,
             client_frames_per_second: 50,
             allowed_origins: Vec::new(),

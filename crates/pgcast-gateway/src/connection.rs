@@ -123,6 +123,8 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         handle: Arc::new(ConnHandle {
             tx,
             slow: CancellationToken::new(),
+            queued_bytes: Default::default(),
+            budget_bytes: shared.config.outbound_bytes,
         }),
         shutdown: shared.shutdown.child_token(),
         shared,
@@ -862,6 +864,7 @@ impl Connection {
         let mut expired = false;
         let mut next = Some(first);
         while let Some(out) = next.take() {
+            self.handle.dequeued(out.frame.len());
             if let Some((frame, revoked)) = self.accept(&out) {
                 if out.committed_micros > self.expires_micros() {
                     expired = true;

@@ -2,7 +2,7 @@
 //! subscription that may see it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
@@ -31,10 +31,29 @@ pub(crate) struct Outbound {
 /// The hub's handle on a connection.
 #[derive(Debug)]
 pub(crate) struct ConnHandle {
-    /// Bounded by `outbound_capacity`. When full, the hub does not wait: it cancels `slow` and
-    /// the connection closes itself with 4008; the client resumes with `since`.
+    /// Bounded by `outbound_capacity` frames and `outbound_bytes` bytes. When either is
+    /// exceeded, the hub does not wait: it cancels `slow` and the connection closes itself with
+    /// 4008; the client resumes with `since`.
     pub(crate) tx: mpsc::Sender<Outbound>,
     pub(crate) slow: CancellationToken,
+    /// Bytes of the frames in `tx` (added by the hub, taken off by the connection as it
+    /// dequeues them).
+    pub(crate) queued_bytes: AtomicUsize,
+    /// The byte budget of this connection's queue.
+    pub(crate) budget_bytes: usize,
+}
+
+impl ConnHandle {
+    /// The connection took a frame of `len` bytes off its queue.
+    pub(crate) fn dequeued(&self, len: usize) {
+        self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+    }
+
+    fn mark_slow(&self) {
+        if !self.slow.is_cancelled() {
+            self.slow.cancel();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -165,15 +184,21 @@ impl Hub {
                 frame,
                 event: sub.follows_membership().then(|| event.clone()),
             };
+            let len = out.frame.len();
+            let queued = sub.conn.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
+            if queued > sub.conn.budget_bytes {
+                sub.conn.dequeued(len);
+                sub.conn.mark_slow();
+                continue;
+            }
             match sub.conn.tx.try_send(out) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    if !sub.conn.slow.is_cancelled() {
-                        sub.conn.slow.cancel();
-                    }
+                    sub.conn.dequeued(len);
+                    sub.conn.mark_slow();
                 }
                 // The connection is closing; it unsubscribes itself.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => sub.conn.dequeued(len),
             }
         }
     }

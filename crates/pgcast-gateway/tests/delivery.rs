@@ -179,7 +179,8 @@ async fn since_older_than_retention_or_ahead_of_the_log_gets_resync() {
 
 #[tokio::test]
 async fn a_slow_consumer_is_closed_with_4008_and_others_get_everything() {
-    let h = Harness::start_with(|c| c.outbound_capacity = 4096).await;
+    // Closed by the byte budget (the frame count stays far below its bound).
+    let h = Harness::start_with(|c| c.outbound_bytes = 8 << 20).await;
     let mut fast = h.client(&service()).await;
     fast.subscribe("assignments", json!({})).await;
     let mut slow = h.client(&service()).await;
@@ -371,5 +372,70 @@ async fn mechanic_and_workshop_snapshots_hold_open_rows_only() {
         want.sort();
         assert_eq!(ids, want, "{topic}");
     }
+    h.stop().await;
+}
+
+/// A 10,000-row transaction visible to every queue reader: readers that read steadily but
+/// slowly (a mobile link's pace) are not closed and lose nothing — the outgoing budget is in
+/// bytes, and this burst is a few MB.
+#[tokio::test]
+async fn a_10000_row_burst_does_not_close_steady_slow_readers() {
+    // The byte budget alone bounds the queue here; the default frame cap (4096) still closes
+    // such readers until serve's flags let deployments raise it (issue 12).
+    let h = Harness::start_with(|c| c.outbound_capacity = 65_536).await;
+    h.admin
+        .execute(
+            "INSERT INTO session_assignments (session_id, status, concern)
+             SELECT gen_random_uuid(), 'queued', repeat('x', 300) FROM generate_series(1, 10000)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let head = h.log_head().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while h.listener.snapshot().last_position < head {
+        assert!(tokio::time::Instant::now() < deadline, "listener behind");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut readers = Vec::new();
+    for i in 0..12 {
+        let mut ws = h.client(&mechanic(None)).await;
+        ws.subscribe("queue", json!({})).await;
+        // Every third reader pauses 1 ms every 4 frames (~1–2 MB/s): well behind the hub,
+        // which queues the whole burst at once.
+        let throttled = i % 3 == 0;
+        readers.push(tokio::spawn(async move {
+            let mut got = 0;
+            let mut last = 0;
+            while got < 10_000 {
+                match ws.next(WAIT).await {
+                    Next::Json(v) if v["type"] == "event" => {
+                        let p = v["position"].as_i64().unwrap();
+                        assert!(p > last, "out of order");
+                        last = p;
+                        got += 1;
+                        if throttled && got % 4 == 0 {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                    other => panic!("reader {i} after {got} events: {other:?}"),
+                }
+            }
+            ws.ping().await;
+            got
+        }));
+    }
+    // The nightly expiry job: one statement, 10,000 rows leave every queue.
+    h.admin
+        .execute(
+            "UPDATE session_assignments SET status = 'expired' WHERE status = 'queued'",
+            &[],
+        )
+        .await
+        .unwrap();
+    for r in readers {
+        assert_eq!(r.await.expect("reader"), 10_000);
+    }
+    assert_eq!(h.metric("pgcast_slow_consumer_closes"), 0.0);
     h.stop().await;
 }
