@@ -26,15 +26,29 @@ pub struct GatewayConfig {
     /// The server pings every interval; a peer silent for two intervals is closed.
     /// Default 20 s (so a dead peer is closed within 40 s).
     pub heartbeat_interval: Duration,
-    /// Largest client frame or message; larger ones close the connection with 1009.
-    /// Default 1 MiB.
+    /// Largest client frame or message; larger ones close the connection with 1009. Client
+    /// frames are small JSON (the largest is `auth` with its token), so a small limit costs
+    /// nothing and bounds what one peer can make the process buffer. Default 64 KiB.
     pub max_frame_bytes: usize,
+    /// Time one client frame has to arrive in full once its first byte arrived; a peer that
+    /// trickles a frame is cut off (enforced by [`FrameDeadline`](crate::FrameDeadline) under
+    /// the socket, so only where the server wraps its sockets in it). Default 10 s.
+    pub frame_timeout: Duration,
     /// Longest token accepted in `auth`. Default 8 KiB.
     pub max_token_bytes: usize,
     /// Subscriptions per connection. Default 32.
     pub max_subscriptions: usize,
     /// Open WebSocket connections per process; further upgrades get HTTP 503. Default 20,000.
     pub max_connections: usize,
+    /// WebSocket connections per process that have not authenticated yet (upgraded, `auth`
+    /// not verified); further upgrades get HTTP 503. A socket stops counting when its token is
+    /// verified or its auth deadline passes. Default 5,000.
+    pub max_unauthenticated: usize,
+    /// Unauthenticated WebSocket connections per peer address (IPv6 by /64); further upgrades
+    /// from it get HTTP 503. Smaller than [`max_unauthenticated`](Self::max_unauthenticated),
+    /// so no single address can take every unauthenticated slot. Applies where the server
+    /// tells the gateway the peer ([`Peer`](crate::Peer)). Default 250.
+    pub max_unauthenticated_per_ip: usize,
     /// Frames queued for one connection before it is closed with 4008 (slow consumer): a
     /// bound on the queue's entries. Default 4096.
     pub outbound_capacity: usize,
@@ -67,10 +81,13 @@ impl GatewayConfig {
             token_leeway: DEFAULT_LEEWAY,
             auth_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(20),
-            max_frame_bytes: 1 << 20,
+            max_frame_bytes: 64 << 10,
+            frame_timeout: Duration::from_secs(10),
             max_token_bytes: 8 << 10,
             max_subscriptions: 32,
             max_connections: 20_000,
+            max_unauthenticated: 5_000,
+            max_unauthenticated_per_ip: 250,
             outbound_capacity: 4096,
             outbound_bytes: 16 << 20,
             snapshot_limit: 10_000,

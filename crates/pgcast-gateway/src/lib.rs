@@ -26,6 +26,7 @@ mod auth;
 mod config;
 mod connection;
 mod db;
+mod edge;
 mod error;
 mod hub;
 mod metrics;
@@ -37,6 +38,7 @@ use axum::extract::{State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::Router;
 use pgcast_events::AssignmentEvent;
 use pgcast_listener::EventLog;
@@ -46,6 +48,7 @@ use tokio_util::task::TaskTracker;
 
 pub use auth::{mint_token, TokenMinter, TokenVerifier, Verified, MIN_SECRET_BYTES};
 pub use config::GatewayConfig;
+pub use edge::{ip_key, FrameClock, FrameDeadline, Peer};
 pub use error::GatewayError;
 pub use metrics::GatewayMetrics;
 
@@ -58,6 +61,11 @@ struct Shared {
     metrics: GatewayMetrics,
     /// Open connections; an upgrade without a permit is refused with 503.
     connection_slots: Arc<Semaphore>,
+    /// Connections upgraded and not yet authenticated, process-wide; an upgrade without a
+    /// permit is refused with 503.
+    unauthenticated: Arc<Semaphore>,
+    /// The same, per peer address.
+    unauthenticated_by_ip: Arc<edge::UnauthenticatedByIp>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// Open connections, for callers that wait for a count instead of polling the gauge.
@@ -80,6 +88,8 @@ impl Gateway {
             shared: Arc::new(Shared {
                 verifier: TokenVerifier::from_config(&config)?,
                 connection_slots: Arc::new(Semaphore::new(config.max_connections)),
+                unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),
+                unauthenticated_by_ip: Default::default(),
                 hub: hub::Hub::new(metrics.clone()),
                 metrics,
                 log,
@@ -146,6 +156,7 @@ impl Gateway {
 
 async fn upgrade(
     State(shared): State<Arc<Shared>>,
+    peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -155,6 +166,38 @@ async fn upgrade(
     let Ok(permit) = shared.connection_slots.clone().try_acquire_owned() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
     };
+    // Refused before the upgrade: a flood of sockets that never authenticate cannot hold
+    // every slot, and one address cannot hold every unauthenticated slot.
+    let Ok(unauthenticated) = shared.unauthenticated.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many unauthenticated connections",
+        )
+            .into_response();
+    };
+    let peer = peer.map(|Extension(peer)| peer);
+    let slot = match &peer {
+        Some(peer) => match shared.unauthenticated_by_ip.acquire(
+            peer.addr.ip(),
+            shared.config.max_unauthenticated_per_ip,
+            unauthenticated,
+        ) {
+            Some(slot) => slot,
+            None => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many unauthenticated connections from this address",
+                )
+                    .into_response()
+            }
+        },
+        None => edge::UnauthenticatedSlot::global(unauthenticated),
+    };
+    let slot = Arc::new(slot);
+    let admission = edge::Admission {
+        unauthenticated: slot.clone(),
+        frames: peer.map(|p| p.frames),
+    };
     let config = &shared.config;
     let tasks = shared.tasks.clone();
     ws.max_message_size(config.max_frame_bytes)
@@ -163,7 +206,21 @@ async fn upgrade(
         .on_upgrade(move |socket| {
             tasks.track_future(async move {
                 shared.open.send_modify(|n| *n += 1);
-                connection::serve(socket, shared.clone()).await;
+                let auth_timeout = shared.config.auth_timeout;
+                let serve =
+                    edge::with_admission(admission, connection::serve(socket, shared.clone()));
+                tokio::pin!(serve);
+                // A socket still open after its auth deadline has authenticated (the
+                // connection closes those that did not), so its slot is free by then even
+                // where the connection task does not report its `auth` earlier.
+                tokio::select! {
+                    () = &mut serve => {}
+                    () = tokio::time::sleep(auth_timeout) => {
+                        slot.release();
+                        serve.await;
+                    }
+                }
+                drop(slot);
                 // Free the slot before the count drops, so a caller that saw the count fall
                 // can connect again.
                 drop(permit);

@@ -15,9 +15,10 @@ use pgcast_events::{Position, Role, Topic};
 use uuid::Uuid;
 
 use crate::config::{
-    format_duration, parse_claim, parse_duration, parse_rate, parse_role, parse_tail_topic,
-    parse_ttl, DatabaseUrl, Secret,
+    format_bytes, format_duration, parse_claim, parse_duration, parse_frame_bytes, parse_rate,
+    parse_role, parse_tail_topic, parse_timeout, parse_ttl, DatabaseUrl, Secret,
 };
+use crate::{EdgeLimits, Limits};
 
 /// pgcast: PostgreSQL changes of session_assignments, delivered as typed events to WebSocket
 /// clients, with nothing lost.
@@ -124,6 +125,141 @@ pub struct ServeArgs {
     /// Apply pending migrations (app tables and realtime objects) before serving.
     #[arg(long, env = "PGCAST_MIGRATE")]
     pub migrate: bool,
+    /// Limits against slow and flooding clients.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Edge limits of `serve` (see [`Limits`]); the defaults here are [`Limits::default`].
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Time a client has to send a complete HTTP request head (a `GET /ws` upgrade included);
+    /// also the longest an idle keep-alive connection stays open. At most 1h.
+    #[arg(
+        long = "header-timeout",
+        env = "PGCAST_HEADER_TIMEOUT",
+        default_value = "10s",
+        value_name = "DURATION",
+        value_parser = parse_timeout
+    )]
+    pub header_timeout: Duration,
+    /// Open TCP connections per client address (IPv6: per /64), WebSockets included; more are
+    /// closed at accept. 0 = no limit (behind a proxy every client has the proxy's address).
+    #[arg(
+        long = "max-connections-per-ip",
+        env = "PGCAST_MAX_CONNECTIONS_PER_IP",
+        default_value = "1000",
+        value_name = "N"
+    )]
+    pub max_connections_per_ip: u32,
+    /// New connections per second per client address, on average; faster ones are closed at
+    /// accept. 0 = no limit.
+    #[arg(
+        long = "connection-rate-per-ip",
+        env = "PGCAST_CONNECTION_RATE_PER_IP",
+        default_value = "20",
+        value_name = "PER_SECOND"
+    )]
+    pub connection_rate_per_ip: u32,
+    /// New connections a client address may open at once before the rate applies (at least 1).
+    #[arg(
+        long = "connection-burst-per-ip",
+        env = "PGCAST_CONNECTION_BURST_PER_IP",
+        default_value = "100",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub connection_burst_per_ip: u32,
+    /// WebSockets upgraded but not yet authenticated, per process; further upgrades get 503.
+    #[arg(
+        long = "max-unauthenticated",
+        env = "PGCAST_MAX_UNAUTHENTICATED",
+        default_value = "5000",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_unauthenticated: u32,
+    /// WebSockets upgraded but not yet authenticated, per client address; further upgrades get
+    /// 503. Must be below --max-unauthenticated, so that no address can take every slot.
+    #[arg(
+        long = "max-unauthenticated-per-ip",
+        env = "PGCAST_MAX_UNAUTHENTICATED_PER_IP",
+        default_value = "250",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_unauthenticated_per_ip: u32,
+    /// Largest client frame (e.g. 65536, 64KiB, 1MiB; 16KiB to 16MiB); larger ones close the
+    /// connection with 1009.
+    #[arg(
+        long = "max-frame-bytes",
+        env = "PGCAST_MAX_FRAME_BYTES",
+        default_value = "64KiB",
+        value_name = "BYTES",
+        value_parser = parse_frame_bytes
+    )]
+    pub max_frame_bytes: usize,
+    /// Time one client frame has to arrive in full once it started; a trickled frame closes
+    /// the connection. At most 1h.
+    #[arg(
+        long = "frame-timeout",
+        env = "PGCAST_FRAME_TIMEOUT",
+        default_value = "10s",
+        value_name = "DURATION",
+        value_parser = parse_timeout
+    )]
+    pub frame_timeout: Duration,
+}
+
+impl LimitArgs {
+    /// The limits, or why they do not go together (one line).
+    pub fn limits(&self) -> Result<Limits, String> {
+        if self.max_unauthenticated_per_ip >= self.max_unauthenticated {
+            return Err(format!(
+                "--max-unauthenticated-per-ip ({}) must be below --max-unauthenticated ({}), \
+                 so that one address cannot take every unauthenticated slot",
+                self.max_unauthenticated_per_ip, self.max_unauthenticated
+            ));
+        }
+        Ok(Limits {
+            edge: EdgeLimits {
+                header_timeout: self.header_timeout,
+                max_connections_per_ip: self.max_connections_per_ip,
+                connection_rate_per_ip: self.connection_rate_per_ip,
+                connection_burst_per_ip: self.connection_burst_per_ip,
+            },
+            max_unauthenticated: self.max_unauthenticated as usize,
+            max_unauthenticated_per_ip: self.max_unauthenticated_per_ip as usize,
+            max_frame_bytes: self.max_frame_bytes,
+            frame_timeout: self.frame_timeout,
+        })
+    }
+}
+
+impl fmt::Display for LimitArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let or_off = |n: u32| {
+            if n == 0 {
+                "off".to_owned()
+            } else {
+                n.to_string()
+            }
+        };
+        write!(
+            f,
+            "header_timeout={} max_connections_per_ip={} connection_rate_per_ip={} \
+             connection_burst_per_ip={} max_unauthenticated={} max_unauthenticated_per_ip={} \
+             max_frame_bytes={} frame_timeout={}",
+            format_duration(self.header_timeout),
+            or_off(self.max_connections_per_ip),
+            or_off(self.connection_rate_per_ip),
+            self.connection_burst_per_ip,
+            self.max_unauthenticated,
+            self.max_unauthenticated_per_ip,
+            format_bytes(self.max_frame_bytes),
+            format_duration(self.frame_timeout),
+        )
+    }
 }
 
 /// `pgcast demo`.
@@ -254,9 +390,10 @@ impl fmt::Display for ServeArgs {
         write_claims(f, self.jwt_issuer.as_deref(), self.jwt_audience.as_deref())?;
         write!(
             f,
-            " retention={} migrate={}",
+            " retention={} migrate={} {}",
             format_duration(self.retention),
-            self.migrate
+            self.migrate,
+            self.limits
         )
     }
 }
@@ -399,6 +536,72 @@ mod tests {
         assert!(shown.contains("retention=1day"), "{shown}");
         assert!(!format!("{cli:?}").contains("hunter2"));
         assert!(!format!("{cli:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn limit_flags_default_to_the_limits_defaults_and_show_in_the_summary() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec![
+                "pgcast",
+                "serve",
+                "--database-url",
+                "postgres://app@db/shop",
+                "--jwt-secret",
+                SECRET,
+            ];
+            args.extend(extra);
+            match Cli::try_parse_from(args).unwrap().command {
+                Command::Serve(serve) => serve,
+                _ => unreachable!(),
+            }
+        };
+        let serve = parse(&[]);
+        assert_eq!(serve.limits.limits(), Ok(Limits::default()));
+        let shown = serve.to_string();
+        assert!(
+            shown.contains(
+                "header_timeout=10s max_connections_per_ip=1000 connection_rate_per_ip=20 \
+                 connection_burst_per_ip=100 max_unauthenticated=5000 \
+                 max_unauthenticated_per_ip=250 max_frame_bytes=64KiB frame_timeout=10s"
+            ),
+            "{shown}"
+        );
+        let serve = parse(&["--max-connections-per-ip", "0", "--max-frame-bytes", "1MiB"]);
+        let shown = serve.to_string();
+        assert!(shown.contains("max_connections_per_ip=off"), "{shown}");
+        assert!(shown.contains("max_frame_bytes=1MiB"), "{shown}");
+        let serve = parse(&[
+            "--max-unauthenticated",
+            "10",
+            "--max-unauthenticated-per-ip",
+            "10",
+        ]);
+        let err = serve.limits.limits().unwrap_err();
+        assert!(err.contains("--max-unauthenticated-per-ip (10)"), "{err}");
+        for (flag, bad) in [
+            ("--header-timeout", "0s"),
+            ("--header-timeout", "2h"),
+            ("--frame-timeout", "soon"),
+            ("--max-frame-bytes", "1KiB"),
+            ("--connection-burst-per-ip", "0"),
+            ("--max-unauthenticated", "0"),
+            ("--max-connections-per-ip", "1.5"),
+            ("--connection-rate-per-ip", "fast"),
+        ] {
+            let err = Cli::try_parse_from([
+                "pgcast",
+                "serve",
+                "--database-url",
+                "postgres://app@db/shop",
+                "--jwt-secret",
+                SECRET,
+                flag,
+                bad,
+            ])
+            .unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{flag} {bad}");
+            assert!(one_line_error(&err).contains(flag), "{flag} {bad}");
+        }
     }
 
     #[test]

@@ -12,10 +12,19 @@ use crate::{cancel_on_signal, connect, diagnose, mint, principal, tail, TailOpti
 
 /// Exit status of `doctor` when a check failed, and of any command that failed.
 const FAILURE: u8 = 1;
+/// Exit status of a bad command line (as clap's).
+const USAGE: u8 = 2;
 
 /// Runs a parsed command line. Prints the configuration (without secrets) to stderr first,
 /// except for `token`, whose output is meant to be captured by scripts.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Limits that do not go together are a bad command line, like a bad value: one line, 2.
+    if let Command::Serve(args) = &cli.command {
+        if let Err(message) = args.limits.limits() {
+            eprintln!("error: {message}");
+            return Ok(ExitCode::from(USAGE));
+        }
+    }
     if !matches!(cli.command, Command::Token(_)) {
         eprintln!("pgcast {}", cli.command);
     }
@@ -30,6 +39,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let limits = args
+        .limits
+        .limits()
+        .map_err(|message| anyhow::anyhow!(message))?;
     let shutdown = cancel_on_signal().context("could not install signal handlers")?;
     let tcp = crate::bind(args.listen).await?;
     let options = crate::ServeOptions {
@@ -41,7 +54,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         migrate: args.migrate,
         links: Vec::new(),
     };
-    crate::serve(tcp, options, shutdown).await?;
+    crate::serve_limited(tcp, options, limits, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -140,6 +140,62 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Longest an edge timeout may be: far more than any client needs, and far from a timer's
+/// overflow.
+const MAX_EDGE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A timeout of the edge (header read, frame): above zero, at most an hour.
+pub(crate) fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d > MAX_EDGE_TIMEOUT {
+        return Err("must be at most 1h".to_owned());
+    }
+    Ok(d)
+}
+
+/// Smallest client frame limit: an `auth` frame with the longest accepted token (8 KiB) must
+/// fit.
+pub(crate) const MIN_FRAME_BYTES: usize = 16 << 10;
+/// Largest client frame limit.
+pub(crate) const MAX_FRAME_BYTES: usize = 16 << 20;
+
+/// A byte count such as `65536`, `64KiB` or `1MiB`, between 16 KiB and 16 MiB.
+pub(crate) fn parse_frame_bytes(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        _ => return Err("expected bytes, e.g. 65536, 64KiB or 1MiB".to_owned()),
+    };
+    let n: usize = digits
+        .parse()
+        .map_err(|_| "expected bytes, e.g. 65536, 64KiB or 1MiB".to_owned())?;
+    let bytes = n
+        .checked_mul(scale)
+        .filter(|b| (MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(b))
+        .ok_or_else(|| {
+            "must be between 16KiB (an auth frame with the longest token must fit) and 16MiB"
+                .to_owned()
+        })?;
+    Ok(bytes)
+}
+
+/// Formats a byte count the way [`parse_frame_bytes`] reads it.
+pub(crate) fn format_bytes(bytes: usize) -> String {
+    if bytes.trailing_zeros() >= 20 {
+        format!("{}MiB", bytes >> 20)
+    } else if bytes.trailing_zeros() >= 10 {
+        format!("{}KiB", bytes >> 10)
+    } else {
+        bytes.to_string()
+    }
+}
+
 /// Longest lifetime `pgcast token` mints (30 days; the refusal says so): a token cannot be revoked before its `exp` (short of
 /// changing the secret, which revokes every token), so a lost one must stop working soon.
 pub(crate) const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
@@ -284,6 +340,31 @@ mod tests {
         );
         for bad in ["", " pgcast", "pgcast ", "a\nb"] {
             assert!(parse_claim(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn edge_timeouts_and_frame_sizes() {
+        assert_eq!(parse_timeout("2s"), Ok(Duration::from_secs(2)));
+        for bad in ["0s", "2h", "100y", "x"] {
+            assert!(parse_timeout(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_frame_bytes("64KiB"), Ok(65_536));
+        assert_eq!(parse_frame_bytes("65536"), Ok(65_536));
+        assert_eq!(parse_frame_bytes("1MiB"), Ok(1 << 20));
+        for bad in [
+            "",
+            "1KiB",
+            "16383",
+            "17MiB",
+            "64kb",
+            "-1",
+            "99999999999999999999999",
+        ] {
+            assert!(parse_frame_bytes(bad).is_err(), "{bad}");
+        }
+        for bytes in [65_536, 1 << 20, 20_000] {
+            assert_eq!(parse_frame_bytes(&format_bytes(bytes)), Ok(bytes));
         }
     }
 

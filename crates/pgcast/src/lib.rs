@@ -22,6 +22,7 @@ mod db;
 mod demo;
 mod demo_api;
 mod doctor;
+mod edge;
 mod error;
 mod server;
 mod signal;
@@ -29,8 +30,8 @@ mod tail;
 mod token;
 
 pub use cli::{
-    one_line_error, Cli, Command, DatabaseArgs, DemoArgs, DoctorArgs, MigrateArgs, SecretArgs,
-    ServeArgs, TailArgs, TokenArgs,
+    one_line_error, Cli, Command, DatabaseArgs, DemoArgs, DoctorArgs, LimitArgs, MigrateArgs,
+    SecretArgs, ServeArgs, TailArgs, TokenArgs,
 };
 pub use commands::{describe, run};
 pub use config::{
@@ -39,8 +40,9 @@ pub use config::{
 pub use db::{connect, connect_config, pool};
 pub use demo::{default_data_dir, demo, demo_on, DemoOptions, DemoReady, DemoSetup};
 pub use doctor::{diagnose, Check, DoctorReport, Verdict, MAX_QUEUE_USAGE};
+pub use edge::EdgeLimits;
 pub use error::PgcastError;
-pub use server::{bind, serve, ServeOptions};
+pub use server::{bind, serve, serve_limited, Limits, ServeOptions};
 pub use signal::cancel_on_signal;
 pub use tail::{tail, TailOptions};
 pub use token::{mint, principal};

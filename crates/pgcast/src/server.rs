@@ -17,7 +17,6 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use deadpool_postgres::Pool;
 use pgcast_gateway::{Gateway, GatewayConfig, TokenVerifier};
@@ -35,6 +34,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::edge::{Admission, EdgeLimits};
 use crate::PgcastError;
 
 /// Events buffered between the listener and the dispatcher. When full, the listener waits
@@ -122,14 +122,62 @@ pub(crate) struct Extras {
     pub(crate) head: &'static str,
 }
 
+/// The limits `serve` applies at its edge (accept, HTTP) and in the gateway; [`Default`] holds
+/// the defaults of the flags that set them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Accept and HTTP limits.
+    pub edge: EdgeLimits,
+    /// [`GatewayConfig::max_unauthenticated`].
+    pub max_unauthenticated: usize,
+    /// [`GatewayConfig::max_unauthenticated_per_ip`].
+    pub max_unauthenticated_per_ip: usize,
+    /// [`GatewayConfig::max_frame_bytes`].
+    pub max_frame_bytes: usize,
+    /// [`GatewayConfig::frame_timeout`].
+    pub frame_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let gateway = GatewayConfig::new(Vec::new());
+        Limits {
+            edge: EdgeLimits::default(),
+            max_unauthenticated: gateway.max_unauthenticated,
+            max_unauthenticated_per_ip: gateway.max_unauthenticated_per_ip,
+            max_frame_bytes: gateway.max_frame_bytes,
+            frame_timeout: gateway.frame_timeout,
+        }
+    }
+}
+
+impl Limits {
+    fn apply(&self, config: &mut GatewayConfig) {
+        config.max_unauthenticated = self.max_unauthenticated;
+        config.max_unauthenticated_per_ip = self.max_unauthenticated_per_ip;
+        config.max_frame_bytes = self.max_frame_bytes;
+        config.frame_timeout = self.frame_timeout;
+    }
+}
+
 /// Serves on `tcp` until `shutdown` is cancelled, then closes every WebSocket with 1001 and
-/// returns within 10 s.
+/// returns within 10 s. The limits are the defaults ([`serve_limited`] takes others).
 pub async fn serve(
     tcp: TcpListener,
     options: ServeOptions,
     shutdown: CancellationToken,
 ) -> Result<(), PgcastError> {
-    serve_with(tcp, options, None, shutdown).await
+    serve_limited(tcp, options, Limits::default(), shutdown).await
+}
+
+/// [`serve`] with the given limits.
+pub async fn serve_limited(
+    tcp: TcpListener,
+    options: ServeOptions,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> Result<(), PgcastError> {
+    serve_inner(tcp, options, limits, None, shutdown).await
 }
 
 /// [`serve`], plus the demo's extra routes.
@@ -139,9 +187,20 @@ pub(crate) async fn serve_with(
     extras: Option<Extras>,
     shutdown: CancellationToken,
 ) -> Result<(), PgcastError> {
+    serve_inner(tcp, options, Limits::default(), extras, shutdown).await
+}
+
+async fn serve_inner(
+    tcp: TcpListener,
+    options: ServeOptions,
+    limits: Limits,
+    extras: Option<Extras>,
+    shutdown: CancellationToken,
+) -> Result<(), PgcastError> {
     let mut gateway_config = GatewayConfig::new(options.jwt_secret.clone());
     gateway_config.jwt_issuer = options.jwt_issuer.clone();
     gateway_config.jwt_audience = options.jwt_audience.clone();
+    limits.apply(&mut gateway_config);
     // Refuse a weak secret before touching the database; `Gateway::new` checks it again.
     TokenVerifier::from_config(&gateway_config).map_err(PgcastError::Gateway)?;
     let pool = crate::db::pool(&options.pg, POOL_SIZE)?;
@@ -185,8 +244,10 @@ pub(crate) async fn serve_with(
     gateway.spawn_dispatch(rx, start);
     tasks.spawn(prune_loop(pool.clone(), options.retention, stop.clone()));
 
+    let admission = Admission::new(limits.edge);
     let mut registry = Registry::default();
     gateway.metrics().register(&mut registry);
+    admission.register(&mut registry);
     let queue_usage = Gauge::<f64, AtomicU64>::default();
     registry.register(
         "pgcast_notification_queue_usage",
@@ -216,21 +277,13 @@ pub(crate) async fn serve_with(
         router = router.merge(extras.routes);
     }
     let addr = tcp.local_addr().map_err(PgcastError::Bind)?;
-    let server_stop = shutdown.clone();
-    tasks.spawn(async move {
-        // Event frames are small and latency matters more than packet count: without
-        // TCP_NODELAY a frame can wait ~40 ms for the peer's delayed ACK.
-        let tcp = tcp.tap_io(|stream| {
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%error, "could not set TCP_NODELAY");
-            }
-        });
-        let server = axum::serve(tcp, router)
-            .with_graceful_shutdown(async move { server_stop.cancelled().await });
-        if let Err(error) = server.await {
-            tracing::error!(%error, "HTTP server failed");
-        }
-    });
+    tasks.spawn(crate::edge::serve_http(
+        tcp,
+        router,
+        admission,
+        limits.frame_timeout,
+        shutdown.clone(),
+    ));
     tracing::info!("pgcast ready on http://{addr} (WebSocket ws://{addr}/ws)");
 
     shutdown.cancelled().await;

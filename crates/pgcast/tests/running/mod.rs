@@ -246,8 +246,12 @@ impl Server {
 }
 
 /// `pgcast serve --listen <listen> --database-url <url> --jwt-secret <secret> --migrate`.
+///
+/// Every test client comes from 127.0.0.1, where a deployment's clients come from many
+/// addresses: the per-address limits are lifted through the environment (so a test's own flags
+/// still set them; `edge.rs` tests them), the process-wide ones stay.
 pub fn serve_command(url: &str, listen: &str, secret: &str) -> Command {
-    pgcast([
+    let mut cmd = pgcast([
         "serve",
         "--listen",
         listen,
@@ -256,7 +260,12 @@ pub fn serve_command(url: &str, listen: &str, secret: &str) -> Command {
         "--jwt-secret",
         secret,
         "--migrate",
-    ])
+    ]);
+    cmd.env("PGCAST_MAX_CONNECTIONS_PER_IP", "0")
+        .env("PGCAST_CONNECTION_RATE_PER_IP", "0")
+        .env("PGCAST_MAX_UNAUTHENTICATED", "20000")
+        .env("PGCAST_MAX_UNAUTHENTICATED_PER_IP", "19999");
+    cmd
 }
 
 /// The address in the ready line `pgcast ready on http://ADDR (WebSocket ws://ADDR/ws)`.
@@ -310,6 +319,43 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("GET {path}: no status in {head:?}"));
     (status, body.to_owned())
+}
+
+/// A TCP connection to `addr` from the local address `from` (any of 127/8 on Linux, which
+/// routes the whole block to the loopback interface): how tests play several clients.
+pub async fn connect_from(from: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(addr).await
+}
+
+/// `GET path` over HTTP/1.0 from the local address `from`: `Some((status, body))`, or `None`
+/// when the server closed the connection without a response (a refusal at accept).
+pub async fn http_get_from(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    path: &str,
+) -> Option<(u16, String)> {
+    let exchange = async {
+        let mut stream = connect_from(from, addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = match tokio::time::timeout(WAIT, exchange).await {
+        Err(_) => panic!("GET {path} from {from}: no response or close within {WAIT:?}"),
+        // A refused connection may be reset while the request is being written.
+        Ok(Err(_)) => return None,
+        Ok(Ok(response)) if response.is_empty() => return None,
+        Ok(Ok(response)) => response,
+    };
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
 }
 
 /// The value of the sample `series` (name with labels exactly as exposed, e.g.
@@ -385,6 +431,35 @@ impl Ws {
         match tokio::time::timeout(WAIT, connect).await {
             Ok(r) => r,
             Err(_) => Err(format!("connect to {addr}: no answer within {WAIT:?}")),
+        }
+    }
+
+    /// Opens `ws://addr/ws` from the local address `from`, without authenticating.
+    pub async fn open_from(from: std::net::IpAddr, addr: SocketAddr) -> Result<Ws, String> {
+        let connect = async {
+            let stream = connect_from(from, addr)
+                .await
+                .map_err(|e| format!("connect to {addr}: {e}"))?;
+            let (ws, _) = tokio_tungstenite::client_async(
+                format!("ws://{addr}/ws"),
+                MaybeTlsStream::Plain(stream),
+            )
+            .await
+            .map_err(|e| format!("upgrade on {addr}: {e}"))?;
+            Ok(Ws { ws })
+        };
+        match tokio::time::timeout(WAIT, connect).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("connect to {addr}: no answer within {WAIT:?}")),
+        }
+    }
+
+    /// The TCP stream under the WebSocket, to write frames the client library would not
+    /// (oversized, trickled). Reads still go through [`next`](Self::next).
+    pub fn raw(&mut self) -> &mut TcpStream {
+        match self.ws.get_mut() {
+            MaybeTlsStream::Plain(stream) => stream,
+            _ => panic!("not a plain TCP stream"),
         }
     }
 

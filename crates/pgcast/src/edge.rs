@@ -1,0 +1,448 @@
+//! The HTTP edge of `pgcast serve`: its own accept loop, so that every connection is checked
+//! before any HTTP work and every request head has a deadline.
+//!
+//! ```text
+//!  accept ─▶ per-address cap and rate (refused: closed at once, nothing read or written)
+//!         ─▶ TCP_NODELAY, FrameDeadline (the gateway's per-frame clock)
+//!         ─▶ hyper HTTP/1 with a header-read timeout (slowloris) and upgrades ─▶ router
+//! ```
+//!
+//! `axum::serve` has no header timeout: a peer that sends half a `GET /ws` holds its socket
+//! forever. hyper's HTTP/1 connection has one (it also bounds idle keep-alive connections),
+//! so connections are served with it directly. HTTP/2 is not offered: browsers speak it only
+//! over TLS, which pgcast leaves to the proxy in front of it.
+//!
+//! The per-address state is one small entry per address (IPv6 by /64) holding both the open
+//! connection count and a token bucket, in one map under one lock taken once per accept and
+//! once per close. A rate-limiting crate (`governor`) would keep its own keyed map next to the
+//! count map that is needed anyway, and bring a clock and a concurrent map with it.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use pgcast_gateway::{ip_key, FrameClock, FrameDeadline, Peer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Limits applied at accept and to each HTTP connection, with their defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EdgeLimits {
+    /// Time a connection has to send a complete request head (also the longest an idle
+    /// keep-alive connection stays open). Default 10 s.
+    pub header_timeout: Duration,
+    /// Open TCP connections per peer address (IPv6 by /64), WebSockets included; 0 = no limit.
+    /// Default 1,000 (browsers behind one NAT share an address).
+    pub max_connections_per_ip: u32,
+    /// New connections per second per peer address, on average; 0 = no limit. Default 20.
+    pub connection_rate_per_ip: u32,
+    /// New connections a peer address may open at once before the rate applies. Default 100.
+    pub connection_burst_per_ip: u32,
+}
+
+impl Default for EdgeLimits {
+    fn default() -> Self {
+        EdgeLimits {
+            header_timeout: Duration::from_secs(10),
+            max_connections_per_ip: 1_000,
+            connection_rate_per_ip: 20,
+            connection_burst_per_ip: 100,
+        }
+    }
+}
+
+/// Why a connection was refused at accept (a metric label).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelValue,
+)]
+#[allow(non_camel_case_types)] // label values are lower case
+enum Reason {
+    /// The address has `max_connections_per_ip` open.
+    connections,
+    /// The address opened connections faster than its rate.
+    rate,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct RefusedLabels {
+    reason: Reason,
+}
+
+/// One address's open connections and token bucket.
+#[derive(Debug)]
+struct PerAddress {
+    open: u32,
+    tokens: f64,
+    updated: Instant,
+}
+
+/// The per-address table.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    limits: EdgeLimits,
+    table: Mutex<Table>,
+    refused: Family<RefusedLabels, Counter>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    entries: HashMap<IpAddr, PerAddress>,
+    /// Size at which idle entries are swept next (twice the size left by the last sweep), so
+    /// sweeping costs O(1) per accept on average and the table stays bounded by the addresses
+    /// seen within one bucket refill.
+    sweep_at: usize,
+}
+
+/// Entries below this are never swept.
+const MIN_SWEEP: usize = 1024;
+
+/// An admitted connection's place in its address's count; given back on drop.
+#[derive(Debug)]
+pub(crate) struct AddressSlot {
+    admission: Arc<Admission>,
+    key: IpAddr,
+}
+
+impl Admission {
+    pub(crate) fn new(limits: EdgeLimits) -> Arc<Self> {
+        Arc::new(Admission {
+            limits,
+            table: Mutex::new(Table {
+                entries: HashMap::new(),
+                sweep_at: MIN_SWEEP,
+            }),
+            refused: Family::default(),
+        })
+    }
+
+    /// Registers the refusal counters.
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "pgcast_edge_refused",
+            "TCP connections closed at accept: reason=connections (the address had its \
+             --max-connections-per-ip open) or rate (it opened them faster than \
+             --connection-rate-per-ip)",
+            self.refused.clone(),
+        );
+    }
+
+    fn refill(&self, entry: &mut PerAddress, now: Instant) {
+        let rate = f64::from(self.limits.connection_rate_per_ip);
+        let burst = f64::from(self.limits.connection_burst_per_ip.max(1));
+        let elapsed = now.saturating_duration_since(entry.updated).as_secs_f64();
+        entry.tokens = (entry.tokens + elapsed * rate).min(burst);
+        entry.updated = now;
+    }
+
+    /// Admits a connection from `ip`, or says why not. Every attempt costs a token, refused
+    /// ones too: a peer retrying in a loop stays refused.
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<AddressSlot, ()> {
+        let limits = self.limits;
+        let key = ip_key(ip);
+        let now = Instant::now();
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if table.entries.len() >= table.sweep_at {
+            self.sweep(&mut table, now);
+        }
+        let entry = table.entries.entry(key).or_insert(PerAddress {
+            open: 0,
+            tokens: f64::from(limits.connection_burst_per_ip.max(1)),
+            updated: now,
+        });
+        if limits.connection_rate_per_ip > 0 {
+            self.refill(entry, now);
+            if entry.tokens < 1.0 {
+                drop(table);
+                self.refused
+                    .get_or_create(&RefusedLabels {
+                        reason: Reason::rate,
+                    })
+                    .inc();
+                return Err(());
+            }
+            entry.tokens -= 1.0;
+        }
+        if limits.max_connections_per_ip > 0 && entry.open >= limits.max_connections_per_ip {
+            drop(table);
+            self.refused
+                .get_or_create(&RefusedLabels {
+                    reason: Reason::connections,
+                })
+                .inc();
+            return Err(());
+        }
+        entry.open += 1;
+        Ok(AddressSlot {
+            admission: self.clone(),
+            key,
+        })
+    }
+
+    /// Drops the entries of addresses with nothing open and a full bucket: they are as if new.
+    fn sweep(&self, table: &mut Table, now: Instant) {
+        let mut entries = std::mem::take(&mut table.entries);
+        entries.retain(|_, entry| {
+            if entry.open > 0 {
+                return true;
+            }
+            if self.limits.connection_rate_per_ip == 0 {
+                return false;
+            }
+            self.refill(entry, now);
+            entry.tokens < f64::from(self.limits.connection_burst_per_ip.max(1))
+        });
+        table.sweep_at = (entries.len() * 2).max(MIN_SWEEP);
+        table.entries = entries;
+    }
+
+    #[cfg(test)]
+    fn entries(&self) -> usize {
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entries
+            .len()
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut table = self
+            .admission
+            .table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = table.entries.get_mut(&self.key) {
+            entry.open = entry.open.saturating_sub(1);
+            // Without a rate there is nothing to remember about an address with nothing open.
+            if entry.open == 0 && self.admission.limits.connection_rate_per_ip == 0 {
+                table.entries.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The accepted socket with its address slot: the slot lives as long as the socket, through
+/// a WebSocket upgrade (hyper hands this very object to the WebSocket).
+#[derive(Debug)]
+pub(crate) struct EdgeStream {
+    tcp: TcpStream,
+    _slot: AddressSlot,
+}
+
+impl AsyncRead for EdgeStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for EdgeStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+/// How long a connection may take to finish its request after shutdown began (then it is
+/// dropped); the whole shutdown stays within its 10 s.
+const DRAIN: Duration = Duration::from_secs(1);
+
+/// Serves `router` on `tcp` until `stop` is cancelled: accept, check the address, serve the
+/// connection with a header timeout; at `stop`, stop accepting, let requests in flight finish
+/// (for at most a second) and return. Connection tasks are owned by a `JoinSet`: dropping it
+/// aborts the stragglers. Upgraded WebSockets are the gateway's, which closes them itself.
+pub(crate) async fn serve_http(
+    tcp: TcpListener,
+    router: Router,
+    admission: Arc<Admission>,
+    frame_timeout: Duration,
+    stop: CancellationToken,
+) {
+    let limits = admission.limits;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let mut connections = JoinSet::new();
+    loop {
+        // Reap finished connections so the set holds only live ones.
+        while connections.try_join_next().is_some() {}
+        let (stream, addr) = tokio::select! {
+            accepted = tcp.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning; the
+                    // header timeout frees descriptors meanwhile.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                        () = stop.cancelled() => break,
+                    }
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        // Refused connections are closed at once (dropped): no byte read, none written.
+        let Ok(slot) = admission.admit(addr.ip()) else {
+            drop(stream);
+            continue;
+        };
+        // Event frames are small and latency matters more than packet count: without
+        // TCP_NODELAY a frame can wait ~40 ms for the peer's delayed ACK.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+        let clock = FrameClock::default();
+        let io = FrameDeadline::new(
+            EdgeStream {
+                tcp: stream,
+                _slot: slot,
+            },
+            clock.clone(),
+            frame_timeout,
+        );
+        let conn = http
+            .serve_connection(TokioIo::new(io), service(router.clone(), addr, clock))
+            .with_upgrades();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, %addr, "HTTP connection ended");
+                    }
+                }
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(DRAIN, conn).await;
+                }
+            }
+        });
+    }
+    drop(tcp);
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(DRAIN, drained).await.is_err() {
+        tracing::debug!(
+            left = connections.len(),
+            "HTTP connections still open after shutdown; dropped"
+        );
+    }
+}
+
+/// The router for one connection: each request carries the connection's [`Peer`].
+fn service(
+    router: Router,
+    addr: SocketAddr,
+    frames: FrameClock,
+) -> impl hyper::service::Service<
+    hyper::Request<Incoming>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<
+        Output = Result<axum::response::Response, std::convert::Infallible>,
+    > + Send,
+> + Clone {
+    let peer = Peer { addr, frames };
+    hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(peer.clone());
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(addr));
+        let mut router = router.clone();
+        async move { tower_service::Service::call(&mut router, request).await }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(cap: u32, rate: u32, burst: u32) -> EdgeLimits {
+        EdgeLimits {
+            header_timeout: Duration::from_secs(1),
+            max_connections_per_ip: cap,
+            connection_rate_per_ip: rate,
+            connection_burst_per_ip: burst,
+        }
+    }
+
+    #[test]
+    fn the_cap_counts_open_connections_per_address() {
+        let admission = Admission::new(limits(2, 0, 1));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = admission.admit(a).unwrap();
+        let _a2 = admission.admit(a).unwrap();
+        assert!(admission.admit(a).is_err());
+        let _b1 = admission.admit(b).unwrap();
+        drop(a1);
+        let _a3 = admission.admit(a).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_refills_and_idle_addresses_are_forgotten() {
+        let admission = Admission::new(limits(0, 10, 5));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let slots: Vec<_> = (0..5).map(|_| admission.admit(a).unwrap()).collect();
+        assert!(admission.admit(a).is_err(), "past the burst");
+        assert!(admission.admit("10.0.0.2".parse().unwrap()).is_ok());
+        tokio::time::advance(Duration::from_millis(110)).await;
+        assert!(admission.admit(a).is_ok(), "one token back after 0.1 s");
+        assert!(admission.admit(a).is_err());
+        drop(slots);
+        // Many addresses come and go, 100 every 0.2 s (a bucket refills in 0.1 s): the table
+        // is swept back down to the addresses of the last refill period or so.
+        for i in 0..5000u32 {
+            if i % 100 == 0 {
+                tokio::time::advance(Duration::from_millis(200)).await;
+            }
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000 + i));
+            drop(admission.admit(ip).unwrap());
+        }
+        assert!(
+            admission.entries() <= 2 * MIN_SWEEP + 2,
+            "{}",
+            admission.entries()
+        );
+    }
+}
