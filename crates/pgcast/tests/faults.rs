@@ -126,13 +126,16 @@ impl Audience {
     }
 
     /// Does a snapshot of this subscription hold a row in state `s`? The visible rows, except
-    /// that the `assignments` snapshot holds only open ones (queued, offered, accepted):
-    /// finished assignments are history, read from the log with `since`
-    /// (sql/snapshot_assignments.sql).
+    /// that the `assignments`, `mechanic:` and `workshop:` snapshots hold only open ones
+    /// (queued, offered, accepted): finished assignments are history, read from the log with
+    /// `since` (sql/snapshot_*.sql).
     fn in_snapshot(&self, s: &RowState) -> bool {
+        let open_only = matches!(
+            self,
+            Audience::Everything | Audience::Mechanic(_) | Audience::Workshop(_)
+        );
         self.may_see(s)
-            && (*self != Audience::Everything
-                || ["queued", "offered", "accepted"].contains(&s.status.as_str()))
+            && (!open_only || ["queued", "offered", "accepted"].contains(&s.status.as_str()))
     }
 
     /// An event reaches every subscriber who could see the row before or after it.
