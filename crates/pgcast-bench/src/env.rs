@@ -218,6 +218,12 @@ impl Server {
             .args(["serve", "--listen", "127.0.0.1:0"])
             .env("DATABASE_URL", &db.url)
             .env("PGCAST_JWT_SECRET", secret)
+            // Every bench client comes from 127.0.0.1: the per-address edge limits, made for
+            // browsers behind one NAT, would refuse the load itself.
+            .env("PGCAST_MAX_CONNECTIONS_PER_IP", "0")
+            .env("PGCAST_CONNECTION_RATE_PER_IP", "0")
+            .env("PGCAST_MAX_UNAUTHENTICATED", "20000")
+            .env("PGCAST_MAX_UNAUTHENTICATED_PER_IP", "19999")
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

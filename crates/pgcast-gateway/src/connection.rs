@@ -272,6 +272,9 @@ impl Connection {
                     Err(_) => return Err(self.refuse("no auth frame in time").await),
                 },
             };
+            if matches!(msg, Some(Ok(_))) {
+                crate::edge::frame_received();
+            }
             let text = match msg {
                 Some(Ok(Message::Text(t))) => t,
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -292,7 +295,10 @@ impl Connection {
                         .await)
                 }
             };
-            return self.verify(&token).await;
+            let verified = self.verify(&token).await?;
+            // The socket stops counting against the unauthenticated caps.
+            crate::edge::authenticated();
+            return Ok(verified);
         }
     }
 
@@ -372,6 +378,10 @@ impl Connection {
 
     async fn on_frame(&mut self, msg: Option<Result<Message, axum::Error>>) -> Result<(), End> {
         self.last_heard = Instant::now();
+        // A whole message arrived: the socket's per-frame read deadline starts again.
+        if matches!(msg, Some(Ok(_))) {
+            crate::edge::frame_received();
+        }
         let text = match msg {
             Some(Ok(Message::Text(t))) => Some(t),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(()),

@@ -288,7 +288,6 @@ pub fn ip_key(ip: IpAddr) -> IpAddr {
 
 /// What a connection task holds from its admission.
 #[derive(Debug)]
-#[allow(dead_code)]
 pub(crate) struct Admission {
     pub(crate) unauthenticated: Arc<UnauthenticatedSlot>,
     pub(crate) frames: Option<FrameClock>,
@@ -307,9 +306,7 @@ pub(crate) fn with_admission<F: Future>(
     ADMISSION.scope(admission, fut)
 }
 
-// The two hooks below are the connection task's to call (connection.rs): until it does, the
-// unauthenticated slot is released at the auth deadline and the frame deadline is not enforced.
-#[allow(dead_code)]
+// The two hooks below are called by the connection task (connection.rs).
 /// Called by the connection task for every whole message it reads (text, binary, ping, pong,
 /// close): the socket's frame deadline restarts with the next byte.
 pub(crate) fn frame_received() {
@@ -320,7 +317,6 @@ pub(crate) fn frame_received() {
     });
 }
 
-#[allow(dead_code)]
 /// Called by the connection task once its token is verified: the socket no longer holds an
 /// unauthenticated slot.
 pub(crate) fn authenticated() {

@@ -400,7 +400,6 @@ async fn oversized_and_trickled_frames_are_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the connection task to report whole messages (edge::frame_received)"]
 async fn a_trickled_frame_under_the_limit_is_closed_at_the_frame_timeout() {
     let (db, _admin) = migrated_db().await;
     let server = Server::serve(db.url(), &["--frame-timeout", "1s"]).await;
