@@ -31,26 +31,9 @@ const LIMIT: Duration = Duration::from_secs(20);
 /// A write or a prune that takes longer than this while an intruder holds locks is stalled.
 const STALL: Duration = Duration::from_secs(10);
 
-mod realtime {
-    refinery::embed_migrations!("../../migrations/realtime");
-}
-mod app {
-    refinery::embed_migrations!("../../migrations/app");
-}
-
-/// Creates login role `<name>_<db>` with `grants` (`{role}` stands for its name) and connects
-/// as it.
+/// A login role with `grants` (see [`create_role`]) and a connection as it.
 async fn connect_as(db: &TestDb, admin: &Client, name: &str, grants: &str) -> (String, Client) {
-    let role = format!("{name}_{}", db.name());
-    admin
-        .batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN; {}",
-            grants.replace("{role}", &role)
-        ))
-        .await
-        .expect("create role");
-    let mut config = db.pg_config();
-    config.user(&role);
+    let (role, config) = create_role(db, admin, name, grants).await;
     let (client, connection) = config.connect(NoTls).await.expect("connect as the role");
     tokio::spawn(connection);
     (role, client)
@@ -347,15 +330,7 @@ async fn an_upgraded_install_in_its_own_schema_serves_only_its_table() {
         .batch_execute("CREATE SCHEMA shop; SET search_path = shop; CREATE SCHEMA pgcast")
         .await
         .unwrap();
-    app::migrations::runner()
-        .set_migration_table_name("pgcast.app_migrations")
-        .run_async(&mut client)
-        .await
-        .unwrap();
-    let mut v1 = realtime::migrations::runner().set_target(refinery::Target::Version(1));
-    v1.set_migration_table_name("pgcast.realtime_migrations");
-    v1.run_async(&mut client).await.unwrap();
-    assert_eq!(installed_version(&client).await.unwrap(), Some(1));
+    version_1_install(&mut client).await;
     client.execute(INSERT_ONE, &[&"v1 row"]).await.unwrap();
     let old = log_positions(&client).await;
     assert_eq!(old.len(), 1);
@@ -409,23 +384,6 @@ async fn an_upgraded_install_in_its_own_schema_serves_only_its_table() {
     assert_eq!(got[0].assignment.customer_name.as_deref(), Some("v1 row"));
     assert_eq!(got[1].assignment.customer_name.as_deref(), Some("v2 row"));
     listener.stop().await;
-}
-
-/// Installs the app tables and realtime version 1 only, as a release before version 2 did.
-async fn version_1_install(client: &mut Client) {
-    client
-        .batch_execute("CREATE SCHEMA IF NOT EXISTS pgcast")
-        .await
-        .unwrap();
-    app::migrations::runner()
-        .set_migration_table_name("pgcast.app_migrations")
-        .run_async(client)
-        .await
-        .unwrap();
-    let mut v1 = realtime::migrations::runner().set_target(refinery::Target::Version(1));
-    v1.set_migration_table_name("pgcast.realtime_migrations");
-    v1.run_async(client).await.unwrap();
-    assert_eq!(installed_version(client).await.unwrap(), Some(1));
 }
 
 #[tokio::test]
@@ -510,7 +468,7 @@ async fn a_least_privileged_pgcast_role_installs_upgrades_and_serves() {
         .unwrap();
     let mut admin = db.connect().await.unwrap();
     admin.batch_execute("CREATE SCHEMA pgcast").await.unwrap();
-    app::migrations::runner()
+    embedded::app::migrations::runner()
         .set_migration_table_name("pgcast.app_migrations")
         .run_async(&mut admin)
         .await
@@ -538,7 +496,7 @@ async fn a_least_privileged_pgcast_role_installs_upgrades_and_serves() {
         ),
     )
     .await;
-    let mut v1 = realtime::migrations::runner().set_target(refinery::Target::Version(1));
+    let mut v1 = embedded::realtime::migrations::runner().set_target(refinery::Target::Version(1));
     v1.set_migration_table_name("pgcast.realtime_migrations");
     v1.run_async(&mut pgcast)
         .await

@@ -15,31 +15,15 @@ use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-mod realtime {
-    refinery::embed_migrations!("../../migrations/realtime");
-}
-mod app {
-    refinery::embed_migrations!("../../migrations/app");
-}
-
-/// A login role with the given grants, and a connection as it whose notifications are
-/// forwarded to the returned receiver.
+/// A login role with the given grants (see [`create_role`]), and a connection as it whose
+/// notifications are forwarded to the returned receiver.
 async fn role(
     db: &TestDb,
     admin: &Client,
     name: &str,
     grants: &str,
 ) -> (Client, mpsc::UnboundedReceiver<String>) {
-    let role = format!("{name}_{}", db.name());
-    admin
-        .batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN; {}",
-            grants.replace("{role}", &role)
-        ))
-        .await
-        .expect("create role");
-    let mut config = db.pg_config();
-    config.user(&role);
+    let (_, config) = create_role(db, admin, name, grants).await;
     let (client, mut connection) = config.connect(NoTls).await.expect("connect as the role");
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -228,22 +212,7 @@ async fn a_version_1_install_upgrades_keeping_its_log() {
         .await
         .unwrap();
     let mut client = db.connect().await.unwrap();
-    client
-        .batch_execute("CREATE SCHEMA IF NOT EXISTS pgcast")
-        .await
-        .unwrap();
-    app::migrations::runner()
-        .set_migration_table_name("pgcast.app_migrations")
-        .run_async(&mut client)
-        .await
-        .unwrap();
-    let mut v1 = realtime::migrations::runner().set_target(refinery::Target::Version(1));
-    v1.set_migration_table_name("pgcast.realtime_migrations");
-    v1.run_async(&mut client).await.unwrap();
-    assert_eq!(
-        pgcast_listener::installed_version(&client).await.unwrap(),
-        Some(1)
-    );
+    version_1_install(&mut client).await;
     for name in ["old one", "old two"] {
         client.execute(INSERT_ONE, &[&name]).await.unwrap();
     }

@@ -112,3 +112,54 @@ pub async fn log_positions(client: &Client) -> Vec<i64> {
 
 pub const INSERT_ONE: &str = "INSERT INTO session_assignments (session_id, status, customer_name) \
      VALUES (gen_random_uuid(), 'queued', $1) RETURNING id";
+
+pub mod embedded {
+    pub mod realtime {
+        refinery::embed_migrations!("../../migrations/realtime");
+    }
+    pub mod app {
+        refinery::embed_migrations!("../../migrations/app");
+    }
+}
+
+/// Installs the app tables and realtime version 1 only, as a release before version 2 did.
+pub async fn version_1_install(client: &mut Client) {
+    client
+        .batch_execute("CREATE SCHEMA IF NOT EXISTS pgcast")
+        .await
+        .unwrap();
+    embedded::app::migrations::runner()
+        .set_migration_table_name("pgcast.app_migrations")
+        .run_async(client)
+        .await
+        .unwrap();
+    let mut v1 = embedded::realtime::migrations::runner().set_target(refinery::Target::Version(1));
+    v1.set_migration_table_name("pgcast.realtime_migrations");
+    v1.run_async(client).await.unwrap();
+    assert_eq!(
+        pgcast_listener::installed_version(client).await.unwrap(),
+        Some(1)
+    );
+}
+
+/// Creates login role `<name>_<db>` (roles are cluster-wide, so the database name keeps it
+/// unique) with `grants` (`{role}` stands for its name); returns its name and the settings to
+/// connect as it.
+pub async fn create_role(
+    db: &TestDb,
+    admin: &Client,
+    name: &str,
+    grants: &str,
+) -> (String, tokio_postgres::Config) {
+    let role = format!("{name}_{}", db.name());
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; {}",
+            grants.replace("{role}", &role)
+        ))
+        .await
+        .expect("create role");
+    let mut config = db.pg_config();
+    config.user(&role);
+    (role, config)
+}
