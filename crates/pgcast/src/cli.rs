@@ -28,6 +28,26 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Log format on stderr: `text` (for people; coloured only when stderr is a terminal) or
+    /// `json` (one object per line with timestamp, level, target, message, fields and spans,
+    /// for log shippers).
+    #[arg(
+        long,
+        global = true,
+        env = "PGCAST_LOG_FORMAT",
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The subcommands.

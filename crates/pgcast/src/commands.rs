@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use pgcast_listener::{installed_version, MigrationScope};
 
-use crate::cli::{Cli, Command, DemoArgs, DoctorArgs, MigrateArgs, ServeArgs, TailArgs, TokenArgs};
+use crate::cli::{
+    Cli, Command, DemoArgs, DoctorArgs, LogFormat, MigrateArgs, ServeArgs, TailArgs, TokenArgs,
+};
 use crate::{cancel_on_signal, connect, diagnose, mint, principal, tail, TailOptions};
 
 /// Exit status of `doctor` when a check failed, and of any command that failed.
@@ -26,7 +28,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     if !matches!(cli.command, Command::Token(_)) {
-        eprintln!("pgcast {}", cli.command);
+        match cli.log_format {
+            // Log shippers get the summary as one more JSON line.
+            LogFormat::Json => tracing::info!(summary = %cli.command, "configuration"),
+            LogFormat::Text => eprintln!("pgcast {}", cli.command),
+        }
     }
     match cli.command {
         Command::Serve(args) => serve(args).await,

@@ -30,8 +30,8 @@ mod tail;
 mod token;
 
 pub use cli::{
-    one_line_error, Cli, Command, DatabaseArgs, DemoArgs, DoctorArgs, LimitArgs, MigrateArgs,
-    SecretArgs, ServeArgs, TailArgs, TokenArgs,
+    one_line_error, Cli, Command, DatabaseArgs, DemoArgs, DoctorArgs, LimitArgs, LogFormat,
+    MigrateArgs, SecretArgs, ServeArgs, TailArgs, TokenArgs,
 };
 pub use commands::{describe, run};
 pub use config::{

@@ -36,13 +36,26 @@ fn main() -> ExitCode {
     let no_payloads = filter_fn(|meta| {
         !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("tungstenite"))
     });
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_filter(env.and(no_payloads)),
-        )
-        .init();
+    let filter = env.and(no_payloads);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match cli.log_format {
+        pgcast::LogFormat::Json => tracing_subscriber::registry()
+            .with(
+                layer
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(true)
+                    .with_filter(filter),
+            )
+            .init(),
+        pgcast::LogFormat::Text => {
+            // Colour codes only for a person at a terminal, never into a file or a pipe.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            tracing_subscriber::registry()
+                .with(layer.with_ansi(ansi).with_filter(filter))
+                .init();
+        }
+    }
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -447,3 +447,45 @@ async fn refuses_to_start_without_the_schema_or_on_a_busy_port() {
     assert!(!out.stderr.contains("pgcast ready"), "{}", out.stderr);
     drop(busy);
 }
+
+/// `--log-format json` (or `PGCAST_LOG_FORMAT=json`): every stderr line is one JSON object with
+/// the usual fields, the configuration summary included. Text logs into a pipe carry no colour
+/// codes.
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_and_text_logs_have_no_colour_in_a_pipe() {
+    let (db, _client) = migrated_db().await;
+    let mut json_server = Server::serve(db.url(), &["--log-format", "json"]).await;
+    json_server.process.signal("TERM");
+    assert!(json_server.process.wait_exit(LIMIT).await.success());
+    let stderr = json_server.process.stderr();
+    let mut messages = Vec::new();
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        for key in ["timestamp", "level", "target", "fields"] {
+            assert!(v.get(key).is_some(), "{key} missing: {line}");
+        }
+        messages.push(v["fields"]["message"].as_str().unwrap_or_default().to_owned());
+    }
+    assert!(messages.iter().any(|m| m == "configuration"), "{stderr}");
+    assert!(
+        messages.iter().any(|m| m.starts_with("pgcast ready on")),
+        "{stderr}"
+    );
+
+    let mut text_server = Server::serve(db.url(), &[]).await;
+    text_server.process.signal("TERM");
+    assert!(text_server.process.wait_exit(LIMIT).await.success());
+    let stderr = text_server.process.stderr();
+    assert!(stderr.contains("pgcast ready on"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "colour codes in a pipe: {stderr:?}");
+
+    let out = run({
+        let mut cmd = pgcast(["doctor", "--log-format", "yaml"]);
+        cmd.env("DATABASE_URL", db.url());
+        cmd
+    })
+    .await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+}
