@@ -465,7 +465,12 @@ async fn json_logs_are_one_object_per_line_and_text_logs_have_no_colour_in_a_pip
         for key in ["timestamp", "level", "target", "fields"] {
             assert!(v.get(key).is_some(), "{key} missing: {line}");
         }
-        messages.push(v["fields"]["message"].as_str().unwrap_or_default().to_owned());
+        messages.push(
+            v["fields"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
     }
     assert!(messages.iter().any(|m| m == "configuration"), "{stderr}");
     assert!(
@@ -478,7 +483,10 @@ async fn json_logs_are_one_object_per_line_and_text_logs_have_no_colour_in_a_pip
     assert!(text_server.process.wait_exit(LIMIT).await.success());
     let stderr = text_server.process.stderr();
     assert!(stderr.contains("pgcast ready on"), "{stderr}");
-    assert!(!stderr.contains('\u{1b}'), "colour codes in a pipe: {stderr:?}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a pipe: {stderr:?}"
+    );
 
     let out = run({
         let mut cmd = pgcast(["doctor", "--log-format", "yaml"]);
