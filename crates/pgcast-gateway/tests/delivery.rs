@@ -231,6 +231,7 @@ async fn shutdown_closes_sockets_with_1001() {
 async fn a_prune_during_replay_gives_resync_or_a_contiguous_stream_never_a_gap() {
     let h = Harness::start().await;
     let start = h.log_head().await;
+    let mut watcher = h.watcher().await;
     h.admin
         .execute(
             // 2 KB rows: 12 MB per replay, more than loopback socket buffers hold, so the
@@ -246,11 +247,8 @@ async fn a_prune_during_replay_gives_resync_or_a_contiguous_stream_never_a_gap()
     assert_eq!(head - start, 6000, "no holes in this test's positions");
     // The live stream of those rows is over before anyone subscribes: the replays alone are
     // under test.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while h.listener.snapshot().last_position < head {
-        assert!(tokio::time::Instant::now() < deadline, "listener behind");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    watcher.until_position(head).await;
+    watcher.stop_following("assignments").await;
     let mut clients = Vec::new();
     for _ in 0..6 {
         clients.push(h.client(&service()).await);
@@ -383,6 +381,7 @@ async fn a_10000_row_burst_does_not_close_steady_slow_readers() {
     // The byte budget alone bounds the queue here; the default frame cap (4096) still closes
     // such readers until serve's flags let deployments raise it (issue 12).
     let h = Harness::start_with(|c| c.outbound_capacity = 65_536).await;
+    let mut watcher = h.watcher().await;
     h.admin
         .execute(
             "INSERT INTO session_assignments (session_id, status, concern)
@@ -392,17 +391,16 @@ async fn a_10000_row_burst_does_not_close_steady_slow_readers() {
         .await
         .unwrap();
     let head = h.log_head().await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while h.listener.snapshot().last_position < head {
-        assert!(tokio::time::Instant::now() < deadline, "listener behind");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The inserts' own live stream is over before the readers subscribe.
+    watcher.until_position(head).await;
+    watcher.stop_following("assignments").await;
     let mut readers = Vec::new();
     for i in 0..12 {
         let mut ws = h.client(&mechanic(None)).await;
         ws.subscribe("queue", json!({})).await;
         // Every third reader pauses 1 ms every 4 frames (~1–2 MB/s): well behind the hub,
-        // which queues the whole burst at once.
+        // which queues the whole burst at once. The pause is the slow link under test, not a
+        // wait for a condition.
         let throttled = i % 3 == 0;
         readers.push(tokio::spawn(async move {
             let mut got = 0;

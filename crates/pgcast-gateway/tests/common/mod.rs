@@ -124,6 +124,15 @@ impl Harness {
         ws
     }
 
+    /// A service client following `assignments` live. Created before writes whose live
+    /// delivery must be over before the test goes on: [`Ws::until_position`] then waits on the
+    /// stream itself, and [`Ws::stop_following`] makes it quiet again.
+    pub async fn watcher(&self) -> Ws {
+        let mut ws = self.client(&service()).await;
+        ws.subscribe("assignments", json!({})).await;
+        ws
+    }
+
     pub async fn stop(self) {
         assert!(self.gateway.shutdown(Duration::from_secs(5)).await);
         self.stop.cancel();
@@ -353,6 +362,25 @@ impl Ws {
         assert_eq!(reply["type"], "subscribed", "{reply}");
         assert_eq!(reply["topic"], topic);
         reply
+    }
+
+    /// Reads event frames until the one at `position` (or later): the hub has dispatched
+    /// every event up to it.
+    pub async fn until_position(&mut self, position: i64) {
+        loop {
+            let ev = self.events(1).await.remove(0);
+            if ev["position"].as_i64().is_some_and(|p| p >= position) {
+                return;
+            }
+        }
+    }
+
+    /// Unsubscribes from `topic`, confirmed by a ping round trip (frames are handled in
+    /// order), so nothing more of it is queued for this connection.
+    pub async fn stop_following(&mut self, topic: &str) {
+        self.send(json!({"type": "unsubscribe", "topic": topic}))
+            .await;
+        self.ping().await;
     }
 
     /// Receives event frames until `n` arrived.
