@@ -711,11 +711,10 @@ impl Connection {
         } else if since < head.pruned_through {
             Some(PRUNED)
         } else {
-            let complete = match membership {
+            match membership {
                 Some(membership) => self.replay_following(sub, since, head, membership).await?,
                 None => self.replay(sub, since, head).await?,
-            };
-            (!complete).then_some(PRUNED)
+            }
         };
         if let Some(reason) = reason {
             self.send(ServerMessage::Resync {
@@ -729,15 +728,15 @@ impl Connection {
     }
 
     /// Streams the topic's events in `(since, head]`; the next page is read while the current
-    /// one is written. `Ok(false)`: a prune overtook the replay (a page came back with the
-    /// retention boundary inside its range), so what follows would have a gap; nothing of that
-    /// page was sent and the client must resync.
+    /// one is written. `Ok(Some(reason))`: a prune overtook the replay (a page came back with
+    /// the retention boundary inside its range), so what follows would have a gap; nothing of
+    /// that page was sent and the client must resync.
     async fn replay(
         &mut self,
         sub: &Subscription,
         since: Position,
         head: LogHead,
-    ) -> Result<bool, End> {
+    ) -> Result<Option<&'static str>, End> {
         let log = self.shared.log.clone();
         let mut page_after = since;
         let mut page = log
@@ -746,7 +745,7 @@ impl Connection {
             .map_err(replay_failed)?;
         loop {
             if page.pruned_past(page_after) {
-                return Ok(false);
+                return Ok(Some(PRUNED));
             }
             for (position, error) in &page.undecodable {
                 tracing::warn!(position, %error, "skipping undecodable log row in replay");
@@ -778,7 +777,7 @@ impl Connection {
                 return Err(End::Expired);
             }
             match next {
-                None => return Ok(true),
+                None => return Ok(None),
                 Some(next) => {
                     page = next.map_err(replay_failed)?;
                     page_after = after;
@@ -790,15 +789,16 @@ impl Connection {
     /// Replays a session to a mechanic. Membership is known at `head`; it is rewound through
     /// the session's events down to `since`, then moved forward again event by event, so each
     /// event is judged by the rows as they stood at its position. A session has few events, so
-    /// they are collected first. `Ok(true)`: replayed, `membership` is back at `head`;
-    /// `Ok(false)`: a prune overtook the read and nothing was sent (the client must resync).
+    /// they are collected first, at most `snapshot_limit` of them (a longer history gets
+    /// `resync`, like a snapshot that large would fail). `Ok(None)`: replayed, `membership` is
+    /// back at `head`; `Ok(Some(reason))`: nothing was sent and the client must resync.
     async fn replay_following(
         &mut self,
         sub: &Subscription,
         since: Position,
         head: LogHead,
         membership: &mut SessionMembership,
-    ) -> Result<bool, End> {
+    ) -> Result<Option<&'static str>, End> {
         let log = self.shared.log.clone();
         let mut events: Vec<AssignmentEvent> = Vec::new();
         let mut after = since;
@@ -808,7 +808,7 @@ impl Connection {
                 .await
                 .map_err(replay_failed)?;
             if page.pruned_past(after) {
-                return Ok(false);
+                return Ok(Some(PRUNED));
             }
             for (position, error) in &page.undecodable {
                 tracing::warn!(position, %error, "skipping undecodable log row in replay");
@@ -818,6 +818,12 @@ impl Connection {
                     .into_iter()
                     .filter(|e| e.assignment.session_id == membership.session()),
             );
+            if events.len() > self.shared.config.snapshot_limit {
+                return Ok(Some(
+                    "the session's history since then is longer than a replay holds; \
+                     take a snapshot",
+                ));
+            }
             match page.last {
                 Some(last) if page.rows == REPLAY_PAGE as usize => after = last,
                 _ => break,
@@ -842,7 +848,7 @@ impl Connection {
         if expired {
             return Err(End::Expired);
         }
-        Ok(true)
+        Ok(None)
     }
 
     /// Writes (and drains) `frames` with one flush, under one guard.

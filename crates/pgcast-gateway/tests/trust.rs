@@ -418,3 +418,36 @@ async fn issuer_and_audience_bind_tokens_over_the_socket() {
     ws.ping().await;
     h.stop().await;
 }
+
+/// A mechanic's session replay holds at most `snapshot_limit` events in memory; a longer
+/// history gets `resync` (take a snapshot) instead of an unbounded read.
+#[tokio::test]
+async fn a_session_replay_longer_than_the_limit_gets_resync() {
+    let h = Harness::start_with(|c| c.snapshot_limit = 3).await;
+    let m = mechanic(None);
+    let start = h.log_head().await;
+    let (session, a) = accepted_session(&h, m.user_id).await;
+    for concern in ["one", "two", "three"] {
+        h.admin
+            .execute(
+                "UPDATE session_assignments SET concern = $2 WHERE id = $1",
+                &[&a, &concern],
+            )
+            .await
+            .unwrap();
+    }
+    let topic = format!("session:{session}");
+    let mut ws = h.client(&m).await;
+    ws.subscribe(&topic, json!({"since": start})).await;
+    let reply = ws.recv().await;
+    assert_eq!(reply["type"], "resync", "{reply}");
+    // A snapshot still works, and so does a short replay.
+    ws.subscribe(&topic, json!({"snapshot": true})).await;
+    assert_eq!(ws.recv().await["type"], "snapshot");
+    let mut again = h.client(&m).await;
+    again
+        .subscribe(&topic, json!({"since": h.log_head().await - 1}))
+        .await;
+    assert_eq!(again.events(1).await[0]["assignment"]["concern"], "three");
+    h.stop().await;
+}
