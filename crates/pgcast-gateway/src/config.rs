@@ -49,15 +49,23 @@ pub struct GatewayConfig {
     /// so no single address can take every unauthenticated slot. Applies where the server
     /// tells the gateway the peer ([`Peer`](crate::Peer)). Default 250.
     pub max_unauthenticated_per_ip: usize,
-    /// Frames queued for one connection before it is closed with 4008 (slow consumer): a
-    /// bound on the queue's entries. Default 4096.
-    pub outbound_capacity: usize,
-    /// Bytes of event frames queued for one connection before it is closed with 4008 (slow
-    /// consumer). The budget that matters for bursts: a reader at a mobile link's pace takes a
-    /// 10,000-row transaction (a few MB) without being closed, while one that stopped reading
-    /// is closed once this much waits for it. The frames themselves are shared between
+    /// Bytes queued for one connection before it is closed with 4008 (slow consumer): its
+    /// event frames plus a small fixed cost per queued entry. The one bound of the outgoing
+    /// queue, so a burst is judged by its size, not its row count: a reader at a mobile link's
+    /// pace takes a 10,000-row transaction (a few MB) without being closed, while one that
+    /// stopped reading is closed once this much waits for it. Frames are shared between
     /// recipients, so this bounds what one reader can make the process hold. Default 16 MiB.
     pub outbound_bytes: usize,
+    /// Events kept in memory, newest first, to serve `since` replays without reading the log:
+    /// a client resuming from a position inside this window (every client after a restart or
+    /// a network blip) costs no database query. Older positions are read from the log.
+    /// Default 10,000 (a few MB).
+    pub replay_window: usize,
+    /// Database reads (snapshots, replays from the log, access checks) in flight at once;
+    /// further subscribes wait their turn in arrival order instead of failing, while their
+    /// connections still see shutdown, slow-consumer signals and peers that leave. Size the
+    /// gateway's pool to at least this. Default 8.
+    pub max_concurrent_reads: usize,
     /// Most rows a snapshot may hold; a larger one fails with `unavailable`. Default 10,000.
     pub snapshot_limit: usize,
     /// Client frames per second allowed on average (bursts of twice that); frames over the
@@ -88,8 +96,9 @@ impl GatewayConfig {
             max_connections: 20_000,
             max_unauthenticated: 5_000,
             max_unauthenticated_per_ip: 250,
-            outbound_capacity: 4096,
             outbound_bytes: 16 << 20,
+            replay_window: 10_000,
+            max_concurrent_reads: 8,
             snapshot_limit: 10_000,
             client_frames_per_second: 50,
             allowed_origins: Vec::new(),

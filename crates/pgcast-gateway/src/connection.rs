@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures::stream::{SplitSink, SplitStream};
+use futures::stream::{Peekable, SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use pgcast_events::{
     Access, AssignmentEvent, ClientMessage, ErrorCode, EventFrame, Position, Principal, Role,
@@ -48,7 +48,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const SLOW_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Sink = SplitSink<WebSocket, Message>;
-type Stream = SplitStream<WebSocket>;
+/// Client frames. Lent out (`None`) only while a subscribe waits, to watch for the peer leaving.
+type Stream = Option<Peekable<SplitStream<WebSocket>>>;
 
 /// Why the connection ends.
 enum End {
@@ -94,6 +95,10 @@ impl Drop for Registered {
 /// Why a `since` that the log no longer covers gets `resync`.
 const PRUNED: &str = "since is older than the retained event log";
 
+/// Why a `queue` resume older than the replay window gets `resync`.
+const OLDER_THAN_WINDOW: &str =
+    "since is older than the replay window; the queue is its open rows: take a snapshot";
+
 /// Why a subscription is revoked after a membership change.
 const NO_LONGER_ASSIGNED: &str = "no longer assigned to this session";
 
@@ -118,7 +123,7 @@ fn expiry_instant(expires_at: u64, leeway: Duration) -> tokio::time::Instant {
 pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     shared.metrics.connections.inc();
     let (sink, stream) = socket.split();
-    let (tx, rx) = mpsc::channel(shared.config.outbound_capacity);
+    let (tx, rx) = ConnHandle::channel(shared.config.outbound_bytes);
     let mut conn = Connection {
         handle: Arc::new(ConnHandle {
             tx,
@@ -129,7 +134,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         shutdown: shared.shutdown.child_token(),
         shared,
         sink,
-        stream,
+        stream: Some(stream.peekable()),
         rx,
         subs: Vec::new(),
         batch: Vec::new(),
@@ -223,7 +228,7 @@ impl Connection {
                 () = self.shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
                 () = self.handle.slow.cancelled() => Err(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with since")),
                 () = &mut expiry => Err(End::Expired),
-                msg = self.stream.next() => self.on_frame(msg).await,
+                msg = next_frame(&mut self.stream) => self.on_frame(msg).await,
                 Some(out) = self.rx.recv() => self.deliver(out).await,
                 _ = heartbeat.tick() => self.heartbeat(interval).await,
             };
@@ -267,7 +272,7 @@ impl Connection {
         loop {
             let msg = tokio::select! {
                 () = self.shutdown.cancelled() => return Err(End::Close(close::GOING_AWAY, "server shutting down")),
-                r = tokio::time::timeout_at(deadline, self.stream.next()) => match r {
+                r = tokio::time::timeout_at(deadline, next_frame(&mut self.stream)) => match r {
                     Ok(msg) => msg,
                     Err(_) => return Err(self.refuse("no auth frame in time").await),
                 },
@@ -431,15 +436,19 @@ impl Connection {
                 since,
                 snapshot,
             }) => {
-                // A subscribe waits on the database (bounded by the pool's statement timeout);
-                // meanwhile shutdown and the slow-consumer signal still end the connection.
+                // A subscribe may wait for its turn on the database; meanwhile shutdown, the
+                // slow-consumer signal and the peer leaving still end the connection.
                 let slow = self.handle.slow.clone();
                 let shutdown = self.shutdown.clone();
-                tokio::select! {
+                let mut stream = self.stream.take();
+                let result = tokio::select! {
                     r = self.subscribe(id, &topic, since, snapshot.unwrap_or(false)) => r,
                     () = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
                     () = slow.cancelled() => Err(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with since")),
-                }
+                    () = peer_left(&mut stream) => Err(End::Gone),
+                };
+                self.stream = stream;
+                result
             }
         }
     }
@@ -501,7 +510,8 @@ impl Connection {
             (Access::NeedsSessionCheck, Topic::Session(session))
                 if principal.role == Role::Customer =>
             {
-                match db::owns_session(self.shared.log.pool(), session, principal.user_id).await {
+                let owns = db::owns_session(self.shared.log.pool(), session, principal.user_id);
+                match gated(&self.shared, owns).await {
                     Ok(ok) => ok,
                     Err(error) => {
                         tracing::warn!(%error, "session ownership check failed");
@@ -544,18 +554,9 @@ impl Connection {
                 .await
                 .map(|p| p.map(|p| (p, None)))
         } else if let Some(since) = since {
-            match self.shared.log.head().await {
-                Ok(head) => self
-                    .start_with_replay(&sub, id, topic_name, since, head, None)
-                    .await
-                    .map(|p| p.map(|p| (p, None))),
-                Err(error) => {
-                    tracing::warn!(%error, "reading the log head failed");
-                    self.error(id, ErrorCode::Unavailable, "replay failed; retry")
-                        .await
-                        .map(|()| None)
-                }
-            }
+            self.start_with_replay(&sub, id, topic_name, since, hub_head)
+                .await
+                .map(|p| p.map(|p| (p, None)))
         } else {
             self.send(ServerMessage::Subscribed {
                 id,
@@ -606,9 +607,8 @@ impl Connection {
         };
         let mechanic = sub.principal.user_id;
         let rows_limit = snapshot.then_some(self.shared.config.snapshot_limit);
-        let view = match db::mechanic_session(self.shared.log.pool(), session, mechanic, rows_limit)
-            .await
-        {
+        let read = db::mechanic_session(self.shared.log.pool(), session, mechanic, rows_limit);
+        let view = match gated(&self.shared, read).await {
             Ok(view) => view,
             Err(error) => {
                 tracing::warn!(%error, "session membership check failed");
@@ -627,7 +627,7 @@ impl Connection {
             self.send_snapshot(id, topic, position, assignments).await?;
         } else if let Some(since) = since {
             let replayed = self
-                .start_with_replay(sub, id, topic, since, view.head, Some(&mut membership))
+                .resume_following(sub, id, topic, since, view.head, &mut membership)
                 .await?;
             if replayed.is_none() {
                 return Ok(None);
@@ -673,7 +673,8 @@ impl Connection {
         topic: String,
     ) -> Result<Option<Position>, End> {
         let limit = self.shared.config.snapshot_limit;
-        match db::snapshot(self.shared.log.pool(), &sub.topic, &sub.principal, limit).await {
+        let read = db::snapshot(self.shared.log.pool(), &sub.topic, &sub.principal, limit);
+        match gated(&self.shared, read).await {
             Ok((position, assignments)) => {
                 self.send_snapshot(id, topic, position, assignments).await?;
                 Ok(Some(position))
@@ -687,62 +688,152 @@ impl Connection {
         }
     }
 
-    /// Replays the events after `since` up to `head` (read after registering: every later
-    /// event is queued for this subscription by the hub, so the replay ends instead of chasing
-    /// writers). With a `membership` (at `head`), each event is delivered only if the mechanic
-    /// could see the session at its position. `Ok(None)`: the client was told to resync.
+    /// Replays the topic's events after `since` up to `hub_head` (the hub's head when the
+    /// subscription was filed: every later event is queued for it by the hub, so the replay
+    /// ends instead of chasing writers). From the replay window when it reaches back to
+    /// `since`, without a database read; otherwise from the log, except for `queue`, whose page
+    /// is its open rows: a client that far behind takes a snapshot (`resync`) instead of
+    /// making the log be scanned for the few rows it can use. `Ok(None)`: the subscription did
+    /// not start (an error or `resync` was sent).
     async fn start_with_replay(
         &mut self,
         sub: &Subscription,
         id: Option<String>,
         topic: String,
         since: Position,
-        head: LogHead,
-        membership: Option<&mut SessionMembership>,
+        hub_head: Position,
     ) -> Result<Option<Position>, End> {
-        self.send(ServerMessage::Subscribed {
-            id,
-            topic: topic.clone(),
-            position: since,
-        })
-        .await?;
+        if since > hub_head {
+            // The client has seen events this replica has not dispatched yet (another replica
+            // served it, or this one is still catching up): nothing to replay, as everything
+            // after `hub_head` reaches the subscription through the hub; `since` only needs to
+            // be a position the log has reached.
+            let head = match gated(&self.shared, self.shared.log.head()).await {
+                Ok(head) => head,
+                Err(error) => {
+                    tracing::warn!(%error, "reading the log head failed");
+                    self.error(id, ErrorCode::Unavailable, "replay failed; retry")
+                        .await?;
+                    return Ok(None);
+                }
+            };
+            self.send_subscribed(id, &topic, since).await?;
+            if since > head.head {
+                self.resync(topic, "since is ahead of the event log")
+                    .await?;
+                return Ok(None);
+            }
+            return Ok(Some(since));
+        }
+        let matches = |e: &AssignmentEvent| sub.topic.matches(&sub.principal, e);
+        if let Some(events) = self.shared.window.range(since, hub_head, matches) {
+            self.shared.metrics.replays_from_window.inc();
+            self.send_subscribed(id, &topic, since).await?;
+            self.write_events(sub, events.iter().map(|e| &**e)).await?;
+            return Ok(Some(hub_head));
+        }
+        self.send_subscribed(id, &topic, since).await?;
+        if sub.topic == Topic::Queue {
+            self.resync(topic, OLDER_THAN_WINDOW).await?;
+            return Ok(None);
+        }
+        self.shared.metrics.replays_from_log.inc();
+        if let Some(reason) = self.replay(sub, since, hub_head).await? {
+            self.resync(topic, reason).await?;
+            return Ok(None);
+        }
+        Ok(Some(hub_head))
+    }
+
+    /// A mechanic resuming `session:<id>` with `since`; `membership` is at `head`, read with
+    /// it. `Ok(None)`: `resync` was sent.
+    async fn resume_following(
+        &mut self,
+        sub: &Subscription,
+        id: Option<String>,
+        topic: String,
+        since: Position,
+        head: LogHead,
+        membership: &mut SessionMembership,
+    ) -> Result<Option<Position>, End> {
+        self.send_subscribed(id, &topic, since).await?;
         let reason = if since > head.head {
             Some("since is ahead of the event log")
         } else if since < head.pruned_through {
             Some(PRUNED)
         } else {
-            match membership {
-                Some(membership) => self.replay_following(sub, since, head, membership).await?,
-                None => self.replay(sub, since, head).await?,
-            }
+            self.replay_following(sub, since, head, membership).await?
         };
         if let Some(reason) = reason {
-            self.send(ServerMessage::Resync {
-                topic,
-                reason: reason.to_owned(),
-            })
-            .await?;
+            self.resync(topic, reason).await?;
             return Ok(None);
         }
         Ok(Some(head.head))
     }
 
-    /// Streams the topic's events in `(since, head]`; the next page is read while the current
-    /// one is written. `Ok(Some(reason))`: a prune overtook the replay (a page came back with
-    /// the retention boundary inside its range), so what follows would have a gap; nothing of
-    /// that page was sent and the client must resync.
+    async fn send_subscribed(
+        &mut self,
+        id: Option<String>,
+        topic: &str,
+        position: Position,
+    ) -> Result<(), End> {
+        self.send(ServerMessage::Subscribed {
+            id,
+            topic: topic.to_owned(),
+            position,
+        })
+        .await
+    }
+
+    async fn resync(&mut self, topic: String, reason: &str) -> Result<(), End> {
+        self.send(ServerMessage::Resync {
+            topic,
+            reason: reason.to_owned(),
+        })
+        .await
+    }
+
+    /// Writes `events` (already judged visible) as frames of `sub`, stopping at the first one
+    /// committed after the token's `exp` (then the connection expires).
+    async fn write_events<'e>(
+        &mut self,
+        sub: &Subscription,
+        events: impl Iterator<Item = &'e AssignmentEvent>,
+    ) -> Result<(), End> {
+        let mut frames = Vec::new();
+        let mut expired = false;
+        for event in events {
+            if event.committed_at.timestamp_micros() > self.expires_micros() {
+                expired = true;
+                break;
+            }
+            frames.push(EventFrame::encode(&sub.topic, event).into());
+            if frames.len() == REPLAY_PAGE as usize {
+                self.write_frames(&mut frames).await?;
+            }
+        }
+        self.write_frames(&mut frames).await?;
+        if expired {
+            return Err(End::Expired);
+        }
+        Ok(())
+    }
+
+    /// Streams the topic's events in `(since, through]` from the log, each page read (in its
+    /// turn among the gateway's database reads) while the previous one is written.
+    /// `Ok(Some(reason))`: a prune overtook the replay (a page came back with the retention
+    /// boundary inside its range), so what follows would have a gap; nothing of that page was
+    /// sent and the client must resync.
     async fn replay(
         &mut self,
         sub: &Subscription,
         since: Position,
-        head: LogHead,
+        through: Position,
     ) -> Result<Option<&'static str>, End> {
-        let log = self.shared.log.clone();
+        let shared = self.shared.clone();
+        let read = |after| gated(&shared, shared.log.read_range(after, through, REPLAY_PAGE));
         let mut page_after = since;
-        let mut page = log
-            .read_range(since, head.head, REPLAY_PAGE)
-            .await
-            .map_err(replay_failed)?;
+        let mut page = read(since).await.map_err(replay_failed)?;
         loop {
             if page.pruned_past(page_after) {
                 return Ok(Some(PRUNED));
@@ -763,10 +854,10 @@ impl Connection {
                 frames.push(EventFrame::encode(&sub.topic, event).into());
             }
             let more = !expired && page.rows == REPLAY_PAGE as usize;
-            let after = page.last.unwrap_or(head.head);
+            let after = page.last.unwrap_or(through);
             let prefetch = async {
                 if more {
-                    Some(log.read_range(after, head.head, REPLAY_PAGE).await)
+                    Some(read(after).await)
                 } else {
                     None
                 }
@@ -799,14 +890,12 @@ impl Connection {
         head: LogHead,
         membership: &mut SessionMembership,
     ) -> Result<Option<&'static str>, End> {
-        let log = self.shared.log.clone();
+        let shared = self.shared.clone();
         let mut events: Vec<AssignmentEvent> = Vec::new();
         let mut after = since;
         loop {
-            let page = log
-                .read_range(after, head.head, REPLAY_PAGE)
-                .await
-                .map_err(replay_failed)?;
+            let read = shared.log.read_range(after, head.head, REPLAY_PAGE);
+            let page = gated(&shared, read).await.map_err(replay_failed)?;
             if page.pruned_past(after) {
                 return Ok(Some(PRUNED));
             }
@@ -832,22 +921,11 @@ impl Connection {
         for event in events.iter().rev() {
             membership.rewind(event);
         }
-        let mut frames = Vec::new();
-        let mut expired = false;
-        for event in &events {
-            if membership.apply(event) == Verdict::Skip {
-                continue;
-            }
-            if event.committed_at.timestamp_micros() > self.expires_micros() {
-                expired = true;
-                break;
-            }
-            frames.push(EventFrame::encode(&sub.topic, event).into());
-        }
-        self.write_frames(&mut frames).await?;
-        if expired {
-            return Err(End::Expired);
-        }
+        let visible: Vec<&AssignmentEvent> = events
+            .iter()
+            .filter(|e| membership.apply(e) != Verdict::Skip)
+            .collect();
+        self.write_events(sub, visible.into_iter()).await?;
         Ok(None)
     }
 
@@ -880,7 +958,7 @@ impl Connection {
         let mut expired = false;
         let mut next = Some(first);
         while let Some(out) = next.take() {
-            self.handle.dequeued(out.frame.len());
+            self.handle.dequeued(out.cost());
             if let Some((frame, revoked)) = self.accept(&out) {
                 if out.committed_micros > self.expires_micros() {
                     expired = true;
@@ -1009,6 +1087,53 @@ impl Connection {
             false
         }
     }
+}
+
+/// The next client frame (never, while the stream is lent out).
+async fn next_frame(stream: &mut Stream) -> Option<Result<Message, axum::Error>> {
+    match stream {
+        Some(stream) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the peer is gone (its side closed, the socket failed, or a close frame came)
+/// while the connection is busy with something else. A frame that arrives first stays queued,
+/// to be handled in turn, and ends the watch: what follows it is seen when it is read.
+async fn peer_left(stream: &mut Stream) {
+    let Some(stream) = stream else {
+        return std::future::pending().await;
+    };
+    match std::pin::Pin::new(stream).peek().await {
+        None | Some(Ok(Message::Close(_))) => {}
+        Some(Err(e)) if matches!(read_error(e), End::Gone) => {}
+        Some(_) => {
+            // A whole frame is in: the socket's per-frame read deadline starts again.
+            crate::edge::frame_received();
+            std::future::pending().await
+        }
+    }
+}
+
+/// Runs a database read in its turn: at most `max_concurrent_reads` run at once, the others
+/// wait first come, first served (tokio's semaphore is fair). The wait has no deadline of its
+/// own: the connection that waits still sees shutdown, its slow-consumer signal and its peer
+/// leaving, and each read is bounded by the pool's statement timeout.
+async fn gated<T>(shared: &Shared, read: impl std::future::Future<Output = T>) -> T {
+    struct Waiting<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    shared.metrics.reads_waiting.inc();
+    let waiting = Waiting(&shared.metrics.reads_waiting);
+    // The semaphore is never closed; if it were, reading anyway is the safe fallback.
+    let permit = shared.reads.acquire().await.ok();
+    drop(waiting);
+    let out = read.await;
+    drop(permit);
+    out
 }
 
 /// A replay read failed: the client resumes from the last position it received.

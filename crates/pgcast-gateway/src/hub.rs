@@ -28,15 +28,24 @@ pub(crate) struct Outbound {
     pub(crate) event: Option<Arc<AssignmentEvent>>,
 }
 
+impl Outbound {
+    /// What this entry counts against its connection's byte budget: the frame (shared, but
+    /// held for as long as this entry waits) and the entry itself.
+    pub(crate) fn cost(&self) -> usize {
+        self.frame.len() + std::mem::size_of::<Outbound>()
+    }
+}
+
 /// The hub's handle on a connection.
 #[derive(Debug)]
 pub(crate) struct ConnHandle {
-    /// Bounded by `outbound_capacity` frames and `outbound_bytes` bytes. When either is
-    /// exceeded, the hub does not wait: it cancels `slow` and the connection closes itself with
-    /// 4008; the client resumes with `since`.
+    /// Bounded by `outbound_bytes` (see [`Outbound::cost`]; the channel's own capacity is that
+    /// budget in entries, never the tighter bound). When the budget would be exceeded, the hub
+    /// does not wait: it cancels `slow` and the connection closes itself with 4008; the client
+    /// resumes with `since`.
     pub(crate) tx: mpsc::Sender<Outbound>,
     pub(crate) slow: CancellationToken,
-    /// Bytes of the frames in `tx` (added by the hub, taken off by the connection as it
+    /// Cost of the entries in `tx` (added by the hub, taken off by the connection as it
     /// dequeues them).
     pub(crate) queued_bytes: AtomicUsize,
     /// The byte budget of this connection's queue.
@@ -44,9 +53,17 @@ pub(crate) struct ConnHandle {
 }
 
 impl ConnHandle {
-    /// The connection took a frame of `len` bytes off its queue.
-    pub(crate) fn dequeued(&self, len: usize) {
-        self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+    /// The connection took an entry of this cost off its queue.
+    pub(crate) fn dequeued(&self, cost: usize) {
+        self.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
+    }
+
+    /// A queue for a connection with `budget_bytes`: its capacity in entries never binds
+    /// before the byte budget does.
+    pub(crate) fn channel(
+        budget_bytes: usize,
+    ) -> (mpsc::Sender<Outbound>, mpsc::Receiver<Outbound>) {
+        mpsc::channel((budget_bytes / std::mem::size_of::<Outbound>()).max(1))
     }
 
     fn mark_slow(&self) {
@@ -184,7 +201,7 @@ impl Hub {
                 frame,
                 event: sub.follows_membership().then(|| event.clone()),
             };
-            let len = out.frame.len();
+            let len = out.cost();
             let queued = sub.conn.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
             if queued > sub.conn.budget_bytes {
                 sub.conn.dequeued(len);

@@ -30,6 +30,7 @@ mod edge;
 mod error;
 mod hub;
 mod metrics;
+mod window;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,6 +71,11 @@ struct Shared {
     tasks: TaskTracker,
     /// Open connections, for callers that wait for a count instead of polling the gauge.
     open: tokio::sync::watch::Sender<usize>,
+    /// The newest events, for `since` replays without a database read.
+    window: window::ReplayWindow,
+    /// Database reads in flight (`max_concurrent_reads`); a subscribe waits for a permit in
+    /// arrival order (tokio's semaphore is fair), one place per connection at a time.
+    reads: Semaphore,
 }
 
 /// The WebSocket gateway. Cheap to clone.
@@ -88,6 +94,8 @@ impl Gateway {
             shared: Arc::new(Shared {
                 verifier: TokenVerifier::from_config(&config)?,
                 connection_slots: Arc::new(Semaphore::new(config.max_connections)),
+                window: window::ReplayWindow::new(config.replay_window),
+                reads: Semaphore::new(config.max_concurrent_reads.max(1)),
                 unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),
                 unauthenticated_by_ip: Default::default(),
                 hub: hub::Hub::new(metrics.clone()),
@@ -120,20 +128,28 @@ impl Gateway {
 
     /// Starts fanning out `events` (the listener's output) to subscribers. `after` is where
     /// the listener's stream starts (its first event is the first after it): a live
-    /// subscription made before that event is told `after` as its position. The task ends when
-    /// the listener's sender is dropped or at shutdown.
+    /// subscription made before that event is told `after` as its position. Every event also
+    /// enters the replay window (`replay_window` of them are kept), so starting the stream
+    /// that many events before the log's head warms it for clients resuming after a restart.
+    /// The task ends when the listener's sender is dropped or at shutdown.
     pub fn spawn_dispatch(
         &self,
         mut events: mpsc::Receiver<Arc<AssignmentEvent>>,
         after: pgcast_events::Position,
     ) {
+        self.shared.window.start_after(after);
         self.shared.hub.start_after(after);
         let shared = self.shared.clone();
         self.shared.tasks.spawn(async move {
             loop {
                 tokio::select! {
                     event = events.recv() => match event {
-                        Some(event) => shared.hub.dispatch(&event),
+                        Some(event) => {
+                            // Window first: a subscriber told the hub's head finds every event
+                            // up to it in the window.
+                            shared.window.push(&event);
+                            shared.hub.dispatch(&event);
+                        }
                         None => return,
                     },
                     () = shared.shutdown.cancelled() => return,

@@ -13,6 +13,9 @@ pub struct GatewayMetrics {
     pub(crate) subscriptions: Gauge,
     pub(crate) slow_closes: Counter,
     pub(crate) auth_failures: Counter,
+    pub(crate) replays_from_window: Counter,
+    pub(crate) replays_from_log: Counter,
+    pub(crate) reads_waiting: Gauge,
 }
 
 impl Default for GatewayMetrics {
@@ -27,6 +30,9 @@ impl Default for GatewayMetrics {
             subscriptions: Gauge::default(),
             slow_closes: Counter::default(),
             auth_failures: Counter::default(),
+            replays_from_window: Counter::default(),
+            replays_from_log: Counter::default(),
+            reads_waiting: Gauge::default(),
         }
     }
 }
@@ -69,6 +75,21 @@ impl GatewayMetrics {
             "pgcast_auth_failures",
             "Connections refused for a missing, invalid or late token",
             self.auth_failures.clone(),
+        );
+        registry.register(
+            "pgcast_replays_from_window",
+            "since replays served from the in-memory replay window, without a database read",
+            self.replays_from_window.clone(),
+        );
+        registry.register(
+            "pgcast_replays_from_log",
+            "since replays read from the event log (older than the replay window)",
+            self.replays_from_log.clone(),
+        );
+        registry.register(
+            "pgcast_database_reads_waiting",
+            "Subscribes waiting their turn for a database read (snapshot, replay, access check)",
+            self.reads_waiting.clone(),
         );
     }
 }

@@ -142,7 +142,9 @@ async fn since_replays_missed_events_once_then_goes_live() {
 
 #[tokio::test]
 async fn since_older_than_retention_or_ahead_of_the_log_gets_resync() {
-    let h = Harness::start().await;
+    // Without a replay window every resume reads the log (the window would still hold the
+    // pruned events and serve them, contiguous).
+    let h = Harness::start_with(|c| c.replay_window = 0).await;
     for _ in 0..3 {
         h.insert(Uuid::new_v4(), "queued", None, None).await;
     }
@@ -229,7 +231,8 @@ async fn shutdown_closes_sockets_with_1001() {
 /// whole range, contiguous, or a contiguous start followed by `resync` — never a silent gap.
 #[tokio::test]
 async fn a_prune_during_replay_gives_resync_or_a_contiguous_stream_never_a_gap() {
-    let h = Harness::start().await;
+    // The replays under test read the log: no replay window.
+    let h = Harness::start_with(|c| c.replay_window = 0).await;
     let start = h.log_head().await;
     let mut watcher = h.watcher().await;
     h.admin
@@ -378,9 +381,7 @@ async fn mechanic_and_workshop_snapshots_hold_open_rows_only() {
 /// bytes, and this burst is a few MB.
 #[tokio::test]
 async fn a_10000_row_burst_does_not_close_steady_slow_readers() {
-    // The byte budget alone bounds the queue here; the default frame cap (4096) still closes
-    // such readers until serve's flags let deployments raise it (issue 12).
-    let h = Harness::start_with(|c| c.outbound_capacity = 65_536).await;
+    let h = Harness::start().await;
     let mut watcher = h.watcher().await;
     h.admin
         .execute(

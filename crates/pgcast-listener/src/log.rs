@@ -5,6 +5,7 @@ use crate::ListenerError;
 
 const READ_RANGE: &str = include_str!("../../../sql/log_read_range.sql");
 const HEAD: &str = include_str!("../../../sql/log_head.sql");
+const WINDOW_START: &str = include_str!("../../../sql/log_window_start.sql");
 
 /// Reads `pgcast.assignment_events` through the query pool. Cheap to clone.
 #[derive(Clone)]
@@ -65,6 +66,18 @@ impl EventLog {
             head: row.try_get(0)?,
             pruned_through: row.try_get(1)?,
         })
+    }
+
+    /// The position to read after to receive the newest `events` retained events (the head
+    /// when `events` is 0 or the log is empty).
+    pub async fn window_start(&self, events: usize) -> Result<Position, ListenerError> {
+        if events == 0 {
+            return Ok(self.head().await?.head);
+        }
+        let limit = i64::try_from(events).unwrap_or(i64::MAX);
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(WINDOW_START).await?;
+        Ok(client.query_one(&stmt, &[&limit]).await?.try_get(0)?)
     }
 
     /// Up to `limit` rows with `after < position <= through`, in position order.

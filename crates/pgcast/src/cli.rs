@@ -15,8 +15,9 @@ use pgcast_events::{Position, Role, Topic};
 use uuid::Uuid;
 
 use crate::config::{
-    format_bytes, format_duration, parse_claim, parse_duration, parse_frame_bytes, parse_rate,
-    parse_role, parse_tail_topic, parse_timeout, parse_ttl, DatabaseUrl, Secret,
+    format_bytes, format_duration, parse_claim, parse_duration, parse_frame_bytes,
+    parse_outbound_bytes, parse_rate, parse_role, parse_tail_topic, parse_timeout, parse_ttl,
+    DatabaseUrl, Secret,
 };
 use crate::{EdgeLimits, Limits};
 
@@ -229,6 +230,39 @@ pub struct LimitArgs {
         value_parser = parse_timeout
     )]
     pub frame_timeout: Duration,
+    /// Bytes of event frames queued for one WebSocket before it is closed with 4008 (slow
+    /// consumer; the client resumes with `since`), e.g. 16MiB; 64KiB to 1GiB. Bounds the
+    /// memory one reader can hold; a steady reader on a slow link takes bursts below it.
+    #[arg(
+        long = "outbound-bytes",
+        env = "PGCAST_OUTBOUND_BYTES",
+        default_value = "16MiB",
+        value_name = "BYTES",
+        value_parser = parse_outbound_bytes
+    )]
+    pub outbound_bytes: usize,
+    /// Newest events kept in memory so that clients resuming with `since` (after a restart or
+    /// a network blip) need no database read; 0 to 1,000,000. Older positions are read from
+    /// the log (`queue` takes a snapshot instead).
+    #[arg(
+        long = "replay-window",
+        env = "PGCAST_REPLAY_WINDOW",
+        default_value = "10000",
+        value_name = "EVENTS",
+        value_parser = clap::value_parser!(u32).range(0..=1_000_000)
+    )]
+    pub replay_window: u32,
+    /// Database reads of the gateway (snapshots, replays older than the window, access
+    /// checks) running at once, and its pool's size; more subscribes wait their turn, first
+    /// come first served. 1 to 256.
+    #[arg(
+        long = "max-concurrent-reads",
+        env = "PGCAST_MAX_CONCURRENT_READS",
+        default_value = "8",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..=256)
+    )]
+    pub max_concurrent_reads: u32,
 }
 
 impl LimitArgs {
@@ -252,6 +286,9 @@ impl LimitArgs {
             max_unauthenticated_per_ip: self.max_unauthenticated_per_ip as usize,
             max_frame_bytes: self.max_frame_bytes,
             frame_timeout: self.frame_timeout,
+            outbound_bytes: self.outbound_bytes,
+            replay_window: self.replay_window as usize,
+            max_concurrent_reads: self.max_concurrent_reads as usize,
         })
     }
 }
@@ -269,7 +306,8 @@ impl fmt::Display for LimitArgs {
             f,
             "header_timeout={} max_connections_per_ip={} connection_rate_per_ip={} \
              connection_burst_per_ip={} max_unauthenticated={} max_unauthenticated_per_ip={} \
-             max_frame_bytes={} frame_timeout={}",
+             max_frame_bytes={} frame_timeout={} outbound_bytes={} replay_window={} \
+             max_concurrent_reads={}",
             format_duration(self.header_timeout),
             or_off(self.max_connections_per_ip),
             or_off(self.connection_rate_per_ip),
@@ -278,6 +316,9 @@ impl fmt::Display for LimitArgs {
             self.max_unauthenticated_per_ip,
             format_bytes(self.max_frame_bytes),
             format_duration(self.frame_timeout),
+            format_bytes(self.outbound_bytes),
+            self.replay_window,
+            self.max_concurrent_reads,
         )
     }
 }

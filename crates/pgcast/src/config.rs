@@ -159,8 +159,9 @@ pub(crate) const MIN_FRAME_BYTES: usize = 16 << 10;
 /// Largest client frame limit.
 pub(crate) const MAX_FRAME_BYTES: usize = 16 << 20;
 
-/// A byte count such as `65536`, `64KiB` or `1MiB`, between 16 KiB and 16 MiB.
-pub(crate) fn parse_frame_bytes(text: &str) -> Result<usize, String> {
+/// A byte count such as `65536`, `64KiB`, `16MiB` or `1GiB`.
+fn parse_bytes(text: &str) -> Result<usize, String> {
+    const EXPECTED: &str = "expected bytes, e.g. 65536, 64KiB or 16MiB";
     let t = text.trim();
     let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => t.split_at(i),
@@ -170,24 +171,40 @@ pub(crate) fn parse_frame_bytes(text: &str) -> Result<usize, String> {
         "" | "B" => 1,
         "KiB" => 1 << 10,
         "MiB" => 1 << 20,
-        _ => return Err("expected bytes, e.g. 65536, 64KiB or 1MiB".to_owned()),
+        "GiB" => 1 << 30,
+        _ => return Err(EXPECTED.to_owned()),
     };
-    let n: usize = digits
-        .parse()
-        .map_err(|_| "expected bytes, e.g. 65536, 64KiB or 1MiB".to_owned())?;
-    let bytes = n
-        .checked_mul(scale)
+    let n: usize = digits.parse().map_err(|_| EXPECTED.to_owned())?;
+    n.checked_mul(scale).ok_or_else(|| "too large".to_owned())
+}
+
+/// A client frame limit: bytes between 16 KiB and 16 MiB.
+pub(crate) fn parse_frame_bytes(text: &str) -> Result<usize, String> {
+    Some(parse_bytes(text)?)
         .filter(|b| (MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(b))
         .ok_or_else(|| {
             "must be between 16KiB (an auth frame with the longest token must fit) and 16MiB"
                 .to_owned()
-        })?;
-    Ok(bytes)
+        })
 }
 
-/// Formats a byte count the way [`parse_frame_bytes`] reads it.
+/// Smallest outgoing budget: a few of the largest event frames.
+pub(crate) const MIN_OUTBOUND_BYTES: usize = 64 << 10;
+/// Largest outgoing budget per connection.
+pub(crate) const MAX_OUTBOUND_BYTES: usize = 1 << 30;
+
+/// An outgoing budget per connection: bytes between 64 KiB and 1 GiB.
+pub(crate) fn parse_outbound_bytes(text: &str) -> Result<usize, String> {
+    Some(parse_bytes(text)?)
+        .filter(|b| (MIN_OUTBOUND_BYTES..=MAX_OUTBOUND_BYTES).contains(b))
+        .ok_or_else(|| "must be between 64KiB and 1GiB".to_owned())
+}
+
+/// Formats a byte count the way [`parse_bytes`] reads it.
 pub(crate) fn format_bytes(bytes: usize) -> String {
-    if bytes.trailing_zeros() >= 20 {
+    if bytes.trailing_zeros() >= 30 {
+        format!("{}GiB", bytes >> 30)
+    } else if bytes.trailing_zeros() >= 20 {
         format!("{}MiB", bytes >> 20)
     } else if bytes.trailing_zeros() >= 10 {
         format!("{}KiB", bytes >> 10)
@@ -365,6 +382,14 @@ mod tests {
         }
         for bytes in [65_536, 1 << 20, 20_000] {
             assert_eq!(parse_frame_bytes(&format_bytes(bytes)), Ok(bytes));
+        }
+        assert_eq!(parse_outbound_bytes("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_outbound_bytes("1GiB"), Ok(1 << 30));
+        for bad in ["32KiB", "2GiB", "16MB", "99999999999999999999GiB"] {
+            assert!(parse_outbound_bytes(bad).is_err(), "{bad}");
+        }
+        for bytes in [64 << 10, 16 << 20, 1 << 30, 100_000] {
+            assert_eq!(parse_outbound_bytes(&format_bytes(bytes)), Ok(bytes));
         }
     }
 

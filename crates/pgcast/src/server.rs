@@ -41,8 +41,12 @@ use crate::PgcastError;
 /// before reading more of the log (the log keeps the events; doorbells are still read, so
 /// PostgreSQL's notification queue never fills behind us); nothing is dropped.
 const EVENT_BUFFER: usize = 8192;
-/// Query pool per replica: snapshots, replays, ownership checks, pruning, metrics.
-const POOL_SIZE: usize = 8;
+/// Pool for pruning and the database gauges of `/metrics`, apart from the gateway's reads.
+const MAINTENANCE_POOL_SIZE: usize = 2;
+/// How often the database gauges of `/metrics` are read; a scrape serves the last reading.
+const GAUGES_EVERY: Duration = Duration::from_secs(5);
+/// Longest wait for one reading of the database gauges.
+const GAUGES_TIMEOUT: Duration = Duration::from_secs(4);
 /// The listener's own pool: log reads after each doorbell and catch-up after a reconnect.
 const LISTENER_POOL_SIZE: usize = 2;
 /// How often old log rows are pruned.
@@ -103,10 +107,7 @@ impl fmt::Debug for ServeOptions {
 #[derive(Clone)]
 struct App {
     status: Arc<ListenerStatus>,
-    pool: Pool,
     registry: Arc<Registry>,
-    queue_usage: Gauge<f64, AtomicU64>,
-    log_head: Gauge,
     index: Arc<str>,
     mechanic: Arc<str>,
     customer: Arc<str>,
@@ -136,6 +137,12 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     /// [`GatewayConfig::frame_timeout`].
     pub frame_timeout: Duration,
+    /// [`GatewayConfig::outbound_bytes`].
+    pub outbound_bytes: usize,
+    /// [`GatewayConfig::replay_window`].
+    pub replay_window: usize,
+    /// [`GatewayConfig::max_concurrent_reads`], also the size of the gateway's pool.
+    pub max_concurrent_reads: usize,
 }
 
 impl Default for Limits {
@@ -147,6 +154,9 @@ impl Default for Limits {
             max_unauthenticated_per_ip: gateway.max_unauthenticated_per_ip,
             max_frame_bytes: gateway.max_frame_bytes,
             frame_timeout: gateway.frame_timeout,
+            outbound_bytes: gateway.outbound_bytes,
+            replay_window: gateway.replay_window,
+            max_concurrent_reads: gateway.max_concurrent_reads,
         }
     }
 }
@@ -157,6 +167,9 @@ impl Limits {
         config.max_unauthenticated_per_ip = self.max_unauthenticated_per_ip;
         config.max_frame_bytes = self.max_frame_bytes;
         config.frame_timeout = self.frame_timeout;
+        config.outbound_bytes = self.outbound_bytes;
+        config.replay_window = self.replay_window;
+        config.max_concurrent_reads = self.max_concurrent_reads;
     }
 }
 
@@ -203,7 +216,7 @@ async fn serve_inner(
     limits.apply(&mut gateway_config);
     // Refuse a weak secret before touching the database; `Gateway::new` checks it again.
     TokenVerifier::from_config(&gateway_config).map_err(PgcastError::Gateway)?;
-    let pool = crate::db::pool(&options.pg, POOL_SIZE)?;
+    let pool = crate::db::pool(&options.pg, MAINTENANCE_POOL_SIZE)?;
     {
         let mut client = crate::db::connect_config(&options.pg, "pgcast-serve").await?;
         if options.migrate {
@@ -227,10 +240,17 @@ async fn serve_inner(
         }
     }
 
-    let log = EventLog::new(pool.clone());
+    // The gateway's reads (snapshots, replays older than its window, access checks) have a
+    // pool of their own, as many connections as reads it lets run at once.
+    let log = EventLog::new(crate::db::pool(
+        &options.pg,
+        gateway_config.max_concurrent_reads.max(1),
+    )?);
     // The listener's stream and the gateway's notion of "now" start at the same position, so a
-    // live subscription made before the first event is told a position it can resume from.
-    let start = log.head().await?.head;
+    // live subscription made before the first event is told a position it can resume from. It
+    // starts `replay_window` events back: catching up on them fills the replay window, so the
+    // clients of a restarted replica resume without a database read each.
+    let start = log.window_start(gateway_config.replay_window).await?;
     let gateway = Gateway::new(gateway_config, log.clone()).map_err(PgcastError::Gateway)?;
     // The listener reads the log through a pool of its own: no amount of client snapshots and
     // replays can stall live events behind them.
@@ -251,23 +271,35 @@ async fn serve_inner(
     let queue_usage = Gauge::<f64, AtomicU64>::default();
     registry.register(
         "pgcast_notification_queue_usage",
-        "pg_notification_queue_usage() of the database (0..1), read at scrape time",
+        "pg_notification_queue_usage() of the database (0..1), read every 5 s",
         queue_usage.clone(),
     );
     let log_head = Gauge::default();
     registry.register(
         "pgcast_log_head_position",
-        "Highest position in pgcast.assignment_events, read at scrape time",
+        "Highest position in pgcast.assignment_events (read every 5 s)",
         log_head.clone(),
+    );
+    let gauges_age = Gauge::<f64, AtomicU64>::default();
+    registry.register(
+        "pgcast_database_gauges_age_seconds",
+        "Seconds since the database gauges (queue usage, log head) were last read successfully",
+        gauges_age.clone(),
     );
     registry.register_collector(Box::new(ListenerCollector(status.clone())));
 
+    tasks.spawn(gauges_loop(
+        pool.clone(),
+        DatabaseGauges {
+            queue_usage: queue_usage.clone(),
+            log_head: log_head.clone(),
+            age: gauges_age.clone(),
+        },
+        stop.clone(),
+    ));
     let app = App {
         status,
-        pool,
         registry: Arc::new(registry),
-        queue_usage,
-        log_head,
         index: render_index(&options.links).into(),
         mechanic: render_page(MECHANIC_HTML, extras.as_ref()).into(),
         customer: render_page(CUSTOMER_HTML, extras.as_ref()).into(),
@@ -367,29 +399,9 @@ async fn readyz(State(app): State<App>) -> Response {
     }
 }
 
+/// A scrape never touches the database: the database gauges are read in the background
+/// ([`gauges_loop`]), so a slow database or a busy pool cannot hang it.
 async fn metrics(State(app): State<App>) -> Response {
-    // Database gauges are read at scrape time; a slow or absent database must not hang the
-    // scrape, it just leaves the last values.
-    let read = async {
-        let client = app.pool.get().await.ok()?;
-        let usage: f64 = client
-            .query_one(QUEUE_USAGE_SQL, &[])
-            .await
-            .ok()?
-            .try_get(0)
-            .ok()?;
-        let head: i64 = client
-            .query_one(LOG_HEAD_SQL, &[])
-            .await
-            .ok()?
-            .try_get(0)
-            .ok()?;
-        Some((usage, head))
-    };
-    if let Ok(Some((usage, head))) = tokio::time::timeout(Duration::from_secs(2), read).await {
-        app.queue_usage.set(usage);
-        app.log_head.set(head);
-    }
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &app.registry) {
         Ok(()) => (
@@ -485,6 +497,57 @@ impl Collector for ListenerCollector {
             g.metric_type(),
         )?)?;
         Ok(())
+    }
+}
+
+/// The gauges of `/metrics` read from the database.
+struct DatabaseGauges {
+    queue_usage: Gauge<f64, AtomicU64>,
+    log_head: Gauge,
+    /// Seconds since the last successful reading.
+    age: Gauge<f64, AtomicU64>,
+}
+
+/// Reads the database gauges every [`GAUGES_EVERY`] until `stop`; a failed or slow reading
+/// keeps the last values, and their age shows it.
+async fn gauges_loop(pool: Pool, gauges: DatabaseGauges, stop: CancellationToken) {
+    // Before the first reading, the age counts from the start.
+    let mut last_read = std::time::Instant::now();
+    let mut tick = tokio::time::interval(GAUGES_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let read = async {
+            let client = pool.get().await.map_err(|e| e.to_string())?;
+            let usage: f64 = client
+                .query_one(QUEUE_USAGE_SQL, &[])
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(|e| e.to_string())?;
+            let head: i64 = client
+                .query_one(LOG_HEAD_SQL, &[])
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((usage, head))
+        };
+        let result = tokio::select! {
+            r = tokio::time::timeout(GAUGES_TIMEOUT, read) => r,
+            () = stop.cancelled() => return,
+        };
+        match result {
+            Ok(Ok((usage, head))) => {
+                gauges.queue_usage.set(usage);
+                gauges.log_head.set(head);
+                last_read = std::time::Instant::now();
+            }
+            Ok(Err(error)) => tracing::debug!(%error, "reading the database gauges failed"),
+            Err(_) => tracing::debug!("reading the database gauges timed out"),
+        }
+        gauges.age.set(last_read.elapsed().as_secs_f64());
     }
 }
 

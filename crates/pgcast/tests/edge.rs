@@ -434,6 +434,10 @@ async fn bad_limit_values_are_one_line_and_exit_2() {
         ("--max-connections-per-ip", "lots"),
         ("--connection-burst-per-ip", "0"),
         ("--max-unauthenticated-per-ip", "0"),
+        ("--outbound-bytes", "1KiB"),
+        ("--outbound-bytes", "16MB"),
+        ("--replay-window", "2000000"),
+        ("--max-concurrent-reads", "0"),
     ] {
         let out = run(pgcast([
             "serve",

@@ -67,9 +67,12 @@ const OPEN_ROWS: usize = 300;
 const READ_MIN: Duration = Duration::from_millis(30);
 const READ_MAX: Duration = Duration::from_millis(400);
 /// How long a never-reading client holds its connection before looking at what happened. The
-/// server declares it slow once 4096 frames are queued behind its blocked socket (~15 s at this
-/// load), and gives its close frame 10 s more.
+/// server declares it slow once [`OUTBOUND_BYTES`] are queued behind its blocked socket (~15 s
+/// at this load), and gives its close frame 10 s more.
 const HOLD_MIN: Duration = Duration::from_secs(30);
+/// The server's outgoing budget per connection in this test (`--outbound-bytes`): small, so a
+/// never-reader is declared slow within the hold above (the default, 16 MiB, takes minutes).
+const OUTBOUND_BYTES: &str = "2MiB";
 const HOLD_MAX: Duration = Duration::from_secs(36);
 /// How long a never-reading client reads what is left before deciding it is still open.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -689,7 +692,7 @@ async fn steady_load_with_churn_grows_no_memory_fds_or_tasks() {
         .create_database()
         .await
         .expect("create database");
-    let server = Server::serve(db.url(), &[]).await;
+    let server = Server::serve(db.url(), &["--outbound-bytes", OUTBOUND_BYTES]).await;
     let addr = server.addr;
     let began = Instant::now();
     eprintln!(

@@ -1,0 +1,240 @@
+//! Resuming and subscribing under a storm (issue 12): `since` replays come from the in-memory
+//! replay window when it reaches back far enough, from the log otherwise (`queue` takes a
+//! snapshot instead); database reads wait their turn instead of failing; a connection waiting
+//! for its turn still notices its peer leaving.
+
+mod common;
+
+use common::{mechanic, service, Harness, Next, WAIT};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// The positions of `events`.
+fn positions(events: &[Value]) -> Vec<i64> {
+    events
+        .iter()
+        .map(|e| e["position"].as_i64().expect("event position"))
+        .collect()
+}
+
+/// Log positions in `(after, through]`, as the database has them.
+async fn log_positions(h: &Harness, after: i64, through: i64) -> Vec<i64> {
+    h.admin
+        .query(
+            "SELECT position FROM pgcast.assignment_events
+             WHERE position > $1 AND position <= $2 ORDER BY position",
+            &[&after, &through],
+        )
+        .await
+        .expect("log positions")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_resume_inside_the_window_reads_nothing_from_the_database() {
+    let h = Harness::start_with(|c| c.replay_window = 100).await;
+    let start = h.log_head().await;
+    let mut watcher = h.watcher().await;
+    let m = mechanic(None);
+    for _ in 0..5 {
+        h.insert(Uuid::new_v4(), "queued", None, None).await;
+    }
+    // Offered to somebody else: not in this mechanic's queue.
+    h.insert(Uuid::new_v4(), "offered", Some(Uuid::new_v4()), None)
+        .await;
+    let head = h.log_head().await;
+    watcher.until_position(head).await;
+    let logged = log_positions(&h, start, head).await;
+
+    // Nothing the log holds can be read while this lock is held: a replay that went to the
+    // database would hang, a replay from the window does not notice.
+    let mut locker = h.db.connect().await.expect("connect");
+    let tx = locker.transaction().await.expect("begin");
+    tx.batch_execute("LOCK TABLE pgcast.assignment_events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock the log");
+
+    let mut ws = h.client(&m).await;
+    let sub = ws.subscribe("queue", json!({"since": start})).await;
+    assert_eq!(sub["position"], start);
+    let got = ws.events(5).await;
+    assert_eq!(positions(&got), logged[..5].to_vec());
+    ws.quiet().await;
+    let mut all = h.client(&service()).await;
+    all.subscribe("assignments", json!({"since": start + 2}))
+        .await;
+    assert_eq!(
+        positions(&all.events(4).await),
+        ((start + 3)..=head).collect::<Vec<_>>()
+    );
+    tx.rollback().await.expect("unlock");
+    assert_eq!(h.metric("pgcast_replays_from_window"), 2.0);
+    assert_eq!(h.metric("pgcast_replays_from_log"), 0.0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_resume_older_than_the_window_reads_the_log_and_queue_takes_a_snapshot() {
+    let h = Harness::start_with(|c| c.replay_window = 3).await;
+    let start = h.log_head().await;
+    let mut watcher = h.watcher().await;
+    for _ in 0..8 {
+        h.insert(Uuid::new_v4(), "queued", None, None).await;
+    }
+    let head = h.log_head().await;
+    watcher.until_position(head).await;
+
+    // The window holds the newest 3: a resume after head - 3 is served from it.
+    let mut recent = h.client(&mechanic(None)).await;
+    recent
+        .subscribe("queue", json!({"since": head - 3}))
+        .await;
+    assert_eq!(
+        positions(&recent.events(3).await),
+        ((head - 2)..=head).collect::<Vec<_>>()
+    );
+    // Older: the whole range comes from the log, in order, nothing missing.
+    let mut service = h.client(&service()).await;
+    service
+        .subscribe("assignments", json!({"since": start}))
+        .await;
+    assert_eq!(
+        positions(&service.events(8).await),
+        log_positions(&h, start, head).await
+    );
+    // A queue that far behind is told to take a snapshot, and gets one.
+    let mut old = h.client(&mechanic(None)).await;
+    old.subscribe("queue", json!({"since": start})).await;
+    let resync = old.recv().await;
+    assert_eq!(resync["type"], "resync", "{resync}");
+    assert!(
+        resync["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("replay window")),
+        "{resync}"
+    );
+    let sub = old.subscribe("queue", json!({"snapshot": true})).await;
+    assert_eq!(sub["position"], head);
+    let snapshot = old.recv().await;
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+    assert_eq!(snapshot["assignments"].as_array().map(Vec::len), Some(8));
+    assert_eq!(h.metric("pgcast_replays_from_window"), 1.0);
+    assert_eq!(h.metric("pgcast_replays_from_log"), 1.0);
+    h.stop().await;
+}
+
+/// 300 clients ask for a snapshot at once through one database read at a time: every one gets
+/// its snapshot, in turn; nobody is told `unavailable`.
+#[tokio::test]
+async fn a_snapshot_storm_waits_its_turn_instead_of_failing() {
+    const CLIENTS: usize = 300;
+    let h = Harness::start_with(|c| c.max_concurrent_reads = 1).await;
+    for _ in 0..20 {
+        h.insert(Uuid::new_v4(), "queued", None, None).await;
+    }
+    let head = h.log_head().await;
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        clients.push(h.client(&mechanic(None)).await);
+    }
+    // Hold the one read slot, so the others queue up behind it.
+    let mut locker = h.db.connect().await.expect("connect");
+    let tx = locker.transaction().await.expect("begin");
+    tx.batch_execute("LOCK TABLE session_assignments IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    for ws in &mut clients {
+        ws.send(json!({"type": "subscribe", "id": "s", "topic": "queue", "snapshot": true}))
+            .await;
+    }
+    let waiting = tokio::time::timeout(WAIT, async {
+        while h.metric("pgcast_database_reads_waiting") < (CLIENTS - 1) as f64 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(waiting.is_ok(), "the subscribes never queued up");
+    tx.rollback().await.expect("unlock");
+    let readers = clients.into_iter().map(|mut ws| {
+        tokio::spawn(async move {
+            let sub = ws.recv().await;
+            assert_eq!(sub["type"], "subscribed", "{sub}");
+            assert_eq!(sub["position"], head);
+            let snapshot = ws.recv().await;
+            assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+            snapshot["assignments"].as_array().map_or(0, Vec::len)
+        })
+    });
+    for reader in readers.collect::<Vec<_>>() {
+        assert_eq!(reader.await.expect("reader"), 20);
+    }
+    assert_eq!(h.metric("pgcast_database_reads_waiting"), 0.0);
+    h.stop().await;
+}
+
+/// A client that leaves while its subscribe waits for the database is let go at once: its
+/// connection does not sit in CLOSE-WAIT until the read is done.
+#[tokio::test]
+async fn a_peer_leaving_while_its_subscribe_waits_frees_its_connection() {
+    let h = Harness::start_with(|c| c.max_concurrent_reads = 1).await;
+    let mut locker = h.db.connect().await.expect("connect");
+    let tx = locker.transaction().await.expect("begin");
+    tx.batch_execute("LOCK TABLE session_assignments IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    // One subscribe holds the read slot (blocked on the lock), one waits for it.
+    let mut holder = h.client(&service()).await;
+    holder
+        .send(json!({"type": "subscribe", "id": "s", "topic": "assignments", "snapshot": true}))
+        .await;
+    let mut waiter = h.client(&service()).await;
+    waiter
+        .send(json!({"type": "subscribe", "id": "s", "topic": "assignments", "snapshot": true}))
+        .await;
+    let queued = tokio::time::timeout(WAIT, async {
+        while h.metric("pgcast_database_reads_waiting") < 1.0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(queued.is_ok(), "the second subscribe never queued");
+    // The waiter goes away (FIN); the holder's socket stays open.
+    drop(waiter);
+    h.until_connections(1, "the waiting connection to end").await;
+    assert_eq!(h.metric("pgcast_database_reads_waiting"), 0.0);
+    // The holder gets its snapshot once the lock is gone.
+    tx.rollback().await.expect("unlock");
+    let sub = holder.recv().await;
+    assert_eq!(sub["type"], "subscribed", "{sub}");
+    match holder.next(WAIT).await {
+        Next::Json(v) => assert_eq!(v["type"], "snapshot", "{v}"),
+        other => panic!("expected the snapshot, got {other:?}"),
+    }
+    h.stop().await;
+}
+
+/// A resume at the head replays nothing and goes on live; one beyond the log gets `resync`.
+#[tokio::test]
+async fn a_resume_at_the_head_goes_on_live_and_one_beyond_the_log_resyncs() {
+    let h = Harness::start().await;
+    let mut watcher = h.watcher().await;
+    h.insert(Uuid::new_v4(), "queued", None, None).await;
+    let head = h.log_head().await;
+    watcher.until_position(head).await;
+    let mut ws = h.client(&service()).await;
+    let sub = ws.subscribe("assignments", json!({"since": head})).await;
+    assert_eq!(sub["position"], head);
+    ws.quiet().await;
+    h.insert(Uuid::new_v4(), "queued", None, None).await;
+    let ev = ws.events(1).await.remove(0);
+    assert_eq!(ev["position"], h.log_head().await);
+    // Beyond the log: resync.
+    let mut ahead = h.client(&service()).await;
+    ahead
+        .subscribe("assignments", json!({"since": head + 1_000}))
+        .await;
+    assert_eq!(ahead.recv().await["type"], "resync");
+    h.stop().await;
+}
