@@ -88,9 +88,7 @@ async fn a_resume_older_than_the_window_reads_the_log_and_queue_takes_a_snapshot
 
     // The window holds the newest 3: a resume after head - 3 is served from it.
     let mut recent = h.client(&mechanic(None)).await;
-    recent
-        .subscribe("queue", json!({"since": head - 3}))
-        .await;
+    recent.subscribe("queue", json!({"since": head - 3})).await;
     assert_eq!(
         positions(&recent.events(3).await),
         ((head - 2)..=head).collect::<Vec<_>>()
@@ -202,7 +200,8 @@ async fn a_peer_leaving_while_its_subscribe_waits_frees_its_connection() {
     assert!(queued.is_ok(), "the second subscribe never queued");
     // The waiter goes away (FIN); the holder's socket stays open.
     drop(waiter);
-    h.until_connections(1, "the waiting connection to end").await;
+    h.until_connections(1, "the waiting connection to end")
+        .await;
     assert_eq!(h.metric("pgcast_database_reads_waiting"), 0.0);
     // The holder gets its snapshot once the lock is gone.
     tx.rollback().await.expect("unlock");
