@@ -58,8 +58,10 @@ pub struct GatewayConfig {
     pub outbound_bytes: usize,
     /// Events kept in memory, newest first, to serve `since` replays without reading the log:
     /// a client resuming from a position inside this window (every client after a restart or
-    /// a network blip) costs no database query. Older positions are read from the log.
-    /// Default 10,000 (a few MB).
+    /// a network blip) costs no database query. So does one resuming from further back when
+    /// none of the events its topic may see has left the window since (a quiet topic: the
+    /// window remembers, per route key, the newest event it let go of). Other resumes read
+    /// the log, except `queue`, which is told to take a snapshot. Default 10,000 (a few MB).
     pub replay_window: usize,
     /// Database reads (snapshots, replays from the log, access checks) in flight at once;
     /// further subscribes wait their turn in arrival order instead of failing, while their

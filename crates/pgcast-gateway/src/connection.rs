@@ -726,7 +726,8 @@ impl Connection {
             return Ok(Some(since));
         }
         let matches = |e: &AssignmentEvent| sub.topic.matches(&sub.principal, e);
-        if let Some(events) = self.shared.window.range(since, hub_head, matches) {
+        let keys = sub.topic.route_keys(&sub.principal);
+        if let Some(events) = self.shared.window.range(since, hub_head, &keys, matches) {
             self.shared.metrics.replays_from_window.inc();
             self.send_subscribed(id, &topic, since).await?;
             self.write_events(sub, events.iter().map(|e| &**e)).await?;

@@ -5,71 +5,99 @@
 //!
 //! The window holds exactly the listener's stream, which is the log in position order, so the
 //! events it returns for a range are the log's events for that range.
+//!
+//! It also remembers, per route key, the newest event it has let go of. A subscriber of a
+//! quiet topic resumes from the last event it received, which may be far older than the
+//! window; if no event of its route keys left the window since then, the window still holds
+//! everything it may see, and the resume needs no database read either.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 
-use pgcast_events::{AssignmentEvent, Position};
+use pgcast_events::{AssignmentEvent, Position, RouteKey};
 
 /// The newest events, at most `capacity` of them.
 pub(crate) struct ReplayWindow {
     capacity: usize,
+    /// Most route keys whose last evicted position is remembered (then the older half is
+    /// forgotten, raising `forgotten_through`).
+    max_keys: usize,
     inner: RwLock<Events>,
 }
 
 struct Events {
-    /// The window holds every event with `floor < position <= last pushed`.
-    floor: Position,
+    /// Position of the last event pushed (or where the stream started).
+    head: Position,
     /// In position order.
     events: VecDeque<Arc<AssignmentEvent>>,
+    /// Per route key, the position of the newest event with that key that left the window.
+    evicted: HashMap<RouteKey, Position>,
+    /// For a key not in `evicted`, the newest event with it that left the window (or came
+    /// before the stream started) is at most this.
+    forgotten_through: Position,
 }
 
 impl ReplayWindow {
     pub(crate) fn new(capacity: usize) -> Self {
         ReplayWindow {
             capacity,
+            max_keys: capacity.saturating_mul(4).max(1024),
             inner: RwLock::new(Events {
-                floor: Position::MAX,
+                head: Position::MIN,
                 events: VecDeque::new(),
+                evicted: HashMap::new(),
+                forgotten_through: Position::MAX,
             }),
         }
     }
 
-    /// The stream starts after `position`: the window covers nothing below it.
+    /// The stream starts after `position`: the window knows nothing at or below it.
     pub(crate) fn start_after(&self, position: Position) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        inner.floor = position;
+        inner.head = position;
         inner.events.clear();
+        inner.evicted.clear();
+        inner.forgotten_through = position;
     }
 
-    /// Appends the stream's next event, dropping the oldest when full. Called before the
+    /// Appends the stream's next event, letting the oldest go when full. Called before the
     /// event is dispatched, so the window always reaches the hub's head.
     pub(crate) fn push(&self, event: &Arc<AssignmentEvent>) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        if self.capacity == 0 {
-            inner.floor = event.position;
-            return;
-        }
-        if inner.events.len() == self.capacity {
-            if let Some(oldest) = inner.events.pop_front() {
-                inner.floor = oldest.position;
+        inner.head = event.position;
+        inner.events.push_back(event.clone());
+        while inner.events.len() > self.capacity {
+            let Some(oldest) = inner.events.pop_front() else {
+                break;
+            };
+            for key in oldest.route_keys() {
+                inner.evicted.insert(key, oldest.position);
             }
         }
-        inner.events.push_back(event.clone());
+        if inner.evicted.len() > self.max_keys {
+            inner.forget_older_half();
+        }
     }
 
-    /// The events with `since < position <= through` that `keep` accepts, in order; `None`
-    /// when the window no longer reaches back to `since` (or does not reach `through` yet), so
-    /// the range must be read from the log.
+    /// The events with `since < position <= through` that `keep` accepts, in order, for a
+    /// subscriber whose topic routes by `keys`; `None` when an event of those keys in the range
+    /// may have left the window (or `through` is beyond it), so the range must be read from
+    /// the log.
     pub(crate) fn range(
         &self,
         since: Position,
         through: Position,
+        keys: &[RouteKey],
         mut keep: impl FnMut(&AssignmentEvent) -> bool,
     ) -> Option<Vec<Arc<AssignmentEvent>>> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        let last = inner.events.back().map_or(inner.floor, |e| e.position);
-        if since < inner.floor || through > last || since > through {
+        if through > inner.head || since > through {
+            return None;
+        }
+        let evicted_after_since = keys
+            .iter()
+            .any(|k| inner.evicted.get(k).map_or(inner.forgotten_through, |p| *p) > since);
+        if evicted_after_since || keys.is_empty() && since < inner.forgotten_through {
             return None;
         }
         let start = inner.events.partition_point(|e| e.position <= since);
@@ -85,19 +113,48 @@ impl ReplayWindow {
     }
 }
 
+impl Events {
+    /// Bounds the per-key memory: the older half of the remembered keys is folded into
+    /// `forgotten_through` (keys of quiet topics then fall back to the log a little sooner).
+    fn forget_older_half(&mut self) {
+        let mut positions: Vec<Position> = self.evicted.values().copied().collect();
+        let middle = positions.len() / 2;
+        let (_, threshold, _) = positions.select_nth_unstable(middle);
+        let threshold = *threshold;
+        self.evicted.retain(|_, p| *p > threshold);
+        self.forgotten_through = self.forgotten_through.max(threshold);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn event(position: Position) -> Arc<AssignmentEvent> {
+        event_in(position, None)
+    }
+
+    /// A queued insert for `workshop` (None: the general queue).
+    fn event_in(position: Position, workshop: Option<&str>) -> Arc<AssignmentEvent> {
+        let workshop = workshop.map_or("null".to_owned(), |w| format!("\"{w}\""));
         let text = format!(
             r#"{{"position":{position},"op":"insert","committed_at":"2026-11-25T19:32:44.5+00:00",
             "row":{{"id":"5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11",
             "session_id":"0e6b3a57-3f4c-4a9e-8a55-2f4b7a7d9a10","mechanic_id":null,
-            "workshop_id":null,"status":"queued","created_at":"2026-11-25T19:32:43+00:00",
+            "workshop_id":{workshop},"status":"queued","created_at":"2026-11-25T19:32:43+00:00",
             "updated_at":"2026-11-25T19:32:43+00:00"}},"old":null}}"#
         );
         Arc::new(pgcast_events::decode_payload(&text).expect("test payload decodes"))
+    }
+
+    /// A `queue` subscriber's keys (general queue only: the test events are general).
+    fn range(
+        w: &ReplayWindow,
+        since: Position,
+        through: Position,
+        keep: impl FnMut(&AssignmentEvent) -> bool,
+    ) -> Option<Vec<Arc<AssignmentEvent>>> {
+        w.range(since, through, &[RouteKey::QueueGeneral], keep)
     }
 
     fn positions(events: Option<Vec<Arc<AssignmentEvent>>>) -> Option<Vec<Position>> {
@@ -107,28 +164,35 @@ mod tests {
     #[test]
     fn covers_exactly_what_was_pushed_after_the_start() {
         let w = ReplayWindow::new(3);
-        assert_eq!(positions(w.range(0, 0, |_| true)), None, "not started");
+        assert_eq!(positions(range(&w, 0, 0, |_| true)), None, "not started");
         w.start_after(10);
-        assert_eq!(positions(w.range(10, 10, |_| true)), Some(vec![]));
-        assert_eq!(positions(w.range(9, 10, |_| true)), None, "below the start");
+        assert_eq!(positions(range(&w, 10, 10, |_| true)), Some(vec![]));
+        assert_eq!(
+            positions(range(&w, 9, 10, |_| true)),
+            None,
+            "below the start"
+        );
         for p in [11, 13, 14] {
             w.push(&event(p));
         }
-        assert_eq!(positions(w.range(10, 14, |_| true)), Some(vec![11, 13, 14]));
-        assert_eq!(positions(w.range(11, 13, |_| true)), Some(vec![13]));
-        assert_eq!(positions(w.range(12, 14, |_| true)), Some(vec![13, 14]));
         assert_eq!(
-            positions(w.range(10, 15, |_| true)),
+            positions(range(&w, 10, 14, |_| true)),
+            Some(vec![11, 13, 14])
+        );
+        assert_eq!(positions(range(&w, 11, 13, |_| true)), Some(vec![13]));
+        assert_eq!(positions(range(&w, 12, 14, |_| true)), Some(vec![13, 14]));
+        assert_eq!(
+            positions(range(&w, 10, 15, |_| true)),
             None,
             "beyond the head"
         );
         assert_eq!(
-            positions(w.range(14, 13, |_| true)),
+            positions(range(&w, 14, 13, |_| true)),
             None,
             "since after through"
         );
         assert_eq!(
-            positions(w.range(10, 14, |e| e.position != 13)),
+            positions(range(&w, 10, 14, |e| e.position != 13)),
             Some(vec![11, 14])
         );
     }
@@ -141,8 +205,8 @@ mod tests {
             w.push(&event(p));
         }
         // Holds 3 and 4: a resume after 2 is served, one after 1 would miss 2.
-        assert_eq!(positions(w.range(2, 4, |_| true)), Some(vec![3, 4]));
-        assert_eq!(positions(w.range(1, 4, |_| true)), None);
+        assert_eq!(positions(range(&w, 2, 4, |_| true)), Some(vec![3, 4]));
+        assert_eq!(positions(range(&w, 1, 4, |_| true)), None);
     }
 
     #[test]
@@ -150,7 +214,65 @@ mod tests {
         let w = ReplayWindow::new(0);
         w.start_after(5);
         w.push(&event(6));
-        assert_eq!(positions(w.range(6, 6, |_| true)), Some(vec![]));
-        assert_eq!(positions(w.range(5, 6, |_| true)), None);
+        assert_eq!(positions(range(&w, 6, 6, |_| true)), Some(vec![]));
+        assert_eq!(positions(range(&w, 5, 6, |_| true)), None);
+    }
+
+    #[test]
+    fn a_quiet_topic_resumes_from_far_back_while_none_of_its_events_left() {
+        const W: &str = "8d1e2a3b-1c2d-4e5f-8a9b-0c1d2e3f4a5b";
+        let workshop_keys = [RouteKey::QueueWorkshop(W.parse().expect("uuid"))];
+        let w = ReplayWindow::new(2);
+        w.start_after(0);
+        w.push(&event_in(1, Some(W)));
+        for p in 2..=10 {
+            w.push(&event(p));
+        }
+        // Only general events left the window after 1: the workshop's resume after 1 is
+        // served (nothing of it in 2..=10), a general queue's is not.
+        assert_eq!(
+            positions(w.range(1, 10, &workshop_keys, |_| true)),
+            Some(vec![9, 10])
+        );
+        assert_eq!(positions(range(&w, 1, 10, |_| true)), None);
+        // Before the stream started nothing is known, for any key.
+        assert_eq!(positions(w.range(0, 10, &workshop_keys, |_| true)), None);
+    }
+
+    #[test]
+    fn forgetting_keys_only_ever_sends_resumes_to_the_log() {
+        let w = ReplayWindow::new(0);
+        w.start_after(0);
+        // Every event of its own mechanic's queue: more keys than remembered.
+        let mechanics: Vec<uuid::Uuid> = (0..3000).map(|_| uuid::Uuid::new_v4()).collect();
+        for (i, m) in mechanics.iter().enumerate() {
+            let text = format!(
+                r#"{{"position":{p},"op":"insert","committed_at":"2026-11-25T19:32:44.5+00:00",
+                "row":{{"id":"5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11",
+                "session_id":"0e6b3a57-3f4c-4a9e-8a55-2f4b7a7d9a10","mechanic_id":"{m}",
+                "workshop_id":null,"status":"offered","created_at":"2026-11-25T19:32:43+00:00",
+                "updated_at":"2026-11-25T19:32:43+00:00"}},"old":null}}"#,
+                p = i + 1
+            );
+            w.push(&Arc::new(
+                pgcast_events::decode_payload(&text).expect("test payload decodes"),
+            ));
+        }
+        let head = 3000;
+        let inner = w.inner.read().expect("lock");
+        assert!(inner.evicted.len() <= w.max_keys);
+        let forgotten = inner.forgotten_through;
+        drop(inner);
+        assert!(forgotten > 0);
+        // A mechanic whose offer left the window: never served from it after that offer...
+        for (i, m) in mechanics.iter().enumerate() {
+            let keys = [RouteKey::QueueMechanic(*m)];
+            let at = i as Position + 1;
+            assert_eq!(positions(w.range(at - 1, head, &keys, |_| true)), None);
+            // ...and served (empty) from it after the offer only when the window still
+            // remembers that it was the last, or everything up to it was forgotten.
+            let served = w.range(at, head, &keys, |_| true).is_some();
+            assert_eq!(served, at >= forgotten, "mechanic {i}");
+        }
     }
 }
