@@ -263,6 +263,8 @@ async fn metrics_expose_every_named_series() {
             && at_least_one("pgcast_delivery_latency_seconds_count")
             && at_least_one("pgcast_events_received_total")
             && sample(&metrics, "pgcast_listener_position") == Some(position as f64)
+            // Read from the database in the background, every 5 s.
+            && sample(&metrics, "pgcast_log_head_position") == Some(position as f64)
         {
             break metrics;
         }
@@ -293,6 +295,11 @@ async fn metrics_expose_every_named_series() {
         "pgcast_listener_position",
         "pgcast_listener_last_event_age_seconds",
         "pgcast_listener_connected",
+        "pgcast_database_gauges_age_seconds",
+        // where resumes come from, and reads waiting their turn
+        "pgcast_replays_from_window_total",
+        "pgcast_replays_from_log_total",
+        "pgcast_database_reads_waiting",
     ];
     for name in series {
         assert!(
@@ -317,6 +324,62 @@ async fn metrics_expose_every_named_series() {
     assert!((0.0..=1.0).contains(&usage), "{usage}");
     let age = value(&metrics, "pgcast_listener_last_event_age_seconds");
     assert!((0.0..60.0).contains(&age), "{age}");
+}
+
+/// A scrape never waits on the database: with the log locked against every read (the gauges'
+/// background reading hangs on it), scrapes still answer at once, one after another, and the
+/// gauges' age shows that their reading is stale.
+#[tokio::test]
+async fn metrics_answer_while_the_database_hangs() {
+    let (db, _admin) = fresh_db().await;
+    let server = Server::serve(db.url(), &[]).await;
+    let mut locker = tokio_postgres::connect(db.url(), NoTls)
+        .await
+        .map(|(client, conn)| {
+            tokio::spawn(conn);
+            client
+        })
+        .expect("connect");
+    let tx = locker.transaction().await.expect("begin");
+    tx.batch_execute("LOCK TABLE pgcast.assignment_events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock the log");
+    // Until the reading has been stale for longer than its interval, scrape in a loop: each
+    // scrape must answer well within the time a database read would have been given (the
+    // earlier scrape-time read waited up to 2 s).
+    let deadline = Instant::now() + WAIT;
+    let mut scrapes = 0;
+    loop {
+        let asked = Instant::now();
+        let metrics = server.metrics().await;
+        let took = asked.elapsed();
+        scrapes += 1;
+        assert!(
+            took < Duration::from_secs(1),
+            "scrape {scrapes} took {took:?}"
+        );
+        if value(&metrics, "pgcast_database_gauges_age_seconds") > 6.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gauges' age never grew:
+{metrics}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    tx.rollback().await.expect("unlock");
+    // Once the database answers again, the gauges are fresh within their interval.
+    let deadline = Instant::now() + WAIT;
+    while value(
+        &server.metrics().await,
+        "pgcast_database_gauges_age_seconds",
+    ) > 5.5
+    {
+        assert!(Instant::now() < deadline, "the gauges never recovered");
+        tokio::time::sleep(POLL).await;
+    }
+    eprintln!("{scrapes} scrapes answered while the log was locked");
 }
 
 #[tokio::test]
