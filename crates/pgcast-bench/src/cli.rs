@@ -7,7 +7,8 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 /// Benchmarks pgcast end to end on this machine: latency under load, the ceiling, fan-out,
-/// memory per connection, catch-up, overhead versus a bare LISTEN, and other relays.
+/// memory per connection, catch-up, overhead versus a bare LISTEN, other relays, and a
+/// reconnect storm.
 ///
 /// Starts a throwaway PostgreSQL and a `pgcast serve` child unless told otherwise, targets
 /// loopback only, stops by itself, and writes results.md and results.json. The bench writes
@@ -108,6 +109,26 @@ pub(crate) struct Args {
     #[arg(long, help_heading = "Catch-up")]
     pub(crate) catchup_events: Option<u64>,
 
+    /// Reconnect storm: mechanics connected on `queue` when pgcast is SIGKILLed and restarted
+    /// (default 10000; quick 1000).
+    #[arg(long, help_heading = "Reconnect storm")]
+    pub(crate) storm_mechanics: Option<usize>,
+    /// Reconnect storm: workshops the mechanics belong to (every fifth mechanic is a
+    /// freelancer, in none).
+    #[arg(long, default_value_t = 5, help_heading = "Reconnect storm")]
+    pub(crate) storm_workshops: usize,
+    /// Reconnect storm: events per second the writers commit before, during and after the
+    /// outage (default 20; quick 20). About half of them reach every mechanic.
+    #[arg(long, help_heading = "Reconnect storm")]
+    pub(crate) storm_rate: Option<f64>,
+    /// Reconnect storm: how long pgcast stays dead before it is started again (its own
+    /// start-up comes on top).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, help_heading = "Reconnect storm")]
+    pub(crate) storm_down: Duration,
+    /// Reconnect storm: how long the writers go on after the restart (default 10s; quick 6s).
+    #[arg(long, value_parser = humantime::parse_duration, help_heading = "Reconnect storm")]
+    pub(crate) storm_after: Option<Duration>,
+
     /// Raw mode: a WebSocket server that forwards NOTIFY payloads of the bench's baseline
     /// channel pgcast_bench_bare (a plain `pg_notify(to_jsonb(NEW))` trigger installed for the
     /// run) as text frames (loopback only), e.g. ws://127.0.0.1:7700/listen/pgcast_bench_bare.
@@ -158,6 +179,10 @@ pub(crate) enum Scenario {
     Overhead,
     /// 7. Other servers: fan-out and ceiling against --raw-url and/or the Node relay.
     Raw,
+    /// 8. Reconnect storm: pgcast SIGKILLed and restarted; every mechanic resumes with `since`.
+    ///
+    /// Needs a pgcast of its own: skipped with --ws-url.
+    Storm,
 }
 
 impl Args {
@@ -201,6 +226,13 @@ impl Args {
             ),
             memory_connections: self.pick(self.memory_connections, 10_000, 1000),
             catchup_events: self.pick(self.catchup_events, 100_000, 10_000),
+            storm_mechanics: self.pick(self.storm_mechanics, 10_000, 1000),
+            storm_rate: self.pick(self.storm_rate, 20.0, 20.0),
+            storm_after: self.pick(
+                self.storm_after,
+                Duration::from_secs(10),
+                Duration::from_secs(6),
+            ),
         }
     }
 }
@@ -217,6 +249,9 @@ pub(crate) struct Sizes {
     pub(crate) fanout_step: Duration,
     pub(crate) memory_connections: usize,
     pub(crate) catchup_events: u64,
+    pub(crate) storm_mechanics: usize,
+    pub(crate) storm_rate: f64,
+    pub(crate) storm_after: Duration,
 }
 
 #[cfg(test)]
@@ -234,5 +269,10 @@ mod tests {
         assert_eq!(a.sizes().mechanics, 100);
         let a = Args::try_parse_from(["pgcast-bench"]).unwrap();
         assert!(a.wants(Scenario::Memory) && !a.wants(Scenario::Raw));
+        assert!(a.wants(Scenario::Storm));
+        assert_eq!(a.sizes().storm_mechanics, 10_000);
+        let a = Args::try_parse_from(["pgcast-bench", "storm", "--quick"]).unwrap();
+        assert!(a.wants(Scenario::Storm) && !a.wants(Scenario::Latency));
+        assert_eq!(a.sizes().storm_mechanics, 1000);
     }
 }

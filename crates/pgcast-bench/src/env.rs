@@ -214,8 +214,20 @@ fn tail(log: &Path) -> String {
 impl Server {
     /// Starts `pgcast serve` on a free loopback port.
     pub(crate) fn pgcast(bin: &Path, db: &Database, secret: &str, log: PathBuf) -> Result<Server> {
+        Server::pgcast_at(bin, db, secret, log, "127.0.0.1:0")
+    }
+
+    /// Starts `pgcast serve` listening on `listen` (a loopback address; the reconnect storm
+    /// restarts it on the port its clients know).
+    pub(crate) fn pgcast_at(
+        bin: &Path,
+        db: &Database,
+        secret: &str,
+        log: PathBuf,
+        listen: &str,
+    ) -> Result<Server> {
         let mut child = Command::new(bin)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", listen])
             .env("DATABASE_URL", &db.url)
             .env("PGCAST_JWT_SECRET", secret)
             // Every bench client comes from 127.0.0.1: the per-address edge limits, made for
@@ -295,6 +307,15 @@ impl Server {
             pid,
             target: parse_ws_url(&url)?,
         })
+    }
+
+    /// SIGKILL now (a crash: no close frames, no goodbye), and reaps the process.
+    pub(crate) fn kill(mut self) -> Result<()> {
+        self.child
+            .kill()
+            .with_context(|| format!("SIGKILL pid {}", self.pid))?;
+        self.child.wait().context("reap the killed server")?;
+        Ok(())
     }
 
     /// SIGTERM, then SIGKILL after 12 s.

@@ -30,6 +30,7 @@ mod load;
 mod report;
 mod scenarios;
 mod stats;
+mod storm;
 mod ws;
 
 use std::process::ExitCode;
@@ -244,7 +245,7 @@ async fn scenarios(ctx: &mut Ctx, results: &mut Results, out: &std::path::Path) 
     ) -> std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<report::Section>> + Send + 'a>,
     >;
-    let all: [(Scenario, &str, Run); 7] = [
+    let all: [(Scenario, &str, Run); 8] = [
         (Scenario::Latency, "latency", |c| {
             Box::pin(scenarios::latency(c))
         }),
@@ -265,6 +266,10 @@ async fn scenarios(ctx: &mut Ctx, results: &mut Results, out: &std::path::Path) 
         }),
         (Scenario::Raw, "other servers", |c| {
             Box::pin(scenarios::raw(c))
+        }),
+        // Last: it kills the pgcast the others use (and leaves a restarted one).
+        (Scenario::Storm, "reconnect storm", |c| {
+            Box::pin(storm::storm(c))
         }),
     ];
     let mut failed = Vec::new();
