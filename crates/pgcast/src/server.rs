@@ -334,11 +334,26 @@ async fn serve_inner(
     Ok(())
 }
 
-/// Binds `addr`, with an error that names it.
+/// Connections the kernel may hold for `accept` (it caps this at `net.core.somaxconn`). After
+/// a restart, thousands of clients reconnect within a second; with tokio's default of 1,024 the
+/// excess SYNs are dropped and those clients wait for their 1 s retransmission.
+const LISTEN_BACKLOG: u32 = 8192;
+
+/// Binds `addr` with a deep accept backlog, with an error that names it.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, PgcastError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| PgcastError::Listen { addr, source })
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As `TcpListener::bind` does: a restarted process rebinds while old connections of
+        // its predecessor are in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| PgcastError::Listen { addr, source })
 }
 
 fn routes(app: App) -> Router {
