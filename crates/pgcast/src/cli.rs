@@ -15,11 +15,12 @@ use pgcast_events::{Position, Role, Topic};
 use uuid::Uuid;
 
 use crate::config::{
-    format_bytes, format_duration, parse_claim, parse_duration, parse_frame_bytes,
+    format_bytes, format_duration, parse_claim, parse_duration, parse_frame_bytes, parse_origin,
     parse_outbound_bytes, parse_rate, parse_role, parse_tail_topic, parse_timeout, parse_ttl,
     DatabaseUrl, Secret,
 };
 use crate::{EdgeLimits, Limits};
+use pgcast_gateway::GatewayConfig;
 
 /// pgcast: PostgreSQL changes of session_assignments, delivered as typed events to WebSocket
 /// clients, with nothing lost.
@@ -51,7 +52,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// The subcommands.
+/// The subcommands. Parsed once per process, so `serve`'s many flags making one variant large
+/// costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the listener and the WebSocket gateway against a database.
@@ -263,6 +266,73 @@ pub struct LimitArgs {
         value_parser = clap::value_parser!(u32).range(1..=256)
     )]
     pub max_concurrent_reads: u32,
+    /// Browser origins allowed to open a WebSocket, comma-separated (e.g.
+    /// `https://app.example,https://admin.example`); others get 403. Empty: any origin (a
+    /// token is still required). Clients that send no `Origin` (not browsers) are let through.
+    #[arg(
+        long = "allowed-origins",
+        env = "PGCAST_ALLOWED_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ',',
+        value_parser = parse_origin
+    )]
+    pub allowed_origins: Vec<String>,
+    /// Open WebSocket connections per process; further upgrades get 503. 1 to 1,000,000.
+    #[arg(
+        long = "max-connections",
+        env = "PGCAST_MAX_CONNECTIONS",
+        default_value = "20000",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000)
+    )]
+    pub max_connections: u32,
+    /// Subscriptions per connection; more are refused with `too_many_subscriptions`. 1 to 1024.
+    #[arg(
+        long = "max-subscriptions",
+        env = "PGCAST_MAX_SUBSCRIPTIONS",
+        default_value = "32",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..=1024)
+    )]
+    pub max_subscriptions: u32,
+    /// Client frames per second per connection on average (bursts of twice that); more are
+    /// answered with `rate_limited` and ignored. 1 to 10,000.
+    #[arg(
+        long = "client-frames-per-second",
+        env = "PGCAST_CLIENT_FRAMES_PER_SECOND",
+        default_value = "50",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..=10_000)
+    )]
+    pub client_frames_per_second: u32,
+    /// Time a new WebSocket has to send its `auth` frame. At most 1h.
+    #[arg(
+        long = "auth-timeout",
+        env = "PGCAST_AUTH_TIMEOUT",
+        default_value = "10s",
+        value_name = "DURATION",
+        value_parser = parse_timeout
+    )]
+    pub auth_timeout: Duration,
+    /// The server pings every interval; a peer silent for two intervals is closed. Keep it
+    /// below half the idle timeout of any proxy in front. At most 1h.
+    #[arg(
+        long = "heartbeat-interval",
+        env = "PGCAST_HEARTBEAT_INTERVAL",
+        default_value = "20s",
+        value_name = "DURATION",
+        value_parser = parse_timeout
+    )]
+    pub heartbeat_interval: Duration,
+    /// Most rows one snapshot may hold; a larger one fails with `unavailable`. 1 to 1,000,000.
+    #[arg(
+        long = "snapshot-limit",
+        env = "PGCAST_SNAPSHOT_LIMIT",
+        default_value = "10000",
+        value_name = "ROWS",
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000)
+    )]
+    pub snapshot_limit: u32,
 }
 
 impl LimitArgs {
@@ -275,6 +345,27 @@ impl LimitArgs {
                 self.max_unauthenticated_per_ip, self.max_unauthenticated
             ));
         }
+        if self.max_unauthenticated > self.max_connections {
+            return Err(format!(
+                "--max-unauthenticated ({}) must not exceed --max-connections ({})",
+                self.max_unauthenticated, self.max_connections
+            ));
+        }
+        let mut gateway = GatewayConfig::new(Vec::new());
+        gateway.max_unauthenticated = self.max_unauthenticated as usize;
+        gateway.max_unauthenticated_per_ip = self.max_unauthenticated_per_ip as usize;
+        gateway.max_frame_bytes = self.max_frame_bytes;
+        gateway.frame_timeout = self.frame_timeout;
+        gateway.outbound_bytes = self.outbound_bytes;
+        gateway.replay_window = self.replay_window as usize;
+        gateway.max_concurrent_reads = self.max_concurrent_reads as usize;
+        gateway.allowed_origins = self.allowed_origins.clone();
+        gateway.max_connections = self.max_connections as usize;
+        gateway.max_subscriptions = self.max_subscriptions as usize;
+        gateway.client_frames_per_second = self.client_frames_per_second;
+        gateway.auth_timeout = self.auth_timeout;
+        gateway.heartbeat_interval = self.heartbeat_interval;
+        gateway.snapshot_limit = self.snapshot_limit as usize;
         Ok(Limits {
             edge: EdgeLimits {
                 header_timeout: self.header_timeout,
@@ -282,13 +373,7 @@ impl LimitArgs {
                 connection_rate_per_ip: self.connection_rate_per_ip,
                 connection_burst_per_ip: self.connection_burst_per_ip,
             },
-            max_unauthenticated: self.max_unauthenticated as usize,
-            max_unauthenticated_per_ip: self.max_unauthenticated_per_ip as usize,
-            max_frame_bytes: self.max_frame_bytes,
-            frame_timeout: self.frame_timeout,
-            outbound_bytes: self.outbound_bytes,
-            replay_window: self.replay_window as usize,
-            max_concurrent_reads: self.max_concurrent_reads as usize,
+            gateway,
         })
     }
 }
@@ -307,7 +392,8 @@ impl fmt::Display for LimitArgs {
             "header_timeout={} max_connections_per_ip={} connection_rate_per_ip={} \
              connection_burst_per_ip={} max_unauthenticated={} max_unauthenticated_per_ip={} \
              max_frame_bytes={} frame_timeout={} outbound_bytes={} replay_window={} \
-             max_concurrent_reads={}",
+             max_concurrent_reads={} allowed_origins={} max_connections={} max_subscriptions={} \
+             client_frames_per_second={} auth_timeout={} heartbeat_interval={} snapshot_limit={}",
             format_duration(self.header_timeout),
             or_off(self.max_connections_per_ip),
             or_off(self.connection_rate_per_ip),
@@ -319,6 +405,17 @@ impl fmt::Display for LimitArgs {
             format_bytes(self.outbound_bytes),
             self.replay_window,
             self.max_concurrent_reads,
+            if self.allowed_origins.is_empty() {
+                "any".to_owned()
+            } else {
+                self.allowed_origins.join(",")
+            },
+            self.max_connections,
+            self.max_subscriptions,
+            self.client_frames_per_second,
+            format_duration(self.auth_timeout),
+            format_duration(self.heartbeat_interval),
+            self.snapshot_limit,
         )
     }
 }
@@ -617,7 +714,11 @@ mod tests {
             }
         };
         let serve = parse(&[]);
-        assert_eq!(serve.limits.limits(), Ok(Limits::default()));
+        // The flags' defaults are the library's defaults.
+        assert_eq!(
+            format!("{:?}", serve.limits.limits()),
+            format!("{:?}", Ok::<_, String>(Limits::default()))
+        );
         let shown = serve.to_string();
         assert!(
             shown.contains(

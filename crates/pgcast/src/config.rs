@@ -188,6 +188,27 @@ pub(crate) fn parse_frame_bytes(text: &str) -> Result<usize, String> {
         })
 }
 
+/// A browser origin as browsers send it in `Origin`: `scheme://host[:port]`, http or https,
+/// no path, no trailing slash.
+pub(crate) fn parse_origin(text: &str) -> Result<String, String> {
+    const EXPECTED: &str =
+        "expected an origin such as https://app.example or http://localhost:3000 \
+         (scheme, host and port only)";
+    let t = text.trim();
+    let rest = t
+        .strip_prefix("https://")
+        .or_else(|| t.strip_prefix("http://"))
+        .ok_or_else(|| EXPECTED.to_owned())?;
+    let valid = !rest.is_empty()
+        && rest
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+    if !valid {
+        return Err(EXPECTED.to_owned());
+    }
+    Ok(t.to_ascii_lowercase())
+}
+
 /// Smallest outgoing budget: a few of the largest event frames.
 pub(crate) const MIN_OUTBOUND_BYTES: usize = 64 << 10;
 /// Largest outgoing budget per connection.
@@ -357,6 +378,28 @@ mod tests {
         );
         for bad in ["", " pgcast", "pgcast ", "a\nb"] {
             assert!(parse_claim(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn origins_are_scheme_host_and_port() {
+        assert_eq!(
+            parse_origin("https://App.example"),
+            Ok("https://app.example".to_owned())
+        );
+        assert!(parse_origin("http://localhost:3000").is_ok());
+        assert!(parse_origin("http://[::1]:8080").is_ok());
+        for bad in [
+            "",
+            "app.example",
+            "https://",
+            "https://app.example/",
+            "https://app.example/path",
+            "ftp://app.example",
+            "https://a b",
+            "*",
+        ] {
+            assert!(parse_origin(bad).is_err(), "{bad:?}");
         }
     }
 

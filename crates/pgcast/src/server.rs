@@ -125,51 +125,20 @@ pub(crate) struct Extras {
 
 /// The limits `serve` applies at its edge (accept, HTTP) and in the gateway; [`Default`] holds
 /// the defaults of the flags that set them.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Accept and HTTP limits.
     pub edge: EdgeLimits,
-    /// [`GatewayConfig::max_unauthenticated`].
-    pub max_unauthenticated: usize,
-    /// [`GatewayConfig::max_unauthenticated_per_ip`].
-    pub max_unauthenticated_per_ip: usize,
-    /// [`GatewayConfig::max_frame_bytes`].
-    pub max_frame_bytes: usize,
-    /// [`GatewayConfig::frame_timeout`].
-    pub frame_timeout: Duration,
-    /// [`GatewayConfig::outbound_bytes`].
-    pub outbound_bytes: usize,
-    /// [`GatewayConfig::replay_window`].
-    pub replay_window: usize,
-    /// [`GatewayConfig::max_concurrent_reads`], also the size of the gateway's pool.
-    pub max_concurrent_reads: usize,
+    /// The gateway's settings; its JWT fields are ignored (they come from [`ServeOptions`]).
+    pub gateway: GatewayConfig,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        let gateway = GatewayConfig::new(Vec::new());
         Limits {
             edge: EdgeLimits::default(),
-            max_unauthenticated: gateway.max_unauthenticated,
-            max_unauthenticated_per_ip: gateway.max_unauthenticated_per_ip,
-            max_frame_bytes: gateway.max_frame_bytes,
-            frame_timeout: gateway.frame_timeout,
-            outbound_bytes: gateway.outbound_bytes,
-            replay_window: gateway.replay_window,
-            max_concurrent_reads: gateway.max_concurrent_reads,
+            gateway: GatewayConfig::new(Vec::new()),
         }
-    }
-}
-
-impl Limits {
-    fn apply(&self, config: &mut GatewayConfig) {
-        config.max_unauthenticated = self.max_unauthenticated;
-        config.max_unauthenticated_per_ip = self.max_unauthenticated_per_ip;
-        config.max_frame_bytes = self.max_frame_bytes;
-        config.frame_timeout = self.frame_timeout;
-        config.outbound_bytes = self.outbound_bytes;
-        config.replay_window = self.replay_window;
-        config.max_concurrent_reads = self.max_concurrent_reads;
     }
 }
 
@@ -210,10 +179,10 @@ async fn serve_inner(
     extras: Option<Extras>,
     shutdown: CancellationToken,
 ) -> Result<(), PgcastError> {
-    let mut gateway_config = GatewayConfig::new(options.jwt_secret.clone());
+    let mut gateway_config = limits.gateway.clone();
+    gateway_config.jwt_secret = options.jwt_secret.clone();
     gateway_config.jwt_issuer = options.jwt_issuer.clone();
     gateway_config.jwt_audience = options.jwt_audience.clone();
-    limits.apply(&mut gateway_config);
     // Refuse a weak secret before touching the database; `Gateway::new` checks it again.
     TokenVerifier::from_config(&gateway_config).map_err(PgcastError::Gateway)?;
     let pool = crate::db::pool(&options.pg, MAINTENANCE_POOL_SIZE)?;
@@ -313,7 +282,7 @@ async fn serve_inner(
         tcp,
         router,
         admission,
-        limits.frame_timeout,
+        limits.gateway.frame_timeout,
         shutdown.clone(),
     ));
     tracing::info!("pgcast ready on http://{addr} (WebSocket ws://{addr}/ws)");

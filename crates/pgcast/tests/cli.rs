@@ -114,7 +114,9 @@ async fn printed_configuration_hides_the_secret_and_the_password() {
              jwt_secret=<redacted> retention=1day migrate=false header_timeout=10s max_connections_per_ip=1000 connection_rate_per_ip=20 \
              connection_burst_per_ip=100 max_unauthenticated=5000 max_unauthenticated_per_ip=250 \
              max_frame_bytes=64KiB frame_timeout=10s outbound_bytes=16MiB replay_window=10000 \
-             max_concurrent_reads=8\n"
+             max_concurrent_reads=8 allowed_origins=any max_connections=20000 \
+             max_subscriptions=32 client_frames_per_second=50 auth_timeout=10s \
+             heartbeat_interval=20s snapshot_limit=10000\n"
         ),
         "{}",
         out.stderr
@@ -434,10 +436,50 @@ async fn serve_shows_issuer_and_audience_in_its_summary() {
              retention=1day migrate=false header_timeout=10s max_connections_per_ip=1000 connection_rate_per_ip=20 \
              connection_burst_per_ip=100 max_unauthenticated=5000 max_unauthenticated_per_ip=250 \
              max_frame_bytes=64KiB frame_timeout=10s outbound_bytes=16MiB replay_window=10000 \
-             max_concurrent_reads=8\n"
+             max_concurrent_reads=8 allowed_origins=any max_connections=20000 \
+             max_subscriptions=32 client_frames_per_second=50 auth_timeout=10s \
+             heartbeat_interval=20s snapshot_limit=10000\n"
         ),
         "{}",
         out.stderr
     );
     assert_no_secrets(&out);
+}
+
+/// Every flag of `serve` is in its `--help` with its environment variable, and in the README's
+/// configuration table.
+#[tokio::test]
+async fn every_serve_flag_is_in_help_and_the_readme() {
+    const README: &str = include_str!("../../../README.md");
+    let out = run(pgcast(["serve", "--help"])).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let flags: Vec<&str> = out
+        .stdout
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches([',', '.', ')']))
+        .filter(|w| !matches!(*w, "--help" | "--version"))
+        .collect();
+    assert!(flags.len() > 20, "{}", out.stdout);
+    for flag in flags {
+        assert!(
+            README.contains(&format!("`{flag}")),
+            "{flag} is not in the README's configuration table"
+        );
+    }
+    for env in [
+        "PGCAST_OUTBOUND_BYTES",
+        "PGCAST_REPLAY_WINDOW",
+        "PGCAST_MAX_CONCURRENT_READS",
+        "PGCAST_ALLOWED_ORIGINS",
+        "PGCAST_MAX_CONNECTIONS",
+        "PGCAST_MAX_SUBSCRIPTIONS",
+        "PGCAST_CLIENT_FRAMES_PER_SECOND",
+        "PGCAST_AUTH_TIMEOUT",
+        "PGCAST_HEARTBEAT_INTERVAL",
+        "PGCAST_SNAPSHOT_LIMIT",
+    ] {
+        assert!(out.stdout.contains(env), "{env} missing from --help");
+        assert!(README.contains(env), "{env} missing from the README");
+    }
 }

@@ -438,6 +438,13 @@ async fn bad_limit_values_are_one_line_and_exit_2() {
         ("--outbound-bytes", "16MB"),
         ("--replay-window", "2000000"),
         ("--max-concurrent-reads", "0"),
+        ("--allowed-origins", "https://app.example/path"),
+        ("--max-connections", "0"),
+        ("--max-subscriptions", "5000"),
+        ("--client-frames-per-second", "0"),
+        ("--auth-timeout", "0s"),
+        ("--heartbeat-interval", "2h"),
+        ("--snapshot-limit", "none"),
     ] {
         let out = run(pgcast([
             "serve",
@@ -487,4 +494,75 @@ async fn bad_limit_values_are_one_line_and_exit_2() {
     let out = run(cmd).await;
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("--header-timeout"), "{}", out.stderr);
+}
+
+/// The gateway's knobs set on the command line reach the gateway: origins, connection and
+/// subscription caps, the frame rate.
+#[tokio::test]
+async fn gateway_flags_take_effect() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let (db, _admin) = migrated_db().await;
+    let server = Server::serve(
+        db.url(),
+        &[
+            "--allowed-origins",
+            "https://app.example,http://localhost:3000",
+            "--max-connections",
+            "2",
+            "--max-unauthenticated",
+            "2",
+            "--max-unauthenticated-per-ip",
+            "1",
+            "--max-subscriptions",
+            "1",
+            "--client-frames-per-second",
+            "1",
+        ],
+    )
+    .await;
+    let url = format!("ws://{}/ws", server.addr);
+    let with_origin = |origin: &str| {
+        let mut request = url.as_str().into_client_request().expect("request");
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().expect("header value"));
+        request
+    };
+    // A listed origin is let in, another one gets 403.
+    match tokio_tungstenite::connect_async(with_origin("https://evil.example")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => panic!(
+            "expected 403 for another origin, got {:?}",
+            other.map(|_| ())
+        ),
+    }
+    let (listed, _) = tokio_tungstenite::connect_async(with_origin("http://localhost:3000"))
+        .await
+        .expect("a listed origin connects");
+    drop(listed);
+    // One subscription per connection; the frame rate (burst of 2) answers the third frame
+    // with rate_limited.
+    let mut ws = server
+        .client(&token(SECRET.as_bytes(), Role::Service))
+        .await;
+    ws.send(json!({"type": "subscribe", "id": "a", "topic": "assignments"}))
+        .await;
+    assert_eq!(ws.recv().await["type"], "subscribed");
+    ws.send(json!({"type": "subscribe", "id": "b", "topic": "mechanic:00000000-0000-0000-0000-000000000001"}))
+        .await;
+    let refused = ws.recv().await;
+    assert_eq!(refused["code"], "too_many_subscriptions", "{refused}");
+    ws.send(json!({"type": "ping", "id": "p"})).await;
+    let limited = ws.recv().await;
+    assert_eq!(limited["code"], "rate_limited", "{limited}");
+    // Two connections per process: with this one open and another, a third gets 503.
+    let _second = server
+        .client(&token(SECRET.as_bytes(), Role::Service))
+        .await;
+    match Ws::open(server.addr).await {
+        Err(e) => assert!(e.contains("503"), "{e}"),
+        Ok(_) => panic!("a third connection was accepted over --max-connections 2"),
+    }
 }
