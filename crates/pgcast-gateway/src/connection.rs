@@ -141,6 +141,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         principal: None,
         expires_at: 0,
         last_heard: Instant::now(),
+        last_written: Instant::now(),
         tokens: 0.0,
         tokens_at: Instant::now(),
     };
@@ -193,7 +194,11 @@ struct Connection {
     /// `exp` of the current token (unix seconds). Nothing committed after it is written, and
     /// the connection closes with 4001 at `exp` + leeway unless a new `auth` frame refreshed it.
     expires_at: u64,
+    /// The last client frame (a pong included).
     last_heard: Instant,
+    /// The last time a batch of event frames went into the socket: a peer still taking them
+    /// is alive even when its pong waits behind megabytes of backlog.
+    last_written: Instant,
     /// Token bucket of the client frame rate limit.
     tokens: f64,
     tokens_at: Instant,
@@ -942,6 +947,7 @@ impl Connection {
         };
         let limit = self.shared.config.heartbeat_interval * 2;
         guarded(write, limit, &self.handle.slow, &self.shutdown).await?;
+        self.last_written = Instant::now();
         self.shared.metrics.frames.inc_by(count);
         Ok(())
     }
@@ -1025,8 +1031,12 @@ impl Connection {
         Some((frame, Some(revoked.encode().into())))
     }
 
+    /// Pings the peer; closes the connection when it has neither answered for two intervals
+    /// nor taken any event frames for one. A slow reader working through a backlog reads its
+    /// pong late but keeps taking frames, so it stays; a dead peer stops taking them once the
+    /// kernel's buffers are full, and a write that cannot finish is cut off by `guarded`.
     async fn heartbeat(&mut self, interval: Duration) -> Result<(), End> {
-        if self.last_heard.elapsed() > interval * 2 {
+        if self.last_heard.elapsed() > interval * 2 && self.last_written.elapsed() > interval {
             tracing::debug!("closing a connection whose peer stopped answering pings");
             return Err(End::Gone);
         }
