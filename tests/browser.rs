@@ -56,7 +56,7 @@ async fn database() -> (TestDb, Client, ServeOptions) {
         .await
         .expect("migrate");
     let options = ServeOptions {
-        pg: db.pg_config(),
+        pg: db.pg_config().into(),
         jwt_secret: SECRET.to_vec(),
         jwt_issuer: None,
         jwt_audience: None,

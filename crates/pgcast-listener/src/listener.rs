@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use pgcast_events::{AssignmentEvent, Position};
 use tokio::sync::{mpsc, Notify};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Socket};
 use tokio_util::sync::CancellationToken;
 
 use crate::{Backoff, EventLog, ListenerError};
@@ -149,8 +150,12 @@ struct Cursor {
 /// The LISTEN side: one dedicated connection whose notifications are doorbells, turned into an
 /// ordered, de-duplicated stream of events read from the log. It survives connection loss by
 /// reconnecting and reading the log after its last position.
-pub struct Listener {
+///
+/// `T` makes the TLS connections (tokio-postgres's [`MakeTlsConnect`]); plain TCP by default,
+/// see [`Listener::with_tls`].
+pub struct Listener<T = NoTls> {
     pg: tokio_postgres::Config,
+    tls: T,
     log: EventLog,
     status: Arc<ListenerStatus>,
     backoff: Backoff,
@@ -166,9 +171,28 @@ impl Listener {
         pg.application_name(APPLICATION_NAME);
         Listener {
             pg,
+            tls: NoTls,
             log,
             status: Arc::default(),
             backoff: Backoff::default(),
+        }
+    }
+}
+
+impl<T> Listener<T>
+where
+    T: MakeTlsConnect<Socket> + Clone,
+{
+    /// Makes every connection through `tls`, which applies the configuration's `ssl_mode`
+    /// (tokio-postgres decides whether to ask the server for TLS; the connector decides what
+    /// to verify).
+    pub fn with_tls<U>(self, tls: U) -> Listener<U> {
+        Listener {
+            pg: self.pg,
+            tls,
+            log: self.log,
+            status: self.status,
+            backoff: self.backoff,
         }
     }
 
@@ -237,7 +261,7 @@ impl Listener {
         shutdown: &CancellationToken,
     ) -> Result<End, ListenerError> {
         let (client, mut connection) = tokio::select! {
-            r = self.pg.connect(NoTls) => r?,
+            r = self.pg.connect(self.tls.clone()) => r?,
             () = shutdown.cancelled() => return Ok(End::Shutdown),
         };
         // Doorbells collapse into one stored permit: however many rang while the log was being

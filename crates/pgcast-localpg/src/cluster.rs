@@ -273,6 +273,35 @@ impl LocalPg {
         self.data_dir.join(LOG_FILE)
     }
 
+    /// Writes `contents` to the file `name` in the data directory, owned by the user the server
+    /// runs as and readable by it only (mode 0600): what PostgreSQL demands of a server key,
+    /// and fine for certificates or a replacement `pg_hba.conf`. Settings name such files
+    /// relative to the data directory, e.g. `ssl_key_file = 'server.key'`. Takes effect on the
+    /// next [`start`](Self::start) (or reload).
+    pub fn write_file(&self, name: &str, contents: &[u8]) -> Result<PathBuf, LocalPgError> {
+        let path = self.data_dir.join(name);
+        if name.is_empty() || name.contains('/') {
+            return Err(LocalPgError::Io {
+                action: "write (a plain file name is required)",
+                path,
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            });
+        }
+        let io = |action| {
+            let path = path.clone();
+            move |source| LocalPgError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        fs::write(&path, contents).map_err(io("write"))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+            .map_err(io("set permissions of"))?;
+        self.runner.chown(&path)?;
+        Ok(path)
+    }
+
     /// Whether the binaries run as the `postgres` OS user (because we are root).
     pub fn runs_as_postgres(&self) -> bool {
         self.runner.as_postgres

@@ -3,7 +3,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use pgcast_localpg::{effective_uid, ensure_template, free_port, LocalPg, StopMode};
+use pgcast_localpg::{effective_uid, ensure_template, free_port, LocalPg, Settings, StopMode};
 use tempfile::TempDir;
 
 use crate::watchdog::Watchdog;
@@ -28,6 +28,53 @@ pub struct PgCluster {
     root: TempDir,
 }
 
+/// How a private cluster is set up before its first start, beyond the defaults: more server
+/// settings, and files in its data directory (a server certificate and key, a `pg_hba.conf`).
+///
+/// ```no_run
+/// # fn example(cert: &[u8], key: &[u8]) -> Result<(), pgcast_testkit::TestkitError> {
+/// use pgcast_testkit::{ClusterOptions, PgCluster};
+/// let cluster = PgCluster::start_with(
+///     ClusterOptions::new()
+///         .file("server.crt", cert)
+///         .file("server.key", key)
+///         .setting("ssl", "on")
+///         .setting("ssl_cert_file", "server.crt")
+///         .setting("ssl_key_file", "server.key"),
+/// )?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    settings: Vec<(String, String)>,
+    files: Vec<(String, Vec<u8>)>,
+}
+
+impl ClusterOptions {
+    /// The defaults: what [`PgCluster::start`] uses.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a server setting (`-c name=value`), applied after the test kit's own. A relative
+    /// file name is relative to the data directory.
+    pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings.push((name.into(), value.into()));
+        self
+    }
+
+    /// Writes a file into the data directory before the first start, readable by the server
+    /// only (as PostgreSQL demands of a key). `pg_hba.conf` replaces the template's, which
+    /// trusts every connection from the machine; the test kit's own connections
+    /// ([`create_database`](PgCluster::create_database), [`TestDb::connect`](crate::TestDb))
+    /// are plain TCP to 127.0.0.1 and need a `host` (not `hostssl`) rule.
+    pub fn file(mut self, name: impl Into<String>, contents: impl Into<Vec<u8>>) -> Self {
+        self.files.push((name.into(), contents.into()));
+        self
+    }
+}
+
 impl PgCluster {
     /// Creates and starts a private cluster.
     ///
@@ -35,6 +82,11 @@ impl PgCluster {
     /// [`pgcast_localpg::ensure_template`]), so this takes well under a second. Fails with
     /// [`TestkitError::is_binaries_not_found`] when PostgreSQL is not installed.
     pub fn start() -> Result<PgCluster, TestkitError> {
+        Self::start_with(ClusterOptions::default())
+    }
+
+    /// [`start`](Self::start) with more settings and files (e.g. TLS).
+    pub fn start_with(options: ClusterOptions) -> Result<PgCluster, TestkitError> {
         let template = ensure_template(&cache_dir())?;
         let root = tempfile::Builder::new()
             .prefix("pgcast-test-")
@@ -50,7 +102,15 @@ impl PgCluster {
                 source,
             }
         })?;
-        let mut pg = LocalPg::init_from_template(&template, &root.path().join("data"), 0)?;
+        let mut settings = Settings::throwaway();
+        for (name, value) in options.settings {
+            settings = settings.with(name, value);
+        }
+        let mut pg = LocalPg::init_from_template(&template, &root.path().join("data"), 0)?
+            .with_settings(settings);
+        for (name, contents) in &options.files {
+            pg.write_file(name, contents)?;
+        }
         // Armed before the first start, so that a server is never running unwatched.
         let watchdog = Watchdog::spawn(root.path(), &pg.stop_command(StopMode::Immediate))?;
         let mut attempt = 1;

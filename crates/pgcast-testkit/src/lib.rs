@@ -28,6 +28,6 @@ mod database;
 mod error;
 mod watchdog;
 
-pub use cluster::PgCluster;
+pub use cluster::{ClusterOptions, PgCluster};
 pub use database::TestDb;
 pub use error::TestkitError;

@@ -19,7 +19,7 @@ use crate::config::{
     parse_outbound_bytes, parse_rate, parse_role, parse_tail_topic, parse_timeout, parse_ttl,
     DatabaseUrl, Secret,
 };
-use crate::{EdgeLimits, Limits};
+use crate::{Database, EdgeLimits, Limits};
 use pgcast_gateway::GatewayConfig;
 
 /// pgcast: PostgreSQL changes of session_assignments, delivered as typed events to WebSocket
@@ -76,7 +76,9 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// PostgreSQL connection string, URL (postgres://user:password@host:port/db) or key=value
-    /// form. Required. TLS is not supported.
+    /// form. Required. TLS as libpq's sslmode says (disable, prefer: the default, require,
+    /// verify-ca, verify-full) with sslrootcert (a PEM file of CA certificates, or system);
+    /// PGSSLMODE and PGSSLROOTCERT apply where the string sets neither.
     #[arg(
         long = "database-url",
         env = "DATABASE_URL",
@@ -85,6 +87,37 @@ pub struct DatabaseArgs {
         value_parser = DatabaseUrl::parse
     )]
     pub database_url: DatabaseUrl,
+    /// Connection string for the connections that need a session of their own: the LISTEN
+    /// connection, and migrations (they hold a session lock). Set it when --database-url goes
+    /// through a transaction pooler (e.g. PgBouncer in transaction mode), where LISTEN hears
+    /// nothing: point it at PostgreSQL itself or at a session-mode pool. Default:
+    /// --database-url.
+    #[arg(
+        long = "listen-database-url",
+        env = "PGCAST_LISTEN_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL",
+        value_parser = DatabaseUrl::parse
+    )]
+    pub listen_database_url: Option<DatabaseUrl>,
+}
+
+impl DatabaseArgs {
+    /// Where the connections go.
+    pub fn database(&self) -> Database {
+        Database::new(self.database_url.clone()).with_listen_url(self.listen_database_url.clone())
+    }
+}
+
+/// `postgres://…[ listen_database=postgres://…]`, passwords redacted.
+impl fmt::Display for DatabaseArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.database_url)?;
+        if let Some(listen) = &self.listen_database_url {
+            write!(f, " listen_database={listen}")?;
+        }
+        Ok(())
+    }
 }
 
 /// The JWT signing secret.
@@ -543,7 +576,7 @@ impl fmt::Display for ServeArgs {
         write!(
             f,
             "serve listen={} database={} jwt_secret={}",
-            self.listen, self.database.database_url, self.secret.jwt_secret,
+            self.listen, self.database, self.secret.jwt_secret,
         )?;
         write_claims(f, self.jwt_issuer.as_deref(), self.jwt_audience.as_deref())?;
         write!(
@@ -579,20 +612,20 @@ impl fmt::Display for MigrateArgs {
         write!(
             f,
             "migrate database={} realtime_only={}",
-            self.database.database_url, self.realtime_only
+            self.database, self.realtime_only
         )
     }
 }
 
 impl fmt::Display for DoctorArgs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "doctor database={}", self.database.database_url)
+        write!(f, "doctor database={}", self.database)
     }
 }
 
 impl fmt::Display for TailArgs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "tail database={}", self.database.database_url)?;
+        write!(f, "tail database={}", self.database)?;
         match self.since {
             Some(p) => write!(f, " since={p}")?,
             None => f.write_str(" since=live")?,
@@ -633,7 +666,7 @@ impl fmt::Display for Command {
 
 /// Flags whose values must never be printed, not even when they are refused: a secret that is
 /// too short, or a connection string with a password and a typo, is still someone's secret.
-const HIDDEN_VALUES: [&str; 2] = ["--jwt-secret", "--database-url"];
+const HIDDEN_VALUES: [&str; 3] = ["--jwt-secret", "--database-url", "--listen-database-url"];
 
 /// Renders a clap error as one line (`error: … for '--retention <DURATION>': …`), without the
 /// usage block and the "try --help" hint that clap appends. A refused value of

@@ -10,7 +10,7 @@ use pgcast_listener::{installed_version, MigrationScope};
 use crate::cli::{
     Cli, Command, DemoArgs, DoctorArgs, LogFormat, MigrateArgs, ServeArgs, TailArgs, TokenArgs,
 };
-use crate::{cancel_on_signal, connect, diagnose, mint, principal, tail, TailOptions};
+use crate::{cancel_on_signal, connect, mint, principal, tail, TailOptions};
 
 /// Exit status of `doctor` when a check failed, and of any command that failed.
 const FAILURE: u8 = 1;
@@ -52,7 +52,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let shutdown = cancel_on_signal().context("could not install signal handlers")?;
     let tcp = crate::bind(args.listen).await?;
     let options = crate::ServeOptions {
-        pg: args.database.database_url.pg_config().clone(),
+        pg: args.database.database(),
         jwt_secret: args.secret.jwt_secret.expose().to_vec(),
         jwt_issuer: args.jwt_issuer,
         jwt_audience: args.jwt_audience,
@@ -77,7 +77,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&args.database.database_url, "pgcast-migrate").await?;
+    // Migrations hold a session lock: through the listen URL, never a transaction pooler.
+    let mut client = connect(args.database.database().listen_url(), "pgcast-migrate").await?;
     let scope = if args.realtime_only {
         MigrationScope::RealtimeOnly
     } else {
@@ -95,8 +96,7 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn doctor(args: DoctorArgs) -> anyhow::Result<ExitCode> {
-    let client = connect(&args.database.database_url, "pgcast-doctor").await?;
-    let report = diagnose(&client).await?;
+    let report = crate::doctor(&args.database.database()).await?;
     print_out(&report.to_string())?;
     Ok(if report.is_healthy() {
         ExitCode::SUCCESS
@@ -112,13 +112,7 @@ async fn tail_command(args: TailArgs) -> anyhow::Result<ExitCode> {
         topic: args.topic,
     };
     let mut out = tokio::io::stdout();
-    tail(
-        args.database.database_url.pg_config(),
-        options,
-        &mut out,
-        shutdown,
-    )
-    .await?;
+    tail(&args.database.database(), options, &mut out, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 

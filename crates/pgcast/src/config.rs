@@ -5,25 +5,44 @@
 //! binds, with one line naming the flag.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pgcast_events::{Role, Topic};
 use pgcast_gateway::MIN_SECRET_BYTES;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use rustls::RootCertStore;
 use tokio_postgres::config::Host;
 
-/// A PostgreSQL connection string (URL or `key=value` form), validated when parsed.
+/// A PostgreSQL connection string (URL or `key=value` form), validated when parsed, with
+/// libpq's TLS settings (`sslmode`, `sslrootcert`) taken out of it.
 ///
-/// `Display` and `Debug` never show the password: they render user, hosts, ports and database
-/// from the parsed settings, so whatever the original string held cannot leak through them.
+/// `Display` and `Debug` never show the password: they render user, hosts, ports, database
+/// and TLS settings from the parsed values, so whatever the original string held cannot leak
+/// through them.
 #[derive(Clone)]
 pub struct DatabaseUrl {
     config: tokio_postgres::Config,
+    tls: TlsOptions,
 }
 
 impl DatabaseUrl {
-    /// Parses and validates a connection string.
+    /// Parses and validates a connection string. Where it sets no `sslmode` or `sslrootcert`,
+    /// `PGSSLMODE` and `PGSSLROOTCERT` apply, as with libpq. A root certificate file is read
+    /// here, so a missing or empty one is a bad value rather than a failed connection.
     pub fn parse(text: &str) -> Result<DatabaseUrl, String> {
-        let config: tokio_postgres::Config = text
+        Self::parse_with_env(text, |name| std::env::var(name).ok())
+    }
+
+    /// [`parse`](Self::parse) with the environment given as a lookup (tests pass their own).
+    fn parse_with_env(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<DatabaseUrl, String> {
+        let (rest, ssl) = take_ssl_params(text)?;
+        let mut config: tokio_postgres::Config = rest
             .parse()
             .map_err(|e| format!("not a PostgreSQL connection string ({e})"))?;
         if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
@@ -36,12 +55,78 @@ impl DatabaseUrl {
         {
             return Err("the connection string has an empty host name".to_owned());
         }
-        Ok(DatabaseUrl { config })
+        let mode = ssl
+            .mode
+            .or_else(|| env("PGSSLMODE").filter(|m| !m.is_empty()));
+        let root = ssl
+            .root_cert
+            .or_else(|| env("PGSSLROOTCERT").filter(|r| !r.is_empty()));
+        let tls = TlsOptions::resolve(mode.as_deref(), root.as_deref(), env("HOME").as_deref())?;
+        let tcp_names = config.get_hosts().iter().any(|h| matches!(h, Host::Tcp(_)));
+        // `hostaddr` alone is TCP too; only Unix socket hosts are not.
+        let over_tcp = tcp_names || config.get_hosts().is_empty();
+        if tls.mode >= SslMode::Require && over_tcp && !tcp_names {
+            // tokio-postgres verifies (and sends SNI for) the `host` name; with `hostaddr`
+            // alone it has none, and every TLS handshake would fail.
+            return Err(format!(
+                "sslmode={} needs a host name (host=…) for TLS; hostaddr alone is not enough",
+                tls.mode
+            ));
+        }
+        config.ssl_mode(tls.mode.tokio_postgres(over_tcp));
+        Ok(DatabaseUrl { config, tls })
     }
 
-    /// The connection settings.
+    /// The connection settings (`ssl_mode` set from `sslmode`; the rest of TLS is in
+    /// [`DatabaseUrl::tls`]).
     pub fn pg_config(&self) -> &tokio_postgres::Config {
         &self.config
+    }
+
+    /// The TLS settings.
+    pub(crate) fn tls(&self) -> &TlsOptions {
+        &self.tls
+    }
+
+    /// The host names, comma-separated, as error messages name them.
+    pub(crate) fn hosts(&self) -> String {
+        let names: Vec<String> = if self.config.get_hosts().is_empty() {
+            self.config
+                .get_hostaddrs()
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        } else {
+            self.config
+                .get_hosts()
+                .iter()
+                .map(|host| match host {
+                    Host::Tcp(name) => name.clone(),
+                    Host::Unix(path) => path.display().to_string(),
+                })
+                .collect()
+        };
+        names.join(",")
+    }
+}
+
+/// A configuration built in code (tests, the demo's own local PostgreSQL): TLS as
+/// tokio-postgres's `ssl_mode` says (`disable`, `prefer` or `require`), no root certificates,
+/// so nothing is verified.
+impl From<tokio_postgres::Config> for DatabaseUrl {
+    fn from(config: tokio_postgres::Config) -> Self {
+        let mode = match config.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => SslMode::Disable,
+            tokio_postgres::config::SslMode::Prefer => SslMode::Prefer,
+            _ => SslMode::Require,
+        };
+        DatabaseUrl {
+            config,
+            tls: TlsOptions {
+                mode,
+                roots: RootCerts::None,
+            },
+        }
     }
 }
 
@@ -82,6 +167,22 @@ impl fmt::Display for DatabaseUrl {
         if let Some(db) = c.get_dbname() {
             write!(f, "/{db}")?;
         }
+        // libpq's default (`prefer`, no root certificate) is left out, so a plain URL reads as
+        // it was written.
+        let mut sep = '?';
+        if self.tls.mode != SslMode::Prefer {
+            write!(f, "{sep}sslmode={}", self.tls.mode)?;
+            sep = '&';
+        }
+        if self.tls.mode != SslMode::Disable {
+            match &self.tls.roots {
+                RootCerts::None => {}
+                RootCerts::File { path, .. } => {
+                    write!(f, "{sep}sslrootcert={}", path.display())?;
+                }
+                RootCerts::System => write!(f, "{sep}sslrootcert=system")?,
+            }
+        }
         Ok(())
     }
 }
@@ -90,6 +191,306 @@ impl fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DatabaseUrl({self})")
     }
+}
+
+/// libpq's `sslmode`: whether a connection is encrypted, and what of the server's certificate
+/// is verified. Ordered from weakest to strongest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server offers it, plain when it does not (libpq's default). The
+    /// certificate is verified only against a root certificate file, when there is one.
+    Prefer,
+    /// TLS or no connection. The certificate is verified only against a root certificate
+    /// file, when there is one (then as [`SslMode::VerifyCa`], as libpq does).
+    Require,
+    /// TLS, and the server's certificate chain must lead to a trusted root certificate.
+    VerifyCa,
+    /// As [`SslMode::VerifyCa`], and the certificate must name the host connected to.
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(text: &str) -> Result<SslMode, String> {
+        match text {
+            "disable" => Ok(SslMode::Disable),
+            "prefer" => Ok(SslMode::Prefer),
+            "require" => Ok(SslMode::Require),
+            "verify-ca" => Ok(SslMode::VerifyCa),
+            "verify-full" => Ok(SslMode::VerifyFull),
+            "allow" => Err("sslmode=allow is not supported; use prefer (or disable)".to_owned()),
+            other => Err(format!(
+                "invalid sslmode {other:?}: expected disable, prefer, require, verify-ca or \
+                 verify-full"
+            )),
+        }
+    }
+
+    /// What tokio-postgres is told: it knows only whether to attempt TLS and whether it is
+    /// required; verification is the connector's business. libpq ignores `sslmode` on Unix
+    /// sockets (PostgreSQL offers no TLS there), hence `over_tcp`.
+    fn tokio_postgres(self, over_tcp: bool) -> tokio_postgres::config::SslMode {
+        use tokio_postgres::config::SslMode as Pg;
+        match self {
+            SslMode::Disable => Pg::Disable,
+            _ if !over_tcp => Pg::Disable,
+            SslMode::Prefer => Pg::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => Pg::Require,
+        }
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        })
+    }
+}
+
+/// The certificate authorities that verify the server (libpq's `sslrootcert`).
+#[derive(Clone)]
+pub(crate) enum RootCerts {
+    /// No root certificate: nothing is verified (`prefer` and `require` only).
+    None,
+    /// The certificates of a PEM file, read when the connection string was parsed.
+    File {
+        path: PathBuf,
+        store: Arc<RootCertStore>,
+    },
+    /// The operating system's trust store (`sslrootcert=system`), read when connecting.
+    System,
+}
+
+/// The TLS half of a connection string.
+#[derive(Clone)]
+pub(crate) struct TlsOptions {
+    pub(crate) mode: SslMode,
+    pub(crate) roots: RootCerts,
+}
+
+/// Where libpq looks for root certificates when `sslrootcert` is not set.
+const DEFAULT_ROOT_CERT: &str = ".postgresql/root.crt";
+
+impl TlsOptions {
+    /// libpq's rules: `sslrootcert=system` demands (and defaults to) `verify-full`; without
+    /// `sslrootcert`, `~/.postgresql/root.crt` is used when it exists, and `verify-ca` and
+    /// `verify-full` need it. Unlike libpq, an `sslrootcert` file that was named but does not
+    /// exist is always an error, never a silent downgrade to no verification.
+    fn resolve(
+        mode: Option<&str>,
+        root_cert: Option<&str>,
+        home: Option<&str>,
+    ) -> Result<TlsOptions, String> {
+        let explicit = mode.map(SslMode::parse).transpose()?;
+        if root_cert == Some("system") {
+            let mode = explicit.unwrap_or(SslMode::VerifyFull);
+            if mode != SslMode::VerifyFull {
+                return Err(format!(
+                    "weak sslmode \"{mode}\" may not be used with sslrootcert=system (use \
+                     \"verify-full\")"
+                ));
+            }
+            return Ok(TlsOptions {
+                mode,
+                roots: RootCerts::System,
+            });
+        }
+        let mode = explicit.unwrap_or(SslMode::Prefer);
+        let roots = match root_cert {
+            _ if mode == SslMode::Disable => RootCerts::None,
+            Some(path) => read_root_certs(Path::new(path))?,
+            None => {
+                let default = home.map(|h| Path::new(h).join(DEFAULT_ROOT_CERT));
+                match default {
+                    Some(path) if path.is_file() => read_root_certs(&path)?,
+                    _ if mode >= SslMode::VerifyCa => {
+                        return Err(format!(
+                            "sslmode={mode} needs root certificates: set sslrootcert to a PEM \
+                             file of the CA that signed the server's certificate (or \
+                             sslrootcert=system for the system's trusted roots), or create \
+                             ~/{DEFAULT_ROOT_CERT}"
+                        ))
+                    }
+                    _ => RootCerts::None,
+                }
+            }
+        };
+        Ok(TlsOptions { mode, roots })
+    }
+}
+
+/// Reads the certificates of a PEM file.
+fn read_root_certs(path: &Path) -> Result<RootCerts, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("sslrootcert {}: not a PEM file ({e})", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "sslrootcert {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    let mut store = RootCertStore::empty();
+    for (i, cert) in certs.into_iter().enumerate() {
+        store.add(cert).map_err(|e| {
+            format!(
+                "sslrootcert {}: certificate {} is not usable as a root ({e})",
+                path.display(),
+                i + 1
+            )
+        })?;
+    }
+    Ok(RootCerts::File {
+        path: path.to_path_buf(),
+        store: Arc::new(store),
+    })
+}
+
+/// The TLS parameters of a connection string, which tokio-postgres does not know.
+#[derive(Debug, Default, PartialEq)]
+struct SslParams {
+    mode: Option<String>,
+    root_cert: Option<String>,
+}
+
+/// Parameters that name a client certificate: not supported yet, and refused rather than
+/// ignored (the server would refuse the connection with a less helpful message).
+const CLIENT_CERT_PARAMS: [&str; 4] = ["sslcert", "sslkey", "sslpassword", "sslcertmode"];
+
+/// Takes `sslmode` and `sslrootcert` out of a connection string, URL or `key=value` form,
+/// leaving the rest as it was written for tokio-postgres to parse.
+fn take_ssl_params(text: &str) -> Result<(String, SslParams), String> {
+    let mut ssl = SslParams::default();
+    let mut take = |key: &str, value: String| -> Result<bool, String> {
+        match key {
+            "sslmode" => ssl.mode = Some(value),
+            "sslrootcert" => ssl.root_cert = Some(value),
+            k if CLIENT_CERT_PARAMS.contains(&k) => {
+                return Err(format!(
+                    "{k}: client certificates are not supported yet (authenticate with a \
+                     password, e.g. SCRAM)"
+                ))
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    };
+    let rest = match ["postgres://", "postgresql://"]
+        .iter()
+        .find_map(|p| text.strip_prefix(p).map(|_| p.len()))
+    {
+        Some(prefix) => take_url_params(text, prefix, &mut take)?,
+        None => take_keyword_params(text, &mut take)?,
+    };
+    Ok((rest, ssl))
+}
+
+type Take<'a> = dyn FnMut(&str, String) -> Result<bool, String> + 'a;
+
+/// The query of a URL: `?k=v&k=v`, after the credentials (as tokio-postgres finds them: up to
+/// the first `@`) and the hosts.
+fn take_url_params(text: &str, prefix: usize, take: &mut Take<'_>) -> Result<String, String> {
+    let after_creds = text[prefix..].find('@').map_or(prefix, |i| prefix + i + 1);
+    let Some(q) = text[after_creds..].find('?').map(|i| after_creds + i) else {
+        return Ok(text.to_owned());
+    };
+    let mut kept = Vec::new();
+    for pair in text[q + 1..].split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = percent_decode(key)?;
+        if !take(&key, percent_decode(value)?)? {
+            kept.push(pair);
+        }
+    }
+    let mut rest = text[..q].to_owned();
+    if !kept.is_empty() {
+        rest.push('?');
+        rest.push_str(&kept.join("&"));
+    }
+    Ok(rest)
+}
+
+fn percent_decode(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                // The value is not shown: it may be a password.
+                .ok_or_else(|| "bad percent-encoding in a parameter".to_owned())?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "a parameter is not UTF-8 once decoded".to_owned())
+}
+
+/// `key = value` pairs separated by whitespace; a value is bare (backslash escapes) or quoted
+/// in `'…'` (backslash escapes), as libpq and tokio-postgres read them.
+fn take_keyword_params(text: &str, take: &mut Take<'_>) -> Result<String, String> {
+    let mut rest = String::with_capacity(text.len());
+    let mut chars = text.char_indices().peekable();
+    let skip_ws = |chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>| {
+        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+    };
+    loop {
+        skip_ws(&mut chars);
+        let Some(&(start, _)) = chars.peek() else {
+            break;
+        };
+        let mut key = String::new();
+        while let Some((_, c)) = chars.next_if(|(_, c)| !c.is_whitespace() && *c != '=') {
+            key.push(c);
+        }
+        skip_ws(&mut chars);
+        if chars.next_if(|(_, c)| *c == '=').is_none() {
+            // Malformed: leave it to tokio-postgres, which says what is wrong.
+            return Ok(text.to_owned());
+        }
+        skip_ws(&mut chars);
+        let mut value = String::new();
+        let quoted = chars.next_if(|(_, c)| *c == '\'').is_some();
+        loop {
+            match chars.peek() {
+                None => break,
+                Some(&(_, '\'')) if quoted => {
+                    chars.next();
+                    break;
+                }
+                Some(&(_, c)) if !quoted && c.is_whitespace() => break,
+                Some(&(_, '\\')) => {
+                    chars.next();
+                    if let Some((_, c)) = chars.next() {
+                        value.push(c);
+                    }
+                }
+                Some(&(_, c)) => {
+                    value.push(c);
+                    chars.next();
+                }
+            }
+        }
+        let end = chars.peek().map_or(text.len(), |&(i, _)| i);
+        if !take(&key, value)? {
+            rest.push_str(&text[start..end]);
+            rest.push(' ');
+        }
+    }
+    Ok(rest)
 }
 
 /// A secret (the JWT signing key). Printing it in any way shows `<redacted>`.
@@ -338,6 +739,180 @@ mod tests {
         }
         assert!(DatabaseUrl::parse("mysql://x").is_err());
         assert!(DatabaseUrl::parse("postgres://:5432/x").is_err());
+    }
+
+    /// No environment: the tests below must not depend on the machine's PGSSLMODE or HOME.
+    fn parse_bare(text: &str) -> Result<DatabaseUrl, String> {
+        DatabaseUrl::parse_with_env(text, |_| None)
+    }
+
+    fn ca_file(dir: &Path) -> PathBuf {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, cert.pem()).unwrap();
+        path
+    }
+
+    #[test]
+    fn ssl_parameters_are_taken_out_of_urls_and_keyword_strings() {
+        let (rest, ssl) = take_ssl_params(
+            "postgres://app:p%40ss@db:5433/shop?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem\
+             &application_name=x",
+        )
+        .unwrap();
+        assert_eq!(
+            rest,
+            "postgres://app:p%40ss@db:5433/shop?application_name=x"
+        );
+        assert_eq!(ssl.mode.as_deref(), Some("verify-full"));
+        assert_eq!(ssl.root_cert.as_deref(), Some("/etc/ca.pem"));
+        let (rest, ssl) = take_ssl_params("postgresql://db/shop?sslmode=require").unwrap();
+        assert_eq!(rest, "postgresql://db/shop");
+        assert_eq!(ssl.mode.as_deref(), Some("require"));
+        // A `?` in a password (before the `@`) is not the query.
+        let (rest, ssl) = take_ssl_params("postgres://app:a?b@db/shop").unwrap();
+        assert_eq!(rest, "postgres://app:a?b@db/shop");
+        assert_eq!(ssl, SslParams::default());
+
+        let (rest, ssl) = take_ssl_params(
+            "host=db sslmode = 'verify-ca' password='it\\'s' sslrootcert=/a\\ b.pem dbname=x",
+        )
+        .unwrap();
+        assert_eq!(ssl.mode.as_deref(), Some("verify-ca"));
+        assert_eq!(ssl.root_cert.as_deref(), Some("/a b.pem"));
+        let config: tokio_postgres::Config = rest.parse().unwrap();
+        assert_eq!(config.get_password(), Some(&b"it's"[..]));
+        assert_eq!(config.get_dbname(), Some("x"));
+
+        for client_cert in [
+            "postgres://db/x?sslcert=/c.pem",
+            "host=db sslkey=/k.pem",
+            "host=db sslpassword=x",
+        ] {
+            let err = parse_bare(client_cert).unwrap_err();
+            assert!(err.contains("not supported yet"), "{err}");
+        }
+    }
+
+    #[test]
+    fn sslmode_follows_libpq() {
+        let url = parse_bare("postgres://db/x").unwrap();
+        assert_eq!(url.tls().mode, SslMode::Prefer);
+        assert_eq!(
+            url.pg_config().get_ssl_mode(),
+            tokio_postgres::config::SslMode::Prefer
+        );
+        for (text, mode, pg) in [
+            (
+                "disable",
+                SslMode::Disable,
+                tokio_postgres::config::SslMode::Disable,
+            ),
+            (
+                "require",
+                SslMode::Require,
+                tokio_postgres::config::SslMode::Require,
+            ),
+        ] {
+            let url = parse_bare(&format!("postgres://db/x?sslmode={text}")).unwrap();
+            assert_eq!(url.tls().mode, mode);
+            assert_eq!(url.pg_config().get_ssl_mode(), pg);
+        }
+        let err = parse_bare("postgres://db/x?sslmode=allow").unwrap_err();
+        assert!(err.contains("not supported"), "{err}");
+        let err = parse_bare("postgres://db/x?sslmode=verify").unwrap_err();
+        assert!(err.contains("verify-full"), "{err}");
+        // Verification needs root certificates, which a bare environment does not have.
+        let err = parse_bare("postgres://db/x?sslmode=verify-full").unwrap_err();
+        assert!(err.contains("sslrootcert"), "{err}");
+        // sslrootcert=system means verify-full, and refuses anything weaker.
+        let url = parse_bare("postgres://db/x?sslrootcert=system").unwrap();
+        assert_eq!(url.tls().mode, SslMode::VerifyFull);
+        let err = parse_bare("postgres://db/x?sslrootcert=system&sslmode=require").unwrap_err();
+        assert_eq!(
+            err,
+            "weak sslmode \"require\" may not be used with sslrootcert=system (use \"verify-full\")"
+        );
+        // libpq ignores sslmode on Unix sockets, where PostgreSQL offers no TLS.
+        let url = parse_bare("host=/run/postgresql sslmode=require").unwrap();
+        assert_eq!(
+            url.pg_config().get_ssl_mode(),
+            tokio_postgres::config::SslMode::Disable
+        );
+        let err = parse_bare("hostaddr=10.0.0.7 sslmode=require").unwrap_err();
+        assert!(err.contains("host name"), "{err}");
+    }
+
+    #[test]
+    fn root_certificates_are_read_when_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca_file(dir.path());
+        let text = format!(
+            "postgres://app:hunter2@db/x?sslmode=verify-full&sslrootcert={}",
+            ca.display()
+        );
+        let url = parse_bare(&text).unwrap();
+        assert!(matches!(&url.tls().roots, RootCerts::File { path, .. } if *path == ca));
+        assert_eq!(
+            url.to_string(),
+            format!(
+                "postgres://app:<redacted>@db:5432/x?sslmode=verify-full&sslrootcert={}",
+                ca.display()
+            )
+        );
+        let missing = dir.path().join("missing.pem");
+        let err = parse_bare(&format!(
+            "postgres://db/x?sslrootcert={}",
+            missing.display()
+        ))
+        .unwrap_err();
+        assert!(
+            err.starts_with(&format!("sslrootcert {}", missing.display())),
+            "{err}"
+        );
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let err =
+            parse_bare(&format!("postgres://db/x?sslrootcert={}", empty.display())).unwrap_err();
+        assert!(err.contains("no PEM certificate"), "{err}");
+        // With a root certificate, require verifies the chain (libpq's verify-ca).
+        let url = parse_bare(&format!(
+            "host=db sslmode=require sslrootcert='{}'",
+            ca.display()
+        ))
+        .unwrap();
+        assert!(matches!(url.tls().roots, RootCerts::File { .. }));
+    }
+
+    #[test]
+    fn pgsslmode_and_pgsslrootcert_apply_where_the_string_is_silent() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca_file(dir.path());
+        let ca_text = ca.display().to_string();
+        let env = |name: &str| match name {
+            "PGSSLMODE" => Some("verify-ca".to_owned()),
+            "PGSSLROOTCERT" => Some(ca_text.clone()),
+            _ => None,
+        };
+        let url = DatabaseUrl::parse_with_env("postgres://db/x", env).unwrap();
+        assert_eq!(url.tls().mode, SslMode::VerifyCa);
+        assert!(matches!(url.tls().roots, RootCerts::File { .. }));
+        let url = DatabaseUrl::parse_with_env("postgres://db/x?sslmode=disable", env).unwrap();
+        assert_eq!(url.tls().mode, SslMode::Disable);
+        assert_eq!(url.to_string(), "postgres://db:5432/x?sslmode=disable");
+        // libpq's default root certificate file, under HOME.
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir(home.path().join(".postgresql")).unwrap();
+        std::fs::copy(&ca, home.path().join(DEFAULT_ROOT_CERT)).unwrap();
+        let home_text = home.path().display().to_string();
+        let url = DatabaseUrl::parse_with_env("postgres://db/x?sslmode=verify-full", |name| {
+            (name == "HOME").then(|| home_text.clone())
+        })
+        .unwrap();
+        assert!(url.to_string().ends_with(".postgresql/root.crt"), "{url}");
     }
 
     #[test]

@@ -234,8 +234,9 @@ pub async fn demo_on(
     shutdown: CancellationToken,
 ) -> Result<(), PgcastError> {
     let addr = tcp.local_addr().map_err(PgcastError::Bind)?;
-    let config = setup.pg.clone();
-    let mut client = crate::db::connect_config(&config, "pgcast-demo").await?;
+    // The demo's PostgreSQL is local: TLS as the configuration says (`prefer` by default).
+    let config = crate::DatabaseUrl::from(setup.pg.clone());
+    let mut client = crate::db::connect(&config, "pgcast-demo").await?;
     pgcast_listener::migrate(&mut client, pgcast_listener::MigrationScope::All).await?;
     load_demo_data(&client).await?;
     drop(client);
@@ -293,7 +294,7 @@ pub async fn demo_on(
     let served = serve_with(
         tcp,
         ServeOptions {
-            pg: config,
+            pg: config.into(),
             jwt_secret: secret,
             jwt_issuer: None,
             jwt_audience: None,
@@ -399,11 +400,11 @@ async fn insert_assignment(
 /// One step of a realistic lifecycle: queued → accepted → completed, some cancelled or expired.
 /// Each step is one plain SQL statement, so one event.
 async fn simulate(
-    config: &tokio_postgres::Config,
+    config: &crate::DatabaseUrl,
     rate: f64,
     stop: CancellationToken,
 ) -> Result<(), PgcastError> {
-    let client = crate::db::connect_config(config, "pgcast-demo-simulator").await?;
+    let client = crate::db::connect(config, "pgcast-demo-simulator").await?;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {

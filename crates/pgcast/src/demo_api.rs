@@ -133,7 +133,7 @@ struct Api {
 
 /// The API's routes, with their own pool on `pg` and a verifier for tokens signed with
 /// `secret` (the demo's gateway secret).
-pub(crate) fn router(pg: &tokio_postgres::Config, secret: &[u8]) -> Result<Router, PgcastError> {
+pub(crate) fn router(pg: &crate::DatabaseUrl, secret: &[u8]) -> Result<Router, PgcastError> {
     let verifier = TokenVerifier::new(secret).map_err(PgcastError::Gateway)?;
     let pool = crate::db::pool(pg, POOL_SIZE)?;
     Ok(Router::new()

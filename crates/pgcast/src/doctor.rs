@@ -10,16 +10,28 @@
 //! | `commit lock` | a session not committing (idle in transaction, e.g. after `SET CONSTRAINTS ALL IMMEDIATE`) has held the commit-order lock for more than 5 s, or writers have waited that long for it | — |
 //! | `pruning` | it has not run for 10 min while events older than the retention it was last given remain: the log grows without bound | it never ran, or has not run for 10 min with nothing overdue yet |
 //!
+//! [`doctor`] also checks how pgcast connects, with the connection strings `serve` would use:
+//!
+//! | check | fails when | warns when |
+//! |---|---|---|
+//! | `tls`, `listen tls` | — (a connection that does not meet its `sslmode` is refused before any check runs) | the session is not encrypted over a network (not loopback), or pgcast's TLS ends at a pooler or proxy whose link to PostgreSQL is plain |
+//! | `listen probe` | a `LISTEN` on a private channel of the listen connection hears nothing within 5 s of a `NOTIFY` from the query connection: the listen connection goes through a transaction pooler (use `--listen-database-url`) | — |
+//!
 //! The role running `doctor` needs `USAGE` on schema `pgcast`, `SELECT` on its tables and
 //! `pg_monitor` (to see the state of another role's session that holds the commit-order lock).
 
 use std::fmt;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use pgcast_listener::{installed_version, APPLICATION_NAME, SCHEMA_VERSION};
-use tokio_postgres::Client;
+use tokio::sync::mpsc;
+use tokio_postgres::config::Host;
+use tokio_postgres::{Client, Notification};
 
-use crate::PgcastError;
+use crate::config::{RootCerts, SslMode};
+use crate::db::{connect, connect_listening};
+use crate::{Database, DatabaseUrl, PgcastError};
 
 const OBJECTS: &str = include_str!("../../../sql/doctor_objects.sql");
 const TRIGGER: &str = include_str!("../../../sql/doctor_trigger.sql");
@@ -29,6 +41,8 @@ const LISTENERS: &str = include_str!("../../../sql/doctor_listeners.sql");
 const GRANTS: &str = include_str!("../../../sql/doctor_grants.sql");
 const COMMIT_LOCK: &str = include_str!("../../../sql/doctor_commit_lock.sql");
 const PRUNING: &str = include_str!("../../../sql/doctor_pruning.sql");
+const TLS: &str = include_str!("../../../sql/doctor_tls.sql");
+const LISTEN_PROBE: &str = include_str!("../../../sql/doctor_listen_probe.sql");
 
 /// The application table the trigger must be on.
 const TABLE: &str = "session_assignments";
@@ -45,6 +59,9 @@ const MAX_COMMIT_LOCK: Duration = Duration::from_secs(5);
 const MAX_PRUNE_GAP: Duration = Duration::from_secs(600);
 /// Dangerous privileges listed in full; beyond, only their number.
 const MAX_GRANTS_SHOWN: usize = 10;
+/// How long the LISTEN probe waits for its own notification: on a direct session it arrives
+/// within milliseconds.
+const PROBE_WAIT: Duration = Duration::from_secs(5);
 
 /// Outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,8 +87,8 @@ impl Verdict {
 /// One line of the report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Check {
-    /// Short stable name: `schema`, `trigger`, `grants`, `commit lock`, `notify queue`,
-    /// `event log`, `pruning`, `listeners`.
+    /// Short stable name: `tls`, `schema`, `trigger`, `grants`, `commit lock`,
+    /// `notify queue`, `event log`, `pruning`, `listeners`, `listen tls`, `listen probe`.
     pub name: &'static str,
     /// Pass, warn or fail.
     pub verdict: Verdict,
@@ -127,6 +144,189 @@ impl fmt::Display for DoctorReport {
 
 fn query_error(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgcastError {
     move |source| PgcastError::Query { what, source }
+}
+
+/// What `pgcast doctor` runs: connects as `serve` would (queries through `db`'s URL, LISTEN
+/// through its listen URL), reports whether each connection is encrypted, runs [`diagnose`]
+/// on the database, then checks that a LISTEN on the listen connection hears a NOTIFY sent
+/// from the query connection. Fails when a connection cannot be made (one line: a TLS
+/// failure names the host and what did not verify).
+pub async fn doctor(db: &Database) -> Result<DoctorReport, PgcastError> {
+    let client = connect(db.url(), "pgcast-doctor").await?;
+    let mut report = DoctorReport { checks: Vec::new() };
+    tls_check("tls", &client, db.url(), &mut report).await?;
+    report.checks.extend(diagnose(&client).await?.checks);
+    let (listen, notifications) = connect_listening(db.listen_url(), "pgcast-doctor-probe").await?;
+    if db.has_listen_url() {
+        tls_check("listen tls", &listen, db.listen_url(), &mut report).await?;
+    }
+    listen_probe(
+        &client,
+        &listen,
+        notifications,
+        db.has_listen_url(),
+        &mut report,
+    )
+    .await?;
+    Ok(report)
+}
+
+/// Whether the session of `client` (connected to `url`) is encrypted, and what was verified.
+async fn tls_check(
+    name: &'static str,
+    client: &Client,
+    url: &DatabaseUrl,
+    report: &mut DoctorReport,
+) -> Result<(), PgcastError> {
+    let row = client
+        .query_one(TLS, &[])
+        .await
+        .map_err(query_error("tls"))?;
+    let ssl: Option<bool> = row.try_get(0).map_err(query_error("tls"))?;
+    let version: Option<String> = row.try_get(1).map_err(query_error("tls"))?;
+    let cipher: Option<String> = row.try_get(2).map_err(query_error("tls"))?;
+    let bits: Option<i32> = row.try_get(3).map_err(query_error("tls"))?;
+    let tls = url.tls();
+    let mode = tls.mode;
+    let (verdict, detail) = if ssl == Some(true) {
+        let verified = match (&tls.roots, mode) {
+            (RootCerts::None, _) => format!(
+                "the server's certificate is not verified (sslmode={mode}; verify-full with \
+                 sslrootcert verifies it)"
+            ),
+            (_, SslMode::VerifyFull) => {
+                format!("the server's certificate and host name are verified (sslmode={mode})")
+            }
+            (_, _) => format!(
+                "the server's certificate chain is verified, not its host name (sslmode={mode}; \
+                 verify-full checks it)"
+            ),
+        };
+        (
+            Verdict::Ok,
+            format!(
+                "encrypted: {} {} ({} bits); {verified}",
+                version.as_deref().unwrap_or("TLS"),
+                cipher.as_deref().unwrap_or("?"),
+                bits.unwrap_or(0)
+            ),
+        )
+    } else if mode >= SslMode::Require && !over_unix_socket(url) {
+        // tokio-postgres refuses a plain connection under these modes, so pgcast's own link
+        // is encrypted: whatever answers it (a pooler, a proxy) talks to PostgreSQL in plain.
+        (
+            Verdict::Warn,
+            format!(
+                "pgcast's connection is encrypted (sslmode={mode}), but PostgreSQL sees this \
+                 session unencrypted: a pooler or proxy in between ends TLS and its link to \
+                 PostgreSQL is plain"
+            ),
+        )
+    } else if is_local(url) {
+        (
+            Verdict::Ok,
+            format!("not encrypted (sslmode={mode}); the server is on this machine"),
+        )
+    } else {
+        let why = match mode {
+            SslMode::Disable => "sslmode=disable".to_owned(),
+            _ => format!("sslmode={mode} and the server offers no TLS"),
+        };
+        (
+            Verdict::Warn,
+            format!(
+                "not encrypted ({why}): passwords and events cross the network in plain; use \
+                 sslmode=verify-full with sslrootcert"
+            ),
+        )
+    };
+    report.push(name, verdict, detail);
+    Ok(())
+}
+
+fn over_unix_socket(url: &DatabaseUrl) -> bool {
+    let hosts = url.pg_config().get_hosts();
+    !hosts.is_empty() && hosts.iter().all(|h| matches!(h, Host::Unix(_)))
+}
+
+/// Every host is this machine: a Unix socket, `localhost` or a loopback address.
+fn is_local(url: &DatabaseUrl) -> bool {
+    let pg = url.pg_config();
+    let loopback = |text: &str| {
+        text == "localhost"
+            || text
+                .trim_matches(|c| c == '[' || c == ']')
+                .parse::<IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    };
+    let hosts_local = pg.get_hosts().iter().all(|h| match h {
+        Host::Tcp(name) => loopback(name),
+        Host::Unix(_) => true,
+    });
+    let addrs_local = pg.get_hostaddrs().iter().all(IpAddr::is_loopback);
+    hosts_local && addrs_local
+}
+
+/// LISTEN on a private channel of the listen connection, NOTIFY it from the query connection,
+/// and wait for it. Through a transaction pooler the LISTEN runs on whichever server session
+/// the pooler lends for that statement, and the notification never comes back to pgcast.
+async fn listen_probe(
+    client: &Client,
+    listen: &Client,
+    mut notifications: mpsc::UnboundedReceiver<Notification>,
+    separate: bool,
+    report: &mut DoctorReport,
+) -> Result<(), PgcastError> {
+    let channel = format!("pgcast_doctor_{:016x}", rand::random::<u64>());
+    // LISTEN takes no bind parameter; the name is ours, `[a-z0-9_]` only, so it needs no
+    // quoting.
+    listen
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .map_err(query_error("listen probe"))?;
+    client
+        .execute(LISTEN_PROBE, &[&channel])
+        .await
+        .map_err(query_error("listen probe"))?;
+    let heard = tokio::time::timeout(PROBE_WAIT, async {
+        while let Some(n) = notifications.recv().await {
+            if n.channel() == channel {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    // Leaves the server's listener list as it was (the session ends soon anyway).
+    let _ = listen.batch_execute("UNLISTEN *").await;
+    let via = if separate {
+        "--listen-database-url"
+    } else {
+        "--database-url"
+    };
+    if heard {
+        report.push(
+            "listen probe",
+            Verdict::Ok,
+            format!("a LISTEN through {via} hears a NOTIFY sent through --database-url"),
+        );
+    } else {
+        report.push(
+            "listen probe",
+            Verdict::Fail,
+            format!(
+                "a LISTEN through {via} heard nothing within {}s of a NOTIFY: that connection \
+                 is not a session of its own (a transaction pooler such as PgBouncer in \
+                 transaction mode?), so pgcast's listener would hear no doorbell and deliver \
+                 events only when it polls the log (every 15 s); point \
+                 --listen-database-url (PGCAST_LISTEN_DATABASE_URL) at PostgreSQL itself or at \
+                 a session-mode pool",
+                PROBE_WAIT.as_secs()
+            ),
+        );
+    }
+    Ok(())
 }
 
 /// Runs every check on `client`'s database. Fails only when the database cannot answer; a

@@ -10,6 +10,11 @@ pub enum PgcastError {
     /// The database could not be reached or refused the connection.
     #[error("could not connect to the database")]
     Connect(#[source] tokio_postgres::Error),
+    /// A TLS connection to the database failed (the server's certificate did not verify, or
+    /// the server offers no TLS), or TLS could not be set up: one line naming the host, the
+    /// `sslmode` and the reason.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A diagnostic query failed.
     #[error("query failed: {what}")]
     Query {

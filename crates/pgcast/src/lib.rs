@@ -36,10 +36,11 @@ pub use cli::{
 pub use commands::{describe, run};
 pub use config::{
     format_duration, parse_duration, parse_rate, parse_role, parse_tail_topic, DatabaseUrl, Secret,
+    SslMode,
 };
-pub use db::{connect, connect_config, pool};
+pub use db::{connect, listener, pool, tls_connector, Database};
 pub use demo::{default_data_dir, demo, demo_on, DemoOptions, DemoReady, DemoSetup};
-pub use doctor::{diagnose, Check, DoctorReport, Verdict, MAX_QUEUE_USAGE};
+pub use doctor::{diagnose, doctor, Check, DoctorReport, Verdict, MAX_QUEUE_USAGE};
 pub use edge::EdgeLimits;
 pub use error::PgcastError;
 pub use server::{bind, serve, serve_limited, Limits, ServeOptions};

@@ -21,8 +21,7 @@ use axum::Router;
 use deadpool_postgres::Pool;
 use pgcast_gateway::{Gateway, GatewayConfig, TokenVerifier};
 use pgcast_listener::{
-    installed_version, migrate, EventLog, Listener, ListenerStatus, MigrationScope, Start,
-    SCHEMA_VERSION,
+    installed_version, migrate, EventLog, ListenerStatus, MigrationScope, Start, SCHEMA_VERSION,
 };
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -35,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::edge::{Admission, EdgeLimits};
-use crate::PgcastError;
+use crate::{Database, PgcastError};
 
 /// Events buffered between the listener and the dispatcher. When full, the listener waits
 /// before reading more of the log (the log keeps the events; doorbells are still read, so
@@ -76,8 +75,9 @@ const EXTRAS_MARK: &str = "<!-- EXTRAS -->";
 /// What `serve` needs, validated by the command line.
 #[derive(Clone)]
 pub struct ServeOptions {
-    /// Database (LISTEN connection and pool).
-    pub pg: tokio_postgres::Config,
+    /// Database: pools through its URL; the LISTEN connection and `migrate` through its listen
+    /// URL (a session of their own, never a transaction pooler).
+    pub pg: Database,
     /// HS256 secret of client tokens, at least 32 bytes.
     pub jwt_secret: Vec<u8>,
     /// When set, only tokens with this `iss` are accepted.
@@ -185,9 +185,9 @@ async fn serve_inner(
     gateway_config.jwt_audience = options.jwt_audience.clone();
     // Refuse a weak secret before touching the database; `Gateway::new` checks it again.
     TokenVerifier::from_config(&gateway_config).map_err(PgcastError::Gateway)?;
-    let pool = crate::db::pool(&options.pg, MAINTENANCE_POOL_SIZE)?;
+    let pool = crate::db::pool(options.pg.url(), MAINTENANCE_POOL_SIZE)?;
     {
-        let mut client = crate::db::connect_config(&options.pg, "pgcast-serve").await?;
+        let mut client = crate::db::connect(options.pg.listen_url(), "pgcast-serve").await?;
         if options.migrate {
             let applied = migrate(&mut client, MigrationScope::All).await?;
             tracing::info!(applied, "migrations applied");
@@ -212,7 +212,7 @@ async fn serve_inner(
     // The gateway's reads (snapshots, replays older than its window, access checks) have a
     // pool of their own, as many connections as reads it lets run at once.
     let log = EventLog::new(crate::db::pool(
-        &options.pg,
+        options.pg.url(),
         gateway_config.max_concurrent_reads.max(1),
     )?);
     // The listener's stream and the gateway's notion of "now" start at the same position, so a
@@ -223,8 +223,8 @@ async fn serve_inner(
     let gateway = Gateway::new(gateway_config, log.clone()).map_err(PgcastError::Gateway)?;
     // The listener reads the log through a pool of its own: no amount of client snapshots and
     // replays can stall live events behind them.
-    let listener_log = EventLog::new(crate::db::pool(&options.pg, LISTENER_POOL_SIZE)?);
-    let listener = Listener::new(options.pg.clone(), listener_log);
+    let listener_log = EventLog::new(crate::db::pool(options.pg.url(), LISTENER_POOL_SIZE)?);
+    let listener = crate::db::listener(options.pg.listen_url(), listener_log)?;
     let status = listener.status();
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();

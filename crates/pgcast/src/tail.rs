@@ -15,14 +15,14 @@
 use std::time::Duration;
 
 use pgcast_events::{Access, EventFrame, Position, Principal, Role, Topic};
-use pgcast_listener::{EventLog, Listener, Start};
+use pgcast_listener::{EventLog, Start};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::QUEUE_NEEDS_MECHANIC;
-use crate::PgcastError;
+use crate::{Database, PgcastError};
 
 /// Events buffered between the listener and the output. When the reader of the output is slow
 /// the listener stops reading the log (it resumes from its position); it keeps reading its
@@ -52,11 +52,12 @@ pub struct TailOptions {
 /// Writes one line per event to `out` until `shutdown` is cancelled or the reader of `out`
 /// goes away (a broken pipe, e.g. `| head`); both end it with `Ok`.
 ///
-/// Fails before printing anything when the topic is `queue`, the database is unreachable or
-/// the realtime objects are not installed. If `since` is older than the retained log, a warning
+/// Reads the log through `db`'s URL and LISTENs through its listen URL. Fails before printing
+/// anything when the topic is `queue`, the database is unreachable or the realtime objects are
+/// not installed. If `since` is older than the retained log, a warning
 /// goes to stderr and the stream starts with the oldest retained event.
 pub async fn tail<W>(
-    pg: &tokio_postgres::Config,
+    db: &Database,
     options: TailOptions,
     out: &mut W,
     shutdown: CancellationToken,
@@ -68,7 +69,7 @@ where
     if topic.authorize(&OPERATOR) != Access::Allowed {
         return Err(PgcastError::Usage(QUEUE_NEEDS_MECHANIC));
     }
-    let log = EventLog::new(crate::db::pool(pg, POOL_SIZE)?);
+    let log = EventLog::new(crate::db::pool(db.url(), POOL_SIZE)?);
     let head = log.head().await.map_err(PgcastError::LogUnavailable)?;
     let start = match options.since {
         Some(since) => {
@@ -86,7 +87,8 @@ where
 
     let (tx, mut rx) = mpsc::channel(BUFFER);
     let stop = shutdown.child_token();
-    let listener = tokio::spawn(Listener::new(pg.clone(), log).run(start, tx, stop.clone()));
+    let listener = crate::db::listener(db.listen_url(), log)?;
+    let listener = tokio::spawn(listener.run(start, tx, stop.clone()));
 
     let result = loop {
         let event = tokio::select! {

@@ -84,7 +84,7 @@ impl Running {
             .expect("bind");
         let addr = tcp.local_addr().expect("address");
         let options = ServeOptions {
-            pg: db.pg_config(),
+            pg: db.pg_config().into(),
             jwt_secret: SECRET.to_vec(),
             jwt_issuer: None,
             jwt_audience: None,

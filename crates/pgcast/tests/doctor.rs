@@ -76,7 +76,7 @@ async fn healthy_on_a_migrated_database_with_a_listener() {
     // With a listener connected, doctor counts it.
     let listener = Listener::new(
         db.pg_config(),
-        EventLog::new(pool(&db.pg_config(), 2).expect("pool")),
+        EventLog::new(pool(&db.pg_config().into(), 2).expect("pool")),
     );
     let status = listener.status();
     let (tx, _rx) = mpsc::channel(16);

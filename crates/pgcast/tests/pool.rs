@@ -10,7 +10,7 @@ use pgcast::pool;
 async fn pooled_statements_have_a_timeout_unless_the_url_sets_one() {
     let (db, _client) = migrated_db().await;
     let show = |config: tokio_postgres::Config| async move {
-        let pool = pool(&config, 1).expect("pool");
+        let pool = pool(&config.into(), 1).expect("pool");
         let client = pool.get().await.expect("connection");
         let row = client
             .query_one("SHOW statement_timeout", &[])
