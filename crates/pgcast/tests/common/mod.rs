@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 
 /// Every variable the binary reads, removed so that the machine's environment cannot change
 /// what a test sees; tests set the ones they mean.
-const ENV: [&str; 10] = [
+const ENV: [&str; 13] = [
     "DATABASE_URL",
     "PGCAST_LISTEN",
     "PGCAST_JWT_SECRET",
@@ -23,6 +23,9 @@ const ENV: [&str; 10] = [
     "PGCAST_SIMULATE",
     "PGCAST_DATA_DIR",
     "RUST_LOG",
+    "PGCAST_LISTEN_DATABASE_URL",
+    "PGSSLMODE",
+    "PGSSLROOTCERT",
 ];
 
 /// Generous bound for one run of the binary or one awaited line; never reached when things work.
