@@ -1,10 +1,11 @@
 //! Soak (issue 7): steady load with connect/disconnect churn against the built `pgcast serve`,
 //! failing on growth of memory, file descriptors or tasks.
 //!
-//! For `PGCAST_SOAK_SECS` seconds (default 60, the CI run) against a fresh database:
+//! For `PGCAST_SOAK_SECS` seconds (default 60, the CI run) against a fresh database whose log
+//! already holds [`HISTORY`] events (so the server's replay window is full from the start):
 //!
-//! - a writer commits ~100–200 events/s (inserts, and updates moving assignments between
-//!   statuses, mechanics and workshops), paced by an interval;
+//! - a writer commits up to ~150 events/s (inserts, and updates moving assignments between
+//!   statuses, mechanics and workshops), paced by an interval (~90/s under the CPU hog below);
 //! - 50 long-lived subscribers (49 mechanics on `queue`, one service on `assignments`) keep
 //!   receiving; at the end the service has received exactly the log's events since it
 //!   subscribed, in order (no loss), and every mechanic received events and was never closed;
@@ -12,7 +13,9 @@
 //!   with a bad token (refused with 1008), the others subscribe to 1–3 topics (live, with
 //!   `since`, or with `snapshot:true`), read for a random short time and leave — with a close
 //!   frame, by dropping the TCP connection (FIN), or by resetting it (RST). Other clients
-//!   subscribe and never read, until the server closes them (slow consumer, 4008).
+//!   subscribe to everything, resume far back, and never read, until the server closes them
+//!   (slow consumer, 4008): each waits for the server's side of its connection to close (with a
+//!   deadline), then starts again; every one closed must have been closed as a slow consumer.
 //!
 //! The `pgcast serve` process is sampled: resident memory (`VmRSS` of `/proc/<pid>/status`),
 //! open file descriptors (entries of `/proc/<pid>/fd`) and `pgcast_tokio_alive_tasks` of
@@ -24,8 +27,38 @@
 //! - alive tokio tasks grew by more than 16,
 //! - resident memory grew by more than max(16 MiB, 25 %).
 //!
+//! Each sample also counts the server's sockets in CLOSE-WAIT: TCP sockets of `/proc/net/tcp`
+//! and `/proc/net/tcp6` in state `08` whose local port is the server's listening port (so only
+//! the server's side of its own connections). A socket is in CLOSE-WAIT from the moment its
+//! peer closed until pgcast closes it too; a connection task that does not notice its peer
+//! leaving (stuck waiting on the database, or on a full queue) leaves them piling up, each with
+//! its fd, task and buffers. Each sample shows the count, and what a background count every
+//! [`CLOSE_WAIT_EVERY`] saw since the previous sample: the most at once and the longest one
+//! socket stayed. The test fails if:
+//!
+//! - a sample in the second half of the run counts more than [`CLOSE_WAIT_RUN`] (closing slower
+//!   than clients leave: a pile-up in the making),
+//! - any socket stays in CLOSE-WAIT longer than [`CLOSE_WAIT_AGE`] (a peer the server did not
+//!   notice leaving),
+//! - once the churn stopped and the connections settled, more than [`CLOSE_WAIT_END`] remain.
+//!
 //! Samples (baseline, one every tenth of the duration, final) are printed, so a long run shows
-//! the trend. The 30-minute run:
+//! the trend.
+//!
+//! ## Under contention (issue 12)
+//!
+//! The run competes for the CPU, as when another CPU-heavy job shares the machine: for its whole
+//! duration the test keeps one busy-loop process per CPU it may use
+//! (`std::thread::available_parallelism`) running at its own priority, so pgcast, PostgreSQL
+//! and the clients only ever get a share of cores that are never idle. A busy loop is a `sh`
+//! spinning on `kill -0 $PPID` (no new system dependency; it also ends by itself if the test
+//! process dies without cleaning up); the loops are killed and reaped when the test ends,
+//! passes or fails. Their CPU time, and pgcast's, are printed at the end.
+//!
+//! - `PGCAST_SOAK_HOG=0` runs without the busy loops (uncontended); any other value, or none,
+//!   runs with them.
+//!
+//! The 30-minute run:
 //!
 //! ```text
 //! PGCAST_SOAK_SECS=1800 cargo test --release -p pgcast --test soak -- --nocapture
@@ -34,7 +67,9 @@
 mod common;
 mod running;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::process::Stdio;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -66,16 +101,29 @@ const OPEN_ROWS: usize = 300;
 /// How long a churn client reads before leaving, drawn uniformly.
 const READ_MIN: Duration = Duration::from_millis(30);
 const READ_MAX: Duration = Duration::from_millis(400);
-/// How long a never-reading client holds its connection before looking at what happened. The
-/// server declares it slow once [`OUTBOUND_BYTES`] are queued behind its blocked socket (~15 s
-/// at this load), and gives its close frame 10 s more.
-const HOLD_MIN: Duration = Duration::from_secs(30);
+/// Events in the log before the run starts: closed assignments, committed in one statement
+/// before anyone subscribes. The server's replay window (10,000 events by default) is then full
+/// from the start, so its filling is not mistaken for growth after the baseline, and the
+/// never-readers' resumes have history to replay.
+const HISTORY: i64 = 10_000;
+/// How far back a never-reader resumes `assignments`: a replay of ~5 MB, more than the
+/// server's kernel send buffer takes for a socket (~2.8 MB on loopback, autotuned), so the
+/// server's writes to it block at once and what comes next waits in its outgoing queue.
+const NEVER_READER_BACK: i64 = 8_000;
 /// The server's outgoing budget per connection in this test (`--outbound-bytes`): small, so a
-/// never-reader is declared slow within the hold above (the default, 16 MiB, takes minutes).
-const OUTBOUND_BYTES: &str = "2MiB";
-const HOLD_MAX: Duration = Duration::from_secs(36);
-/// How long a never-reading client reads what is left before deciding it is still open.
-const DRAIN: Duration = Duration::from_secs(5);
+/// never-reader is declared slow soon after its socket blocked, well within a CI run even when
+/// the CPU hog and other work slow the writer down (~1.1 KB of frames per event reach a
+/// never-reader: at 40 events/s, 512 KiB wait after ~12 s), and well before the server's other
+/// limit for a peer that takes nothing (a write blocked for two heartbeat intervals, 40 s). The
+/// long-lived and churn clients read, so the kernel's buffers (MBs on loopback) absorb their
+/// stalls long before the budget counts. The default, 16 MiB, takes minutes.
+const OUTBOUND_BYTES: &str = "512KiB";
+/// How often a never-reader looks at the state of the server's side of its connection.
+const NEVER_READER_LOOK: Duration = Duration::from_secs(1);
+/// A never-reader the server has not closed after this long fails the test: the server closes
+/// a never-reader once its budget is queued (about a minute at most at this load) or, at the
+/// latest, when it missed pings for two heartbeat intervals (40 s, plus the next tick).
+const NEVER_READER_LIMIT: Duration = Duration::from_secs(180);
 /// Bound for the end of the run: churn tasks finishing, connections coming back to the
 /// long-lived ones, the service catching up; never reached when things work.
 const SETTLE: Duration = Duration::from_secs(60);
@@ -85,6 +133,35 @@ const FD_GROWTH: i64 = 16;
 const TASK_GROWTH: i64 = 16;
 const RSS_GROWTH_MIN_KIB: i64 = 16 * 1024;
 const RSS_GROWTH_FRACTION: f64 = 0.25;
+
+/// How often the server's CLOSE-WAIT sockets are counted between samples.
+const CLOSE_WAIT_EVERY: Duration = Duration::from_millis(500);
+/// CLOSE-WAIT sockets allowed at a sample in the second half of the run. A client that leaves
+/// with FIN (or a close frame) puts the server's socket in CLOSE-WAIT until its task notices,
+/// and every churn task opens its next connection right away: with the server keeping up, each
+/// of the [`CHURN_TASKS`] + [`NEVER_READERS`] clients has at most one such socket being closed
+/// at a time, usually none (a hog can stall the server long enough for a second one). More than
+/// twice that many means the server closes connections more slowly than the clients leave them:
+/// they accumulate.
+const CLOSE_WAIT_RUN: i64 = 2 * (CHURN_TASKS + NEVER_READERS) as i64;
+/// Longest any server socket may stay in CLOSE-WAIT, at any time of the run. A connection task
+/// that sees its peer leave drops the socket at once; the longest it may legitimately go on
+/// (while writing a close frame, or waiting for a frame it was promised) is 10 s. Twice that
+/// covers a hog stalling the server; a task that does not watch its peer keeps the socket for
+/// as long as it waits (minutes, in the run that piled them up).
+const CLOSE_WAIT_AGE: Duration = Duration::from_secs(20);
+/// CLOSE-WAIT sockets allowed at the end, once the churn stopped, only the long-lived
+/// subscribers (which never close) are connected, and the count had up to [`WAIT`] to fall. None
+/// is expected: every churn connection's task has ended by then, and a task drops its socket
+/// when it ends. The slack is for sockets no task holds: a client that left during its HTTP
+/// upgrade is closed by the server's HTTP layer when it reads the end (at the latest at its
+/// header-read deadline). A pile-up is hundreds.
+const CLOSE_WAIT_END: i64 = 2;
+
+/// The environment variable that turns the CPU hog off (`0`).
+const HOG_VAR: &str = "PGCAST_SOAK_HOG";
+/// One busy loop: a shell spinning until its parent, the test process, is gone.
+const HOG_LOOP: &str = "while kill -0 $PPID 2>/dev/null; do :; done";
 
 const STATUSES: [&str; 7] = [
     "queued",
@@ -167,7 +244,12 @@ struct Stats {
     subscribed: AtomicU64,
     snapshots: AtomicU64,
     events: AtomicU64,
+    /// Never-reading clients the server closed (4008, or the end of the connection).
     never_read_closed: AtomicU64,
+    /// Of those, the ones that read the 4008 close frame (the others found the connection
+    /// ended: the server gave up writing the frame into their full socket).
+    never_read_4008: AtomicU64,
+    /// Never-reading clients still open when the churn stopped (cut short, not a failure).
     never_read_open: AtomicU64,
     /// Connections that failed (refused, timed out): each fails the test.
     problems: Mutex<Vec<String>>,
@@ -498,8 +580,10 @@ fn spawn_churn(
 
 /// A service that subscribes to everything it can (so most events are queued for it more than
 /// once), resumes `assignments` from a little before the head, and never reads: the server must
-/// close it. After holding it for a while (or at `stop`) it reads what is left, to tell whether
-/// the server closed it.
+/// close it. It holds the connection until the server's side of it leaves ESTABLISHED (the
+/// server closed it), then reads what is left to see how it ended. A connection still open when
+/// the churn stops is counted, not failed; one the server has not closed after
+/// [`NEVER_READER_LIMIT`] fails the test.
 fn spawn_never_reader(
     addr: SocketAddr,
     world: Arc<World>,
@@ -508,11 +592,15 @@ fn spawn_never_reader(
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut rng = StdRng::seed_from_u64(rand::random());
         while !stop.is_cancelled() {
             let attempt = async {
                 let mut ws = Ws::open_with_recv_buffer(addr, 4096).await?;
                 stats.connections.fetch_add(1, Ordering::Relaxed);
+                let port = ws
+                    .raw()
+                    .local_addr()
+                    .map_err(|e| format!("never-reader's address: {e}"))?
+                    .port();
                 let who = principal(Uuid::new_v4(), Role::Service, None);
                 let token = token_for(SECRET.as_bytes(), &who, Duration::from_secs(600));
                 ws.try_send(json!({"type": "auth", "token": token})).await?;
@@ -529,32 +617,56 @@ fn spawn_never_reader(
                         .await?;
                 }
                 // Replaces the live `assignments` subscription with a replay.
-                let since = (head.load(Ordering::Relaxed) - 2000).max(0);
+                let since = (head.load(Ordering::Relaxed) - NEVER_READER_BACK).max(0);
                 ws.try_send(json!({"type": "subscribe", "id": "replay", "topic": "assignments", "since": since}))
                     .await?;
-                let hold = rng.random_range(HOLD_MIN..=HOLD_MAX);
-                tokio::select! {
-                    () = stop.cancelled() => {}
-                    () = tokio::time::sleep(hold) => {}
-                }
-                // What is left: frames the kernel holds (a few MiB at most), then the end if
-                // the server closed it. Frames still coming after this mean it is still open.
-                let deadline = Instant::now() + DRAIN;
+                // Hold until the server closes its side (or the churn stops).
+                let held = Instant::now();
+                let mut look = tokio::time::interval(NEVER_READER_LOOK);
                 let closed = loop {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match ws.next(left.min(Duration::from_secs(2))).await {
-                        Next::Json(_) if !left.is_zero() => continue,
-                        Next::Close(Some(f)) if u16::from(f.code) == 4008 => break true,
-                        Next::Close(f) => return Err(format!("never-reader closed with {f:?}")),
-                        Next::Ended => break true,
-                        _ => break false,
+                    tokio::select! {
+                        () = stop.cancelled() => break server_closed(addr.port(), port),
+                        _ = look.tick() => {}
+                    }
+                    if server_closed(addr.port(), port) {
+                        break true;
+                    }
+                    if held.elapsed() > NEVER_READER_LIMIT {
+                        return Err(format!(
+                            "a never-reader (port {port}) still open after {NEVER_READER_LIMIT:?}"
+                        ));
                     }
                 };
-                if closed {
-                    stats.never_read_closed.fetch_add(1, Ordering::Relaxed);
-                } else {
+                if !closed {
                     stats.never_read_open.fetch_add(1, Ordering::Relaxed);
+                    ws.abort(false);
+                    return Ok(());
                 }
+                // What is left: what the server's kernel still holds for it (a few MB at most),
+                // then a 4008 close frame, or the end of the connection if the server gave up
+                // on writing one.
+                let deadline = Instant::now() + WAIT;
+                loop {
+                    match ws
+                        .next(deadline.saturating_duration_since(Instant::now()))
+                        .await
+                    {
+                        Next::Json(_) => continue,
+                        Next::Close(Some(f)) if u16::from(f.code) == 4008 => {
+                            stats.never_read_4008.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        Next::Close(f) => return Err(format!("never-reader closed with {f:?}")),
+                        Next::Ended => break,
+                        Next::Nothing => {
+                            return Err(format!(
+                                "a never-reader (port {port}) whose server side closed did not \
+                                 end within {WAIT:?} of reading"
+                            ))
+                        }
+                    }
+                }
+                stats.never_read_closed.fetch_add(1, Ordering::Relaxed);
                 ws.abort(false);
                 Ok(())
             };
@@ -566,7 +678,204 @@ fn spawn_never_reader(
 }
 
 // ---------------------------------------------------------------------------------------------
+// The CPU hog.
+
+/// Busy loops competing for every CPU the test may use; killed and reaped when dropped (the
+/// test passing, or failing and unwinding).
+struct Hog {
+    children: Vec<std::process::Child>,
+}
+
+impl Hog {
+    /// One busy loop per CPU, unless [`HOG_VAR`] is `0`.
+    fn start() -> Hog {
+        let mut hog = Hog {
+            children: Vec::new(),
+        };
+        if std::env::var(HOG_VAR).is_ok_and(|v| v.trim() == "0") {
+            return hog;
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for _ in 0..cpus {
+            // Pushed one by one: a failure to start the next still kills the ones started.
+            let child = std::process::Command::new("sh")
+                .args(["-c", HOG_LOOP])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start a busy loop (sh)");
+            hog.children.push(child);
+        }
+        hog
+    }
+
+    fn describe(&self) -> String {
+        if self.children.is_empty() {
+            format!("no CPU hog ({HOG_VAR}=0)")
+        } else {
+            let pids: Vec<String> = self.children.iter().map(|c| c.id().to_string()).collect();
+            format!(
+                "CPU hog: {} busy loops (`sh -c '{HOG_LOOP}'`, pids {})",
+                self.children.len(),
+                pids.join(", ")
+            )
+        }
+    }
+
+    /// CPU time the busy loops have used so far.
+    fn cpu(&self) -> Duration {
+        self.children.iter().map(|c| cpu_time(c.id())).sum()
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// CPU time (user and system, all threads) process `pid` has used: `utime` and `stime` of
+/// `/proc/<pid>/stat`, in clock ticks (100 per second on Linux); zero once the process is gone.
+fn cpu_time(pid: u32) -> Duration {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // After the command name (in parentheses, which may hold spaces): the state is
+            // field 3, utime and stime fields 14 and 15.
+            let (_, rest) = stat.rsplit_once(')')?;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Samples of the process.
+
+/// TCP states of `/proc/net/tcp` (`include/net/tcp_states.h`).
+const ESTABLISHED: u8 = 0x01;
+const CLOSE_WAIT: u8 = 0x08;
+
+/// One line of `/proc/net/tcp` or `/proc/net/tcp6`.
+struct TcpSocket {
+    local_port: u16,
+    remote_port: u16,
+    state: u8,
+    /// Tells apart two sockets that had the same ports at different times.
+    inode: u64,
+}
+
+/// Every TCP socket of this network namespace, IPv4 and IPv6.
+fn tcp_sockets() -> Vec<TcpSocket> {
+    let mut sockets = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = match std::fs::read_to_string(table) {
+            Ok(text) => text,
+            // Without IPv6 there is no tcp6 table; the IPv4 one is always there.
+            Err(_) if table.ends_with('6') => continue,
+            Err(e) => panic!("read {table}: {e}"),
+        };
+        // `sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout
+        // inode ...`: addresses as `HEXADDR:HEXPORT`, the state in hex.
+        let port = |a: &str| u16::from_str_radix(a.rsplit_once(':')?.1, 16).ok();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let parsed = (|| {
+                Some(TcpSocket {
+                    local_port: port(fields.get(1)?)?,
+                    remote_port: port(fields.get(2)?)?,
+                    state: u8::from_str_radix(fields.get(3)?, 16).ok()?,
+                    inode: fields.get(9)?.parse().ok()?,
+                })
+            })();
+            sockets.extend(parsed);
+        }
+    }
+    sockets
+}
+
+/// The server's sockets in CLOSE-WAIT: local port `port` (the server's), peer gone, not closed
+/// by the server yet; keyed by remote port and inode.
+fn close_wait(port: u16) -> Vec<(u16, u64)> {
+    tcp_sockets()
+        .into_iter()
+        .filter(|s| s.local_port == port && s.state == CLOSE_WAIT)
+        .map(|s| (s.remote_port, s.inode))
+        .collect()
+}
+
+/// Whether the server (listening on `server_port`) closed its side of the connection from the
+/// client port `client_port`: that socket left ESTABLISHED (FIN-WAIT, CLOSING, TIME-WAIT) or is
+/// gone.
+fn server_closed(server_port: u16, client_port: u16) -> bool {
+    !tcp_sockets().into_iter().any(|s| {
+        s.local_port == server_port && s.remote_port == client_port && s.state == ESTABLISHED
+    })
+}
+
+/// What the CLOSE-WAIT watch saw since the previous [`take`](CloseWaitWatch::take).
+#[derive(Default)]
+struct CloseWaitSeen {
+    /// Most sockets in CLOSE-WAIT at one count.
+    most: i64,
+    /// Longest one socket has been in CLOSE-WAIT (as first seen by a count).
+    oldest: Duration,
+}
+
+/// Counts the server's CLOSE-WAIT sockets every [`CLOSE_WAIT_EVERY`] until `stop`, and how long
+/// each has been there.
+struct CloseWaitWatch {
+    port: u16,
+    seen: Arc<Mutex<CloseWaitSeen>>,
+}
+
+impl CloseWaitWatch {
+    fn spawn(port: u16, stop: CancellationToken) -> CloseWaitWatch {
+        let seen = Arc::new(Mutex::new(CloseWaitSeen::default()));
+        let watch = CloseWaitWatch {
+            port,
+            seen: seen.clone(),
+        };
+        tokio::spawn(async move {
+            // When each socket now in CLOSE-WAIT was first counted there.
+            let mut since: HashMap<(u16, u64), Instant> = HashMap::new();
+            let mut tick = tokio::time::interval(CLOSE_WAIT_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let now = Instant::now();
+                let sockets = close_wait(port);
+                since.retain(|key, _| sockets.contains(key));
+                for key in &sockets {
+                    since.entry(*key).or_insert(now);
+                }
+                let oldest = since.values().map(|&t| now - t).max().unwrap_or_default();
+                let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                seen.most = seen.most.max(sockets.len() as i64);
+                seen.oldest = seen.oldest.max(oldest);
+            }
+        });
+        watch
+    }
+
+    /// The count now, and what the watch saw since the previous call (this count included).
+    fn take(&self) -> (i64, CloseWaitSeen) {
+        let now = close_wait(self.port).len() as i64;
+        let mut seen = std::mem::take(&mut *self.seen.lock().unwrap_or_else(|e| e.into_inner()));
+        seen.most = seen.most.max(now);
+        (now, seen)
+    }
+}
 
 #[derive(Debug, Clone)]
 struct Sample {
@@ -576,6 +885,11 @@ struct Sample {
     tasks: i64,
     connections: i64,
     subscriptions: i64,
+    /// The server's sockets in CLOSE-WAIT now; since the previous sample, the most counted at
+    /// once and the longest one stayed.
+    close_wait: i64,
+    close_wait_max: i64,
+    close_wait_oldest: Duration,
     churned: u64,
     committed: u64,
     service_received: u64,
@@ -605,6 +919,7 @@ fn gauge(metrics: &str, name: &str) -> i64 {
 
 struct Probe<'a> {
     server: &'a Server,
+    close_wait: &'a CloseWaitWatch,
     began: Instant,
     stats: &'a Stats,
     committed: &'a AtomicU64,
@@ -615,8 +930,12 @@ impl Probe<'_> {
     async fn take(&self) -> Sample {
         let pid = self.server.process.pid();
         let metrics = self.server.metrics().await;
+        let (close_wait, seen) = self.close_wait.take();
         Sample {
             at: self.began.elapsed(),
+            close_wait,
+            close_wait_max: seen.most,
+            close_wait_oldest: seen.oldest,
             rss_kib: rss_kib(pid),
             fds: open_fds(pid),
             tasks: gauge(&metrics, "pgcast_tokio_alive_tasks"),
@@ -631,12 +950,16 @@ impl Probe<'_> {
 
 fn print_sample(label: &str, s: &Sample) {
     eprintln!(
-        "{label:>9} t={:>7.1}s rss={:>7} KiB fds={:>4} tasks={:>4} connections={:>4} \
-         subscriptions={:>4} | churn connections={:>6} events committed={:>7} service received={:>7}",
+        "{label:>9} t={:>7.1}s rss={:>7} KiB fds={:>4} tasks={:>4} close-wait={:>3} (max {:>3}, \
+         oldest {:>4.1}s) connections={:>4} subscriptions={:>4} | churn connections={:>6} events \
+         committed={:>7} service received={:>7}",
         s.at.as_secs_f64(),
         s.rss_kib,
         s.fds,
         s.tasks,
+        s.close_wait,
+        s.close_wait_max,
+        s.close_wait_oldest.as_secs_f64(),
         s.connections,
         s.subscriptions,
         s.churned,
@@ -670,6 +993,24 @@ fn growth_failures(base: &Sample, now: &Sample) -> Vec<String> {
     failures
 }
 
+/// What is wrong at the end: growth over `base`, or CLOSE-WAIT sockets left behind.
+fn end_failures(base: &Sample, now: &Sample) -> Vec<String> {
+    let mut failures = growth_failures(base, now);
+    if now.close_wait > CLOSE_WAIT_END {
+        failures.push(format!(
+            "{} server sockets in CLOSE-WAIT after the churn stopped (bound {CLOSE_WAIT_END})",
+            now.close_wait
+        ));
+    }
+    if now.close_wait_oldest > CLOSE_WAIT_AGE {
+        failures.push(format!(
+            "a server socket stayed in CLOSE-WAIT for {:?} (bound {CLOSE_WAIT_AGE:?})",
+            now.close_wait_oldest
+        ));
+    }
+    failures
+}
+
 // ---------------------------------------------------------------------------------------------
 // The run.
 
@@ -686,6 +1027,8 @@ async fn steady_load_with_churn_grows_no_memory_fds_or_tasks() {
     let warm_up = duration / 5;
     let every = (duration / 10).clamp(Duration::from_secs(2), Duration::from_secs(60));
     let ttl = duration + Duration::from_secs(600);
+    // First, so that everything below runs contended; dropped last.
+    let hog = Hog::start();
 
     let db = PgCluster::shared()
         .expect("test cluster")
@@ -696,9 +1039,13 @@ async fn steady_load_with_churn_grows_no_memory_fds_or_tasks() {
     let addr = server.addr;
     let began = Instant::now();
     eprintln!(
-        "soak for {duration:?} against pgcast serve (pid {}) on {addr}",
-        server.process.pid()
+        "soak for {duration:?} against pgcast serve (pid {}) on {addr}; {}",
+        server.process.pid(),
+        hog.describe()
     );
+    let stop_watch = CancellationToken::new();
+    let _stop_watch = stop_watch.clone().drop_guard();
+    let close_waits = CloseWaitWatch::spawn(addr.port(), stop_watch);
 
     let world = Arc::new(World::new());
     let admin = db.connect().await.expect("connect");
@@ -710,6 +1057,26 @@ async fn steady_load_with_churn_grows_no_memory_fds_or_tasks() {
             )
             .await
             .expect("insert session");
+    }
+
+    // The history, in the log and in the server's replay window before anyone subscribes.
+    admin
+        .execute(
+            "INSERT INTO session_assignments
+                 (session_id, status, customer_name, vehicle_summary, concern)
+             SELECT gen_random_uuid(), 'completed', 'Ana', '2014 VW Golf', 'a noise when braking'
+             FROM generate_series(1, $1::bigint)",
+            &[&HISTORY],
+        )
+        .await
+        .expect("insert the history");
+    let deadline = Instant::now() + SETTLE;
+    while gauge(&server.metrics().await, "pgcast_events_dispatched_total") < HISTORY {
+        assert!(
+            Instant::now() < deadline,
+            "the server has not dispatched the {HISTORY} events of the history in {SETTLE:?}"
+        );
+        tokio::time::sleep(POLL).await;
     }
 
     // The long-lived subscribers, then the writer.
@@ -780,12 +1147,16 @@ async fn steady_load_with_churn_grows_no_memory_fds_or_tasks() {
 
     let probe = Probe {
         server: &server,
+        close_wait: &close_waits,
         began,
         stats: &stats,
         committed: &committed,
         service_received: &service.received,
     };
-    eprintln!("samples (VmRSS, open fds, alive tokio tasks, and the load so far):");
+    eprintln!(
+        "samples (VmRSS, open fds, alive tokio tasks, server sockets in CLOSE-WAIT now and most \
+         since the previous sample, and the load so far):"
+    );
     print_sample("start", &probe.take().await);
     tokio::time::sleep_until(began + warm_up).await;
     let baseline = probe.take().await;
@@ -816,6 +1187,18 @@ async fn steady_load_with_churn_grows_no_memory_fds_or_tasks() {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         assert!(problems.is_empty(), "churn clients failed: {problems:#?}");
+        assert!(
+            s.at < duration / 2 || s.close_wait <= CLOSE_WAIT_RUN,
+            "{} server sockets in CLOSE-WAIT in the second half of the run (bound \
+             {CLOSE_WAIT_RUN}): connections pile up; {s:?}",
+            s.close_wait
+        );
+        assert!(
+            s.close_wait_oldest <= CLOSE_WAIT_AGE,
+            "a server socket stayed in CLOSE-WAIT for {:?} (bound {CLOSE_WAIT_AGE:?}): the server \
+             did not notice its peer leaving; {s:?}",
+            s.close_wait_oldest
+        );
         samples.push(s.clone());
         previous = s;
     }
@@ -855,7 +1238,7 @@ async fn steady_load_with_churn_grows_no_memory_fds_or_tasks() {
     let deadline = Instant::now() + WAIT;
     let last = loop {
         let s = probe.take().await;
-        if growth_failures(&baseline, &s).is_empty() || Instant::now() >= deadline {
+        if end_failures(&baseline, &s).is_empty() || Instant::now() >= deadline {
             break s;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -866,9 +1249,10 @@ async fn steady_load_with_churn_grows_no_memory_fds_or_tasks() {
     eprintln!(
         "churn: {} connections ({:.0}/s): {} refused auth, {} closed politely, {} dropped (FIN), \
          {} reset (RST); {} subscriptions confirmed, {} snapshots, {} events read; never-reading \
-         clients: {} closed by the server, {} still open at the end; server: {} slow-consumer \
-         closes, {} auth failures; writer: {} events ({:.0}/s); settled {:?} after the churn \
-         stopped",
+         clients: {} closed by the server ({} read its 4008 frame), {} still open at the end; \
+         server: {} slow-consumer closes, {} auth failures, {} replays from the window and {} \
+         from the log; writer: {} events ({:.0}/s) after {HISTORY} of history; settled {:?} \
+         after the churn stopped",
         Stats::count(&stats.connections),
         Stats::count(&stats.connections) as f64 / elapsed,
         Stats::count(&stats.refused_auth),
@@ -879,12 +1263,38 @@ async fn steady_load_with_churn_grows_no_memory_fds_or_tasks() {
         Stats::count(&stats.snapshots),
         Stats::count(&stats.events),
         Stats::count(&stats.never_read_closed),
+        Stats::count(&stats.never_read_4008),
         Stats::count(&stats.never_read_open),
         gauge(&metrics, "pgcast_slow_consumer_closes_total"),
         gauge(&metrics, "pgcast_auth_failures_total"),
+        gauge(&metrics, "pgcast_replays_from_window_total"),
+        gauge(&metrics, "pgcast_replays_from_log_total"),
         committed.load(Ordering::Relaxed),
         committed.load(Ordering::Relaxed) as f64 / elapsed,
         settled.saturating_sub(stopped.duration_since(began)),
+    );
+    let wall = began.elapsed();
+    let second_half = || samples.iter().filter(|s| s.at >= duration / 2);
+    eprintln!(
+        "CPU over {:.0} s on {} CPUs: pgcast {:.1} s ({:.0} % of one CPU), the busy loops {:.1} s; \
+         server sockets in CLOSE-WAIT in the second half: at most {} at a sample (bound \
+         {CLOSE_WAIT_RUN}), {} at one count; none stayed longer than {:.1} s (bound \
+         {CLOSE_WAIT_AGE:?}); {} at the end (bound {CLOSE_WAIT_END})",
+        wall.as_secs_f64(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu_time(server.process.pid()).as_secs_f64(),
+        100.0 * cpu_time(server.process.pid()).as_secs_f64() / wall.as_secs_f64(),
+        hog.cpu().as_secs_f64(),
+        second_half().map(|s| s.close_wait).max().unwrap_or(0),
+        second_half().map(|s| s.close_wait_max).max().unwrap_or(0),
+        samples
+            .iter()
+            .chain([&last])
+            .map(|s| s.close_wait_oldest)
+            .max()
+            .unwrap_or_default()
+            .as_secs_f64(),
+        last.close_wait,
     );
     let problems = stats
         .problems
@@ -904,10 +1314,18 @@ async fn steady_load_with_churn_grows_no_memory_fds_or_tasks() {
             "no never-reading client was closed by the server"
         );
     }
-    let failures = growth_failures(&baseline, &last);
+    // Only never-readers are slow (a churn client closed with 4008 is a problem above), and
+    // each one the server closed was closed as a slow consumer, not by a later limit.
+    let slow_closes = gauge(&metrics, "pgcast_slow_consumer_closes_total");
+    assert!(
+        slow_closes >= Stats::count(&stats.never_read_closed) as i64,
+        "{} never-readers closed by the server, {slow_closes} of them as slow consumers",
+        Stats::count(&stats.never_read_closed)
+    );
+    let failures = end_failures(&baseline, &last);
     assert!(
         failures.is_empty(),
-        "growth over the baseline: {failures:#?}\nbaseline {baseline:?}\nfinal {last:?}"
+        "at the end: {failures:#?}\nbaseline {baseline:?}\nfinal {last:?}"
     );
 
     // No loss: the service received exactly the log's events since it subscribed.
