@@ -3,13 +3,25 @@ use std::time::Duration;
 use crate::auth::DEFAULT_LEEWAY;
 #[cfg(doc)]
 use crate::MIN_SECRET_BYTES;
+use crate::{ClaimMapping, Jwks, PublicKey};
 
 /// Limits and settings of the gateway. Every field documents its default ([`Default`]).
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     /// HS256 secret that verifies client tokens, at least [`MIN_SECRET_BYTES`] (32) bytes;
-    /// [`Gateway::new`](crate::Gateway::new) refuses a shorter one. No default: required.
+    /// [`Gateway::new`](crate::Gateway::new) refuses a shorter one. Required unless
+    /// [`jwt_public_key`](Self::jwt_public_key) or [`jwt_jwks`](Self::jwt_jwks) is set, and
+    /// then empty: exactly one key source verifies tokens.
     pub jwt_secret: Vec<u8>,
+    /// The identity provider's public key (RS256/384/512, PS256/384/512, ES256, ES384 or
+    /// EdDSA: the key's one algorithm), instead of the secret. Default `None`.
+    pub jwt_public_key: Option<PublicKey>,
+    /// The identity provider's JWKS URL and its cache, instead of the secret; clones of the
+    /// configuration share the cache. Default `None`.
+    pub jwt_jwks: Option<Jwks>,
+    /// Where the user, role and workshop are in a token's claims. Default: pgcast's own
+    /// `/sub`, `/role` and `/workshop_id`, role names as they are.
+    pub jwt_claims: ClaimMapping,
     /// When set, only tokens whose `iss` claim is exactly this are accepted. Default `None`
     /// (the issuer is not checked).
     pub jwt_issuer: Option<String>,
@@ -86,6 +98,9 @@ impl GatewayConfig {
     pub fn new(jwt_secret: impl Into<Vec<u8>>) -> Self {
         GatewayConfig {
             jwt_secret: jwt_secret.into(),
+            jwt_public_key: None,
+            jwt_jwks: None,
+            jwt_claims: ClaimMapping::default(),
             jwt_issuer: None,
             jwt_audience: None,
             token_leeway: DEFAULT_LEEWAY,

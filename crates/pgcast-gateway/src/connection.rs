@@ -317,7 +317,7 @@ impl Connection {
         if token.len() > self.shared.config.max_token_bytes {
             return Err(self.refuse("token too long").await);
         }
-        match self.shared.verifier.verify(token) {
+        match self.shared.verifier.verify_async(token).await {
             Ok(v) => Ok(v),
             Err(error) => {
                 // The reason goes to the log (never the token itself); the client gets the code.

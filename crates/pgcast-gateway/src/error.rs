@@ -31,6 +31,18 @@ pub enum GatewayError {
     /// A token setting (issuer, audience, lifetime) that cannot work.
     #[error("{0}")]
     InvalidConfig(&'static str),
+    /// A public key, JWKS URL or algorithm the gateway cannot verify tokens with.
+    #[error("{0}")]
+    KeyConfig(String),
+    /// No configured key may verify this token (unknown `kid`, another algorithm).
+    #[error("token key: {0}")]
+    KeyNotFound(String),
+    /// The token's claims do not name a user, a role or a workshop as the mapping expects.
+    #[error("token claims: {0}")]
+    Claims(String),
+    /// The identity provider's keys could not be read (the last good keys stay in use).
+    #[error("JWKS: {0}")]
+    Jwks(String),
 }
 
 impl GatewayError {
@@ -39,7 +51,9 @@ impl GatewayError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            GatewayError::SecretTooShort { .. } | GatewayError::InvalidConfig(_)
+            GatewayError::SecretTooShort { .. }
+                | GatewayError::InvalidConfig(_)
+                | GatewayError::KeyConfig(_)
         )
     }
 }

@@ -29,6 +29,8 @@ mod db;
 mod edge;
 mod error;
 mod hub;
+mod jwks;
+mod keys;
 mod metrics;
 mod window;
 
@@ -47,10 +49,16 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use auth::{mint_token, TokenMinter, TokenVerifier, Verified, MIN_SECRET_BYTES};
+pub use auth::{
+    mint_token, ClaimMapping, ClaimPointer, RoleMap, TokenMinter, TokenVerifier, Verified,
+    MIN_SECRET_BYTES,
+};
 pub use config::GatewayConfig;
 pub use edge::{ip_key, FrameClock, FrameDeadline, Peer};
 pub use error::GatewayError;
+pub use jsonwebtoken::Algorithm;
+pub use jwks::{parse_url as parse_jwks_url, Jwks, JwksSettings};
+pub use keys::{public_key_algorithm, PublicKey, PUBLIC_KEY_ALGORITHMS};
 pub use metrics::GatewayMetrics;
 
 /// State shared by the gateway's tasks.

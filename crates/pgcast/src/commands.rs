@@ -22,7 +22,7 @@ const USAGE: u8 = 2;
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // Limits that do not go together are a bad command line, like a bad value: one line, 2.
     if let Command::Serve(args) = &cli.command {
-        if let Err(message) = args.limits.limits() {
+        if let Err(message) = args.gateway_limits() {
             eprintln!("error: {message}");
             return Ok(ExitCode::from(USAGE));
         }
@@ -46,14 +46,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let limits = args
-        .limits
-        .limits()
+        .gateway_limits()
         .map_err(|message| anyhow::anyhow!(message))?;
     let shutdown = cancel_on_signal().context("could not install signal handlers")?;
     let tcp = crate::bind(args.listen).await?;
     let options = crate::ServeOptions {
         pg: args.database.database(),
-        jwt_secret: args.secret.jwt_secret.expose().to_vec(),
+        jwt_secret: args.keys.secret_bytes(),
         jwt_issuer: args.jwt_issuer,
         jwt_audience: args.jwt_audience,
         retention: args.retention,

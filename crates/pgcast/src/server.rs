@@ -129,7 +129,9 @@ pub(crate) struct Extras {
 pub struct Limits {
     /// Accept and HTTP limits.
     pub edge: EdgeLimits,
-    /// The gateway's settings; its JWT fields are ignored (they come from [`ServeOptions`]).
+    /// The gateway's settings. Its `jwt_secret`, `jwt_issuer` and `jwt_audience` are ignored
+    /// (they come from [`ServeOptions`]); its identity-provider fields (`jwt_public_key`,
+    /// `jwt_jwks`, `jwt_claims`) are used as they are.
     pub gateway: GatewayConfig,
 }
 
@@ -185,6 +187,13 @@ async fn serve_inner(
     gateway_config.jwt_audience = options.jwt_audience.clone();
     // Refuse a weak secret before touching the database; `Gateway::new` checks it again.
     TokenVerifier::from_config(&gateway_config).map_err(PgcastError::Gateway)?;
+    // Read the identity provider's keys now rather than on the first token. Not fatal: the
+    // first token with an unknown `kid` reads them again.
+    if let Some(jwks) = &gateway_config.jwt_jwks {
+        if let Err(error) = jwks.refresh().await {
+            tracing::warn!(%error, url = jwks.url(), "could not read the identity provider's keys; trying again when a token needs them");
+        }
+    }
     let pool = crate::db::pool(options.pg.url(), MAINTENANCE_POOL_SIZE)?;
     {
         let mut client = crate::db::connect(options.pg.listen_url(), "pgcast-serve").await?;
