@@ -457,7 +457,7 @@ async fn every_serve_flag_is_in_help_and_the_readme() {
         .stdout
         .split_whitespace()
         .filter(|w| w.starts_with("--") && w.len() > 2)
-        .map(|w| w.trim_end_matches([',', '.', ')']))
+        .map(|w| w.trim_end_matches([',', '.', ')', ':', ';']))
         .filter(|w| !matches!(*w, "--help" | "--version"))
         .collect();
     assert!(flags.len() > 20, "{}", out.stdout);

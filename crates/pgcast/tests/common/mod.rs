@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 
 /// Every variable the binary reads, removed so that the machine's environment cannot change
 /// what a test sees; tests set the ones they mean.
-const ENV: [&str; 13] = [
+const ENV: [&str; 22] = [
     "DATABASE_URL",
     "PGCAST_LISTEN",
     "PGCAST_JWT_SECRET",
@@ -26,6 +26,15 @@ const ENV: [&str; 13] = [
     "PGCAST_LISTEN_DATABASE_URL",
     "PGSSLMODE",
     "PGSSLROOTCERT",
+    "PGCAST_JWT_PUBLIC_KEY",
+    "PGCAST_JWT_JWKS_URL",
+    "PGCAST_JWT_ALGORITHM",
+    "PGCAST_JWT_JWKS_MAX_AGE",
+    "PGCAST_JWT_JWKS_MIN_REFRESH",
+    "PGCAST_CLAIM_SUB",
+    "PGCAST_CLAIM_ROLE",
+    "PGCAST_CLAIM_WORKSHOP",
+    "PGCAST_ROLE_MAP",
 ];
 
 /// Generous bound for one run of the binary or one awaited line; never reached when things work.
