@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::{migrated_db, pgcast, run};
 use pgcast_events::Role;
-use running::{connect_from, http_get_from, token, Next, Server, Ws, SECRET, WAIT};
+use running::{connect_from, http_get_from, sample, token, Next, Server, Ws, POLL, SECRET, WAIT};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -542,6 +542,12 @@ async fn gateway_flags_take_effect() {
         .await
         .expect("a listed origin connects");
     drop(listed);
+    // Its slot (unauthenticated, per address: 1) is free once the server saw it go.
+    let deadline = Instant::now() + WAIT;
+    while sample(&server.metrics().await, "pgcast_connections") != Some(0.0) {
+        assert!(Instant::now() < deadline, "the dropped socket never closed");
+        tokio::time::sleep(POLL).await;
+    }
     // One subscription per connection; the frame rate (burst of 2) answers the third frame
     // with rate_limited.
     let mut ws = server
