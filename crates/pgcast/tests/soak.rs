@@ -1315,13 +1315,24 @@ async fn steady_load_with_churn_grows_no_memory_fds_or_tasks() {
         );
     }
     // Only never-readers are slow (a churn client closed with 4008 is a problem above), and
-    // each one the server closed was closed as a slow consumer, not by a later limit.
+    // each one the server closed was closed as a slow consumer, not by a later limit — as long
+    // as the writer fills a budget faster than that limit (a write blocked for two heartbeats,
+    // 40 s) comes: on a machine so busy that the writer falls to a few events a second, the
+    // blocked replay write of a never-reader times out first, which also closes it.
     let slow_closes = gauge(&metrics, "pgcast_slow_consumer_closes_total");
-    assert!(
-        slow_closes >= Stats::count(&stats.never_read_closed) as i64,
-        "{} never-readers closed by the server, {slow_closes} of them as slow consumers",
-        Stats::count(&stats.never_read_closed)
-    );
+    let rate = committed.load(Ordering::Relaxed) as f64 / duration.as_secs_f64();
+    if rate >= 40.0 {
+        assert!(
+            slow_closes >= Stats::count(&stats.never_read_closed) as i64,
+            "{} never-readers closed by the server, {slow_closes} of them as slow consumers",
+            Stats::count(&stats.never_read_closed)
+        );
+    } else {
+        eprintln!(
+            "writer at {rate:.0} events/s: {slow_closes} of {} never-reader closes were slow-consumer closes",
+            Stats::count(&stats.never_read_closed)
+        );
+    }
     let failures = end_failures(&baseline, &last);
     assert!(
         failures.is_empty(),
