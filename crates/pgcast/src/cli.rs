@@ -19,7 +19,7 @@ use crate::config::{
     parse_outbound_bytes, parse_rate, parse_role, parse_tail_topic, parse_timeout, parse_ttl,
     DatabaseUrl, Secret,
 };
-use crate::{Database, EdgeLimits, Limits};
+use crate::{Database, EdgeLimits, Limits, TlsArgs};
 use pgcast_gateway::GatewayConfig;
 use pgcast_gateway::{
     parse_jwks_url, public_key_algorithm, Algorithm, ClaimMapping, ClaimPointer, Jwks,
@@ -153,6 +153,9 @@ pub struct ServeArgs {
         value_name = "ADDR"
     )]
     pub listen: SocketAddr,
+    /// TLS on --listen (https://, wss://): both files or neither.
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Where the keys that verify client tokens come from.
     #[command(flatten)]
     pub keys: KeyArgs,
@@ -471,7 +474,8 @@ impl ServeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct LimitArgs {
     /// Time a client has to send a complete HTTP request head (a `GET /ws` upgrade included);
-    /// also the longest an idle keep-alive connection stays open. At most 1h.
+    /// also the longest an idle keep-alive connection stays open, and (with --tls-cert) the
+    /// time it has to finish the TLS handshake before that. At most 1h.
     #[arg(
         long = "header-timeout",
         env = "PGCAST_HEADER_TIMEOUT",
@@ -855,8 +859,8 @@ impl fmt::Display for ServeArgs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "serve listen={} database={} {}",
-            self.listen, self.database, self.keys,
+            "serve listen={}{} database={} {}",
+            self.listen, self.tls, self.database, self.keys,
         )?;
         write_claims(f, self.jwt_issuer.as_deref(), self.jwt_audience.as_deref())?;
         self.identity.write_summary(f, &self.keys)?;

@@ -26,6 +26,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("error: {message}");
             return Ok(ExitCode::from(USAGE));
         }
+        // A certificate and key that do not go together, refused before anything binds.
+        if let Err(message) = args.tls.server() {
+            eprintln!("error: {message}");
+            return Ok(ExitCode::from(USAGE));
+        }
     }
     if !matches!(cli.command, Command::Token(_)) {
         match cli.log_format {
@@ -48,6 +53,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let limits = args
         .gateway_limits()
         .map_err(|message| anyhow::anyhow!(message))?;
+    // Read again (checked in `run`): the files may have changed since, and an error now is
+    // still reported before binding.
+    let tls = args
+        .tls
+        .server()
+        .map_err(|message| anyhow::anyhow!(message))?;
     let shutdown = cancel_on_signal().context("could not install signal handlers")?;
     let tcp = crate::bind(args.listen).await?;
     let options = crate::ServeOptions {
@@ -59,7 +70,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         migrate: args.migrate,
         links: Vec::new(),
     };
-    crate::serve_limited(tcp, options, limits, shutdown).await?;
+    match tls {
+        Some(tls) => crate::serve_tls(tcp, options, limits, tls, shutdown).await?,
+        None => crate::serve_limited(tcp, options, limits, shutdown).await?,
+    }
     Ok(ExitCode::SUCCESS)
 }
 

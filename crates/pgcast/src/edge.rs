@@ -4,13 +4,20 @@
 //! ```text
 //!  accept ─▶ per-address cap and rate (refused: closed at once, nothing read or written)
 //!         ─▶ TCP_NODELAY, FrameDeadline (the gateway's per-frame clock)
+//!         ─▶ with --tls-cert: TLS handshake within the header timeout (tls.rs)
 //!         ─▶ hyper HTTP/1 with a header-read timeout (slowloris) and upgrades ─▶ router
 //! ```
 //!
 //! `axum::serve` has no header timeout: a peer that sends half a `GET /ws` holds its socket
 //! forever. hyper's HTTP/1 connection has one (it also bounds idle keep-alive connections),
-//! so connections are served with it directly. HTTP/2 is not offered: browsers speak it only
-//! over TLS, which pgcast leaves to the proxy in front of it.
+//! so connections are served with it directly. HTTP/2 is not offered, not even over TLS:
+//! WebSockets upgrade over HTTP/1.1, and the pages and scripts are few and small.
+//!
+//! With TLS, the handshake runs in the connection's task, never in the accept loop, after the
+//! address was admitted (a handshake counts against the per-address caps like any connection)
+//! and under the header timeout: a peer that opens TCP and stalls the handshake is closed like
+//! one that stalls its request head. The frame deadline wraps the TCP stream under TLS, where it
+//! sees every byte the peer sends (see tls.rs).
 //!
 //! The per-address state is one small entry per address (IPv6 by /64) holding both the open
 //! connection count and a token bucket, in one map under one lock taken once per accept and
@@ -36,6 +43,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 /// Limits applied at accept and to each HTTP connection, with their defaults.
@@ -287,8 +295,9 @@ impl AsyncWrite for EdgeStream {
 /// dropped); the whole shutdown stays within its 10 s.
 const DRAIN: Duration = Duration::from_secs(1);
 
-/// Serves `router` on `tcp` until `stop` is cancelled: accept, check the address, serve the
-/// connection with a header timeout; at `stop`, stop accepting, let requests in flight finish
+/// Serves `router` on `tcp` until `stop` is cancelled: accept, check the address, (with `tls`)
+/// complete the TLS handshake within the header timeout, serve the connection with a header
+/// timeout; at `stop`, stop accepting, let requests in flight finish
 /// (for at most a second) and return. Connection tasks are owned by a `JoinSet`: dropping it
 /// aborts the stragglers. Upgraded WebSockets are the gateway's, which closes them itself.
 pub(crate) async fn serve_http(
@@ -296,6 +305,7 @@ pub(crate) async fn serve_http(
     router: Router,
     admission: Arc<Admission>,
     frame_timeout: Duration,
+    tls: Option<TlsAcceptor>,
     stop: CancellationToken,
 ) {
     let limits = admission.limits;
@@ -340,24 +350,33 @@ pub(crate) async fn serve_http(
             clock.clone(),
             frame_timeout,
         );
-        let conn = http
-            .serve_connection(TokioIo::new(io), service(router.clone(), addr, clock))
-            .with_upgrades();
+        let service = service(router.clone(), addr, clock);
+        let http = http.clone();
         let stop = stop.clone();
-        connections.spawn(async move {
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, %addr, "HTTP connection ended");
-                    }
-                }
-                () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(DRAIN, conn).await;
-                }
+        match &tls {
+            None => connections.spawn(serve_connection(http, io, service, addr, stop)),
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                connections.spawn(async move {
+                    let handshake = tokio::time::timeout(
+                        limits.header_timeout,
+                        handshake(&acceptor, io, addr),
+                    );
+                    let io = tokio::select! {
+                        done = handshake => match done {
+                            Ok(Some(io)) => io,
+                            Ok(None) => return,
+                            Err(_) => {
+                                tracing::debug!(%addr, "TLS handshake not finished within the header timeout; closed");
+                                return;
+                            }
+                        },
+                        () = stop.cancelled() => return,
+                    };
+                    serve_connection(http, io, service, addr, stop).await;
+                })
             }
-        });
+        };
     }
     drop(tcp);
     let drained = async { while connections.join_next().await.is_some() {} };
@@ -367,6 +386,91 @@ pub(crate) async fn serve_http(
             "HTTP connections still open after shutdown; dropped"
         );
     }
+}
+
+/// Serves HTTP/1 on `io` until the peer or hyper ends the connection, or until `stop` (then
+/// the request in flight gets [`DRAIN`] to finish).
+async fn serve_connection<IO, S>(
+    http: hyper::server::conn::http1::Builder,
+    io: IO,
+    service: S,
+    addr: SocketAddr,
+    stop: CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = http
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(%error, %addr, "HTTP connection ended");
+            }
+        }
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(DRAIN, conn).await;
+        }
+    }
+}
+
+/// The first byte of every TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// What plain HTTP sent to the TLS port gets (as nginx does), instead of a handshake failure
+/// that a person reading a health check's log cannot tell from a network fault.
+const PLAIN_HTTP_REFUSED: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+    Content-Type: text/plain; charset=utf-8\r\n\
+    Content-Length: 47\r\n\
+    Connection: close\r\n\
+    \r\n\
+    This port speaks TLS: use https:// or wss://.\r\n";
+
+/// The TLS handshake on an admitted connection: `None` when it failed or the peer spoke plain
+/// HTTP (answered with 400). The caller bounds it with the header timeout.
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    io: FrameDeadline<EdgeStream>,
+    addr: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<FrameDeadline<EdgeStream>>> {
+    let mut first = [0u8; 1];
+    match io.get_ref().tcp.peek(&mut first).await {
+        Ok(1..) if first[0] == TLS_HANDSHAKE_RECORD => {}
+        Ok(1..) => {
+            refuse_plain(io).await;
+            return None;
+        }
+        Ok(0) | Err(_) => return None,
+    }
+    match acceptor.accept(io).await {
+        Ok(tls) => Some(tls),
+        Err(error) => {
+            tracing::debug!(%error, %addr, "TLS handshake failed");
+            None
+        }
+    }
+}
+
+/// Answers plain HTTP with [`PLAIN_HTTP_REFUSED`] and closes. Reads the request first and what
+/// follows until the peer closes, so that the close does not reset the connection (which can
+/// discard the answer at the peer) with unread bytes.
+async fn refuse_plain(mut io: FrameDeadline<EdgeStream>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [0u8; 4096];
+    let _ = io.read(&mut buf).await;
+    if io.write_all(PLAIN_HTTP_REFUSED).await.is_err() || io.shutdown().await.is_err() {
+        return;
+    }
+    while matches!(io.read(&mut buf).await, Ok(1..)) {}
 }
 
 /// The router for one connection: each request carries the connection's [`Peer`].
@@ -404,6 +508,16 @@ mod tests {
             connection_rate_per_ip: rate,
             connection_burst_per_ip: burst,
         }
+    }
+
+    #[test]
+    fn the_plain_http_refusal_is_well_formed() {
+        let text = std::str::from_utf8(PLAIN_HTTP_REFUSED).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{text}"
+        );
     }
 
     #[test]

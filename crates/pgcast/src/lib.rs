@@ -27,6 +27,7 @@ mod error;
 mod server;
 mod signal;
 mod tail;
+mod tls;
 mod token;
 
 pub use cli::{
@@ -43,7 +44,8 @@ pub use demo::{default_data_dir, demo, demo_on, DemoOptions, DemoReady, DemoSetu
 pub use doctor::{diagnose, doctor, Check, DoctorReport, Verdict, MAX_QUEUE_USAGE};
 pub use edge::EdgeLimits;
 pub use error::PgcastError;
-pub use server::{bind, serve, serve_limited, Limits, ServeOptions};
+pub use server::{bind, serve, serve_limited, serve_tls, Limits, ServeOptions};
 pub use signal::cancel_on_signal;
 pub use tail::{tail, TailOptions};
+pub use tls::{TlsArgs, TlsServer};
 pub use token::{mint, principal};

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::edge::{Admission, EdgeLimits};
-use crate::{Database, PgcastError};
+use crate::{Database, PgcastError, TlsServer};
 
 /// Events buffered between the listener and the dispatcher. When full, the listener waits
 /// before reading more of the log (the log keeps the events; doorbells are still read, so
@@ -161,7 +161,19 @@ pub async fn serve_limited(
     limits: Limits,
     shutdown: CancellationToken,
 ) -> Result<(), PgcastError> {
-    serve_inner(tcp, options, limits, None, shutdown).await
+    serve_inner(tcp, options, limits, None, None, shutdown).await
+}
+
+/// [`serve_limited`], speaking TLS (`https://`, `wss://`) on `tcp` with `tls`'s certificate,
+/// which is read again on SIGHUP and when its files change.
+pub async fn serve_tls(
+    tcp: TcpListener,
+    options: ServeOptions,
+    limits: Limits,
+    tls: TlsServer,
+    shutdown: CancellationToken,
+) -> Result<(), PgcastError> {
+    serve_inner(tcp, options, limits, None, Some(Arc::new(tls)), shutdown).await
 }
 
 /// [`serve`], plus the demo's extra routes.
@@ -171,7 +183,7 @@ pub(crate) async fn serve_with(
     extras: Option<Extras>,
     shutdown: CancellationToken,
 ) -> Result<(), PgcastError> {
-    serve_inner(tcp, options, Limits::default(), extras, shutdown).await
+    serve_inner(tcp, options, Limits::default(), extras, None, shutdown).await
 }
 
 async fn serve_inner(
@@ -179,6 +191,7 @@ async fn serve_inner(
     options: ServeOptions,
     limits: Limits,
     extras: Option<Extras>,
+    tls: Option<Arc<TlsServer>>,
     shutdown: CancellationToken,
 ) -> Result<(), PgcastError> {
     let mut gateway_config = limits.gateway.clone();
@@ -287,14 +300,28 @@ async fn serve_inner(
         router = router.merge(extras.routes);
     }
     let addr = tcp.local_addr().map_err(PgcastError::Bind)?;
+    let acceptor = match &tls {
+        Some(tls) => {
+            let reloader = tls.reloader(stop.clone()).map_err(|e| {
+                PgcastError::Tls(format!("could not install the SIGHUP handler: {e}"))
+            })?;
+            tasks.spawn(reloader);
+            Some(tls.acceptor())
+        }
+        None => None,
+    };
     tasks.spawn(crate::edge::serve_http(
         tcp,
         router,
         admission,
         limits.gateway.frame_timeout,
+        acceptor,
         shutdown.clone(),
     ));
-    tracing::info!("pgcast ready on http://{addr} (WebSocket ws://{addr}/ws)");
+    match tls {
+        Some(_) => tracing::info!("pgcast ready on https://{addr} (WebSocket wss://{addr}/ws)"),
+        None => tracing::info!("pgcast ready on http://{addr} (WebSocket ws://{addr}/ws)"),
+    }
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: closing WebSocket connections with 1001");
