@@ -12,7 +12,8 @@ pub enum PgcastError {
     Connect(#[source] tokio_postgres::Error),
     /// A TLS connection to the database failed (the server's certificate did not verify, or
     /// the server offers no TLS), or TLS could not be set up: one line naming the host, the
-    /// `sslmode` and the reason.
+    /// `sslmode` and the reason. Also `serve`'s own certificate or key (`--tls-cert`,
+    /// `--tls-key`) that cannot be loaded: one line naming the flag and the file.
     #[error("TLS: {0}")]
     Tls(String),
     /// A diagnostic query failed.

@@ -273,7 +273,10 @@ async fn the_per_address_cap_refuses_one_address_and_not_another() {
         assert!(Instant::now() < deadline, "the freed slot never came back");
         tokio::time::sleep(running::POLL).await;
     }
-    let metrics = server.metrics().await;
+    // From another address: the first one is at its cap again.
+    let (_, metrics) = http_get_from(local(2), addr, "/metrics")
+        .await
+        .expect("metrics from 127.0.0.2");
     assert!(
         running::sample(
             &metrics,

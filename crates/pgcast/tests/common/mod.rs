@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 
 /// Every variable the binary reads, removed so that the machine's environment cannot change
 /// what a test sees; tests set the ones they mean.
-const ENV: [&str; 22] = [
+const ENV: [&str; 24] = [
     "DATABASE_URL",
     "PGCAST_LISTEN",
     "PGCAST_JWT_SECRET",
@@ -35,6 +35,8 @@ const ENV: [&str; 22] = [
     "PGCAST_CLAIM_ROLE",
     "PGCAST_CLAIM_WORKSHOP",
     "PGCAST_ROLE_MAP",
+    "PGCAST_TLS_CERT",
+    "PGCAST_TLS_KEY",
 ];
 
 /// Generous bound for one run of the binary or one awaited line; never reached when things work.
