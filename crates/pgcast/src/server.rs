@@ -40,6 +40,8 @@ use crate::{Database, PgcastError, TlsServer};
 /// before reading more of the log (the log keeps the events; doorbells are still read, so
 /// PostgreSQL's notification queue never fills behind us); nothing is dropped.
 const EVENT_BUFFER: usize = 8192;
+/// Longest wait at start for the listener to catch up before connections are accepted.
+const WARM_UP: Duration = Duration::from_secs(10);
 /// Pool for pruning and the database gauges of `/metrics`, apart from the gateway's reads.
 const MAINTENANCE_POOL_SIZE: usize = 2;
 /// How often the database gauges of `/metrics` are read; a scrape serves the last reading.
@@ -289,7 +291,7 @@ async fn serve_inner(
         stop.clone(),
     ));
     let app = App {
-        status,
+        status: status.clone(),
         registry: Arc::new(registry),
         index: render_index(&options.links).into(),
         mechanic: render_page(MECHANIC_HTML, extras.as_ref()).into(),
@@ -310,6 +312,17 @@ async fn serve_inner(
         }
         None => None,
     };
+    // Accept only once the listener has caught up (its start filled the replay window), for
+    // at most WARM_UP: clients that reconnect to a restarted replica wait in the accept backlog
+    // for a moment instead of subscribing while the window is filled, which would queue every
+    // warm-up event for each of them (thousands of clients × thousands of events).
+    tokio::select! {
+        () = status.wait_ready() => {}
+        () = tokio::time::sleep(WARM_UP) => {
+            tracing::warn!("the listener has not caught up yet; serving anyway");
+        }
+        () = shutdown.cancelled() => {}
+    }
     tasks.spawn(crate::edge::serve_http(
         tcp,
         router,
