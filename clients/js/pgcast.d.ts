@@ -1,11 +1,13 @@
-// Types of pgcast.js (protocol v1). Served at /client.d.ts.
+// Types of pgcast.js (protocol v1). Served at /client.d.ts; the `types` of the pgcast-client
+// package.
 
 /**
  * - `connecting`: first connection attempt;
  * - `live`: authenticated, subscriptions active (the token is refreshed in place, the state
  *   stays `live`);
  * - `reconnecting`: connection lost, retrying with exponential backoff and jitter (each topic
- *   resumes with `since`, so nothing is missed);
+ *   resumes with `since`, so nothing is missed); an attempt that does not open within 15 s is
+ *   given up and retried;
  * - `expired`: the token expired before it could be refreshed (`token_expired`, close 4001); the
  *   client is getting a fresh one from `token()` and reconnecting with `since`;
  * - `resyncing`: the server could not replay what was missed; a fresh snapshot is on its way;
@@ -59,6 +61,23 @@ export interface ServerError {
   id?: string;
 }
 
+/**
+ * What the client needs of a WebSocket: the browser's API (`WebSocket` of browsers, Deno, Bun,
+ * Node.js 22+, or of the `ws` package). Events are typed loosely so that each of those fits.
+ */
+export interface WebSocketLike {
+  readonly readyState: number;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  onopen: ((event: any) => void) | null;
+  /** `event.data` is the text of the frame. */
+  onmessage: ((event: any) => void) | null;
+  /** `event.code` and `event.reason` are the close frame's. */
+  onclose: ((event: any) => void) | null;
+}
+
+export type WebSocketClass = new (url: string) => WebSocketLike;
+
 export interface ClientOptions {
   /** WebSocket URL of pgcast, e.g. "wss://host/ws". */
   url: string;
@@ -92,6 +111,13 @@ export interface ClientOptions {
   initialBackoffMs?: number;
   /** Largest reconnection (and refresh retry) delay ceiling; default 10000. */
   maxBackoffMs?: number;
+  /**
+   * The WebSocket class to connect with. Default: the runtime's global `WebSocket` (browsers,
+   * Deno, Bun, Node.js 22 and later). Node.js 18 and 20 have none: pass one, e.g.
+   * `import { WebSocket } from "ws"` (or start Node.js 20 with `--experimental-websocket`). The
+   * constructor throws a `TypeError` when there is neither.
+   */
+  WebSocket?: WebSocketClass;
 }
 
 export interface SubscribeOptions {
@@ -119,7 +145,10 @@ export interface Subscription {
 }
 
 export class PgcastClient {
-  /** Connects at once; reconnects by itself until `close()`. */
+  /**
+   * Connects at once; reconnects by itself until `close()`. Throws a `TypeError` when the
+   * runtime has no `WebSocket` and `options.WebSocket` gives none.
+   */
   constructor(options: ClientOptions);
   readonly state: ConnectionState;
   /** `exp` (unix seconds) of the live connection's token, from `ready`; `null` when not live. */

@@ -1,4 +1,6 @@
-// pgcast.js — browser client for pgcast's WebSocket protocol v1. No dependencies, no build step.
+// pgcast.js — client for pgcast's WebSocket protocol v1, for browsers and Node.js. No
+// dependencies, no build step. `pgcast serve` serves this very file at /client.js; it is also
+// the package in clients/js/ (`npm install <repo>/clients/js`, then `from "pgcast-client"`).
 //
 //   import { PgcastClient } from "/client.js";
 //   const client = new PgcastClient({
@@ -44,6 +46,16 @@ const EXPIRED_RETRY_GAP_MS = 10000;
 const MAX_TIMER_MS = 24 * 3600 * 1000;
 /** Subscription errors after which sending the same request again cannot succeed. */
 const FINAL_SUBSCRIBE_ERRORS = new Set(["forbidden", "unknown_topic"]);
+/** `WebSocket.OPEN`: the same in every implementation, and no global to read it from in some. */
+const OPEN = 1;
+/**
+ * A connection attempt that has not opened in this time is given up and retried. Some WebSocket
+ * implementations never report a handshake that fails (Node.js 20's fires `error` at most, never
+ * `close`), and a proxy can hold one forever. Longer than a restarted server holds new
+ * connections while it catches up (up to 10 s). Once open, the server's own deadline for `auth`
+ * and its heartbeat take over.
+ */
+const OPEN_WITHIN_MS = 15000;
 
 export class PgcastClient {
   /**
@@ -57,8 +69,19 @@ export class PgcastClient {
    * @param {(topic: string, reason: string) => void} [options.onRevoked]
    * @param {number} [options.initialBackoffMs] default 250
    * @param {number} [options.maxBackoffMs] default 10000
+   * @param {new (url: string) => WebSocket} [options.WebSocket] the WebSocket class to connect
+   *   with, for runtimes without a global one (Node.js before 22: e.g. `WebSocket` of the `ws`
+   *   package); default `globalThis.WebSocket`.
    */
   constructor(options) {
+    /** Where sockets come from: the option, or the runtime's own. */
+    this.webSocketClass = options.WebSocket ?? globalThis.WebSocket;
+    if (typeof this.webSocketClass !== "function") {
+      throw new TypeError(
+        "pgcast: this runtime has no WebSocket; pass one as the `WebSocket` option " +
+          "(e.g. `WebSocket` from the ws package on Node.js before 22)",
+      );
+    }
     this.url = options.url;
     this.tokenSource = options.token;
     this.onState = options.onState || (() => {});
@@ -192,7 +215,7 @@ export class PgcastClient {
   }
 
   #send(msg) {
-    if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(msg));
+    if (this.ws && this.ws.readyState === OPEN) this.ws.send(JSON.stringify(msg));
   }
 
   #sendSubscribe(sub) {
@@ -222,7 +245,7 @@ export class PgcastClient {
       return;
     }
     if (this.stopped) return; // closed while the token was being fetched
-    const ws = new WebSocket(this.url);
+    const ws = new this.webSocketClass(this.url);
     this.ws = ws;
     let pingTimer = null;
     let pongDeadline = null;
@@ -238,7 +261,37 @@ export class PgcastClient {
         keepAlive();
       });
     };
-    ws.onopen = () => ws.send(JSON.stringify({ type: "auth", token }));
+    /**
+     * Ends this attempt as if the socket had closed without a close frame (1006); `close()`s it
+     * unless it already failed (closing a failed one can make it report errors again).
+     */
+    const abandon = (failed) => {
+      if (!failed) {
+        try {
+          ws.close();
+        } catch {
+          // An implementation that refuses close() while connecting.
+        }
+      }
+      onClose({ code: 1006, reason: "" });
+    };
+    let openDeadline = this.#later(OPEN_WITHIN_MS, () => abandon(false));
+    let opened = false;
+    ws.onopen = () => {
+      opened = true;
+      this.#cancel(openDeadline);
+      openDeadline = null;
+      if (this.ws !== ws) {
+        ws.close(1000, "given up"); // opened after all, too late
+        return;
+      }
+      ws.send(JSON.stringify({ type: "auth", token }));
+    };
+    // Before `open`, an error is the end of the attempt: do not wait for a `close` that some
+    // implementations never fire. After it, `close` follows.
+    ws.onerror = () => {
+      if (!opened && this.ws === ws) abandon(true);
+    };
     ws.onmessage = (e) => {
       if (this.ws !== ws) return;
       let msg;
@@ -320,10 +373,11 @@ export class PgcastClient {
           break;
       }
     };
-    ws.onclose = (e) => {
+    const onClose = (e) => {
       this.#cancel(pingTimer);
       this.#cancel(pongDeadline);
-      if (this.ws !== ws) return; // an older socket; its successor is in charge
+      this.#cancel(openDeadline);
+      if (this.ws !== ws) return; // an older socket (or one given up); its successor is in charge
       this.ws = null;
       this.authenticated = false;
       this.liveToken = null;
@@ -366,6 +420,7 @@ export class PgcastClient {
       }
       this.#scheduleReconnect("reconnect");
     };
+    ws.onclose = onClose;
   }
 
   /** Drops a topic the server no longer lets this user see, for good, and tells the app. */

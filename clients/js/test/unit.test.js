@@ -1,0 +1,188 @@
+// The client's own logic, against a scripted WebSocket (no server): what it sends, what it
+// passes on, and how it reconnects. The same paths against a real server: server.test.js.
+
+import assert from "node:assert/strict";
+import { afterEach, test } from "node:test";
+
+import { PgcastClient, tokenClaims } from "pgcast-client";
+
+import { until } from "./support/harness.js";
+
+/** A WebSocket class whose instances the test drives; `made` lists them in order. */
+function scripted() {
+  const made = [];
+  class Scripted {
+    constructor(url) {
+      this.url = url;
+      this.readyState = 0;
+      this.sent = [];
+      this.onopen = this.onmessage = this.onclose = this.onerror = null;
+      made.push(this);
+    }
+    send(text) {
+      this.sent.push(JSON.parse(text));
+    }
+    close(code, reason) {
+      this.closedWith = { code, reason };
+    }
+    // The server's side.
+    open() {
+      this.readyState = 1;
+      this.onopen?.({ type: "open" });
+    }
+    deliver(msg) {
+      this.onmessage?.({ type: "message", data: JSON.stringify(msg) });
+    }
+    drop(code = 1006, reason = "") {
+      this.readyState = 3;
+      this.onclose?.({ type: "close", code, reason });
+    }
+    /** A handshake that fails with `error` and never `close` (as Node.js 20's WebSocket). */
+    fail() {
+      this.readyState = 3;
+      this.onerror?.({ type: "error" });
+    }
+  }
+  return { Scripted, made };
+}
+
+let clients = [];
+afterEach(() => {
+  for (const c of clients) c.close();
+  clients = [];
+});
+
+/** A client on a scripted socket; callbacks recorded in `seen`. */
+function client(extra = {}) {
+  const { Scripted, made } = scripted();
+  const seen = { states: [], reasons: [], errors: [], snapshots: [], events: [] };
+  const c = new PgcastClient({
+    url: "ws://pgcast.test/ws",
+    WebSocket: Scripted,
+    initialBackoffMs: 1,
+    maxBackoffMs: 2,
+    token: ({ reason }) => {
+      seen.reasons.push(reason);
+      return `token-${seen.reasons.length}`;
+    },
+    onState: (s) => seen.states.push(s),
+    onError: (e) => seen.errors.push(e),
+    ...extra,
+  });
+  clients.push(c);
+  const sub = c.subscribe("queue", {
+    onSnapshot: (assignments, position) => seen.snapshots.push({ assignments, position }),
+    onEvent: (e) => seen.events.push(e.position),
+  });
+  return { c, sub, made, seen };
+}
+
+const ready = { type: "ready", user_id: "u", role: "mechanic", expires_at: Math.floor(Date.now() / 1000) + 3600 };
+const event = (position) => ({
+  type: "event",
+  topic: "queue",
+  position,
+  event: "assignment.updated",
+  assignment: { id: "a" },
+  old_status: "queued",
+});
+
+/** Opens socket `i` and answers its `auth` with `ready`. */
+async function goLive({ c, made }, i) {
+  await until(() => made.length > i, `socket ${i}`);
+  made[i].open();
+  assert.equal(made[i].sent[0].type, "auth");
+  made[i].deliver(ready);
+  assert.equal(c.state, "live");
+}
+
+test("without a WebSocket in the runtime or the options, the constructor says what to pass", (t) => {
+  const own = Object.getOwnPropertyDescriptor(globalThis, "WebSocket");
+  if (own && !own.configurable) {
+    t.skip("this runtime's global WebSocket cannot be removed");
+    return;
+  }
+  if (own) delete globalThis.WebSocket;
+  try {
+    assert.throws(() => new PgcastClient({ url: "ws://x/ws", token: "t" }), {
+      name: "TypeError",
+      message: /`WebSocket` option/,
+    });
+  } finally {
+    if (own) Object.defineProperty(globalThis, "WebSocket", own);
+  }
+});
+
+test("authenticates, subscribes with snapshot, drops duplicate and older events", async () => {
+  const t = client();
+  await until(() => t.made.length === 1, "a socket");
+  t.made[0].open();
+  assert.deepEqual(t.made[0].sent, [{ type: "auth", token: "token-1" }]);
+  t.made[0].deliver(ready);
+  assert.deepEqual(t.made[0].sent[1], { type: "subscribe", id: "queue", topic: "queue", snapshot: true });
+  assert.equal(t.c.expiresAt, ready.expires_at);
+  t.made[0].deliver({ type: "subscribed", id: "queue", topic: "queue", position: 5 });
+  t.made[0].deliver({ type: "snapshot", topic: "queue", position: 5, assignments: [] });
+  for (const p of [6, 6, 4, 7]) t.made[0].deliver(event(p));
+  assert.deepEqual(t.seen.events, [6, 7]);
+  assert.equal(t.sub.position, 7);
+});
+
+test("a slow-consumer close (4008) resumes with since, without a new snapshot", async () => {
+  const t = client();
+  await goLive(t, 0);
+  t.made[0].deliver({ type: "snapshot", topic: "queue", position: 5, assignments: [] });
+  t.made[0].deliver(event(9));
+  t.made[0].drop(4008, "slow consumer");
+  assert.equal(t.c.state, "reconnecting");
+  await goLive(t, 1);
+  assert.deepEqual(t.made[1].sent[1], { type: "subscribe", id: "queue", topic: "queue", since: 9 });
+  assert.deepEqual(t.seen.reasons, ["connect", "reconnect"]);
+});
+
+test("resync: the topic is subscribed again with a snapshot", async () => {
+  const t = client();
+  await goLive(t, 0);
+  t.made[0].deliver({ type: "snapshot", topic: "queue", position: 5, assignments: [] });
+  t.made[0].deliver({ type: "resync", topic: "queue", reason: "since is older than the retained event log" });
+  assert.equal(t.c.state, "resyncing");
+  assert.deepEqual(t.made[0].sent.at(-1), { type: "subscribe", id: "queue", topic: "queue", snapshot: true });
+  t.made[0].deliver({ type: "snapshot", topic: "queue", position: 12, assignments: [{ id: "a" }] });
+  assert.equal(t.c.state, "live");
+  assert.deepEqual(
+    t.seen.snapshots.map((s) => s.position),
+    [5, 12],
+  );
+});
+
+test("a handshake that reports only `error` (no `close`) is retried", async () => {
+  const t = client();
+  await until(() => t.made.length === 1, "a socket");
+  t.made[0].fail();
+  assert.equal(t.c.state, "reconnecting");
+  await goLive(t, 1);
+  assert.deepEqual(t.seen.reasons, ["connect", "reconnect"]);
+  // The given-up socket is not closed again (it failed), and a late event from it is ignored.
+  assert.equal(t.made[0].closedWith, undefined);
+  t.made[0].deliver(event(3));
+  assert.deepEqual(t.seen.events, []);
+});
+
+test("token_expired and 4001: state expired, a token for reason expired, then since", async () => {
+  const t = client();
+  await goLive(t, 0);
+  t.made[0].deliver({ type: "snapshot", topic: "queue", position: 5, assignments: [] });
+  t.made[0].deliver({ type: "error", code: "token_expired", message: "token expired" });
+  t.made[0].drop(4001, "token expired");
+  assert.equal(t.c.state, "expired");
+  await goLive(t, 1);
+  assert.deepEqual(t.seen.reasons, ["connect", "expired"]);
+  assert.deepEqual(t.made[1].sent[1], { type: "subscribe", id: "queue", topic: "queue", since: 5 });
+});
+
+test("tokenClaims reads a JWT's claims without verifying", () => {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  const jwt = `${b64({ alg: "HS256" })}.${b64({ sub: "s", exp: 1700000000 })}.sig`;
+  assert.deepEqual(tokenClaims(jwt), { sub: "s", exp: 1700000000 });
+  assert.deepEqual(tokenClaims("not a token"), {});
+});
