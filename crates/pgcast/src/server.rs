@@ -63,8 +63,8 @@ const PRUNE_SQL: &str = include_str!("../../../sql/prune_events.sql");
 const QUEUE_USAGE_SQL: &str = include_str!("../../../sql/doctor_notify_queue.sql");
 const LOG_HEAD_SQL: &str = include_str!("../../../sql/log_head.sql");
 
-const CLIENT_JS: &str = include_str!("../web/pgcast.js");
-const CLIENT_DTS: &str = include_str!("../web/pgcast.d.ts");
+const CLIENT_JS: &str = include_str!("../../../clients/js/pgcast.js");
+const CLIENT_DTS: &str = include_str!("../../../clients/js/pgcast.d.ts");
 const APP_CSS: &str = include_str!("../web/app.css");
 const MECHANIC_HTML: &str = include_str!("../web/mechanic.html");
 const CUSTOMER_HTML: &str = include_str!("../web/customer.html");
