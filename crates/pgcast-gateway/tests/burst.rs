@@ -282,14 +282,12 @@ async fn a_reader_that_stops_reading_is_closed_with_4008_and_resumes_without_a_g
     // Polled: the gateway signals a slow consumer only to that connection (and this one is
     // not reading).
     let stalled_at = Instant::now();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while h.metric("pgcast_slow_consumer_closes") < 1.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the stalled reader was not declared slow within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    h.until_metric(
+        "pgcast_slow_consumer_closes",
+        1.0,
+        "the stalled reader to be declared slow",
+    )
+    .await;
     let declared = stalled_at.elapsed();
 
     // Reading again, it finds what its buffers held, whole frames in order, then 4008.
@@ -320,14 +318,12 @@ async fn a_reader_that_stops_reading_is_closed_with_4008_and_resumes_without_a_g
     // The hub has dispatched the whole burst before the reader resumes: resuming while it still
     // dispatches 9 MB would overflow this small budget again, as live events queue while the
     // replay is written.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while h.metric("pgcast_events_dispatched") < STALL_ROWS as f64 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the burst was not dispatched within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    h.until_metric(
+        "pgcast_events_dispatched",
+        STALL_ROWS as f64,
+        "the whole burst to be dispatched",
+    )
+    .await;
 
     // It resumes after the last event it received and gets the rest, once, in order.
     let last = *got.last().expect("read before stalling");

@@ -147,13 +147,12 @@ async fn a_snapshot_storm_waits_its_turn_instead_of_failing() {
         ws.send(json!({"type": "subscribe", "id": "s", "topic": "queue", "snapshot": true}))
             .await;
     }
-    let waiting = tokio::time::timeout(WAIT, async {
-        while h.metric("pgcast_database_reads_waiting") < (CLIENTS - 1) as f64 {
-            tokio::task::yield_now().await;
-        }
-    })
+    h.until_metric(
+        "pgcast_database_reads_waiting",
+        (CLIENTS - 1) as f64,
+        "the subscribes to queue up",
+    )
     .await;
-    assert!(waiting.is_ok(), "the subscribes never queued up");
     tx.rollback().await.expect("unlock");
     let readers = clients.into_iter().map(|mut ws| {
         tokio::spawn(async move {
@@ -191,13 +190,12 @@ async fn a_peer_leaving_while_its_subscribe_waits_frees_its_connection() {
     waiter
         .send(json!({"type": "subscribe", "id": "s", "topic": "assignments", "snapshot": true}))
         .await;
-    let queued = tokio::time::timeout(WAIT, async {
-        while h.metric("pgcast_database_reads_waiting") < 1.0 {
-            tokio::task::yield_now().await;
-        }
-    })
+    h.until_metric(
+        "pgcast_database_reads_waiting",
+        1.0,
+        "the second subscribe to queue",
+    )
     .await;
-    assert!(queued.is_ok(), "the second subscribe never queued");
     // The waiter goes away (FIN); the holder's socket stays open.
     drop(waiter);
     h.until_connections(1, "the waiting connection to end")

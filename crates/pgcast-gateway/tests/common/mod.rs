@@ -204,6 +204,22 @@ impl Harness {
             .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
     }
 
+    /// Waits (bounded by `WAIT`) until the metric `name` is at least `value`. The gateway has
+    /// no signal for these counters, so the condition is checked again each time the runtime
+    /// has run its other tasks (no timer: it returns as soon as the count is reached).
+    pub async fn until_metric(&self, name: &str, value: f64, what: &str) {
+        let reached = tokio::time::timeout(WAIT, async {
+            while self.metric(name) < value {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(
+            reached.is_ok(),
+            "timed out waiting for {what} ({name} ≥ {value})"
+        );
+    }
+
     /// Open WebSocket connections as the gateway counts them.
     /// Waits (bounded by `WAIT`) until exactly `n` connections are open.
     pub async fn until_connections(&self, n: usize, what: &str) {
