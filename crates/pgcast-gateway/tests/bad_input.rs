@@ -26,21 +26,7 @@ async fn serves_live(h: &Harness) {
     ws.ping().await;
 }
 
-/// Base64url without padding, to forge tokens by hand.
-fn b64url(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..=chunk.len() {
-            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
-}
+use pgcast_testkit::base64url::encode as b64url;
 
 fn now() -> u64 {
     SystemTime::now()

@@ -55,7 +55,7 @@ async fn a_customer_follows_every_session_of_their_own_and_nobody_elses() {
             (b.to_string(), "queued".to_owned()),
         ]
     );
-    ws.quiet().await;
+    h.nothing_more(&mut ws, &ana).await;
 
     // A service may follow any customer.
     let mut svc = h.client(&service()).await;
@@ -118,6 +118,6 @@ async fn the_snapshot_holds_the_open_assignments_and_since_resumes() {
         .iter()
         .all(|e| e["assignment"]["session_id"] == done.to_string()
             || e["assignment"]["session_id"] == open.to_string()));
-    again.quiet().await;
+    h.nothing_more(&mut again, &ana).await;
     h.stop().await;
 }

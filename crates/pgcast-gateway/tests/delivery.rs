@@ -26,15 +26,29 @@ async fn live_events_reach_a_queue_subscriber() {
     h.stop().await;
 }
 
+/// At least this many writes, and at least [`AFTER_SNAPSHOT`] of them after the snapshot, so
+/// the snapshot is always taken in the middle of the writes (it must race them to prove
+/// anything).
+const WRITES: usize = 300;
+const AFTER_SNAPSHOT: usize = 50;
+
 #[tokio::test]
 async fn snapshot_then_live_under_concurrent_writes_loses_and_doubles_nothing() {
     let h = Harness::start().await;
     let writer_db = h.db.clone();
-    // Writes keep committing while the snapshot is taken.
+    let (snapshot_taken, mut taken) = tokio::sync::watch::channel(false);
+    // Writes keep committing while the snapshot is taken, and go on after it.
     let writer = tokio::spawn(async move {
         let c = writer_db.connect().await.unwrap();
         let mut ids = Vec::new();
-        for i in 0..300 {
+        let mut stop_at = None;
+        for i in 0.. {
+            if stop_at.is_none() && *taken.borrow_and_update() {
+                stop_at = Some((i + AFTER_SNAPSHOT).max(WRITES));
+            }
+            if stop_at.is_some_and(|end| i >= end) {
+                break;
+            }
             let id: Uuid = c
                 .query_one(
                     "INSERT INTO session_assignments (session_id, status, customer_name)
@@ -64,10 +78,18 @@ async fn snapshot_then_live_under_concurrent_writes_loses_and_doubles_nothing() 
     let mut ws = h.client(&mechanic(None)).await;
     let sub = ws.subscribe("queue", json!({"snapshot": true})).await;
     let snap = ws.recv().await;
+    snapshot_taken.send(true).unwrap();
     assert_eq!(snap["type"], "snapshot");
     assert_eq!(snap["position"], sub["position"]);
     let ids = writer.await.unwrap();
     let head = h.log_head().await;
+    let snapshot_at = snap["position"].as_i64().unwrap();
+    // The race happened: writes committed after the snapshot's position, so what follows
+    // must be stitched onto it.
+    assert!(
+        snapshot_at < head,
+        "the snapshot ({snapshot_at}) was not taken while writes went on (head {head})"
+    );
 
     // Rebuild the queue from snapshot + events and compare with the table.
     let mut queue: std::collections::BTreeSet<String> = snap["assignments"]
@@ -76,12 +98,14 @@ async fn snapshot_then_live_under_concurrent_writes_loses_and_doubles_nothing() 
         .iter()
         .map(|a| a["id"].as_str().unwrap().to_owned())
         .collect();
-    let mut last = snap["position"].as_i64().unwrap();
+    let mut last = snapshot_at;
+    let mut live = 0;
     while last < head {
         let ev = ws.events(1).await.remove(0);
         let pos = ev["position"].as_i64().unwrap();
         assert!(pos > last, "duplicate or out of order: {pos} after {last}");
         last = pos;
+        live += 1;
         let id = ev["assignment"]["id"].as_str().unwrap().to_owned();
         if ev["assignment"]["status"] == "queued" {
             assert!(queue.insert(id), "row doubled");
@@ -89,7 +113,11 @@ async fn snapshot_then_live_under_concurrent_writes_loses_and_doubles_nothing() 
             assert!(queue.remove(&id), "removed a row that was not there");
         }
     }
-    ws.quiet().await;
+    // Every write after the snapshot is a queue event (an insert into the general queue).
+    assert!(
+        live >= AFTER_SNAPSHOT,
+        "only {live} live events followed the snapshot"
+    );
     let expected: std::collections::BTreeSet<String> = h
         .admin
         .query(
@@ -102,7 +130,11 @@ async fn snapshot_then_live_under_concurrent_writes_loses_and_doubles_nothing() 
         .map(|r| r.get(0))
         .collect();
     assert_eq!(queue, expected);
-    assert_eq!(expected.len(), ids.len() - 100);
+    assert!(ids.len() >= WRITES);
+    assert_eq!(expected.len(), ids.len() - ids.len().div_ceil(3));
+    // And nothing after the head: no late duplicate of a snapshot row or a live event.
+    let marker = h.marker().await;
+    ws.nothing_before(marker).await;
     h.stop().await;
 }
 
@@ -136,7 +168,7 @@ async fn since_replays_missed_events_once_then_goes_live() {
     let live = h.insert(session, "queued", None, None).await;
     let ev = ws.events(1).await.remove(0);
     assert_eq!(ev["assignment"]["id"], live.to_string());
-    ws.quiet().await;
+    h.nothing_more(&mut ws, &who).await;
     h.stop().await;
 }
 
@@ -329,8 +361,12 @@ async fn a_connection_waiting_on_the_database_still_closes_at_shutdown() {
     let mut ws = h.client(&service()).await;
     ws.send(json!({"type": "subscribe", "id": "s", "topic": "assignments", "snapshot": true}))
         .await;
-    // The snapshot is now waiting for the lock (nothing comes back).
-    ws.quiet().await;
+    // The snapshot is now waiting for the lock: nothing comes back meanwhile. (No marker can
+    // be written while the table is locked; this only shows the subscribe is still pending.)
+    assert!(
+        matches!(ws.next(Duration::from_millis(300)).await, Next::Nothing),
+        "the snapshot answered while its table was locked"
+    );
     assert!(
         h.gateway.shutdown(Duration::from_secs(5)).await,
         "shutdown waited for a connection stuck on the database"

@@ -96,7 +96,11 @@ async fn forged_notifications_never_reach_clients_and_hide_no_real_event() {
         let got = ws.events(1).await;
         assert_eq!(got[0]["assignment"]["id"], real.to_string());
         assert_eq!(position(&got[0]), next, "the real event keeps its position");
-        ws.quiet().await;
+    }
+    // Nothing forged follows: a general queued marker reaches both next.
+    let marker = h.marker().await;
+    for ws in [&mut svc, &mut m] {
+        ws.nothing_before(marker).await;
     }
     h.stop().await;
 }
@@ -152,7 +156,7 @@ async fn a_reassigned_mechanic_gets_the_change_then_revoked_and_nothing_more() {
         .await
         .unwrap();
     h.insert(session, "queued", None, None).await;
-    ws.quiet().await;
+    h.nothing_more(&mut ws, &m1).await;
     ws.ping().await;
 
     // And no way back in: neither live nor with since.
@@ -169,7 +173,7 @@ async fn a_reassigned_mechanic_gets_the_change_then_revoked_and_nothing_more() {
     ws2.subscribe(&topic, json!({})).await;
     h.update(a, "completed", Some(m2.user_id), None).await;
     assert_eq!(ws2.events(1).await[0]["assignment"]["status"], "completed");
-    ws.quiet().await;
+    h.nothing_more(&mut ws, &m1).await;
     h.stop().await;
 }
 
@@ -195,7 +199,7 @@ async fn a_cancelled_or_deleted_assignment_revokes_its_mechanic() {
         let revoked = ws.recv().await;
         assert_eq!(revoked["type"], "revoked", "{end}: {revoked}");
         h.insert(session, "queued", None, None).await;
-        ws.quiet().await;
+        h.nothing_more(&mut ws, &m).await;
     }
     h.stop().await;
 }
@@ -242,7 +246,7 @@ async fn a_replay_shows_a_mechanic_only_what_they_could_see_at_each_position() {
     ws.subscribe(&topic, json!({"since": start})).await;
     let got: Vec<i64> = ws.events(shown.len()).await.iter().map(position).collect();
     assert_eq!(got, shown);
-    ws.quiet().await;
+    h.nothing_more(&mut ws, &m1).await;
 
     // Live after the replay: the membership is where the replay left it.
     h.update(b, "cancelled", Some(m1.user_id), None).await;
@@ -254,7 +258,7 @@ async fn a_replay_shows_a_mechanic_only_what_they_could_see_at_each_position() {
     c.subscribe(&topic, json!({"since": start})).await;
     let all: Vec<i64> = c.events(10).await.iter().map(position).collect();
     assert_eq!(all[..9], positions[..]);
-    c.quiet().await;
+    h.nothing_more(&mut c, &owner).await;
     h.stop().await;
 }
 
@@ -380,7 +384,11 @@ async fn a_refresh_with_another_workshop_revokes_what_it_no_longer_allows() {
     let got = ws.events(1).await;
     assert_eq!(got[0]["topic"], own);
     assert_eq!(got[0]["assignment"]["id"], mine.to_string());
-    ws.quiet().await;
+    // `own` is followed already: a marker on it, in nobody's queue or workshop.
+    let marker = h
+        .insert(Uuid::new_v4(), "declined", Some(who.user_id), None)
+        .await;
+    ws.nothing_before(marker).await;
     // The queue under the new claims is one subscribe away.
     ws.subscribe("queue", json!({})).await;
     ws.subscribe_err(&shop, "forbidden").await;

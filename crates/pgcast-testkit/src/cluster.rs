@@ -1,3 +1,6 @@
+//! A private PostgreSQL cluster per test process or per fault test: start from a template,
+//! stop, restart, and cleanup that survives a killed test process.
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -112,7 +115,10 @@ impl PgCluster {
             pg.write_file(name, contents)?;
         }
         // Armed before the first start, so that a server is never running unwatched.
-        let watchdog = Watchdog::spawn(root.path(), &pg.stop_command(StopMode::Immediate))?;
+        let watchdog = Watchdog::plan()
+            .run(&pg.stop_command(StopMode::Immediate))
+            .remove(root.path())
+            .arm("pgcast-testkit-watchdog")?;
         let mut attempt = 1;
         loop {
             pg = pg.with_port(free_port()?);

@@ -1,3 +1,6 @@
+//! A database of its own per test on a [`PgCluster`](crate::PgCluster): unique names,
+//! connection settings, connections.
+
 use std::hash::{BuildHasher, RandomState};
 use std::process;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,3 +1,5 @@
+//! The test kit's one error type.
+
 use std::sync::Arc;
 
 use pgcast_localpg::LocalPgError;

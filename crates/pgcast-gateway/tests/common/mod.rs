@@ -1,28 +1,25 @@
 //! A real gateway for tests: throwaway PostgreSQL, the real listener, axum on 127.0.0.1:0, and
-//! a real tokio-tungstenite client.
-#![allow(dead_code, unreachable_pub, missing_docs)]
+//! the test kit's real tokio-tungstenite client ([`Ws`]); rows written the way the product's
+//! users write them; markers that prove nothing more is on its way to a client.
+#![allow(dead_code, unused_imports, unreachable_pub, missing_docs)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use futures::{SinkExt, StreamExt};
 use pgcast_events::{Principal, Role};
-use pgcast_gateway::{mint_token, Gateway, GatewayConfig};
+use pgcast_gateway::{Gateway, GatewayConfig};
 use pgcast_listener::{migrate, EventLog, Listener, ListenerStatus, MigrationScope, Start};
 use pgcast_testkit::{PgCluster, TestDb};
-use serde_json::{json, Value};
-use tokio::net::TcpStream;
+use serde_json::json;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+pub use pgcast_testkit::token::{customer, mechanic, service};
+pub use pgcast_testkit::ws::{Next, Ws, WAIT};
+
 pub const SECRET: &[u8] = b"gateway-test-secret-of-at-least-32-bytes";
-pub const WAIT: Duration = Duration::from_secs(15);
 
 pub struct Harness {
     pub db: TestDb,
@@ -33,17 +30,6 @@ pub struct Harness {
     stop: CancellationToken,
     server: tokio::task::JoinHandle<()>,
     listener_task: tokio::task::JoinHandle<()>,
-}
-
-pub fn pool(db: &TestDb) -> Pool {
-    let manager = Manager::from_config(
-        db.pg_config(),
-        tokio_postgres::NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager).max_size(8).build().expect("pool")
 }
 
 impl Harness {
@@ -61,7 +47,7 @@ impl Harness {
         migrate(&mut admin, MigrationScope::All)
             .await
             .expect("migrate");
-        let log = EventLog::new(pool(&db));
+        let log = EventLog::new(db.pool(8));
         let mut config = GatewayConfig::new(SECRET);
         tune(&mut config);
         let gateway = Gateway::new(config, log.clone()).expect("gateway config");
@@ -102,24 +88,18 @@ impl Harness {
     }
 
     pub fn token(&self, who: &Principal) -> String {
-        mint_token(SECRET, who, Duration::from_secs(600)).unwrap()
+        pgcast_testkit::token::mint(SECRET, who, Duration::from_secs(600))
     }
 
     /// A connected, not yet authenticated client.
     pub async fn raw(&self) -> Ws {
-        let (ws, _) = tokio_tungstenite::connect_async(self.url())
-            .await
-            .expect("websocket connect");
-        Ws { ws }
+        Ws::open(self.addr).await.expect("websocket connect")
     }
 
     /// A client authenticated as `who`.
     pub async fn client(&self, who: &Principal) -> Ws {
         let mut ws = self.raw().await;
-        ws.send(json!({"type": "auth", "token": self.token(who)}))
-            .await;
-        let ready = ws.recv().await;
-        assert_eq!(ready["type"], "ready", "{ready}");
+        let ready = ws.auth(&self.token(who)).await;
         assert_eq!(ready["user_id"], who.user_id.to_string());
         ws
     }
@@ -244,172 +224,61 @@ impl Harness {
             .unwrap()
             .get(0)
     }
-}
 
-pub fn mechanic(workshop: Option<Uuid>) -> Principal {
-    Principal {
-        user_id: Uuid::new_v4(),
-        role: Role::Mechanic,
-        workshop_id: workshop,
-    }
-}
-
-pub fn customer() -> Principal {
-    Principal {
-        user_id: Uuid::new_v4(),
-        role: Role::Customer,
-        workshop_id: None,
-    }
-}
-
-pub fn service() -> Principal {
-    Principal {
-        user_id: Uuid::new_v4(),
-        role: Role::Service,
-        workshop_id: None,
-    }
-}
-
-pub struct Ws {
-    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-}
-
-/// What the next thing from the server was.
-#[derive(Debug)]
-pub enum Next {
-    Json(Value),
-    Close(Option<CloseFrame>),
-    /// The TCP connection ended without a close frame.
-    Ended,
-    Nothing,
-}
-
-impl Ws {
-    pub async fn send(&mut self, v: Value) {
-        self.send_text(&v.to_string()).await;
-    }
-
-    pub async fn send_text(&mut self, text: &str) {
-        self.ws
-            .send(Message::Text(text.into()))
-            .await
-            .expect("send");
-    }
-
-    /// The next JSON frame or close, skipping pings; `Nothing` after `limit`.
-    pub async fn next(&mut self, limit: Duration) -> Next {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            match tokio::time::timeout_at(deadline, self.ws.next()).await {
-                Err(_) => return Next::Nothing,
-                Ok(None) | Ok(Some(Err(_))) => return Next::Ended,
-                Ok(Some(Ok(Message::Text(t)))) => {
-                    return Next::Json(serde_json::from_str(&t).expect("server sent JSON"))
-                }
-                Ok(Some(Ok(Message::Close(f)))) => return Next::Close(f),
-                Ok(Some(Ok(_))) => continue,
+    /// Proves that nothing more is on its way to `ws` (authenticated as `who`): follows a topic
+    /// of its own for a moment, writes a marker row only that topic and the ones `ws` may
+    /// already follow can see, and expects the marker's event as the very next frame. Events
+    /// reach one connection in position order, so a late frame of anything written before
+    /// would come first; a quiet window would miss it. The marker's topic is then unfollowed
+    /// (a second frame of the marker, on a topic `ws` already followed, is skipped).
+    ///
+    /// The marker row is `declined` for a mechanic (that mechanic's own topic: in no queue, no
+    /// workshop, and it makes nobody a member of a session), `cancelled` in a new session of a
+    /// customer's own, and `declined` for a made-up mechanic for a service. A test in which
+    /// `ws` already follows the marker's topic cannot use this (subscribing again replaces the
+    /// subscription): write a marker it can see and call [`Ws::nothing_before`].
+    pub async fn nothing_more(&self, ws: &mut Ws, who: &Principal) {
+        let (topic, marker) = match who.role {
+            Role::Customer => {
+                let session = self.insert_session(who.user_id).await;
+                let topic = format!("session:{session}");
+                ws.subscribe(&topic, json!({})).await;
+                (topic, self.insert(session, "cancelled", None, None).await)
             }
-        }
-    }
-
-    /// The next JSON frame; fails the test on anything else within `WAIT`.
-    pub async fn recv(&mut self) -> Value {
-        match self.next(WAIT).await {
-            Next::Json(v) => v,
-            other => panic!("expected a frame, got {other:?}"),
-        }
-    }
-
-    /// Asserts that no frame arrives for a short while.
-    pub async fn quiet(&mut self) {
-        match self.next(Duration::from_millis(300)).await {
-            Next::Nothing => {}
-            other => panic!("expected silence, got {other:?}"),
-        }
-    }
-
-    /// Expects the server to close with `code`.
-    pub async fn expect_close(&mut self, code: u16) {
-        loop {
-            match self.next(WAIT).await {
-                Next::Close(Some(f)) => {
-                    assert_eq!(u16::from(f.code), code, "close reason: {}", f.reason);
-                    return;
-                }
-                Next::Json(_) => continue,
-                other => panic!("expected close {code}, got {other:?}"),
+            Role::Mechanic | Role::Service => {
+                let target = match who.role {
+                    Role::Mechanic => who.user_id,
+                    _ => Uuid::new_v4(),
+                };
+                let topic = format!("mechanic:{target}");
+                ws.subscribe(&topic, json!({})).await;
+                let marker = self
+                    .insert(Uuid::new_v4(), "declined", Some(target), None)
+                    .await;
+                (topic, marker)
             }
-        }
-    }
-
-    /// Sends a ping and expects its pong as the very next frame: the connection is usable.
-    pub async fn ping(&mut self) {
+        };
+        ws.nothing_before(marker).await;
         let id = Uuid::new_v4().to_string();
-        self.send(json!({"type": "ping", "id": id})).await;
-        let reply = self.recv().await;
-        assert_eq!(reply, json!({"type": "pong", "id": id}));
-    }
-
-    /// Expects the next frame to be an `error` with `code`; returns it.
-    pub async fn expect_error(&mut self, code: &str) -> Value {
-        let reply = self.recv().await;
-        assert_eq!(reply["type"], "error", "{reply}");
-        assert_eq!(reply["code"], code, "{reply}");
-        reply
-    }
-
-    /// Sends a subscribe that must fail with `code`; returns the error frame.
-    pub async fn subscribe_err(&mut self, topic: &str, code: &str) -> Value {
-        self.send(json!({"type": "subscribe", "id": "bad", "topic": topic}))
+        ws.send(json!({"type": "unsubscribe", "topic": topic}))
             .await;
-        let reply = self.expect_error(code).await;
-        assert_eq!(reply["id"], "bad", "{reply}");
-        reply
-    }
-
-    /// Subscribes and returns the `subscribed` reply.
-    pub async fn subscribe(&mut self, topic: &str, extra: Value) -> Value {
-        let mut msg = json!({"type": "subscribe", "id": topic, "topic": topic});
-        if let (Some(m), Some(e)) = (msg.as_object_mut(), extra.as_object()) {
-            m.extend(e.clone());
-        }
-        self.send(msg).await;
-        let reply = self.recv().await;
-        assert_eq!(reply["type"], "subscribed", "{reply}");
-        assert_eq!(reply["topic"], topic);
-        reply
-    }
-
-    /// Reads event frames until the one at `position` (or later): the hub has dispatched
-    /// every event up to it.
-    pub async fn until_position(&mut self, position: i64) {
+        ws.send(json!({"type": "ping", "id": id})).await;
         loop {
-            let ev = self.events(1).await.remove(0);
-            if ev["position"].as_i64().is_some_and(|p| p >= position) {
+            let v = ws.recv().await;
+            if v == json!({"type": "pong", "id": id}) {
                 return;
             }
+            assert_eq!(
+                v["assignment"]["id"],
+                marker.to_string(),
+                "after the marker: {v}"
+            );
         }
     }
 
-    /// Unsubscribes from `topic`, confirmed by a ping round trip (frames are handled in
-    /// order), so nothing more of it is queued for this connection.
-    pub async fn stop_following(&mut self, topic: &str) {
-        self.send(json!({"type": "unsubscribe", "topic": topic}))
-            .await;
-        self.ping().await;
-    }
-
-    /// Receives event frames until `n` arrived.
-    pub async fn events(&mut self, n: usize) -> Vec<Value> {
-        let mut got = Vec::with_capacity(n);
-        while got.len() < n {
-            let v = match self.next(WAIT).await {
-                Next::Json(v) => v,
-                other => panic!("after {} of {n} events: {other:?}", got.len()),
-            };
-            assert_eq!(v["type"], "event", "{v}");
-            got.push(v);
-        }
-        got
+    /// A general queued row (in every mechanic's queue and on `assignments`) to read up to
+    /// with [`Ws::nothing_before`] or [`Ws::until_marker`].
+    pub async fn marker(&self) -> Uuid {
+        self.insert(Uuid::new_v4(), "queued", None, None).await
     }
 }
