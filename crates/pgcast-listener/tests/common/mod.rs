@@ -1,10 +1,11 @@
-//! Shared set-up of the listener tests: a migrated database of its own, a pool, a listener.
+//! Shared set-up of the listener tests: a migrated database of its own, a listener on it, and
+//! a marker row that proves nothing more is coming from it.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::Pool;
 use pgcast_events::AssignmentEvent;
 use pgcast_listener::{
     migrate, Backoff, EventLog, Listener, ListenerStatus, MigrationScope, Start,
@@ -25,21 +26,20 @@ pub async fn migrated_db(cluster: &PgCluster) -> (TestDb, Client) {
 }
 
 pub fn pool(db: &TestDb) -> Pool {
-    let manager = Manager::from_config(
-        db.pg_config(),
-        tokio_postgres::NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager).max_size(4).build().expect("pool")
+    db.pool(4)
 }
+
+/// The `customer_name` of marker rows.
+pub const MARKER: &str = "pgcast-test-marker";
 
 pub struct Running {
     pub events: mpsc::Receiver<Arc<AssignmentEvent>>,
     pub status: Arc<ListenerStatus>,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<()>,
+    /// The database it listens to, where [`assert_quiet`](Self::assert_quiet) writes its
+    /// marker.
+    pub db: TestDb,
 }
 
 impl Running {
@@ -58,13 +58,23 @@ impl Running {
         got
     }
 
-    /// Asserts that nothing more arrives for a short while (used after all expected events).
+    /// Asserts that nothing more was on its way (used after all expected events): commits a
+    /// marker row (one event, `customer_name` [`MARKER`]) and expects its event to be the very
+    /// next one. The listener emits in position order, so any late or duplicate event of an
+    /// earlier commit would come first; a quiet window would miss one that is late enough.
+    /// The marker adds one event (and one doorbell) to the listener's counters.
     pub async fn assert_quiet(&mut self) {
-        if let Ok(Some(e)) =
-            tokio::time::timeout(Duration::from_millis(300), self.events.recv()).await
-        {
-            panic!("unexpected extra event {e:?}");
-        }
+        let client = self.db.connect().await.expect("connect for the marker");
+        let marker: uuid::Uuid = client
+            .query_one(INSERT_ONE, &[&MARKER])
+            .await
+            .expect("insert the marker")
+            .get(0);
+        let next = self.take(1, Duration::from_secs(30)).await.remove(0);
+        assert!(
+            next.assignment.id == marker,
+            "unexpected extra event before the marker: {next:?}"
+        );
     }
 
     pub async fn stop(self) {
@@ -89,6 +99,7 @@ pub async fn start_listener(db: &TestDb, start: Start) -> Running {
         status,
         shutdown,
         task,
+        db: db.clone(),
     };
     tokio::time::timeout(Duration::from_secs(10), running.status.wait_ready())
         .await
@@ -96,12 +107,14 @@ pub async fn start_listener(db: &TestDb, start: Start) -> Running {
     running
 }
 
-/// Every position in the log, in order.
+/// Every position in the log, in order, but those of [`Running::assert_quiet`]'s markers.
 pub async fn log_positions(client: &Client) -> Vec<i64> {
     client
         .query(
-            "SELECT position FROM pgcast.assignment_events ORDER BY position",
-            &[],
+            "SELECT position FROM pgcast.assignment_events
+             WHERE payload->'row'->>'customer_name' IS DISTINCT FROM $1
+             ORDER BY position",
+            &[&MARKER],
         )
         .await
         .expect("read log")
