@@ -301,6 +301,19 @@ async fn metrics_expose_every_named_series() {
         "pgcast_replays_from_log_total",
         "pgcast_database_reads_waiting",
     ];
+    // And every series the README's Metrics paragraph names, read from the README itself so
+    // that a series added there cannot be forgotten here.
+    let named = readme_metric_names();
+    assert!(
+        named.len() >= 22,
+        "the README's Metrics paragraph was not found or lost names: {named:?}"
+    );
+    for name in &named {
+        assert!(
+            exposes(&metrics, name),
+            "{name} (named in the README) missing from /metrics:\n{metrics}"
+        );
+    }
     for name in series {
         assert!(
             sample(&metrics, name).is_some(),
@@ -561,4 +574,34 @@ async fn json_logs_are_one_object_per_line_and_text_logs_have_no_colour_in_a_pip
     .await;
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+}
+
+/// The `pgcast_…` names in backquotes in the README's "**Metrics**" item of "Operating it".
+fn readme_metric_names() -> Vec<String> {
+    let readme = include_str!("../../../README.md");
+    let start = readme
+        .find("- **Metrics**")
+        .expect("a Metrics item in the README");
+    let item = &readme[start + 2..];
+    let item = &item[..item.find("\n- **").unwrap_or(item.len())];
+    let mut names: Vec<String> = item
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|w| w.starts_with("pgcast_"))
+        .map(|w| w.split('{').next().unwrap_or(w).to_owned())
+        .collect();
+    names.dedup();
+    names
+}
+
+/// Whether the Prometheus text has a sample of metric `name`: the name itself, or with the
+/// suffix a counter (`_total`) or histogram (`_bucket`, `_count`, `_sum`) adds.
+fn exposes(metrics: &str, name: &str) -> bool {
+    metrics.lines().filter(|l| !l.starts_with('#')).any(|line| {
+        let series = line.split([' ', '{']).next().unwrap_or_default();
+        ["", "_total", "_bucket", "_count", "_sum"]
+            .iter()
+            .any(|suffix| series.strip_suffix(suffix) == Some(name))
+    })
 }
