@@ -16,10 +16,10 @@ use pgcast_events::{
     ServerMessage, SessionMembership, Topic, Verdict,
 };
 use pgcast_listener::LogHead;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{ConnHandle, Outbound, Subscription};
+use crate::hub::{Outbound, Subscription};
+use crate::outbox::Outbox;
 use crate::{db, Shared, Verified};
 
 /// Close codes of protocol v1 (design §4).
@@ -123,19 +123,12 @@ fn expiry_instant(expires_at: u64, leeway: Duration) -> tokio::time::Instant {
 pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     shared.metrics.connections.inc();
     let (sink, stream) = socket.split();
-    let (tx, rx) = ConnHandle::channel(shared.config.outbound_bytes);
     let mut conn = Connection {
-        handle: Arc::new(ConnHandle {
-            tx,
-            slow: CancellationToken::new(),
-            queued_bytes: Default::default(),
-            budget_bytes: shared.config.outbound_bytes,
-        }),
+        outbox: Arc::new(Outbox::new(shared.config.outbound_bytes)),
         shutdown: shared.shutdown.child_token(),
         shared,
         sink,
         stream: Some(stream.peekable()),
-        rx,
         subs: Vec::new(),
         batch: Vec::new(),
         principal: None,
@@ -160,6 +153,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     for s in conn.subs.drain(..) {
         conn.shared.hub.unsubscribe(&s.sub);
     }
+    conn.outbox.close();
     if let End::Close(code, reason) = end {
         let mut wait = CLOSE_TIMEOUT;
         if code == close::SLOW_CONSUMER {
@@ -182,11 +176,11 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
 
 struct Connection {
     shared: Arc<Shared>,
-    handle: Arc<ConnHandle>,
+    /// Event frames the hub queued for this connection.
+    outbox: Arc<Outbox>,
     shutdown: CancellationToken,
     sink: Sink,
     stream: Stream,
-    rx: mpsc::Receiver<Outbound>,
     subs: Vec<ActiveSub>,
     /// Frames picked for one write; kept to reuse its allocation.
     batch: Vec<Utf8Bytes>,
@@ -227,14 +221,23 @@ impl Connection {
         let mut expiry_set = self.expires_at;
         let expiry = tokio::time::sleep_until(expiry_instant(expiry_set, leeway));
         tokio::pin!(expiry);
+        // Made once and polled on every turn: a `cancelled()` made per turn would register and
+        // unregister a waiter (a lock each) on every event delivered.
+        let (shutdown, slow) = (self.shutdown.clone(), self.outbox.slow.clone());
+        let outbox = self.outbox.clone();
+        // Entries taken from the outbox for one write; the allocation is reused.
+        let mut taken = Vec::with_capacity(WRITE_BATCH);
+        let shutting_down = shutdown.cancelled();
+        let declared_slow = slow.cancelled();
+        tokio::pin!(shutting_down, declared_slow);
         loop {
             let step = tokio::select! {
                 biased;
-                () = self.shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
-                () = self.handle.slow.cancelled() => Err(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with since")),
+                () = &mut shutting_down => Err(End::Close(close::GOING_AWAY, "server shutting down")),
+                () = &mut declared_slow => Err(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with since")),
                 () = &mut expiry => Err(End::Expired),
                 msg = next_frame(&mut self.stream) => self.on_frame(msg).await,
-                Some(out) = self.rx.recv() => self.deliver(out).await,
+                () = outbox.take_batch(&mut taken, WRITE_BATCH) => self.deliver(&mut taken).await,
                 _ = heartbeat.tick() => self.heartbeat(interval).await,
             };
             if let Err(end) = step {
@@ -443,7 +446,7 @@ impl Connection {
             }) => {
                 // A subscribe may wait for its turn on the database; meanwhile shutdown, the
                 // slow-consumer signal and the peer leaving still end the connection.
-                let slow = self.handle.slow.clone();
+                let slow = self.outbox.slow.clone();
                 let shutdown = self.shutdown.clone();
                 let mut stream = self.stream.take();
                 let result = tokio::select! {
@@ -541,7 +544,7 @@ impl Connection {
             id: self.shared.hub.next_id(),
             topic,
             principal,
-            conn: self.handle.clone(),
+            conn: self.outbox.clone(),
         });
         let hub_head = self.shared.hub.subscribe(sub.clone());
         // Unfiled again unless the subscription starts, also when this future is dropped
@@ -946,39 +949,37 @@ impl Connection {
             sink.flush().await
         };
         let limit = self.shared.config.heartbeat_interval * 2;
-        guarded(write, limit, &self.handle.slow, &self.shutdown).await?;
+        guarded(write, limit, &self.outbox.slow, &self.shutdown).await?;
         self.last_written = Instant::now();
         self.shared.metrics.frames.inc_by(count);
         Ok(())
     }
 
-    /// Writes one queued frame, and whatever else is already waiting, with a single flush.
+    /// Writes the frames taken from the outbox (up to a batch) with a single flush.
     ///
     /// The frames are picked first and then written under one guard (slow, shutdown, write
     /// timeout), not one per frame: under fan-out this loop runs a million times a second.
     /// The latency histogram gets one sample per batch: the oldest commit in the batch to the
     /// moment the batch is written (the batch's worst case). An event committed after the
     /// token's `exp` is never written: what came before it is, then the connection expires.
-    async fn deliver(&mut self, first: Outbound) -> Result<(), End> {
+    async fn deliver(&mut self, taken: &mut Vec<Outbound>) -> Result<(), End> {
         let mut batch = std::mem::take(&mut self.batch);
         let mut oldest_commit = i64::MAX;
         let mut expired = false;
-        let mut next = Some(first);
-        while let Some(out) = next.take() {
-            self.handle.dequeued(out.cost());
+        for out in taken.drain(..) {
+            if expired {
+                continue;
+            }
             if let Some((frame, revoked)) = self.accept(&out) {
                 if out.committed_micros > self.expires_micros() {
                     expired = true;
-                    break;
+                    continue;
                 }
                 batch.push(frame);
                 oldest_commit = oldest_commit.min(out.committed_micros);
                 if let Some(revoked) = revoked {
                     batch.push(revoked);
                 }
-            }
-            if batch.len() < WRITE_BATCH {
-                next = self.rx.try_recv().ok();
             }
         }
         if batch.is_empty() {
@@ -1069,7 +1070,7 @@ impl Connection {
         guarded(
             self.sink.feed(msg),
             limit,
-            &self.handle.slow,
+            &self.outbox.slow,
             &self.shutdown,
         )
         .await
@@ -1078,7 +1079,7 @@ impl Connection {
     /// Writes the socket's buffer out.
     async fn flush(&mut self) -> Result<(), End> {
         let limit = self.shared.config.heartbeat_interval * 2;
-        guarded(self.sink.flush(), limit, &self.handle.slow, &self.shutdown).await
+        guarded(self.sink.flush(), limit, &self.outbox.slow, &self.shutdown).await
     }
 
     fn burst(&self) -> f64 {
@@ -1156,12 +1157,20 @@ fn replay_failed(error: pgcast_listener::ListenerError) -> End {
 /// Runs a socket write, giving up when the connection is declared slow, when the server shuts
 /// down, or when the peer has not taken the bytes within `limit` (a peer that sends but never
 /// reads): no peer can hold its task, and with it a connection slot, forever.
+///
+/// A write the socket takes at once (the common case: its buffer has room) finishes on its
+/// first poll, before any timer or cancellation waiter is set up: under fan-out this runs once
+/// per connection and event.
 async fn guarded(
     write: impl std::future::Future<Output = Result<(), axum::Error>>,
     limit: Duration,
     slow: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> Result<(), End> {
+    let mut write = std::pin::pin!(write);
+    if let std::task::Poll::Ready(r) = futures::poll!(write.as_mut()) {
+        return r.map_err(|_| End::Gone);
+    }
     tokio::select! {
         r = tokio::time::timeout(limit, write) => match r {
             Ok(r) => r.map_err(|_| End::Gone),

@@ -2,15 +2,13 @@
 //! subscription that may see it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::outbox::Outbox;
+use crate::GatewayMetrics;
 use axum::extract::ws::Utf8Bytes;
 use pgcast_events::{AssignmentEvent, EventFrame, Position, Principal, Role, RouteKey, Topic};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-
-use crate::GatewayMetrics;
 
 /// Identifies one subscription for the lifetime of the process.
 pub(crate) type SubId = u64;
@@ -36,49 +34,13 @@ impl Outbound {
     }
 }
 
-/// The hub's handle on a connection.
-#[derive(Debug)]
-pub(crate) struct ConnHandle {
-    /// Bounded by `outbound_bytes` (see [`Outbound::cost`]; the channel's own capacity is that
-    /// budget in entries, never the tighter bound). When the budget would be exceeded, the hub
-    /// does not wait: it cancels `slow` and the connection closes itself with 4008; the client
-    /// resumes with `since`.
-    pub(crate) tx: mpsc::Sender<Outbound>,
-    pub(crate) slow: CancellationToken,
-    /// Cost of the entries in `tx` (added by the hub, taken off by the connection as it
-    /// dequeues them).
-    pub(crate) queued_bytes: AtomicUsize,
-    /// The byte budget of this connection's queue.
-    pub(crate) budget_bytes: usize,
-}
-
-impl ConnHandle {
-    /// The connection took an entry of this cost off its queue.
-    pub(crate) fn dequeued(&self, cost: usize) {
-        self.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
-    }
-
-    /// A queue for a connection with `budget_bytes`: its capacity in entries never binds
-    /// before the byte budget does.
-    pub(crate) fn channel(
-        budget_bytes: usize,
-    ) -> (mpsc::Sender<Outbound>, mpsc::Receiver<Outbound>) {
-        mpsc::channel((budget_bytes / std::mem::size_of::<Outbound>()).max(1))
-    }
-
-    fn mark_slow(&self) {
-        if !self.slow.is_cancelled() {
-            self.slow.cancel();
-        }
-    }
-}
-
 #[derive(Debug)]
 pub(crate) struct Subscription {
     pub(crate) id: SubId,
     pub(crate) topic: Topic,
     pub(crate) principal: Principal,
-    pub(crate) conn: Arc<ConnHandle>,
+    /// The queue of the connection that holds this subscription.
+    pub(crate) conn: Arc<Outbox>,
 }
 
 impl Subscription {
@@ -163,21 +125,25 @@ impl Hub {
     pub(crate) fn dispatch(&self, event: &Arc<AssignmentEvent>) {
         self.metrics.events.inc();
         let keys = event.route_keys();
-        let mut targets: Vec<Arc<Subscription>> = {
+        let (mut targets, several_keys) = {
             let index = self.index.read().unwrap_or_else(|e| e.into_inner());
-            let targets = keys
-                .iter()
-                .filter_map(|k| index.by_key.get(k))
-                .flat_map(|subs| subs.values().cloned())
-                .collect();
+            let found: Vec<_> = keys.iter().filter_map(|k| index.by_key.get(k)).collect();
+            let mut targets: Vec<Arc<Subscription>> =
+                Vec::with_capacity(found.iter().map(|subs| subs.len()).sum());
+            for subs in &found {
+                targets.extend(subs.values().cloned());
+            }
             // Under the lock: a subscription made after this point is told this position and
             // does not expect the event; one made before it is in `targets`.
             self.head.store(event.position, Ordering::Release);
-            targets
+            (targets, found.len() > 1)
         };
-        // A queue subscription is filed under several keys; deliver once.
-        targets.sort_unstable_by_key(|s| s.id);
-        targets.dedup_by_key(|s| s.id);
+        // A queue subscription is filed under several keys; deliver once. Within one key each
+        // subscription is there once, so only targets gathered from several keys are sorted.
+        if several_keys {
+            targets.sort_unstable_by_key(|s| s.id);
+            targets.dedup_by_key(|s| s.id);
+        }
         // Each distinct frame is serialized once; most events have one or two topics.
         let mut frames: Vec<(Topic, Utf8Bytes)> = Vec::new();
         let committed_micros = event.committed_at.timestamp_micros();
@@ -201,22 +167,9 @@ impl Hub {
                 frame,
                 event: sub.follows_membership().then(|| event.clone()),
             };
-            let len = out.cost();
-            let queued = sub.conn.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
-            if queued > sub.conn.budget_bytes {
-                sub.conn.dequeued(len);
-                sub.conn.mark_slow();
-                continue;
-            }
-            match sub.conn.tx.try_send(out) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    sub.conn.dequeued(len);
-                    sub.conn.mark_slow();
-                }
-                // The connection is closing; it unsubscribes itself.
-                Err(mpsc::error::TrySendError::Closed(_)) => sub.conn.dequeued(len),
-            }
+            // Over budget, the connection is declared slow and closes itself (4008); a
+            // closed one unsubscribes itself. Either way the hub goes on.
+            sub.conn.push(out);
         }
     }
 }

@@ -32,6 +32,7 @@ mod hub;
 mod jwks;
 mod keys;
 mod metrics;
+mod outbox;
 mod window;
 
 use std::sync::Arc;

@@ -1,0 +1,273 @@
+//! A connection's outgoing queue: the event frames the hub picked for it, bounded in bytes.
+//!
+//! The hub pushes (never waits); the connection task takes up to a batch at a time. A push
+//! that would exceed the byte budget is not queued: the connection is declared slow instead
+//! and closes itself with 4008 (the client resumes with `since`), so one stalled reader
+//! never holds more than its budget nor delays anybody else.
+//!
+//! Under fan-out this runs once per connection and event, so it is a plain queue under a
+//! short lock plus one waker: the push that finds the queue empty wakes the task, and the
+//! task takes a whole batch per lock (a channel would cost a permit, a list slot and a wake
+//! check per frame).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+
+use futures::task::AtomicWaker;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::Outbound;
+
+/// The queue, its cost in bytes, and whether its connection is gone.
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Outbound>,
+    /// Sum of [`Outbound::cost`] of `frames`.
+    bytes: usize,
+    /// The connection ended: pushes are dropped.
+    closed: bool,
+}
+
+/// What became of a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    Queued,
+    /// Over budget: not queued, and the connection is now declared slow.
+    Overflow,
+    /// The connection ended.
+    Closed,
+}
+
+/// One connection's queue, shared by the hub (which pushes) and the connection task (which
+/// takes).
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    queue: Mutex<Queue>,
+    waker: AtomicWaker,
+    /// The byte budget (`outbound_bytes`).
+    budget_bytes: usize,
+    /// Cancelled when a push overflows the budget; the connection closes with 4008.
+    pub(crate) slow: CancellationToken,
+}
+
+impl Outbox {
+    pub(crate) fn new(budget_bytes: usize) -> Self {
+        Outbox {
+            queue: Mutex::default(),
+            waker: AtomicWaker::new(),
+            budget_bytes,
+            slow: CancellationToken::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // Nothing panics while holding the lock; a poisoned queue is still consistent.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `out` unless that would exceed the budget (then the connection is declared
+    /// slow). Never waits.
+    pub(crate) fn push(&self, out: Outbound) -> Pushed {
+        let cost = out.cost();
+        let mut queue = self.lock();
+        if queue.closed {
+            return Pushed::Closed;
+        }
+        if queue.bytes + cost > self.budget_bytes {
+            drop(queue);
+            if !self.slow.is_cancelled() {
+                self.slow.cancel();
+            }
+            return Pushed::Overflow;
+        }
+        let was_empty = queue.frames.is_empty();
+        queue.bytes += cost;
+        queue.frames.push_back(out);
+        drop(queue);
+        // A non-empty queue has a wake pending already: the task takes until it finds it
+        // empty, and only then waits.
+        if was_empty {
+            self.waker.wake();
+        }
+        Pushed::Queued
+    }
+
+    /// Moves up to `max` queued frames, oldest first, into `into`; pending while none are
+    /// queued. What is taken no longer counts against the budget.
+    ///
+    /// Each frame taken costs one unit of the task's cooperative budget, as a channel receive
+    /// would: a connection with a deep queue yields its worker after about as many frames as
+    /// tokio allows any task, instead of writing its whole backlog while a thousand others
+    /// wait for their turn.
+    pub(crate) fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        into: &mut Vec<Outbound>,
+        max: usize,
+    ) -> Poll<()> {
+        let first = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+        let taken = match self.take(into, max) {
+            0 => {
+                self.waker.register(cx.waker());
+                // A push between the first look and the registration woke nobody: look again.
+                match self.take(into, max) {
+                    0 => return Poll::Pending,
+                    n => n,
+                }
+            }
+            n => n,
+        };
+        first.made_progress();
+        for _ in 1..taken {
+            // Out of budget: the frames are taken, and the next poll yields first.
+            match tokio::task::coop::poll_proceed(cx) {
+                Poll::Ready(unit) => unit.made_progress(),
+                Poll::Pending => break,
+            }
+        }
+        Poll::Ready(())
+    }
+
+    /// Waits for frames and moves up to `max` of them into `into`.
+    pub(crate) async fn take_batch(&self, into: &mut Vec<Outbound>, max: usize) {
+        std::future::poll_fn(|cx| self.poll_take(cx, into, max)).await
+    }
+
+    /// Moves up to `max` frames into `into`; returns how many.
+    fn take(&self, into: &mut Vec<Outbound>, max: usize) -> usize {
+        let mut queue = self.lock();
+        let n = queue.frames.len().min(max);
+        let mut freed = 0;
+        for out in queue.frames.drain(..n) {
+            freed += out.cost();
+            into.push(out);
+        }
+        queue.bytes -= freed;
+        n
+    }
+
+    /// The connection ended: what is queued is dropped, and so is every later push.
+    pub(crate) fn close(&self) {
+        let mut queue = self.lock();
+        queue.closed = true;
+        queue.bytes = 0;
+        queue.frames = VecDeque::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::extract::ws::Utf8Bytes;
+    use futures::task::noop_waker_ref;
+
+    fn frame(position: i64, len: usize) -> Outbound {
+        Outbound {
+            sub: 1,
+            position,
+            committed_micros: 0,
+            frame: Utf8Bytes::from("x".repeat(len)),
+            event: None,
+        }
+    }
+
+    fn take_now(outbox: &Outbox, max: usize) -> Option<Vec<i64>> {
+        let mut into = Vec::new();
+        let mut cx = Context::from_waker(noop_waker_ref());
+        match outbox.poll_take(&mut cx, &mut into, max) {
+            Poll::Ready(()) => Some(into.iter().map(|o| o.position).collect()),
+            Poll::Pending => None,
+        }
+    }
+
+    #[test]
+    fn takes_in_order_at_most_a_batch_and_frees_the_budget() {
+        let cost = frame(0, 100).cost();
+        let outbox = Outbox::new(cost * 3);
+        for p in 1..=3 {
+            assert_eq!(outbox.push(frame(p, 100)), Pushed::Queued);
+        }
+        assert_eq!(take_now(&outbox, 2), Some(vec![1, 2]));
+        // Two slots of budget are free again; the third frame is still queued.
+        assert_eq!(outbox.push(frame(4, 100)), Pushed::Queued);
+        assert_eq!(outbox.push(frame(5, 100)), Pushed::Queued);
+        assert_eq!(take_now(&outbox, 10), Some(vec![3, 4, 5]));
+        assert_eq!(take_now(&outbox, 10), None);
+        assert!(!outbox.slow.is_cancelled());
+    }
+
+    #[test]
+    fn a_push_over_the_budget_is_dropped_and_declares_the_connection_slow() {
+        let cost = frame(0, 100).cost();
+        let outbox = Outbox::new(cost * 2);
+        assert_eq!(outbox.push(frame(1, 100)), Pushed::Queued);
+        assert_eq!(outbox.push(frame(2, 100)), Pushed::Queued);
+        assert_eq!(outbox.push(frame(3, 100)), Pushed::Overflow);
+        assert!(outbox.slow.is_cancelled());
+        // What fitted is still there, in order; the overflowing frame is not.
+        assert_eq!(take_now(&outbox, 10), Some(vec![1, 2]));
+    }
+
+    #[test]
+    fn a_closed_outbox_drops_what_it_held_and_every_later_push() {
+        let outbox = Outbox::new(1 << 20);
+        outbox.push(frame(1, 10));
+        outbox.close();
+        assert_eq!(outbox.push(frame(2, 10)), Pushed::Closed);
+        assert_eq!(take_now(&outbox, 10), None);
+        assert!(!outbox.slow.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_task_is_woken_by_the_push_that_finds_the_queue_empty() {
+        let outbox = std::sync::Arc::new(Outbox::new(1 << 20));
+        let taker = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move {
+                let mut into = Vec::new();
+                outbox.take_batch(&mut into, 8).await;
+                into.iter().map(|o| o.position).collect::<Vec<_>>()
+            })
+        };
+        // Whether the taker is already waiting or not, the push must reach it.
+        outbox.push(frame(7, 10));
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), taker)
+            .await
+            .expect("the taker was never woken")
+            .expect("the taker panicked");
+        assert_eq!(got, vec![7]);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_deep_queue_does_not_keep_its_taker_from_yielding() {
+        const FRAMES: usize = 10_000;
+        let outbox = std::sync::Arc::new(Outbox::new(usize::MAX));
+        for p in 0..FRAMES as i64 {
+            outbox.push(frame(p, 1));
+        }
+        let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let taker = {
+            let (outbox, taken) = (outbox.clone(), taken.clone());
+            tokio::spawn(async move {
+                let mut into = Vec::new();
+                while taken.load(std::sync::atomic::Ordering::Relaxed) < FRAMES {
+                    outbox.take_batch(&mut into, 64).await;
+                    taken.fetch_add(into.len(), std::sync::atomic::Ordering::Relaxed);
+                    into.clear();
+                }
+            })
+        };
+        // On this single thread, the other task runs only when the taker yields.
+        let other = tokio::spawn({
+            let taken = taken.clone();
+            async move { taken.load(std::sync::atomic::Ordering::Relaxed) }
+        });
+        let seen_by_other = other.await.expect("the other task panicked");
+        taker.await.expect("the taker panicked");
+        assert!(
+            seen_by_other < FRAMES,
+            "the taker wrote its whole backlog of {FRAMES} before anybody else ran"
+        );
+    }
+}
