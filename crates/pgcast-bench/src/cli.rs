@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-/// Benchmarks pgcast end to end on this machine: latency under load, the ceiling, fan-out,
-/// memory per connection, catch-up, overhead versus a bare LISTEN, other relays, and a
-/// reconnect storm.
+/// Benchmarks pgcast end to end on this machine: latency under load, the ceiling, fan-out
+/// (against a bare broadcaster too), memory per connection, catch-up, overhead versus a bare
+/// LISTEN, other relays, a reconnect storm, and the cost of pgcast's trigger on writes.
 ///
 /// Starts a throwaway PostgreSQL and a `pgcast serve` child unless told otherwise, targets
 /// loopback only, stops by itself, and writes results.md and results.json. The bench writes
@@ -63,6 +63,10 @@ pub(crate) struct Args {
     /// Seed of the writers' random choices.
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
+    /// Internal: be the bare broadcaster of the fan-out comparison (the bench starts itself
+    /// with this flag and DATABASE_URL; the process ends when its stdin closes).
+    #[arg(long, hide = true)]
+    pub(crate) serve_floor: bool,
 
     /// Latency: subscribed mechanics (default 1000; quick 100).
     #[arg(long, help_heading = "Latency")]
@@ -80,10 +84,10 @@ pub(crate) struct Args {
     #[arg(long, value_parser = humantime::parse_duration, help_heading = "Latency")]
     pub(crate) duration: Option<Duration>,
 
-    /// Ceiling: writer connections for 1-row transactions.
+    /// Ceiling and writes: writer connections for 1-row transactions.
     #[arg(long, default_value_t = 8, help_heading = "Ceiling")]
     pub(crate) ceiling_writers: usize,
-    /// Ceiling: writer connections for 100-row transactions.
+    /// Ceiling and writes: writer connections for 100-row transactions.
     #[arg(long, default_value_t = 4, help_heading = "Ceiling")]
     pub(crate) ceiling_batch_writers: usize,
     /// Ceiling: duration of each run (default 10s; quick 3s).
@@ -108,6 +112,14 @@ pub(crate) struct Args {
     /// Catch-up: events to resume behind (default 100000; quick 10000).
     #[arg(long, help_heading = "Catch-up")]
     pub(crate) catchup_events: Option<u64>,
+
+    /// Writes: length of one round of one trigger variant (default 3s; quick 1s).
+    #[arg(long, value_parser = humantime::parse_duration, help_heading = "Writes")]
+    pub(crate) writes_round: Option<Duration>,
+    /// Writes: rounds of each variant per transaction size, interleaved (no trigger, bare
+    /// NOTIFY, pgcast, no trigger, …) (default 3; quick 2).
+    #[arg(long, help_heading = "Writes")]
+    pub(crate) writes_rounds: Option<u32>,
 
     /// Reconnect storm: mechanics connected on `queue` when pgcast is SIGKILLed and restarted
     /// (default 10000; quick 1000).
@@ -169,7 +181,7 @@ pub(crate) enum Scenario {
     Latency,
     /// 2. Ceiling: writers as fast as the database commits; one `service` subscriber.
     Ceiling,
-    /// 3. Fan-out: every event visible to every connection, stepped rates.
+    /// 3. Fan-out: every event to every connection, stepped rates; pgcast, then the floor.
     Fanout,
     /// 4. Memory: resident memory of pgcast per idle authenticated connection.
     Memory,
@@ -183,6 +195,8 @@ pub(crate) enum Scenario {
     ///
     /// Needs a pgcast of its own: skipped with --ws-url.
     Storm,
+    /// 9. Write cost: commits/s with no trigger, a bare NOTIFY trigger, pgcast's trigger.
+    Writes,
 }
 
 impl Args {
@@ -233,6 +247,12 @@ impl Args {
                 Duration::from_secs(10),
                 Duration::from_secs(6),
             ),
+            writes_round: self.pick(
+                self.writes_round,
+                Duration::from_secs(3),
+                Duration::from_secs(1),
+            ),
+            writes_rounds: self.pick(self.writes_rounds, 3, 2).max(1),
         }
     }
 }
@@ -252,6 +272,8 @@ pub(crate) struct Sizes {
     pub(crate) storm_mechanics: usize,
     pub(crate) storm_rate: f64,
     pub(crate) storm_after: Duration,
+    pub(crate) writes_round: Duration,
+    pub(crate) writes_rounds: u32,
 }
 
 #[cfg(test)]
@@ -274,5 +296,11 @@ mod tests {
         let a = Args::try_parse_from(["pgcast-bench", "storm", "--quick"]).unwrap();
         assert!(a.wants(Scenario::Storm) && !a.wants(Scenario::Latency));
         assert_eq!(a.sizes().storm_mechanics, 1000);
+        let a = Args::try_parse_from(["pgcast-bench", "writes", "--quick"]).unwrap();
+        assert!(a.wants(Scenario::Writes) && !a.wants(Scenario::Fanout));
+        assert_eq!(a.sizes().writes_rounds, 2);
+        let a = Args::try_parse_from(["pgcast-bench"]).unwrap();
+        assert!(a.wants(Scenario::Writes) && !a.serve_floor);
+        assert_eq!(a.sizes().writes_round, Duration::from_secs(3));
     }
 }

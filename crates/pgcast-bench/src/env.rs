@@ -1,6 +1,6 @@
 //! The processes under test: a throwaway PostgreSQL (or a given one), the `pgcast serve` child
-//! (or a given WebSocket URL), the optional Node.js relay, a cleanup watchdog, and the facts
-//! about the machine that go into the results.
+//! (or a given WebSocket URL), the bare broadcaster of the fan-out comparison, the optional
+//! Node.js relay, a cleanup watchdog, and the facts about the machine that go into the results.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
@@ -282,26 +282,50 @@ impl Server {
                 bail!("npm failed in {}", dir.display());
             }
         }
-        let mut child = Command::new("node")
-            .arg("relay.js")
+        let mut cmd = Command::new("node");
+        cmd.arg("relay.js")
             .current_dir(dir)
             .env("DATABASE_URL", &db.url)
             .env("HOST", "127.0.0.1")
             .env("PORT", "0")
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        Server::announced(cmd, log, "node relay")
+    }
+
+    /// Starts the bare broadcaster of the fan-out comparison: this executable with
+    /// `--serve-floor` ([`crate::floor`]), on a free loopback port. It exits when its stdin,
+    /// held by the returned value, closes.
+    pub(crate) fn floor(database_url: &str, log: PathBuf) -> Result<Server> {
+        let mut cmd = Command::new(std::env::current_exe().context("this executable")?);
+        cmd.arg("--serve-floor")
+            .env("DATABASE_URL", database_url)
+            .stdin(Stdio::piped());
+        Server::announced(cmd, log, "bare broadcaster")
+    }
+
+    /// Spawns `cmd` and waits for the first `ws://` URL on its stdout; both output streams go
+    /// to `log`.
+    fn announced(mut cmd: Command, log: PathBuf, what: &str) -> Result<Server> {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .context("start node relay.js")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("relay stdout"))?;
-        let stderr = child.stderr.take().ok_or_else(|| anyhow!("relay stderr"))?;
+            .with_context(|| format!("start the {what}"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("{what} stdout"))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow!("{what} stderr"))?;
         let _ = watch_output(stderr, log.clone(), |_| None);
         let ready = watch_output(stdout, log.clone(), |line| {
             let i = line.find("ws://")?;
             Some(line[i..].split_whitespace().next()?.to_owned())
         });
         let pid = child.id();
-        let url = wait_ready(&mut child, &ready, &log, "node relay")?;
+        let url = wait_ready(&mut child, &ready, &log, what)?;
         Ok(Server {
             child,
             pid,

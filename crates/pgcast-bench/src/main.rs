@@ -7,6 +7,7 @@
 //!        │                                              ▲ 2 threads (marker in customer_name)
 //!        └ baseline trigger (bench-only, while needed) → NOTIFY pgcast_bench_bare (row JSON)
 //!            ├──▶ bare LISTEN reader (the database alone)
+//!            ├──▶ bare broadcaster (the floor: this binary, --serve-floor) ──ws──▶ readers
 //!            └──▶ Node relay / --raw-url (raw mode) ──ws──▶ readers
 //! ```
 //!
@@ -22,15 +23,16 @@
 //! target/release/pgcast-bench --compare-node     # the full run, with the Node.js baseline
 //! ```
 
+mod bare;
 mod cli;
 mod clients;
 mod env;
+mod floor;
 mod jsonptr;
 mod load;
 mod report;
 mod scenarios;
 mod stats;
-mod storm;
 mod ws;
 
 use std::process::ExitCode;
@@ -38,16 +40,26 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
+use pgcast_gateway::TokenMinter;
 use pgcast_listener::MigrationScope;
 use tokio_postgres::NoTls;
 
-use crate::cli::{Args, Scenario};
+use crate::cli::Args;
 use crate::env::{Database, Machine, Scratch, Server};
 use crate::report::Results;
 use crate::scenarios::Ctx;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.serve_floor {
+        return match floor::main() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("floor: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     stats::now_us();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -136,15 +148,14 @@ async fn bench(
         format!("PostgreSQL {v}")
     };
 
-    let (server, target, pid, secret) = match &args.ws_url {
-        Some(url) => (
-            None,
-            crate::ws::parse_ws_url(url)?,
-            args.pgcast_pid,
-            args.jwt_secret.clone().unwrap_or_default(),
-        ),
+    let secret = match &args.ws_url {
+        Some(_) => args.jwt_secret.clone().unwrap_or_default(),
+        None => format!("bench-{}", uuid::Uuid::new_v4().simple()),
+    };
+    let minter = TokenMinter::new(secret.as_bytes()).context("the token secret")?;
+    let (server, target, pid) = match &args.ws_url {
+        Some(url) => (None, crate::ws::parse_ws_url(url)?, args.pgcast_pid),
         None => {
-            let secret = format!("bench-{}", uuid::Uuid::new_v4().simple());
             let bin = pgcast_bin
                 .as_deref()
                 .ok_or_else(|| anyhow!("no pgcast binary"))?;
@@ -156,7 +167,7 @@ async fn bench(
                 server.pid, server.target.url
             );
             let (t, p) = (server.target.clone(), Some(server.pid));
-            (Some(server), t, p, secret)
+            (Some(server), t, p)
         }
     };
 
@@ -182,6 +193,7 @@ async fn bench(
         target,
         pid,
         secret,
+        minter,
         pgcast_bin,
         scratch.path().to_owned(),
     );
@@ -240,46 +252,15 @@ fn shown_args(args: impl Iterator<Item = String>) -> Vec<String> {
 }
 
 async fn scenarios(ctx: &mut Ctx, results: &mut Results, out: &std::path::Path) -> Result<()> {
-    type Run = for<'a> fn(
-        &'a mut Ctx,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<report::Section>> + Send + 'a>,
-    >;
-    let all: [(Scenario, &str, Run); 8] = [
-        (Scenario::Latency, "latency", |c| {
-            Box::pin(scenarios::latency(c))
-        }),
-        (Scenario::Ceiling, "ceiling", |c| {
-            Box::pin(scenarios::ceiling(c))
-        }),
-        (Scenario::Fanout, "fan-out", |c| {
-            Box::pin(scenarios::fanout(c))
-        }),
-        (Scenario::Memory, "memory", |c| {
-            Box::pin(scenarios::memory(c))
-        }),
-        (Scenario::Catchup, "catch-up", |c| {
-            Box::pin(scenarios::catchup(c))
-        }),
-        (Scenario::Overhead, "overhead", |c| {
-            Box::pin(scenarios::overhead(c))
-        }),
-        (Scenario::Raw, "other servers", |c| {
-            Box::pin(scenarios::raw(c))
-        }),
-        // Last: it kills the pgcast the others use (and leaves a restarted one).
-        (Scenario::Storm, "reconnect storm", |c| {
-            Box::pin(storm::storm(c))
-        }),
-    ];
     let mut failed = Vec::new();
-    for (scenario, name, f) in all {
+    for scenario in scenarios::ORDER {
         if !ctx.args.wants(scenario) {
             continue;
         }
+        let name = scenario.name();
         eprintln!("── {name} …");
         let started = std::time::Instant::now();
-        match f(ctx).await {
+        match scenario.run(ctx).await {
             Ok(section) => {
                 for t in &section.targets {
                     let verdict = match t.met {
