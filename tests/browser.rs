@@ -78,33 +78,14 @@ fn token_for(user_id: Uuid, role: Role, workshop_id: Option<Uuid>, ttl: Duration
         role,
         workshop_id,
     };
-    pgcast_gateway::mint_token(SECRET, &who, ttl).expect("mint token")
+    pgcast_testkit::token::mint(SECRET, &who, ttl)
 }
 
 /// The `exp` claim of a token (unix seconds), read without verifying it.
 fn exp_of(token: &str) -> u64 {
-    let payload = token.split('.').nth(1).expect("JWT payload");
-    let mut bits = 0u32;
-    let mut n = 0;
-    let mut bytes = Vec::new();
-    for c in payload.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'-' => 62,
-            b'_' => 63,
-            _ => panic!("not base64url: {payload}"),
-        };
-        bits = (bits << 6) | u32::from(v);
-        n += 6;
-        if n >= 8 {
-            n -= 8;
-            bytes.push((bits >> n) as u8);
-        }
-    }
-    let claims: Value = serde_json::from_slice(&bytes).expect("JSON claims");
-    claims["exp"].as_u64().expect("exp")
+    pgcast_testkit::token::claims(token)["exp"]
+        .as_u64()
+        .expect("exp")
 }
 
 fn unix_now() -> Duration {

@@ -103,7 +103,7 @@ impl DemoServer {
 
     /// A token of the demo for `who`.
     pub(crate) fn token(&self, who: &Principal) -> String {
-        pgcast_gateway::mint_token(DEMO_SECRET, who, Duration::from_secs(3600)).expect("mint")
+        pgcast_testkit::token::mint(DEMO_SECRET, who, Duration::from_secs(3600))
     }
 
     /// A page link for a new user of `role` (and `workshop`), its token in the fragment.
@@ -181,27 +181,7 @@ pub(crate) fn link_user(link: &str) -> uuid::Uuid {
         .split_once("#token=")
         .map(|(_, t)| t)
         .unwrap_or_else(|| panic!("no token in {link}"));
-    let payload = token.split('.').nth(1).expect("JWT payload");
-    let mut bits = 0u32;
-    let mut n = 0;
-    let mut bytes = Vec::new();
-    for c in payload.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'-' => 62,
-            b'_' => 63,
-            _ => panic!("not base64url: {payload}"),
-        };
-        bits = (bits << 6) | u32::from(v);
-        n += 6;
-        if n >= 8 {
-            n -= 8;
-            bytes.push((bits >> n) as u8);
-        }
-    }
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON claims");
+    let claims = pgcast_testkit::token::claims(token);
     claims["sub"]
         .as_str()
         .and_then(|s| s.parse().ok())

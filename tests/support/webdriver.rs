@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use fantoccini::wd::WebDriverCompatibleCommand;
 use fantoccini::{Client, ClientBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
+use pgcast_testkit::Watchdog;
 use serde_json::{json, Value};
 
 /// Chromium as Debian installs it (`apt-get install chromium chromium-driver`).
@@ -61,21 +62,6 @@ pub(crate) struct Viewport {
     pub(crate) mobile: bool,
 }
 
-/// Runs in `sh`: waits until the test closes our stdin (or dies), then kills chromedriver's
-/// process group (chromedriver and every Chromium process) and removes the temporary directory.
-/// `$1` is the process group, `$2` the directory.
-const WATCHDOG: &str = r#"trap '' HUP INT
-read -r _ || :
-kill -s KILL -- "-$1" 2>/dev/null
-i=0
-while [ "$i" -lt 50 ]; do
-    rm -rf -- "$2" 2>/dev/null
-    [ -e "$2" ] || exit 0
-    i=$((i + 1))
-    sleep 0.1
-done
-"#;
-
 /// One headless Chromium with its chromedriver; everything is killed and removed on drop.
 pub(crate) struct Browser {
     client: Client,
@@ -84,15 +70,16 @@ pub(crate) struct Browser {
 
 struct Driver {
     chromedriver: Child,
-    watchdog: Child,
+    /// The test kit's kill-on-parent-exit watchdog: kills chromedriver's process group and
+    /// removes the profile when dropped or when the test process dies.
+    watchdog: Watchdog,
     dir: PathBuf,
 }
 
 impl Drop for Driver {
     fn drop(&mut self) {
         // Closing the pipe lets the watchdog kill the process group and remove the directory.
-        drop(self.watchdog.stdin.take());
-        let _ = self.watchdog.wait();
+        self.watchdog.fire();
         // Already killed by the watchdog; this reaps it (and covers a watchdog that failed).
         let _ = self.chromedriver.kill();
         let _ = self.chromedriver.wait();
@@ -131,18 +118,10 @@ impl Driver {
                 .process_group(0)
                 .spawn()
                 .expect("start chromedriver");
-            let watchdog = Command::new("sh")
-                .arg("-c")
-                .arg(WATCHDOG)
-                .arg("pgcast-browser-watchdog")
-                .arg(chromedriver.id().to_string())
-                .arg(&dir)
-                .current_dir("/")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .process_group(0)
-                .spawn()
+            let watchdog = Watchdog::plan()
+                .kill_group(chromedriver.id())
+                .remove(&dir)
+                .arm("pgcast-browser-watchdog")
                 .expect("start the browser cleanup watchdog");
             let mut driver = Driver {
                 chromedriver,

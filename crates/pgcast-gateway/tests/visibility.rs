@@ -479,86 +479,27 @@ async fn a_queue_snapshot_holds_exactly_the_rows_the_rules_allow() {
 
 // ---- Randomized comparison with the rules -------------------------------------------------
 
-const STATUSES: [&str; 7] = [
-    "queued",
-    "offered",
-    "accepted",
-    "declined",
-    "cancelled",
-    "expired",
-    "completed",
-];
-
-/// The fields of a row the rules look at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct RowSt {
-    session: Uuid,
-    status: &'static str,
-    mechanic: Option<Uuid>,
-    workshop: Option<Uuid>,
-}
+// Who may see what comes from the test kit's oracle, written from the README and not taken
+// from `pgcast_events`, so a wrong rule in the library shows up as a difference.
+use pgcast_testkit::oracle::{self, Row as RowSt, STATUSES};
 
 fn status(s: &str) -> &'static str {
-    STATUSES
-        .iter()
-        .find(|x| **x == s)
-        .unwrap_or_else(|| panic!("unknown status {s:?}"))
-}
-
-fn opt_uuid(v: &Value) -> Option<Uuid> {
-    v.as_str().map(|s| s.parse().unwrap())
+    oracle::status(s)
 }
 
 fn state_of(a: &Value) -> RowSt {
-    RowSt {
-        session: a["session_id"].as_str().unwrap().parse().unwrap(),
-        status: status(a["status"].as_str().unwrap()),
-        mechanic: opt_uuid(&a["mechanic_id"]),
-        workshop: opt_uuid(&a["workshop_id"]),
-    }
+    RowSt::from_json(a)
 }
 
-/// Is `mechanic` a member of `session` with the rows as they stand in `rows`: does one of
-/// their assignments in it stand accepted or completed? (Design §5, written from the design.)
+/// Is `mechanic` a member of `session` with the rows as they stand in `rows`?
 fn member(rows: &HashMap<Uuid, RowSt>, session: Uuid, mechanic: Uuid) -> bool {
-    rows.values().any(|r| {
-        r.session == session
-            && r.mechanic == Some(mechanic)
-            && (r.status == "accepted" || r.status == "completed")
-    })
+    oracle::is_member(rows.values(), session, mechanic)
 }
 
-/// Design §5, written here from the design and not taken from `pgcast_events`, so a wrong rule
-/// in the library shows up as a difference. (A mechanic on `session:<id>` is judged by
-/// [`member`] instead: the rule depends on the session's other rows.) `customer_of` maps the
-/// sessions that have a `sessions` row to their customer.
+/// May `who` on `topic` see `s`? (A mechanic on `session:<id>` is judged by [`member`].)
+/// `customer_of` maps the sessions that have a `sessions` row to their customer.
 fn visible(topic: &str, who: &Principal, s: &RowSt, customer_of: &HashMap<Uuid, Uuid>) -> bool {
-    match topic {
-        // The open queue: queued rows that are general or for the own workshop; a row tied to
-        // one mechanic (offered or queued to them directly) is in that mechanic's queue only.
-        "queue" => {
-            who.role == Role::Mechanic
-                && match s.mechanic {
-                    Some(m) => m == who.user_id && (s.status == "queued" || s.status == "offered"),
-                    None => {
-                        s.status == "queued"
-                            && (s.workshop.is_none() || s.workshop == who.workshop_id)
-                    }
-                }
-        }
-        "assignments" => true,
-        _ => {
-            let (kind, id) = topic.split_once(':').unwrap();
-            let id: Uuid = id.parse().unwrap();
-            match kind {
-                "mechanic" => s.mechanic == Some(id),
-                "workshop" => s.workshop == Some(id),
-                "session" => s.session == id,
-                "customer" => customer_of.get(&s.session) == Some(&id),
-                _ => unreachable!("{topic}"),
-            }
-        }
-    }
+    oracle::may_see(topic, who, s, customer_of.get(&s.session).copied())
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -128,28 +128,7 @@ fn fragment_token(url: &str) -> String {
 
 /// The `sub` claim of a JWT, read without verifying it.
 fn claimed_sub(token: &str) -> Uuid {
-    let payload = token.split('.').nth(1).expect("JWT payload");
-    let mut bits = 0u32;
-    let mut n = 0;
-    let mut bytes = Vec::new();
-    for c in payload.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'-' => 62,
-            b'_' => 63,
-            _ => panic!("not base64url: {payload}"),
-        };
-        bits = (bits << 6) | u32::from(v);
-        n += 6;
-        if n >= 8 {
-            n -= 8;
-            bytes.push((bits >> n) as u8);
-        }
-    }
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON claims");
-    claims["sub"]
+    pgcast_testkit::token::claims(token)["sub"]
         .as_str()
         .and_then(|s| s.parse().ok())
         .expect("sub is a UUID")

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use common::{fresh_db, LIMIT};
 use pgcast_events::{Principal, Role};
-use pgcast_testkit::{PgCluster, TestDb};
+use pgcast_testkit::{oracle, PgCluster, TestDb};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -104,25 +104,32 @@ impl Audience {
         }
     }
 
-    /// May this subscriber see a row in state `s`? Design §5, read independently.
-    fn may_see(&self, s: &RowState) -> bool {
-        match *self {
-            // The open queue: queued and general (no workshop, no mechanic), queued for the
-            // mechanic's own workshop, or queued/offered to this mechanic directly. Never one of
-            // another workshop, never one offered directly to somebody else.
-            Audience::Queue { mechanic, workshop } => {
-                let open = s.status == "queued" || s.status == "offered";
-                match (s.mechanic, s.workshop) {
-                    (Some(m), _) => open && m == mechanic,
-                    (None, None) => s.status == "queued",
-                    (None, Some(w)) => s.status == "queued" && workshop == Some(w),
-                }
-            }
-            Audience::Mechanic(id) => s.mechanic == Some(id),
-            Audience::Workshop(id) => s.workshop == Some(id),
-            Audience::Session(id) => s.session == id,
-            Audience::Everything => true,
+    /// Who subscribes: the principal the topic is subscribed by.
+    fn principal(&self) -> Principal {
+        let (role, user_id, workshop_id) = match *self {
+            Audience::Queue { mechanic, workshop } => (Role::Mechanic, mechanic, workshop),
+            Audience::Mechanic(id) => (Role::Mechanic, id, None),
+            Audience::Workshop(id) => (Role::Mechanic, Uuid::new_v4(), Some(id)),
+            Audience::Session(_) => (Role::Customer, Uuid::new_v4(), None),
+            Audience::Everything => (Role::Service, Uuid::new_v4(), None),
+        };
+        Principal {
+            user_id,
+            role,
+            workshop_id,
         }
+    }
+
+    /// May this subscriber see a row in state `s`? The test kit's oracle, written from the
+    /// README independently of `pgcast_events`.
+    fn may_see(&self, s: &RowState) -> bool {
+        let row = oracle::Row {
+            session: s.session,
+            status: oracle::status(&s.status),
+            mechanic: s.mechanic,
+            workshop: s.workshop,
+        };
+        oracle::may_see(&self.topic(), &self.principal(), &row, None)
     }
 
     /// Does a snapshot of this subscription hold a row in state `s`? The visible rows, except

@@ -24,22 +24,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{migrated_db, pgcast, run};
-use futures::{SinkExt, StreamExt};
 use pgcast_events::Role;
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
-use running::{connect_from, serve_command, token, Process, POLL, SECRET, WAIT};
+use running::{connect_from, serve_command, token, Next, Process, Ws, POLL, SECRET, WAIT};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 /// What `serve` logs when it accepts TLS connections.
 const READY: &str = "pgcast ready on https://";
@@ -198,7 +195,7 @@ impl TlsServe {
     /// A `wss://` client trusting `ca`, authenticated as a new `service` user.
     async fn wss(&self, ca: &Authority) -> Result<Wss, String> {
         let tls = self.tls(ca.client(&["http/1.1"])).await?;
-        let mut ws = Wss::upgrade(self.addr, tls).await?;
+        let mut ws = Wss::upgrade(format!("wss://localhost:{}/ws", self.addr.port()), tls).await?;
         ws.send(json!({"type": "auth", "token": token(SECRET.as_bytes(), Role::Service)}))
             .await;
         let ready = ws.recv().await;
@@ -255,67 +252,8 @@ fn parse_response(response: &[u8]) -> Option<(u16, String)> {
     Some((status, body.to_owned()))
 }
 
-/// A WebSocket client over TLS.
-struct Wss {
-    ws: WebSocketStream<TlsStream<TcpStream>>,
-}
-
-/// What came next from the server.
-#[derive(Debug)]
-enum Next {
-    Json(Value),
-    Close(Option<u16>),
-    Ended,
-    Nothing,
-}
-
-impl Wss {
-    async fn upgrade(addr: SocketAddr, tls: TlsStream<TcpStream>) -> Result<Wss, String> {
-        let url = format!("wss://localhost:{}/ws", addr.port());
-        match tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url, tls)).await {
-            Ok(Ok((ws, _))) => Ok(Wss { ws }),
-            Ok(Err(e)) => Err(format!("upgrade: {e}")),
-            Err(_) => Err(format!("upgrade: no answer within {WAIT:?}")),
-        }
-    }
-
-    async fn send(&mut self, v: Value) {
-        self.ws
-            .send(Message::Text(v.to_string().into()))
-            .await
-            .expect("send");
-    }
-
-    async fn next(&mut self, limit: Duration) -> Next {
-        let deadline = Instant::now() + limit;
-        loop {
-            match tokio::time::timeout_at(deadline, self.ws.next()).await {
-                Err(_) => return Next::Nothing,
-                Ok(None) | Ok(Some(Err(_))) => return Next::Ended,
-                Ok(Some(Ok(Message::Text(t)))) => {
-                    return Next::Json(serde_json::from_str(&t).expect("server sent JSON"))
-                }
-                Ok(Some(Ok(Message::Close(f)))) => {
-                    return Next::Close(f.map(|f| u16::from(f.code)))
-                }
-                Ok(Some(Ok(_))) => continue,
-            }
-        }
-    }
-
-    async fn recv(&mut self) -> Value {
-        match self.next(WAIT).await {
-            Next::Json(v) => v,
-            other => panic!("expected a frame, got {other:?}"),
-        }
-    }
-
-    /// A ping answered by its pong.
-    async fn ping(&mut self) {
-        self.send(json!({"type": "ping", "id": "p"})).await;
-        assert_eq!(self.recv().await, json!({"type": "pong", "id": "p"}));
-    }
-}
+/// A WebSocket client over TLS: the test kit's protocol client on a rustls stream.
+type Wss = Ws<TlsStream<TcpStream>>;
 
 /// Waits until the server closes `stream` (EOF or reset); `Err` if it is still open after
 /// `limit`.
@@ -402,7 +340,7 @@ async fn a_wss_client_connects_authenticates_and_receives_an_event() {
     // Shutdown closes the wss socket with 1001, as it does plain ones.
     server.process.signal("TERM");
     match ws.next(WAIT).await {
-        Next::Close(Some(1001)) => {}
+        next if next.close_code() == Some(1001) => {}
         other => panic!("expected close 1001, got {other:?}"),
     }
     let status = server.process.wait_exit(Duration::from_secs(10)).await;
