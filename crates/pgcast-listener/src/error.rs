@@ -1,3 +1,5 @@
+//! [`ListenerError`], the one error type of the database side, and [`describe_pg`].
+
 /// Errors of the database side.
 ///
 /// Each message already contains its cause (no `source()`), so `%error` in a log line shows the
@@ -11,6 +13,9 @@ pub enum ListenerError {
     /// No connection could be taken from the pool.
     #[error("database pool: {0}")]
     Pool(deadpool_postgres::PoolError),
+    /// A pool could not be set up.
+    #[error("could not set up the connection pool: {0}")]
+    PoolBuild(deadpool_postgres::BuildError),
     /// Applying migrations failed.
     #[error("migration failed: {}", describe_chain(.0))]
     Migration(refinery::Error),

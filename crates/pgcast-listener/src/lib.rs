@@ -20,15 +20,32 @@
 //! read even while the consumer is slow (doorbells collapse into one pending wake-up), so
 //! pgcast never leaves notifications in PostgreSQL's queue. Log reads go through the deadpool
 //! pool, so a slow catch-up never stalls the notification socket into a deadlock.
+//!
+//! Beside the stream, the crate owns the rest of the product's database work: the query pools
+//! ([`pool`]: connect, wait and statement timeouts), retention ([`prune`]) and the database
+//! side's series of `/metrics` ([`ListenerMetrics`]). Every query is a file of the top-level
+//! `sql/` directory; the log head has one query, [`LogHead::read`].
+//!
+//! ```text
+//!   pool() ──▶ EventLog (log_read_range, log_head, log_window_start) ──▶ Listener, gateway, tail
+//!          ──▶ prune(): pgcast.prune_events() every minute
+//!          ──▶ ListenerMetrics::read_database(): queue usage + log head every 5 s
+//! ```
 
 mod backoff;
 mod error;
 mod listener;
 mod log;
+mod metrics;
+mod pool;
+mod prune;
 mod schema;
 
 pub use backoff::Backoff;
 pub use error::{describe_pg, ListenerError};
 pub use listener::{Listener, ListenerStatus, Start, StatusSnapshot, APPLICATION_NAME, CHANNEL};
 pub use log::{EventLog, LogHead, LogPage};
+pub use metrics::ListenerMetrics;
+pub use pool::{pool, CONNECT_TIMEOUT};
+pub use prune::prune;
 pub use schema::{installed_version, migrate, MigrationScope, SCHEMA_VERSION};

@@ -1,4 +1,8 @@
-use deadpool_postgres::Pool;
+//! Reading the event log, `pgcast.assignment_events`: its head and retention boundary
+//! ([`LogHead::read`], the one query of it, `sql/log_head.sql`), pages of a range
+//! (`sql/log_read_range.sql`) and where a warm-up starts (`sql/log_window_start.sql`).
+
+use deadpool_postgres::{GenericClient, Pool};
 use pgcast_events::{decode_payload, AssignmentEvent, DecodeError, Position};
 
 use crate::ListenerError;
@@ -46,6 +50,20 @@ pub struct LogHead {
     pub pruned_through: Position,
 }
 
+impl LogHead {
+    /// The head and retention boundary as `client` sees them: a pooled connection, or a
+    /// transaction whose other reads must agree with the head (the gateway's REPEATABLE READ
+    /// snapshots). Every reader of the log head goes through this one query.
+    pub async fn read(client: &impl GenericClient) -> Result<LogHead, ListenerError> {
+        let stmt = client.prepare_cached(HEAD).await?;
+        let row = client.query_one(&stmt, &[]).await?;
+        Ok(LogHead {
+            head: row.try_get(0)?,
+            pruned_through: row.try_get(1)?,
+        })
+    }
+}
+
 impl EventLog {
     /// A log reader using `pool`.
     pub fn new(pool: Pool) -> Self {
@@ -57,15 +75,9 @@ impl EventLog {
         &self.pool
     }
 
-    /// Current head and retention boundary.
+    /// Current head and retention boundary ([`LogHead::read`] on a pooled connection).
     pub async fn head(&self) -> Result<LogHead, ListenerError> {
-        let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(HEAD).await?;
-        let row = client.query_one(&stmt, &[]).await?;
-        Ok(LogHead {
-            head: row.try_get(0)?,
-            pruned_through: row.try_get(1)?,
-        })
+        LogHead::read(&self.pool.get().await?).await
     }
 
     /// The position to read after to receive the newest `events` retained events (the head

@@ -1,5 +1,7 @@
-//! Every database connection pgcast makes: one-off clients of the operator commands, query
-//! pools, and the LISTEN connection, all through the TLS connector of [`tls_connector`].
+//! Every database connection pgcast makes goes through here, with the TLS connector of
+//! [`tls_connector`]: one-off clients of the operator commands, query pools (the product's
+//! [`pgcast_listener::pool`] on this URL) and the LISTEN connection. What is TLS and URL is
+//! the binary's; what the pools and the listener do with a connection is `pgcast-listener`'s.
 //!
 //! ```text
 //! DatabaseUrl (sslmode, sslrootcert) ──tls_connector──▶ MakeRustlsConnect (one verifier)
@@ -14,10 +16,9 @@
 
 use std::future::poll_fn;
 use std::sync::Arc;
-use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use pgcast_listener::{EventLog, Listener};
+use deadpool_postgres::Pool;
+use pgcast_listener::{EventLog, Listener, CONNECT_TIMEOUT};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::WebPkiSupportedAlgorithms;
@@ -30,16 +31,6 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::{DatabaseUrl, RootCerts, SslMode};
 use crate::PgcastError;
-
-/// Used when the connection string sets no `connect_timeout`: a command against an unreachable
-/// host fails instead of hanging.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest wait for a pooled connection.
-const POOL_WAIT: Duration = Duration::from_secs(5);
-/// Longest statement on a pooled connection (snapshots, replay pages, log reads, pruning,
-/// metrics): a stuck query fails instead of holding a connection, and the task waiting on it,
-/// indefinitely. Set as a session default, so it covers every statement the pool runs.
-const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where pgcast's connections go.
 ///
@@ -272,36 +263,14 @@ fn session_config(url: &DatabaseUrl, application_name: &str) -> tokio_postgres::
     config
 }
 
-/// A query pool of at most `max_size` connections to `url`, every statement bounded by a
-/// statement timeout.
+/// A query pool of at most `max_size` connections to `url` ([`pgcast_listener::pool`]: every
+/// statement bounded by a statement timeout unless the URL's `options` set one).
 pub fn pool(url: &DatabaseUrl, max_size: usize) -> Result<Pool, PgcastError> {
-    let mut pg = url.pg_config().clone();
-    if pg.get_connect_timeout().is_none() {
-        pg.connect_timeout(CONNECT_TIMEOUT);
-    }
-    // Added to the `options` of the connection string unless the operator set their own.
-    let timeout = format!("-c statement_timeout={}", STATEMENT_TIMEOUT.as_millis());
-    let options = match pg.get_options() {
-        Some(o) if o.contains("statement_timeout") => o.to_owned(),
-        Some(o) if !o.is_empty() => format!("{o} {timeout}"),
-        _ => timeout,
-    };
-    pg.options(&options);
-    let manager = Manager::from_config(
-        pg,
+    Ok(pgcast_listener::pool(
+        url.pg_config().clone(),
         tls_connector(url)?,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    // A query never waits forever for a connection: under overload it fails (the gateway
-    // answers `unavailable`, the listener reconnects) instead of parking its task.
-    Pool::builder(manager)
-        .max_size(max_size)
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .wait_timeout(Some(POOL_WAIT))
-        .build()
-        .map_err(PgcastError::Pool)
+        max_size,
+    )?)
 }
 
 /// The LISTEN side of `url` (give it the session URL, [`Database::listen_url`]), reading the

@@ -1,15 +1,16 @@
-//! `pgcast serve`: the listener and the gateway in one process, with HTTP routes, retention,
-//! metrics and graceful shutdown.
+//! `pgcast serve`: the wiring of one process — the listener, the gateway, retention and the
+//! database gauges (all from `pgcast-listener` and `pgcast-gateway`) — with its HTTP routes
+//! and graceful shutdown.
 //!
 //! ```text
 //!   Listener ──mpsc (8192)──▶ Gateway dispatch ──▶ /ws sockets
 //!      │ status                                  /healthz /readyz /metrics  pages + /client.js
-//!   pruner: pgcast.prune_events() every minute, one replica at a time (advisory lock in SQL)
+//!   pgcast_listener::prune: pgcast.prune_events() every minute, one replica at a time
+//!   ListenerMetrics::read_database: queue usage and log head every 5 s, for /metrics
 //! ```
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,15 +19,14 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use deadpool_postgres::Pool;
 use pgcast_gateway::{Gateway, GatewayConfig, TokenVerifier};
 use pgcast_listener::{
-    installed_version, migrate, EventLog, ListenerStatus, MigrationScope, Start, SCHEMA_VERSION,
+    installed_version, migrate, EventLog, ListenerMetrics, ListenerStatus, MigrationScope, Start,
+    SCHEMA_VERSION,
 };
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -44,24 +44,12 @@ const EVENT_BUFFER: usize = 8192;
 const WARM_UP: Duration = Duration::from_secs(10);
 /// Pool for pruning and the database gauges of `/metrics`, apart from the gateway's reads.
 const MAINTENANCE_POOL_SIZE: usize = 2;
-/// How often the database gauges of `/metrics` are read; a scrape serves the last reading.
-const GAUGES_EVERY: Duration = Duration::from_secs(5);
-/// Longest wait for one reading of the database gauges.
-const GAUGES_TIMEOUT: Duration = Duration::from_secs(4);
 /// The listener's own pool: log reads after each doorbell and catch-up after a reconnect.
 const LISTENER_POOL_SIZE: usize = 2;
-/// How often old log rows are pruned.
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
-/// Rows per prune transaction: short locks, no long vacuum debt.
-const PRUNE_BATCH: i32 = 1000;
 /// Time the gateway gets to close its sockets at shutdown; the whole exit stays under 10 s.
 const SOCKET_GRACE: Duration = Duration::from_secs(7);
 /// Time the remaining tasks (listener, pruner, HTTP server) get after that.
 const TASK_GRACE: Duration = Duration::from_secs(2);
-
-const PRUNE_SQL: &str = include_str!("../../../sql/prune_events.sql");
-const QUEUE_USAGE_SQL: &str = include_str!("../../../sql/doctor_notify_queue.sql");
-const LOG_HEAD_SQL: &str = include_str!("../../../sql/log_head.sql");
 
 const CLIENT_JS: &str = include_str!("../../../clients/js/pgcast.js");
 const CLIENT_DTS: &str = include_str!("../../../clients/js/pgcast.d.ts");
@@ -255,41 +243,20 @@ async fn serve_inner(
     let (tx, rx) = mpsc::channel(EVENT_BUFFER);
     tasks.spawn(listener.run(Start::After(start), tx, stop.clone()));
     gateway.spawn_dispatch(rx, start);
-    tasks.spawn(prune_loop(pool.clone(), options.retention, stop.clone()));
+    tasks.spawn(pgcast_listener::prune(
+        pool.clone(),
+        options.retention,
+        stop.clone(),
+    ));
 
     let admission = Admission::new(limits.edge);
     let mut registry = Registry::default();
     gateway.metrics().register(&mut registry);
     admission.register(&mut registry);
-    let queue_usage = Gauge::<f64, AtomicU64>::default();
-    registry.register(
-        "pgcast_notification_queue_usage",
-        "pg_notification_queue_usage() of the database (0..1), read every 5 s",
-        queue_usage.clone(),
-    );
-    let log_head = Gauge::default();
-    registry.register(
-        "pgcast_log_head_position",
-        "Highest position in pgcast.assignment_events (read every 5 s)",
-        log_head.clone(),
-    );
-    let gauges_age = Gauge::<f64, AtomicU64>::default();
-    registry.register(
-        "pgcast_database_gauges_age_seconds",
-        "Seconds since the database gauges (queue usage, log head) were last read successfully",
-        gauges_age.clone(),
-    );
-    registry.register_collector(Box::new(ListenerCollector(status.clone())));
-
-    tasks.spawn(gauges_loop(
-        pool.clone(),
-        DatabaseGauges {
-            queue_usage: queue_usage.clone(),
-            log_head: log_head.clone(),
-            age: gauges_age.clone(),
-        },
-        stop.clone(),
-    ));
+    let database_metrics = ListenerMetrics::new(status.clone());
+    database_metrics.register(&mut registry);
+    registry.register_collector(Box::new(TasksCollector));
+    tasks.spawn(database_metrics.read_database(pool, stop.clone()));
     let app = App {
         status: status.clone(),
         registry: Arc::new(registry),
@@ -433,7 +400,7 @@ async fn readyz(State(app): State<App>) -> Response {
 }
 
 /// A scrape never touches the database: the database gauges are read in the background
-/// ([`gauges_loop`]), so a slow database or a busy pool cannot hang it.
+/// ([`ListenerMetrics::read_database`]), so a slow database or a busy pool cannot hang it.
 async fn metrics(State(app): State<App>) -> Response {
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &app.registry) {
@@ -449,69 +416,13 @@ async fn metrics(State(app): State<App>) -> Response {
     }
 }
 
-/// Listener state as metrics, read from its atomics at scrape time.
+/// Alive tokio tasks: the soak test watches this for leaks (one per connection, plus a
+/// handful for the listener, dispatcher, pruner and HTTP server).
 #[derive(Debug)]
-struct ListenerCollector(Arc<ListenerStatus>);
+struct TasksCollector;
 
-impl Collector for ListenerCollector {
+impl Collector for TasksCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let s = self.0.snapshot();
-        let counters = [
-            (
-                "pgcast_listener_notifications",
-                "Doorbells (notifications) received on the LISTEN connection",
-                s.notifications,
-            ),
-            (
-                "pgcast_listener_ignored_payloads",
-                "Notifications that carried a payload (pgcast's doorbell is empty): forged, \
-                 garbled or from an older trigger; ignored, they only woke the listener",
-                s.ignored_payloads,
-            ),
-            (
-                "pgcast_events_received",
-                "Events the listener read from the log and emitted",
-                s.events,
-            ),
-            (
-                "pgcast_listener_decode_errors",
-                "Log rows that could not be decoded and were skipped",
-                s.decode_errors,
-            ),
-            (
-                "pgcast_listener_reconnects",
-                "Times the LISTEN connection was lost and re-established",
-                s.reconnects,
-            ),
-        ];
-        for (name, help, value) in counters {
-            let c = ConstCounter::new(value);
-            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
-        }
-        let lag_seconds = if s.last_committed_micros > 0 {
-            let now = chrono::Utc::now().timestamp_micros();
-            (now - s.last_committed_micros).max(0) as f64 / 1e6
-        } else {
-            0.0
-        };
-        let gauges = [
-            (
-                "pgcast_listener_connected",
-                "1 while the LISTEN connection is up and caught up",
-                i64::from(s.caught_up),
-            ),
-            (
-                "pgcast_listener_position",
-                "Position of the last event the listener emitted",
-                s.last_position,
-            ),
-        ];
-        for (name, help, value) in gauges {
-            let g = ConstGauge::new(value);
-            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
-        }
-        // Alive tokio tasks: the soak test watches this for leaks (one per connection, plus
-        // a handful for the listener, dispatcher, pruner and HTTP server).
         let tasks = tokio::runtime::Handle::try_current()
             .map(|h| i64::try_from(h.metrics().num_alive_tasks()).unwrap_or(i64::MAX))
             .unwrap_or(0);
@@ -522,103 +433,7 @@ impl Collector for ListenerCollector {
             None,
             g.metric_type(),
         )?)?;
-        let g = ConstGauge::new(lag_seconds);
-        g.encode(encoder.encode_descriptor(
-            "pgcast_listener_last_event_age_seconds",
-            "Seconds since the commit of the last event the listener emitted",
-            None,
-            g.metric_type(),
-        )?)?;
         Ok(())
-    }
-}
-
-/// The gauges of `/metrics` read from the database.
-struct DatabaseGauges {
-    queue_usage: Gauge<f64, AtomicU64>,
-    log_head: Gauge,
-    /// Seconds since the last successful reading.
-    age: Gauge<f64, AtomicU64>,
-}
-
-/// Reads the database gauges every [`GAUGES_EVERY`] until `stop`; a failed or slow reading
-/// keeps the last values, and their age shows it.
-async fn gauges_loop(pool: Pool, gauges: DatabaseGauges, stop: CancellationToken) {
-    // Before the first reading, the age counts from the start.
-    let mut last_read = std::time::Instant::now();
-    let mut tick = tokio::time::interval(GAUGES_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
-        }
-        let read = async {
-            let client = pool.get().await.map_err(|e| e.to_string())?;
-            let usage: f64 = client
-                .query_one(QUEUE_USAGE_SQL, &[])
-                .await
-                .and_then(|row| row.try_get(0))
-                .map_err(|e| e.to_string())?;
-            let head: i64 = client
-                .query_one(LOG_HEAD_SQL, &[])
-                .await
-                .and_then(|row| row.try_get(0))
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((usage, head))
-        };
-        let result = tokio::select! {
-            r = tokio::time::timeout(GAUGES_TIMEOUT, read) => r,
-            () = stop.cancelled() => return,
-        };
-        match result {
-            Ok(Ok((usage, head))) => {
-                gauges.queue_usage.set(usage);
-                gauges.log_head.set(head);
-                last_read = std::time::Instant::now();
-            }
-            Ok(Err(error)) => tracing::debug!(%error, "reading the database gauges failed"),
-            Err(_) => tracing::debug!("reading the database gauges timed out"),
-        }
-        gauges.age.set(last_read.elapsed().as_secs_f64());
-    }
-}
-
-/// Deletes log rows older than `retention` in small batches. Several replicas may run this;
-/// the SQL function lets one at a time work and the others skip.
-async fn prune_loop(pool: Pool, retention: Duration, stop: CancellationToken) {
-    let seconds = retention.as_secs_f64();
-    loop {
-        let mut total = 0u64;
-        loop {
-            let result = async {
-                let client = pool.get().await.map_err(|e| e.to_string())?;
-                let row = client
-                    .query_one(PRUNE_SQL, &[&seconds, &PRUNE_BATCH])
-                    .await
-                    .map_err(|e| e.to_string())?;
-                row.try_get::<_, i32>(0).map_err(|e| e.to_string())
-            }
-            .await;
-            match result {
-                Ok(0) => break,
-                Ok(n) => total += n as u64,
-                Err(error) => {
-                    tracing::warn!(%error, "pruning the event log failed; retrying later");
-                    break;
-                }
-            }
-            if stop.is_cancelled() {
-                return;
-            }
-        }
-        if total > 0 {
-            tracing::info!(rows = total, "pruned old events from the log");
-        }
-        tokio::select! {
-            () = tokio::time::sleep(PRUNE_EVERY) => {}
-            () = stop.cancelled() => return,
-        }
     }
 }
 
