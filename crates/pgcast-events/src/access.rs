@@ -1,4 +1,5 @@
-//! A mechanic's right to follow a session, evaluated at every event's position (design §5).
+//! A mechanic's right to follow a session, evaluated at every event's position
+//! (`docs/architecture.md#5-visibility-is-decided-per-event-at-its-position`).
 //!
 //! A mechanic may see `session:<id>` only while one of their assignments in that session is
 //! accepted or completed. Unlike the other rules, this one is not a property of the changed row

@@ -1,3 +1,6 @@
+//! A `session_assignments` row as events and snapshots carry it: [`Assignment`] and its
+//! lifecycle [`Status`].
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

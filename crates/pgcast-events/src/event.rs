@@ -1,3 +1,7 @@
+//! [`AssignmentEvent`]: one committed change of a row at its log [`Position`], with the routing
+//! fields of the row before ([`PriorState`]) and after it ([`RowState`]), so an update reaches
+//! everybody who could see the row on either side of the change.
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

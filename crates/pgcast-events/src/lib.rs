@@ -11,8 +11,9 @@
 //!                                       EventFrame::encode (serialized once per topic)
 //! ```
 //!
-//! The visibility rules (design §5) live in [`Topic::sees`] and [`Topic::route_keys`]; the
-//! gateway indexes subscribers by [`RouteKey`] and never decides visibility on its own.
+//! The visibility rules live in [`Topic::sees`] and [`Topic::route_keys`]; the gateway indexes
+//! subscribers by [`RouteKey`] and never decides visibility on its own (see
+//! `docs/architecture.md#5-visibility-is-decided-per-event-at-its-position`).
 
 mod access;
 mod assignment;

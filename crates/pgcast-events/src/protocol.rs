@@ -1,4 +1,4 @@
-//! Wire protocol v1 (design §4): JSON text frames on `GET /ws`.
+//! Wire protocol v1 (`README.md#protocol-v1`): JSON text frames on `GET /ws`.
 
 use serde::{Deserialize, Serialize};
 

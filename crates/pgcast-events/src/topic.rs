@@ -1,4 +1,5 @@
-//! Topics and the who-sees-what rules of design §5.
+//! Topics and the who-sees-what rules
+//! (`docs/architecture.md#5-visibility-is-decided-per-event-at-its-position`).
 //!
 //! A rule has two faces that must agree: [`Topic::sees`] answers "may this subscriber see this
 //! row state" (used for snapshots, replay and tests), and [`Topic::route_keys`] with

@@ -1,3 +1,5 @@
+//! [`Backoff`]: the jittered exponential delays between the listener's reconnect attempts.
+
 use std::time::Duration;
 
 use rand::Rng;

@@ -1,3 +1,13 @@
+//! The LISTEN side: [`Listener`] turns doorbells on one dedicated connection into an ordered,
+//! de-duplicated stream of events read from the log, reconnecting and catching up after any
+//! failure; [`ListenerStatus`] is its live state for `/readyz` and `/metrics`.
+//!
+//! ```text
+//!   run ─loop─▶ session: connect ─▶ driver (poll_message: doorbells → Notify, never waits)
+//!                                 └▶ consume: LISTEN, head, forward ─▶ wait bell | 15 s probe ─▶ forward
+//!        Cursor { last, reached_live } survives reconnects; failures back off (Backoff)
+//! ```
+
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;

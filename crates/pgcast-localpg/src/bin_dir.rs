@@ -1,3 +1,6 @@
+//! Where the machine's PostgreSQL server binaries are ([`find_bin_dir`]) and which version they
+//! are ([`server_version`]).
+
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

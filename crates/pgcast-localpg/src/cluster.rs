@@ -1,3 +1,6 @@
+//! [`LocalPg`]: one cluster in a data directory — create it (`initdb` or a template copy),
+//! start and stop it with `pg_ctl`, with its [`Settings`]; and [`free_port`].
+
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::net::{Ipv4Addr, TcpListener};

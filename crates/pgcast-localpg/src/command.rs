@@ -1,3 +1,6 @@
+//! Running the PostgreSQL binaries: as the `postgres` OS user when this process is root
+//! ([`effective_uid`] tells), with their output captured into errors.
+
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Stdio};

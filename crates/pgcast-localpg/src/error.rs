@@ -1,3 +1,6 @@
+//! [`LocalPgError`]: everything that can go wrong finding, creating, starting or stopping a
+//! local cluster, each with what to do about it.
+
 use std::io;
 use std::path::PathBuf;
 use std::process::ExitStatus;

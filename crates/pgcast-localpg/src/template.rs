@@ -1,3 +1,6 @@
+//! A cluster template per PostgreSQL version ([`ensure_template`]): `initdb` once per machine,
+//! then every test cluster is a fast copy of it.
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

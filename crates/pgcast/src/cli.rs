@@ -1,6 +1,7 @@
-//! The command line (design §6): one typed struct per subcommand, each flag also readable from
-//! the environment where the design names a variable. Parsing validates every value, so a bad
-//! one is reported before anything connects or binds.
+//! The command line (`README.md#commands`, `README.md#configuration`): one typed struct per
+//! subcommand, each flag also readable from its environment variable where the README names
+//! one. Parsing validates every value, so a bad one is reported before anything connects or
+//! binds.
 //!
 //! Each struct's `Display` is the configuration summary printed at start: secrets and database
 //! passwords show as `<redacted>`.

@@ -386,10 +386,10 @@ enum Action {
     Complete,
 }
 
-/// Whether `who` may do `action` to `a` now: the queue rules of the design (§5) for accept, the
-/// offer's mechanic for decline, the accepting mechanic for complete. Refusals that depend only
-/// on who is asking (another workshop's request, another mechanic's offer) are `403`; those
-/// that depend on the moment (already taken, no longer open) are `409`.
+/// Whether `who` may do `action` to `a` now: the rules of topic `queue` (`README.md#protocol-v1`,
+/// "Topics") for accept, the offer's mechanic for decline, the accepting mechanic for complete.
+/// Refusals that depend only on who is asking (another workshop's request, another mechanic's
+/// offer) are `403`; those that depend on the moment (already taken, no longer open) are `409`.
 fn judge(action: Action, a: &Assignment, who: &Principal) -> Result<(), DemoApiError> {
     let me = who.user_id;
     let open = a.status == "queued" || a.status == "offered";

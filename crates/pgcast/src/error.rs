@@ -1,3 +1,6 @@
+//! [`PgcastError`], the error of the `pgcast` library functions: what failed, with the cause in
+//! `source()` (only the command functions wrap it in `anyhow`).
+
 use pgcast_listener::ListenerError;
 
 /// Errors of the `pgcast` library functions (the command functions wrap them in `anyhow`).
