@@ -13,7 +13,7 @@ mod realtime {
 
 /// The value of `pgcast.version()` this build expects. Bumped together with a new realtime
 /// migration that redefines `pgcast.version()`.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Key of the session advisory lock that serializes concurrent `migrate` runs (several replicas
 /// started at once). Any role that can connect can take an advisory key, so a session holding
@@ -112,7 +112,29 @@ async fn apply(client: &mut Client, scope: MigrationScope) -> Result<usize, List
         .run_async(client)
         .await?;
     applied += report.applied_migrations().len();
+    finish_capture(client).await?;
     Ok(applied)
+}
+
+/// Version 3 replaces the row trigger on the application table with statement triggers, which
+/// needs the table's owner. A role that was no longer a member of that owner when it upgraded
+/// kept version 2's row trigger (correct, slower; `pgcast doctor` warns): every `migrate`
+/// finishes the swap once the role may. Cheap when there is nothing to do (a catalog lookup,
+/// no table lock).
+async fn finish_capture(client: &Client) -> Result<(), ListenerError> {
+    let pending: bool = client
+        .query_one(
+            "SELECT to_regprocedure('pgcast.install_capture()') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    if pending {
+        client
+            .execute("SELECT pgcast.install_capture()", &[])
+            .await?;
+    }
+    Ok(())
 }
 
 /// The installed `pgcast.version()`, or `None` when the realtime objects are not installed.

@@ -1,0 +1,537 @@
+//! Version 3's capture: statement triggers stage each statement's rows in
+//! `pgcast.pending_events`, and one deferred step per transaction moves them to the log at
+//! commit with commit-ordered positions. What that must keep from the row trigger it replaced:
+//! every change once, in write order within a transaction (several statements, multi-row
+//! statements), commit order across transactions, nothing from rolled-back savepoints, updates
+//! paired with their old routing fields even when `id` changes, and an upgrade from version 2
+//! that keeps the log and continues its positions.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use pgcast_events::{EventKind, Status};
+use pgcast_listener::{installed_version, migrate, MigrationScope, Start, SCHEMA_VERSION};
+use pgcast_testkit::PgCluster;
+use uuid::Uuid;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Names of the events' rows, in delivery order.
+fn names(events: &[std::sync::Arc<pgcast_events::AssignmentEvent>]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e.assignment.customer_name.clone().unwrap_or_default())
+        .collect()
+}
+
+/// Asserts that positions increase by exactly one from event to event.
+fn assert_contiguous(events: &[std::sync::Arc<pgcast_events::AssignmentEvent>]) {
+    for w in events.windows(2) {
+        assert_eq!(
+            w[1].position,
+            w[0].position + 1,
+            "positions of one transaction are one block"
+        );
+    }
+}
+
+/// The staging table holds nothing visible once every transaction has ended.
+async fn assert_nothing_staged(client: &tokio_postgres::Client) {
+    let staged: i64 = client
+        .query_one("SELECT count(*) FROM pgcast.pending_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(staged, 0, "rows left in pgcast.pending_events");
+}
+
+#[tokio::test]
+async fn several_statements_in_one_transaction_keep_their_order() {
+    let (db, mut client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let mut listener = start_listener(&db, Start::Head).await;
+    let tx = client.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO session_assignments (session_id, status, customer_name)
+         SELECT gen_random_uuid(), 'queued', 'a' || g FROM generate_series(1, 3) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.execute(INSERT_ONE, &[&"b"]).await.unwrap();
+    tx.execute(
+        "UPDATE session_assignments SET status = 'offered' WHERE customer_name = 'a2'",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.execute(
+        "DELETE FROM session_assignments WHERE customer_name = 'a1'",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.execute(INSERT_ONE, &[&"c"]).await.unwrap();
+    // A statement that changes nothing stages nothing.
+    tx.execute(
+        "UPDATE session_assignments SET status = 'expired' WHERE false",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let got = listener.take(7, LIMIT).await;
+    listener.assert_quiet().await;
+    assert_eq!(names(&got), ["a1", "a2", "a3", "b", "a2", "a1", "c"]);
+    assert_eq!(
+        got.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        [
+            EventKind::Created,
+            EventKind::Created,
+            EventKind::Created,
+            EventKind::Created,
+            EventKind::Updated,
+            EventKind::Deleted,
+            EventKind::Created
+        ]
+    );
+    assert_contiguous(&got);
+    assert_eq!(got[4].old_status(), Some(Status::Queued));
+    assert_eq!(got[4].assignment.status, Status::Offered);
+    assert_eq!(got[5].old_status(), Some(Status::Queued));
+    // One commit, one commit time.
+    assert!(got.iter().all(|e| e.committed_at == got[0].committed_at));
+    assert_nothing_staged(&client).await;
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn a_100_row_update_arrives_whole_with_each_rows_old_state() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    // Each row its own workshop, so a row paired with another row's old state shows.
+    client
+        .execute(
+            "INSERT INTO session_assignments (session_id, workshop_id, status, customer_name)
+             SELECT gen_random_uuid(), gen_random_uuid(), 'queued', 'r' || g
+             FROM generate_series(1, 100) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let workshops: HashMap<Uuid, Uuid> = client
+        .query("SELECT id, workshop_id FROM session_assignments", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut listener = start_listener(&db, Start::Head).await;
+    let mechanic = Uuid::new_v4();
+    client
+        .execute(
+            "UPDATE session_assignments
+             SET status = 'accepted', mechanic_id = $1, workshop_id = NULL",
+            &[&mechanic],
+        )
+        .await
+        .unwrap();
+    let got = listener.take(100, LIMIT).await;
+    listener.assert_quiet().await;
+    assert_contiguous(&got);
+    let mut seen = std::collections::HashSet::new();
+    for e in &got {
+        assert_eq!(e.kind, EventKind::Updated);
+        assert!(seen.insert(e.assignment.id), "one event per row");
+        let prior = e.prior.expect("an update carries the old state");
+        assert_eq!(prior.status, Status::Queued);
+        assert_eq!(prior.mechanic_id, None);
+        assert_eq!(
+            Some(prior.workshop_id.expect("old workshop")),
+            workshops.get(&e.assignment.id).copied(),
+            "the old state of this row, not another's"
+        );
+        assert_eq!(e.assignment.status, Status::Accepted);
+        assert_eq!(e.assignment.mechanic_id, Some(mechanic));
+        assert_eq!(e.assignment.workshop_id, None);
+    }
+    assert_eq!(seen.len(), workshops.len());
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn an_update_that_changes_the_id_keeps_each_rows_old_state() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    client
+        .execute(
+            "INSERT INTO session_assignments (session_id, workshop_id, status, customer_name)
+             SELECT gen_random_uuid(), gen_random_uuid(), 'queued', 'k' || g
+             FROM generate_series(1, 20) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    // customer_name does not change: it says which row an event is about.
+    let before: HashMap<String, (Uuid, Uuid)> = client
+        .query(
+            "SELECT customer_name, id, workshop_id FROM session_assignments",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let mut listener = start_listener(&db, Start::Head).await;
+    client
+        .execute(
+            "UPDATE session_assignments SET id = gen_random_uuid(), status = 'offered'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let after: HashMap<String, Uuid> = client
+        .query("SELECT customer_name, id FROM session_assignments", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let got = listener.take(20, LIMIT).await;
+    listener.assert_quiet().await;
+    assert_contiguous(&got);
+    for e in &got {
+        let name = e.assignment.customer_name.clone().expect("name");
+        let (old_id, old_workshop) = before[&name];
+        assert_eq!(e.assignment.id, after[&name], "the event names the new id");
+        assert_ne!(e.assignment.id, old_id);
+        let prior = e.prior.expect("old state");
+        assert_eq!(prior.workshop_id, Some(old_workshop), "{name}");
+        assert_eq!(prior.status, Status::Queued);
+        assert_eq!(e.assignment.status, Status::Offered);
+    }
+    // The log's assignment_id column follows the row too.
+    let logged: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pgcast.assignment_events e JOIN session_assignments s
+                 ON s.id = e.assignment_id
+             WHERE e.op = 'update'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 20);
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn a_multi_row_delete_carries_each_row_as_it_was() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let mechanic = Uuid::new_v4();
+    client
+        .execute(
+            "INSERT INTO session_assignments (session_id, mechanic_id, status, customer_name)
+             SELECT gen_random_uuid(), $1, 'accepted', 'd' || g FROM generate_series(1, 5) g",
+            &[&mechanic],
+        )
+        .await
+        .unwrap();
+    let mut listener = start_listener(&db, Start::Head).await;
+    client
+        .execute(
+            "DELETE FROM session_assignments WHERE customer_name LIKE 'd%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got = listener.take(5, LIMIT).await;
+    listener.assert_quiet().await;
+    assert_contiguous(&got);
+    let mut seen: Vec<String> = names(&got);
+    seen.sort();
+    assert_eq!(seen, ["d1", "d2", "d3", "d4", "d5"]);
+    for e in &got {
+        assert_eq!(e.kind, EventKind::Deleted);
+        assert_eq!(e.assignment.mechanic_id, Some(mechanic));
+        let prior = e.prior.expect("old state");
+        assert_eq!(prior.status, Status::Accepted);
+        assert_eq!(prior.mechanic_id, Some(mechanic));
+    }
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn savepoint_rollbacks_leave_no_events_and_the_rest_still_publishes() {
+    let (db, mut client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let mut listener = start_listener(&db, Start::Head).await;
+
+    // The transaction's first staged rows are rolled back with their savepoint (and with them
+    // the flag that publishes at commit): what follows must still be published.
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute(
+        "SAVEPOINT s;
+         INSERT INTO session_assignments (session_id, status, customer_name)
+             SELECT gen_random_uuid(), 'queued', 'gone' || g FROM generate_series(1, 3) g;
+         ROLLBACK TO SAVEPOINT s;",
+    )
+    .await
+    .unwrap();
+    tx.execute(INSERT_ONE, &[&"kept 1"]).await.unwrap();
+    // A savepoint rolled back after the first staged rows.
+    tx.batch_execute(
+        "SAVEPOINT t;
+         INSERT INTO session_assignments (session_id, status, customer_name)
+             VALUES (gen_random_uuid(), 'queued', 'gone too');
+         UPDATE session_assignments SET status = 'offered' WHERE customer_name = 'kept 1';
+         ROLLBACK TO SAVEPOINT t;",
+    )
+    .await
+    .unwrap();
+    // A savepoint released is kept.
+    tx.batch_execute(
+        "SAVEPOINT u;
+         INSERT INTO session_assignments (session_id, status, customer_name)
+             VALUES (gen_random_uuid(), 'queued', 'kept 2');
+         RELEASE SAVEPOINT u;",
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    // A whole transaction rolled back.
+    let tx = client.transaction().await.unwrap();
+    tx.execute(INSERT_ONE, &[&"rolled back"]).await.unwrap();
+    tx.rollback().await.unwrap();
+
+    let got = listener.take(2, LIMIT).await;
+    listener.assert_quiet().await;
+    assert_eq!(names(&got), ["kept 1", "kept 2"]);
+    assert!(got.iter().all(|e| e.kind == EventKind::Created));
+    assert_contiguous(&got);
+    assert_nothing_staged(&client).await;
+    listener.stop().await;
+}
+
+/// A version 2 install with events in its log is upgraded in place: the row trigger is
+/// replaced by the statement triggers, the log is untouched, and positions continue.
+#[tokio::test]
+async fn a_version_2_install_upgrades_in_place_and_positions_continue() {
+    let db = PgCluster::shared()
+        .unwrap()
+        .create_database()
+        .await
+        .unwrap();
+    let mut client = db.connect().await.unwrap();
+    client
+        .batch_execute("CREATE SCHEMA IF NOT EXISTS pgcast")
+        .await
+        .unwrap();
+    embedded::app::migrations::runner()
+        .set_migration_table_name("pgcast.app_migrations")
+        .run_async(&mut client)
+        .await
+        .unwrap();
+    let mut v2 = embedded::realtime::migrations::runner().set_target(refinery::Target::Version(2));
+    v2.set_migration_table_name("pgcast.realtime_migrations");
+    v2.run_async(&mut client).await.unwrap();
+    assert_eq!(installed_version(&client).await.unwrap(), Some(2));
+
+    let customer = Uuid::new_v4();
+    let session: Uuid = client
+        .query_one(
+            "INSERT INTO sessions (customer_id, kind) VALUES ($1, 'free') RETURNING id",
+            &[&customer],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .execute(
+            "INSERT INTO session_assignments (session_id, status, customer_name)
+             SELECT $1, 'queued', 'v2 row ' || g FROM generate_series(1, 3) g",
+            &[&session],
+        )
+        .await
+        .unwrap();
+    let old_log: Vec<(i64, String)> = client
+        .query(
+            "SELECT position, payload::text FROM pgcast.assignment_events ORDER BY position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(old_log.len(), 3);
+
+    assert_eq!(
+        migrate(&mut client, MigrationScope::All).await.unwrap(),
+        SCHEMA_VERSION as usize - 2
+    );
+    assert_eq!(
+        installed_version(&client).await.unwrap(),
+        Some(SCHEMA_VERSION)
+    );
+    let triggers: Vec<String> = client
+        .query(
+            "SELECT tgname::text FROM pg_trigger
+             WHERE tgrelid = 'session_assignments'::regclass AND tgname LIKE 'pgcast%'
+             ORDER BY tgname",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        triggers,
+        [
+            "pgcast_capture_delete",
+            "pgcast_capture_insert",
+            "pgcast_capture_update"
+        ]
+    );
+    let kept: Vec<(i64, String)> = client
+        .query(
+            "SELECT position, payload::text FROM pgcast.assignment_events ORDER BY position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(kept, old_log, "the log is untouched");
+
+    let mut listener = start_listener(&db, Start::After(0)).await;
+    client
+        .execute(
+            "INSERT INTO session_assignments (session_id, status, customer_name)
+             SELECT $1, 'queued', 'v3 row ' || g FROM generate_series(1, 2) g",
+            &[&session],
+        )
+        .await
+        .unwrap();
+    let got = listener.take(5, LIMIT).await;
+    listener.assert_quiet().await;
+    assert_eq!(
+        names(&got),
+        ["v2 row 1", "v2 row 2", "v2 row 3", "v3 row 1", "v3 row 2"]
+    );
+    assert_eq!(got[3].position, old_log[2].0 + 1, "positions continue");
+    assert_contiguous(&got[3..]);
+    assert!(
+        got.iter().all(|e| e.customer_id == Some(customer)),
+        "both versions record the session's customer"
+    );
+    listener.stop().await;
+}
+
+/// Transaction A writes 50 rows first and commits last: all of A's positions are above all of
+/// B's. Then many writers commit multi-row transactions at once while the listener reads: a
+/// position that became visible before a lower one committed would be skipped by the
+/// listener (it reads after its last position), so every row must arrive, each transaction's
+/// rows as one block in write order.
+#[tokio::test]
+async fn concurrent_multi_row_transactions_get_positions_in_commit_order() {
+    let (db, _client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let mut listener = start_listener(&db, Start::Head).await;
+
+    let mut a = db.connect().await.unwrap();
+    let mut b = db.connect().await.unwrap();
+    let ta = a.transaction().await.unwrap();
+    ta.execute(
+        "INSERT INTO session_assignments (session_id, status, customer_name)
+         SELECT gen_random_uuid(), 'queued', 'A' || g FROM generate_series(1, 50) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let tb = b.transaction().await.unwrap();
+    tb.execute(
+        "INSERT INTO session_assignments (session_id, status, customer_name)
+         SELECT gen_random_uuid(), 'queued', 'B' || g FROM generate_series(1, 50) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    tb.commit().await.unwrap();
+    let first = listener.take(50, LIMIT).await;
+    assert!(names(&first).iter().all(|n| n.starts_with('B')));
+    ta.commit().await.unwrap();
+    let second = listener.take(50, LIMIT).await;
+    assert_eq!(
+        names(&second),
+        (1..=50).map(|g| format!("A{g}")).collect::<Vec<_>>()
+    );
+    assert!(second[0].position > first[49].position);
+
+    const WRITERS: usize = 6;
+    const TRANSACTIONS: usize = 15;
+    const ROWS: i32 = 20;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let db = db.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = db.connect().await.unwrap();
+            for t in 0..TRANSACTIONS {
+                let tx = client.transaction().await.unwrap();
+                tx.execute(
+                    "INSERT INTO session_assignments (session_id, status, customer_name)
+                     SELECT gen_random_uuid(), 'queued', $1 || '-' || g
+                     FROM generate_series(1, $2) g",
+                    &[&format!("w{w}t{t}"), &ROWS],
+                )
+                .await
+                .unwrap();
+                // A second statement in every other transaction.
+                if t % 2 == 0 {
+                    tx.execute(
+                        "UPDATE session_assignments SET status = 'offered'
+                         WHERE customer_name = $1",
+                        &[&format!("w{w}t{t}-1")],
+                    )
+                    .await
+                    .unwrap();
+                }
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let per_tx = |t: usize| ROWS as usize + usize::from(t % 2 == 0);
+    let expected: usize = WRITERS * (0..TRANSACTIONS).map(per_tx).sum::<usize>();
+    let got = listener.take(expected, Duration::from_secs(60)).await;
+    listener.assert_quiet().await;
+    assert!(got.windows(2).all(|w| w[0].position < w[1].position));
+    // Each transaction: one contiguous block, its rows in write order, then its update.
+    let mut i = 0;
+    let mut blocks = 0;
+    while i < got.len() {
+        let name = got[i].assignment.customer_name.clone().unwrap_or_default();
+        let tx = name.split('-').next().unwrap_or_default().to_owned();
+        let t: usize = tx
+            .split('t')
+            .nth(1)
+            .and_then(|t| t.parse().ok())
+            .expect("tx");
+        let block = &got[i..i + per_tx(t)];
+        assert_contiguous(block);
+        let mut want: Vec<String> = (1..=ROWS).map(|g| format!("{tx}-{g}")).collect();
+        if t % 2 == 0 {
+            want.push(format!("{tx}-1"));
+            assert_eq!(block.last().map(|e| e.kind), Some(EventKind::Updated));
+        }
+        assert_eq!(names(block), want);
+        i += block.len();
+        blocks += 1;
+    }
+    assert_eq!(blocks, WRITERS * TRANSACTIONS);
+    listener.stop().await;
+}
