@@ -11,9 +11,9 @@
 //!
 //! The clock is shared by the socket wrapper (which sees bytes) and the connection task (which
 //! sees whole messages): bytes that arrive after the last whole message start the clock, the
-//! next whole message stops it. The connection task reaches its admission (the clock and the
-//! unauthenticated slot) through a task-local, [`frame_received`] and [`authenticated`], so the
-//! hooks cost one call each and need no parameter threaded through every phase.
+//! next whole message stops it. The connection task is handed its [`Admission`] (the clock and
+//! the unauthenticated slot) and reports through `Admission::frame_received` and
+//! `Admission::authenticated`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -286,41 +286,28 @@ pub fn ip_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// What a connection task holds from its admission.
-#[derive(Debug)]
+/// What a connection task holds from its admission: the socket's frame clock (when the edge
+/// layer wrapped the socket) and its unauthenticated slot. Cheap to clone.
+#[derive(Debug, Clone)]
 pub(crate) struct Admission {
     pub(crate) unauthenticated: Arc<UnauthenticatedSlot>,
     pub(crate) frames: Option<FrameClock>,
 }
 
-tokio::task_local! {
-    static ADMISSION: Admission;
-}
-
-/// Runs `fut` (a connection task) with `admission` reachable by [`frame_received`] and
-/// [`authenticated`].
-pub(crate) fn with_admission<F: Future>(
-    admission: Admission,
-    fut: F,
-) -> impl Future<Output = F::Output> {
-    ADMISSION.scope(admission, fut)
-}
-
-// The two hooks below are called by the connection task (connection.rs).
-/// Called by the connection task for every whole message it reads (text, binary, ping, pong,
-/// close): the socket's frame deadline restarts with the next byte.
-pub(crate) fn frame_received() {
-    let _ = ADMISSION.try_with(|a| {
-        if let Some(clock) = &a.frames {
+impl Admission {
+    /// Called by the connection task for every whole message it reads (text, binary, ping,
+    /// pong, close): the socket's frame deadline restarts with the next byte.
+    pub(crate) fn frame_received(&self) {
+        if let Some(clock) = &self.frames {
             clock.message_received();
         }
-    });
-}
+    }
 
-/// Called by the connection task once its token is verified: the socket no longer holds an
-/// unauthenticated slot.
-pub(crate) fn authenticated() {
-    let _ = ADMISSION.try_with(|a| a.unauthenticated.release());
+    /// Called by the connection task once its token is verified: the socket no longer holds
+    /// an unauthenticated slot.
+    pub(crate) fn authenticated(&self) {
+        self.unauthenticated.release();
+    }
 }
 
 #[cfg(test)]

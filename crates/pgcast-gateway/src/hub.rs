@@ -173,3 +173,128 @@ impl Hub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::{Context, Poll};
+
+    const WORKSHOP: &str = "8d0c6c1e-6f0e-4bb5-9a51-2a0b3d1c9e77";
+    const MECHANIC: &str = "3f2a1d7c-0b9e-4e0f-8a3c-5d6e7f809a1b";
+
+    /// An assignment change at `position`: `old` is the routing state before (JSON or null),
+    /// `mechanic`/`workshop`/`status` the row after.
+    fn event(
+        position: Position,
+        old: &str,
+        status: &str,
+        mechanic: Option<&str>,
+        workshop: Option<&str>,
+    ) -> Arc<AssignmentEvent> {
+        let quoted = |v: Option<&str>| v.map_or("null".to_owned(), |v| format!("\"{v}\""));
+        let op = if old == "null" { "insert" } else { "update" };
+        let text = format!(
+            r#"{{"position":{position},"op":"{op}","committed_at":"2026-11-25T19:32:44.5+00:00",
+            "row":{{"id":"5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11",
+            "session_id":"0e6b3a57-3f4c-4a9e-8a55-2f4b7a7d9a10","mechanic_id":{},
+            "workshop_id":{},"status":"{status}","created_at":"2026-11-25T19:32:43+00:00",
+            "updated_at":"2026-11-25T19:32:43+00:00"}},"old":{old}}}"#,
+            quoted(mechanic),
+            quoted(workshop),
+        );
+        Arc::new(pgcast_events::decode_payload(&text).expect("test payload decodes"))
+    }
+
+    fn principal(user: &str, workshop: Option<&str>) -> Principal {
+        Principal {
+            user_id: user.parse().expect("uuid"),
+            role: Role::Mechanic,
+            workshop_id: workshop.map(|w| w.parse().expect("uuid")),
+        }
+    }
+
+    /// Files a subscription of `who` to `topic` with its own outbox.
+    fn file(hub: &Hub, topic: Topic, who: Principal) -> (Arc<Subscription>, Arc<Outbox>) {
+        let outbox = Arc::new(Outbox::new(1 << 20));
+        let sub = Arc::new(Subscription {
+            id: hub.next_id(),
+            topic,
+            principal: who,
+            conn: outbox.clone(),
+        });
+        hub.subscribe(sub.clone());
+        (sub, outbox)
+    }
+
+    /// Everything queued in `outbox`, without waiting.
+    fn queued(outbox: &Outbox) -> Vec<Outbound> {
+        let mut into = Vec::new();
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        while let Poll::Ready(()) = outbox.poll_take(&mut cx, &mut into, 1024) {}
+        into
+    }
+
+    #[test]
+    fn a_subscription_filed_under_several_matching_keys_gets_the_event_once() {
+        let hub = Hub::new(GatewayMetrics::default());
+        let (_, outbox) = file(&hub, Topic::Queue, principal(MECHANIC, Some(WORKSHOP)));
+        // Queued for the workshop before, offered to the mechanic after: both keys route it.
+        let old = format!(r#"{{"status":"queued","mechanic_id":null,"workshop_id":"{WORKSHOP}"}}"#);
+        let offer = event(1, &old, "offered", Some(MECHANIC), Some(WORKSHOP));
+        assert!(offer.route_keys().len() > 2, "the event has several keys");
+        hub.dispatch(&offer);
+        let got: Vec<_> = queued(&outbox).iter().map(|o| o.position).collect();
+        assert_eq!(got, vec![1]);
+    }
+
+    #[test]
+    fn the_rule_decides_on_every_event_not_the_index() {
+        let hub = Hub::new(GatewayMetrics::default());
+        let other = "11111111-2222-4333-8444-555555555555";
+        let (_, mine) = file(&hub, Topic::Queue, principal(MECHANIC, None));
+        let (_, theirs) = file(&hub, Topic::Queue, principal(other, None));
+        hub.dispatch(&event(1, "null", "queued", None, None));
+        hub.dispatch(&event(2, "null", "offered", Some(MECHANIC), None));
+        let positions = |o: &Outbox| queued(o).iter().map(|o| o.position).collect::<Vec<_>>();
+        assert_eq!(positions(&mine), vec![1, 2]);
+        assert_eq!(positions(&theirs), vec![1], "an offer to another mechanic");
+    }
+
+    #[test]
+    fn one_frame_is_shared_by_every_recipient_of_a_topic() {
+        let hub = Hub::new(GatewayMetrics::default());
+        let a = file(&hub, Topic::Queue, principal(MECHANIC, None)).1;
+        let b = file(&hub, Topic::Queue, principal(WORKSHOP, None)).1;
+        hub.dispatch(&event(1, "null", "queued", None, None));
+        let (fa, fb) = (queued(&a).remove(0).frame, queued(&b).remove(0).frame);
+        assert_eq!(fa, fb);
+        assert_eq!(
+            fa.as_str().as_ptr(),
+            fb.as_str().as_ptr(),
+            "serialized once"
+        );
+    }
+
+    #[test]
+    fn subscribe_reports_the_head_and_unsubscribe_stops_delivery() {
+        let hub = Hub::new(GatewayMetrics::default());
+        hub.start_after(41);
+        let (sub, outbox) = file(&hub, Topic::Queue, principal(MECHANIC, None));
+        hub.dispatch(&event(42, "null", "queued", None, None));
+        let late = Arc::new(Subscription {
+            id: hub.next_id(),
+            topic: Topic::Queue,
+            principal: principal(WORKSHOP, None),
+            conn: Arc::new(Outbox::new(1 << 20)),
+        });
+        assert_eq!(
+            hub.subscribe(late),
+            42,
+            "a later subscriber starts after 42"
+        );
+        hub.unsubscribe(&sub);
+        hub.dispatch(&event(43, "null", "queued", None, None));
+        let got: Vec<_> = queued(&outbox).iter().map(|o| o.position).collect();
+        assert_eq!(got, vec![42]);
+    }
+}

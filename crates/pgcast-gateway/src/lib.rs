@@ -232,8 +232,7 @@ async fn upgrade(
             tasks.track_future(async move {
                 shared.open.send_modify(|n| *n += 1);
                 let auth_timeout = shared.config.auth_timeout;
-                let serve =
-                    edge::with_admission(admission, connection::serve(socket, shared.clone()));
+                let serve = connection::serve(socket, shared.clone(), admission);
                 tokio::pin!(serve);
                 // A socket still open after its auth deadline has authenticated (the
                 // connection closes those that did not), so its slot is free by then even

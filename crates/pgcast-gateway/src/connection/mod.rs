@@ -1,0 +1,493 @@
+//! One WebSocket connection: authentication, then a single task that reads client frames,
+//! writes queued event frames and heartbeats under one `select!`.
+//!
+//! Access is decided per event, not once: a frame is written only if the token has not expired
+//! by the event's commit time, and a mechanic on `session:<id>` receives an event only while the
+//! session's rows, at that event's position, make them a member.
+//!
+//! The task is generic over its socket halves (any `Sink` of messages and `Stream` of
+//! messages), so its rules are unit-tested over channels with paused time (`tests`). Its jobs
+//! live one per module: [`auth`] (the first `auth` frame, refreshes, expiry), [`subscribe`]
+//! (access checks, snapshots, the start position), [`replay`] (`since` from the window or the
+//! log), [`deliver`] (live frames from the outbox), [`rate`] (the client frame rate); this
+//! module holds the loop, the lifecycle and the socket writes.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::stream::Peekable;
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use pgcast_events::{
+    ClientMessage, ErrorCode, Position, Principal, ServerMessage, SessionMembership, Topic,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::edge::Admission;
+use crate::hub::Subscription;
+use crate::outbox::Outbox;
+use crate::Shared;
+
+use rate::RateLimit;
+
+mod auth;
+mod deliver;
+mod rate;
+mod replay;
+mod subscribe;
+#[cfg(test)]
+mod tests;
+
+/// Close codes of protocol v1 (design §4).
+pub(crate) mod close {
+    /// Server shutting down.
+    pub(crate) const GOING_AWAY: u16 = 1001;
+    /// Authentication failed or missing.
+    pub(crate) const POLICY: u16 = 1008;
+    /// A frame or message over the size limit.
+    pub(crate) const TOO_BIG: u16 = 1009;
+    /// The token expired without a refresh; reconnect with a fresh token and `since`.
+    pub(crate) const TOKEN_EXPIRED: u16 = 4001;
+    /// The outgoing queue overflowed; resume with `since`.
+    pub(crate) const SLOW_CONSUMER: u16 = 4008;
+}
+
+/// Log rows per replay query.
+const REPLAY_PAGE: i64 = 1000;
+/// Frames written before one flush when the queue has several waiting.
+const WRITE_BATCH: usize = 64;
+/// A close frame that cannot be written in this time is abandoned with the socket (the peer
+/// then sees the connection end without one).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A slow consumer's close frame waits behind everything already in its socket buffers, so it
+/// gets longer: a client that reads again within this time still learns the reason (4008).
+const SLOW_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the connection writes: the socket's sending half (a channel in unit tests).
+pub(crate) trait SocketSink: Sink<Message, Error = axum::Error> + Unpin + Send {}
+impl<T: Sink<Message, Error = axum::Error> + Unpin + Send> SocketSink for T {}
+
+/// What the connection reads: the socket's receiving half (a channel in unit tests).
+pub(crate) trait SocketStream:
+    Stream<Item = Result<Message, axum::Error>> + Unpin + Send
+{
+}
+impl<T: Stream<Item = Result<Message, axum::Error>> + Unpin + Send> SocketStream for T {}
+
+/// Client frames. Lent out (`None`) only while a subscribe waits, to watch for the peer leaving.
+type Frames<St> = Option<Peekable<St>>;
+
+/// Why the connection ends.
+enum End {
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+    /// The peer is gone or the socket broke: nothing more to write.
+    Gone,
+    /// The token expired: tell the client (`token_expired`), then close with 4001.
+    Expired,
+}
+
+struct ActiveSub {
+    sub: Arc<Subscription>,
+    /// Frames at or below this position were already sent (by snapshot or replay) and are
+    /// dropped when they arrive from the live queue.
+    delivered_through: Position,
+    /// A mechanic on `session:<id>`: their membership at `delivered_through`, moved by every
+    /// later event of the session.
+    membership: Option<SessionMembership>,
+}
+
+/// A subscription filed in the hub that is unfiled when this is dropped, unless kept.
+struct Registered {
+    shared: Arc<Shared>,
+    sub: Option<Arc<Subscription>>,
+}
+
+impl Registered {
+    /// The subscription started: it stays filed (the connection unfiles it when it ends).
+    fn keep(mut self) {
+        self.sub = None;
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Some(sub) = self.sub.take() {
+            self.shared.hub.unsubscribe(&sub);
+        }
+    }
+}
+
+/// Why a `since` that the log no longer covers gets `resync`.
+const PRUNED: &str = "since is older than the retained event log";
+
+/// Why a `queue` resume older than the replay window gets `resync`.
+const OLDER_THAN_WINDOW: &str =
+    "since is older than the replay window; the queue is its open rows: take a snapshot";
+
+/// Why a subscription is revoked after a membership change.
+const NO_LONGER_ASSIGNED: &str = "no longer assigned to this session";
+
+/// Unix time in microseconds, on the same scale as events' commit times.
+fn unix_micros(seconds: u64) -> i64 {
+    i64::try_from(seconds)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1_000_000)
+}
+
+/// The monotonic instant at which a token with `exp` = `expires_at` stops being accepted.
+fn expiry_instant(expires_at: u64, leeway: Duration) -> tokio::time::Instant {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let left = Duration::from_secs(expires_at).saturating_sub(now) + leeway;
+    // Far-future `exp` values must not overflow the timer.
+    tokio::time::Instant::now() + left.min(Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// Serves one upgraded socket until it closes; `admission` is what the edge layer granted it.
+pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, admission: Admission) {
+    let (sink, stream) = socket.split();
+    serve_halves(sink, stream, shared, admission).await
+}
+
+/// Serves a connection over its two halves until it closes.
+async fn serve_halves<Si: SocketSink, St: SocketStream>(
+    sink: Si,
+    stream: St,
+    shared: Arc<Shared>,
+    admission: Admission,
+) {
+    shared.metrics.connections.inc();
+    let shared_rate = shared.config.client_frames_per_second;
+    let mut conn = Connection {
+        outbox: Arc::new(Outbox::new(shared.config.outbound_bytes)),
+        shutdown: shared.shutdown.child_token(),
+        shared,
+        sink,
+        stream: Some(stream.peekable()),
+        subs: Vec::new(),
+        batch: Vec::new(),
+        principal: None,
+        expires_at: 0,
+        last_heard: Instant::now(),
+        last_written: Instant::now(),
+        rate: RateLimit::new(shared_rate),
+        admission,
+    };
+    let mut end = conn.run().await;
+    if let End::Expired = end {
+        let reply = ServerMessage::Error {
+            id: None,
+            code: ErrorCode::TokenExpired,
+            message: "token expired: reconnect with a fresh token and since".to_owned(),
+        };
+        end = match conn.send(reply).await {
+            Ok(()) => End::Close(close::TOKEN_EXPIRED, "token expired"),
+            Err(end) => end,
+        };
+    }
+    for s in conn.subs.drain(..) {
+        conn.shared.hub.unsubscribe(&s.sub);
+    }
+    conn.outbox.close();
+    if let End::Close(code, reason) = end {
+        let mut wait = CLOSE_TIMEOUT;
+        if code == close::SLOW_CONSUMER {
+            conn.shared.metrics.slow_closes.inc();
+            wait = SLOW_CLOSE_TIMEOUT;
+        }
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }));
+        // Shutdown must not wait on one peer: it ends the wait early.
+        let shutdown = conn.shared.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::timeout(wait, conn.sink.send(frame)) => {}
+            () = shutdown.cancelled(), if code != close::GOING_AWAY => {}
+        }
+    }
+    conn.shared.metrics.connections.dec();
+}
+
+struct Connection<Si, St: SocketStream> {
+    shared: Arc<Shared>,
+    /// Event frames the hub queued for this connection.
+    outbox: Arc<Outbox>,
+    shutdown: CancellationToken,
+    sink: Si,
+    stream: Frames<St>,
+    subs: Vec<ActiveSub>,
+    /// Frames picked for one write; kept to reuse its allocation.
+    batch: Vec<Utf8Bytes>,
+    principal: Option<Principal>,
+    /// `exp` of the current token (unix seconds). Nothing committed after it is written, and
+    /// the connection closes with 4001 at `exp` + leeway unless a new `auth` frame refreshed it.
+    expires_at: u64,
+    /// The last client frame (a pong included).
+    last_heard: Instant,
+    /// The last time a batch of event frames went into the socket: a peer still taking them
+    /// is alive even when its pong waits behind megabytes of backlog.
+    last_written: Instant,
+    /// The client frame rate limit.
+    rate: RateLimit,
+    /// The edge layer's hold on this socket: its frame clock and unauthenticated slot.
+    admission: Admission,
+}
+
+impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
+    async fn run(&mut self) -> End {
+        let verified = match self.authenticate().await {
+            Ok(v) => v,
+            Err(end) => {
+                self.shared.metrics.auth_failures.inc();
+                return end;
+            }
+        };
+        self.principal = Some(verified.principal);
+        self.expires_at = verified.expires_at;
+        if let Err(end) = self.send(self.ready()).await {
+            return end;
+        }
+        let interval = self.shared.config.heartbeat_interval;
+        let leeway = self.shared.config.token_leeway;
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut expiry_set = self.expires_at;
+        let expiry = tokio::time::sleep_until(expiry_instant(expiry_set, leeway));
+        tokio::pin!(expiry);
+        // Made once and polled on every turn: a `cancelled()` made per turn would register and
+        // unregister a waiter (a lock each) on every event delivered.
+        let (shutdown, slow) = (self.shutdown.clone(), self.outbox.slow.clone());
+        let outbox = self.outbox.clone();
+        // Entries taken from the outbox for one write; the allocation is reused.
+        let mut taken = Vec::with_capacity(WRITE_BATCH);
+        let shutting_down = shutdown.cancelled();
+        let declared_slow = slow.cancelled();
+        tokio::pin!(shutting_down, declared_slow);
+        loop {
+            let step = tokio::select! {
+                biased;
+                () = &mut shutting_down => Err(End::Close(close::GOING_AWAY, "server shutting down")),
+                () = &mut declared_slow => Err(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with since")),
+                () = &mut expiry => Err(End::Expired),
+                msg = next_frame(&mut self.stream) => self.on_frame(msg).await,
+                () = outbox.take_batch(&mut taken, WRITE_BATCH) => self.deliver(&mut taken).await,
+                _ = heartbeat.tick() => self.heartbeat(interval).await,
+            };
+            if let Err(end) = step {
+                return end;
+            }
+            if self.expires_at != expiry_set {
+                expiry_set = self.expires_at;
+                expiry.as_mut().reset(expiry_instant(expiry_set, leeway));
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, msg: Option<Result<Message, axum::Error>>) -> Result<(), End> {
+        self.last_heard = Instant::now();
+        // A whole message arrived: the socket's per-frame read deadline starts again.
+        if matches!(msg, Some(Ok(_))) {
+            self.admission.frame_received();
+        }
+        let text = match msg {
+            Some(Ok(Message::Text(t))) => Some(t),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(()),
+            Some(Ok(Message::Binary(_))) => None,
+            Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
+            Some(Err(e)) => return Err(read_error(&e)),
+        };
+        // Every frame that earns a reply counts against the rate, binary ones included.
+        if !self.rate.take() {
+            return self
+                .error(None, ErrorCode::RateLimited, "too many frames; slow down")
+                .await;
+        }
+        let Some(text) = text else {
+            return self
+                .error(
+                    None,
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported",
+                )
+                .await;
+        };
+        match ClientMessage::parse(&text) {
+            Err(e) => {
+                self.error(None, ErrorCode::BadRequest, &e.to_string())
+                    .await
+            }
+            Ok(ClientMessage::Auth { token }) => self.refresh(&token).await,
+            Ok(ClientMessage::Ping { id }) => self.send(ServerMessage::Pong { id }).await,
+            Ok(ClientMessage::Unsubscribe { id, topic }) => match topic.parse::<Topic>() {
+                Ok(topic) => {
+                    if !self.remove_sub(&topic) {
+                        return self
+                            .error(id, ErrorCode::BadRequest, "not subscribed to that topic")
+                            .await;
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    self.error(id, ErrorCode::UnknownTopic, &e.to_string())
+                        .await
+                }
+            },
+            Ok(ClientMessage::Subscribe {
+                id,
+                topic,
+                since,
+                snapshot,
+            }) => {
+                // A subscribe may wait for its turn on the database; meanwhile shutdown, the
+                // slow-consumer signal and the peer leaving still end the connection.
+                let slow = self.outbox.slow.clone();
+                let shutdown = self.shutdown.clone();
+                let mut stream = self.stream.take();
+                let admission = self.admission.clone();
+                let result = tokio::select! {
+                    r = self.subscribe(id, &topic, since, snapshot.unwrap_or(false)) => r,
+                    () = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
+                    () = slow.cancelled() => Err(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with since")),
+                    () = peer_left(&mut stream, &admission) => Err(End::Gone),
+                };
+                self.stream = stream;
+                result
+            }
+        }
+    }
+
+    fn remove_sub(&mut self, topic: &Topic) -> bool {
+        match self.subs.iter().position(|s| s.sub.topic == *topic) {
+            Some(i) => {
+                let s = self.subs.swap_remove(i);
+                self.shared.hub.unsubscribe(&s.sub);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Pings the peer; closes the connection when it has neither answered for two intervals
+    /// nor taken any event frames for one. A slow reader working through a backlog reads its
+    /// pong late but keeps taking frames, so it stays; a dead peer stops taking them once the
+    /// kernel's buffers are full, and a write that cannot finish is cut off by `guarded`.
+    async fn heartbeat(&mut self, interval: Duration) -> Result<(), End> {
+        if self.last_heard.elapsed() > interval * 2 && self.last_written.elapsed() > interval {
+            tracing::debug!("closing a connection whose peer stopped answering pings");
+            return Err(End::Gone);
+        }
+        self.feed(Message::Ping(Default::default())).await?;
+        self.flush().await
+    }
+
+    async fn error(
+        &mut self,
+        id: Option<String>,
+        code: ErrorCode,
+        message: &str,
+    ) -> Result<(), End> {
+        self.send(ServerMessage::Error {
+            id,
+            code,
+            message: message.to_owned(),
+        })
+        .await
+    }
+
+    async fn send(&mut self, msg: ServerMessage) -> Result<(), End> {
+        self.feed(Message::Text(msg.encode().into())).await?;
+        self.flush().await
+    }
+
+    /// Queues a frame in the socket's write buffer.
+    async fn feed(&mut self, msg: Message) -> Result<(), End> {
+        let limit = self.shared.config.heartbeat_interval * 2;
+        guarded(
+            self.sink.feed(msg),
+            limit,
+            &self.outbox.slow,
+            &self.shutdown,
+        )
+        .await
+    }
+
+    /// Writes the socket's buffer out.
+    async fn flush(&mut self) -> Result<(), End> {
+        let limit = self.shared.config.heartbeat_interval * 2;
+        guarded(self.sink.flush(), limit, &self.outbox.slow, &self.shutdown).await
+    }
+}
+
+/// The next client frame (never, while the stream is lent out).
+async fn next_frame<St: SocketStream>(
+    stream: &mut Frames<St>,
+) -> Option<Result<Message, axum::Error>> {
+    match stream {
+        Some(stream) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the peer is gone (its side closed, the socket failed, or a close frame came)
+/// while the connection is busy with something else. A frame that arrives first stays queued,
+/// to be handled in turn, and ends the watch: what follows it is seen when it is read.
+async fn peer_left<St: SocketStream>(stream: &mut Frames<St>, admission: &Admission) {
+    let Some(stream) = stream else {
+        return std::future::pending().await;
+    };
+    match std::pin::Pin::new(stream).peek().await {
+        None | Some(Ok(Message::Close(_))) => {}
+        Some(Err(e)) if matches!(read_error(e), End::Gone) => {}
+        Some(_) => {
+            // A whole frame is in: the socket's per-frame read deadline starts again.
+            admission.frame_received();
+            std::future::pending().await
+        }
+    }
+}
+
+/// Runs a socket write, giving up when the connection is declared slow, when the server shuts
+/// down, or when the peer has not taken the bytes within `limit` (a peer that sends but never
+/// reads): no peer can hold its task, and with it a connection slot, forever.
+///
+/// A write the socket takes at once (the common case: its buffer has room) finishes on its
+/// first poll, before any timer or cancellation waiter is set up: under fan-out this runs once
+/// per connection and event.
+async fn guarded(
+    write: impl std::future::Future<Output = Result<(), axum::Error>>,
+    limit: Duration,
+    slow: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Result<(), End> {
+    let mut write = std::pin::pin!(write);
+    if let std::task::Poll::Ready(r) = futures::poll!(write.as_mut()) {
+        return r.map_err(|_| End::Gone);
+    }
+    tokio::select! {
+        r = tokio::time::timeout(limit, write) => match r {
+            Ok(r) => r.map_err(|_| End::Gone),
+            Err(_) => Err(End::Gone),
+        },
+        () = slow.cancelled() => Err(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with since")),
+        () = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
+    }
+}
+
+/// How a read error ends the connection: an oversized frame gets 1009, anything else means
+/// the socket is unusable.
+fn read_error(e: &axum::Error) -> End {
+    use std::error::Error as _;
+    match e
+        .source()
+        .and_then(|s| s.downcast_ref::<tungstenite::Error>())
+    {
+        Some(tungstenite::Error::Capacity(_)) => End::Close(close::TOO_BIG, "frame too big"),
+        _ => End::Gone,
+    }
+}

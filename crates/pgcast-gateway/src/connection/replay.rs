@@ -1,0 +1,153 @@
+//! `since` replays: frames of events the subscriber missed, from the log page by page (or, for
+//! a mechanic's session, judged by the membership at each event's position).
+
+use pgcast_events::{AssignmentEvent, EventFrame, Position, SessionMembership, Verdict};
+use pgcast_listener::LogHead;
+
+use super::subscribe::gated;
+use super::{close, Connection, End, SocketSink, SocketStream, PRUNED, REPLAY_PAGE};
+use crate::hub::Subscription;
+
+impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
+    /// Writes `events` (already judged visible) as frames of `sub`, stopping at the first one
+    /// committed after the token's `exp` (then the connection expires).
+    pub(super) async fn write_events<'e>(
+        &mut self,
+        sub: &Subscription,
+        events: impl Iterator<Item = &'e AssignmentEvent>,
+    ) -> Result<(), End> {
+        let mut frames = Vec::new();
+        let mut expired = false;
+        for event in events {
+            if event.committed_at.timestamp_micros() > self.expires_micros() {
+                expired = true;
+                break;
+            }
+            frames.push(EventFrame::encode(&sub.topic, event).into());
+            if frames.len() == REPLAY_PAGE as usize {
+                self.write_frames(&mut frames).await?;
+            }
+        }
+        self.write_frames(&mut frames).await?;
+        if expired {
+            return Err(End::Expired);
+        }
+        Ok(())
+    }
+
+    /// Streams the topic's events in `(since, through]` from the log, each page read (in its
+    /// turn among the gateway's database reads) while the previous one is written.
+    /// `Ok(Some(reason))`: a prune overtook the replay (a page came back with the retention
+    /// boundary inside its range), so what follows would have a gap; nothing of that page was
+    /// sent and the client must resync.
+    pub(super) async fn replay(
+        &mut self,
+        sub: &Subscription,
+        since: Position,
+        through: Position,
+    ) -> Result<Option<&'static str>, End> {
+        let shared = self.shared.clone();
+        let read = |after| gated(&shared, shared.log.read_range(after, through, REPLAY_PAGE));
+        let mut page_after = since;
+        let mut page = read(since).await.map_err(replay_failed)?;
+        loop {
+            if page.pruned_past(page_after) {
+                return Ok(Some(PRUNED));
+            }
+            for (position, error) in &page.undecodable {
+                tracing::warn!(position, %error, "skipping undecodable log row in replay");
+            }
+            let mut frames = Vec::new();
+            let mut expired = false;
+            for event in &page.events {
+                if !sub.topic.matches(&sub.principal, event) {
+                    continue;
+                }
+                if event.committed_at.timestamp_micros() > self.expires_micros() {
+                    expired = true;
+                    break;
+                }
+                frames.push(EventFrame::encode(&sub.topic, event).into());
+            }
+            let more = !expired && page.rows == REPLAY_PAGE as usize;
+            let after = page.last.unwrap_or(through);
+            let prefetch = async {
+                if more {
+                    Some(read(after).await)
+                } else {
+                    None
+                }
+            };
+            let (next, written) = tokio::join!(prefetch, self.write_frames(&mut frames));
+            written?;
+            if expired {
+                return Err(End::Expired);
+            }
+            match next {
+                None => return Ok(None),
+                Some(next) => {
+                    page = next.map_err(replay_failed)?;
+                    page_after = after;
+                }
+            }
+        }
+    }
+
+    /// Replays a session to a mechanic. Membership is known at `head`; it is rewound through
+    /// the session's events down to `since`, then moved forward again event by event, so each
+    /// event is judged by the rows as they stood at its position. A session has few events, so
+    /// they are collected first, at most `snapshot_limit` of them (a longer history gets
+    /// `resync`, like a snapshot that large would fail). `Ok(None)`: replayed, `membership` is
+    /// back at `head`; `Ok(Some(reason))`: nothing was sent and the client must resync.
+    pub(super) async fn replay_following(
+        &mut self,
+        sub: &Subscription,
+        since: Position,
+        head: LogHead,
+        membership: &mut SessionMembership,
+    ) -> Result<Option<&'static str>, End> {
+        let shared = self.shared.clone();
+        let mut events: Vec<AssignmentEvent> = Vec::new();
+        let mut after = since;
+        loop {
+            let read = shared.log.read_range(after, head.head, REPLAY_PAGE);
+            let page = gated(&shared, read).await.map_err(replay_failed)?;
+            if page.pruned_past(after) {
+                return Ok(Some(PRUNED));
+            }
+            for (position, error) in &page.undecodable {
+                tracing::warn!(position, %error, "skipping undecodable log row in replay");
+            }
+            events.extend(
+                page.events
+                    .into_iter()
+                    .filter(|e| e.assignment.session_id == membership.session()),
+            );
+            if events.len() > self.shared.config.snapshot_limit {
+                return Ok(Some(
+                    "the session's history since then is longer than a replay holds; \
+                     take a snapshot",
+                ));
+            }
+            match page.last {
+                Some(last) if page.rows == REPLAY_PAGE as usize => after = last,
+                _ => break,
+            }
+        }
+        for event in events.iter().rev() {
+            membership.rewind(event);
+        }
+        let visible: Vec<&AssignmentEvent> = events
+            .iter()
+            .filter(|e| membership.apply(e) != Verdict::Skip)
+            .collect();
+        self.write_events(sub, visible.into_iter()).await?;
+        Ok(None)
+    }
+}
+
+/// A replay read failed: the client resumes from the last position it received.
+fn replay_failed(error: pgcast_listener::ListenerError) -> End {
+    tracing::warn!(%error, "replay read failed");
+    End::Close(close::GOING_AWAY, "replay failed: resume with since")
+}

@@ -1,0 +1,369 @@
+//! `subscribe`: the access check (from the token, or from the session's rows), filing in the
+//! hub, and the start position: live from the hub's head, a snapshot, or a replay after
+//! `since`. Database reads wait their turn ([`gated`]).
+
+use std::sync::Arc;
+
+use pgcast_events::{
+    Access, AssignmentEvent, ErrorCode, Position, Role, ServerMessage, SessionMembership, Topic,
+};
+use pgcast_listener::LogHead;
+
+use super::{
+    ActiveSub, Connection, End, Registered, SocketSink, SocketStream, OLDER_THAN_WINDOW, PRUNED,
+};
+use crate::hub::Subscription;
+use crate::{db, Shared};
+
+impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
+    pub(super) async fn subscribe(
+        &mut self,
+        id: Option<String>,
+        topic: &str,
+        since: Option<Position>,
+        snapshot: bool,
+    ) -> Result<(), End> {
+        let Some(principal) = self.principal else {
+            return Err(End::Gone);
+        };
+        // Within the leeway after `exp` nothing new starts: a snapshot would show rows as they
+        // stand after the token ended.
+        if self.past_expiry() {
+            return Err(End::Expired);
+        }
+        let topic: Topic = match topic.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                return self
+                    .error(id, ErrorCode::UnknownTopic, &e.to_string())
+                    .await
+            }
+        };
+        if since.is_some_and(|s| s < 0) {
+            return self
+                .error(id, ErrorCode::BadRequest, "since must not be negative")
+                .await;
+        }
+        // Subscribing again to the same topic replaces the old subscription (a client taking
+        // a fresh snapshot after `resync`).
+        let replacing = self.remove_sub(&topic);
+        if !replacing && self.subs.len() >= self.shared.config.max_subscriptions {
+            return self
+                .error(
+                    id,
+                    ErrorCode::TooManySubscriptions,
+                    "subscription limit reached",
+                )
+                .await;
+        }
+        let allowed = match (topic.authorize(&principal), topic) {
+            (Access::Allowed, _) => true,
+            (Access::Forbidden, _) => false,
+            (Access::NeedsSessionCheck, Topic::Session(session))
+                if principal.role == Role::Customer =>
+            {
+                let owns = db::owns_session(self.shared.log.pool(), session, principal.user_id);
+                match gated(&self.shared, owns).await {
+                    Ok(ok) => ok,
+                    Err(error) => {
+                        tracing::warn!(%error, "session ownership check failed");
+                        return self
+                            .error(id, ErrorCode::Unavailable, "could not check access; retry")
+                            .await;
+                    }
+                }
+            }
+            // A mechanic: decided after registering, at the log head the membership is read
+            // at (`start_following`).
+            (Access::NeedsSessionCheck, _) => true,
+        };
+        if !allowed {
+            return self.forbidden(id).await;
+        }
+
+        // Register first, then read: an event is either dispatched after this point (and
+        // queued for us) or committed before the read below (and in it), or both — then the
+        // position filter drops the copy.
+        let sub = Arc::new(Subscription {
+            id: self.shared.hub.next_id(),
+            topic,
+            principal,
+            conn: self.outbox.clone(),
+        });
+        let hub_head = self.shared.hub.subscribe(sub.clone());
+        // Unfiled again unless the subscription starts, also when this future is dropped
+        // half-way (the connection ending while it waits on the database).
+        let registered = Registered {
+            shared: self.shared.clone(),
+            sub: Some(sub.clone()),
+        };
+        let topic_name = topic.to_string();
+        let result = if sub.follows_membership() {
+            self.start_following(&sub, id, topic_name, since, snapshot)
+                .await
+        } else if snapshot {
+            self.start_with_snapshot(&sub, id, topic_name)
+                .await
+                .map(|p| p.map(|p| (p, None)))
+        } else if let Some(since) = since {
+            self.start_with_replay(&sub, id, topic_name, since, hub_head)
+                .await
+                .map(|p| p.map(|p| (p, None)))
+        } else {
+            self.send(ServerMessage::Subscribed {
+                id,
+                topic: topic_name,
+                position: hub_head,
+            })
+            .await
+            .map(|()| Some((hub_head, None)))
+        };
+        match result {
+            Ok(Some((delivered_through, membership))) => {
+                registered.keep();
+                self.subs.push(ActiveSub {
+                    sub,
+                    delivered_through,
+                    membership,
+                });
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(end) => Err(end),
+        }
+    }
+
+    pub(super) async fn forbidden(&mut self, id: Option<String>) -> Result<(), End> {
+        self.error(
+            id,
+            ErrorCode::Forbidden,
+            "not allowed to subscribe to this topic",
+        )
+        .await
+    }
+
+    /// A mechanic on `session:<id>`: the membership, the log head and (for a snapshot) the
+    /// session's rows are read together; a mechanic who is not a member at that head is
+    /// refused. A replay delivers each event the mechanic could see at its own position.
+    /// `Ok(None)`: the subscription did not start (an error was sent to the client).
+    pub(super) async fn start_following(
+        &mut self,
+        sub: &Subscription,
+        id: Option<String>,
+        topic: String,
+        since: Option<Position>,
+        snapshot: bool,
+    ) -> Result<Option<(Position, Option<SessionMembership>)>, End> {
+        let Topic::Session(session) = sub.topic else {
+            return Err(End::Gone);
+        };
+        let mechanic = sub.principal.user_id;
+        let rows_limit = snapshot.then_some(self.shared.config.snapshot_limit);
+        let read = db::mechanic_session(self.shared.log.pool(), session, mechanic, rows_limit);
+        let view = match gated(&self.shared, read).await {
+            Ok(view) => view,
+            Err(error) => {
+                tracing::warn!(%error, "session membership check failed");
+                self.error(id, ErrorCode::Unavailable, "could not check access; retry")
+                    .await?;
+                return Ok(None);
+            }
+        };
+        if view.granting.is_empty() {
+            self.forbidden(id).await?;
+            return Ok(None);
+        }
+        let mut membership = SessionMembership::new(session, mechanic, view.granting);
+        let position = view.head.head;
+        if let Some(assignments) = view.rows {
+            self.send_snapshot(id, topic, position, assignments).await?;
+        } else if let Some(since) = since {
+            let replayed = self
+                .resume_following(sub, id, topic, since, view.head, &mut membership)
+                .await?;
+            if replayed.is_none() {
+                return Ok(None);
+            }
+        } else {
+            self.send(ServerMessage::Subscribed {
+                id,
+                topic,
+                position,
+            })
+            .await?;
+        }
+        Ok(Some((position, Some(membership))))
+    }
+
+    /// `subscribed` at `position`, then the snapshot taken there.
+    pub(super) async fn send_snapshot(
+        &mut self,
+        id: Option<String>,
+        topic: String,
+        position: Position,
+        assignments: Vec<pgcast_events::Assignment>,
+    ) -> Result<(), End> {
+        self.send(ServerMessage::Subscribed {
+            id,
+            topic: topic.clone(),
+            position,
+        })
+        .await?;
+        self.send(ServerMessage::Snapshot {
+            topic,
+            position,
+            assignments,
+        })
+        .await
+    }
+
+    /// `Ok(None)`: the subscription did not start (an error was sent to the client).
+    pub(super) async fn start_with_snapshot(
+        &mut self,
+        sub: &Subscription,
+        id: Option<String>,
+        topic: String,
+    ) -> Result<Option<Position>, End> {
+        let limit = self.shared.config.snapshot_limit;
+        let read = db::snapshot(self.shared.log.pool(), &sub.topic, &sub.principal, limit);
+        match gated(&self.shared, read).await {
+            Ok((position, assignments)) => {
+                self.send_snapshot(id, topic, position, assignments).await?;
+                Ok(Some(position))
+            }
+            Err(error) => {
+                tracing::warn!(%error, "snapshot failed");
+                self.error(id, ErrorCode::Unavailable, "snapshot failed; retry")
+                    .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Replays the topic's events after `since` up to `hub_head` (the hub's head when the
+    /// subscription was filed: every later event is queued for it by the hub, so the replay
+    /// ends instead of chasing writers). From the replay window when it reaches back to
+    /// `since`, without a database read; otherwise from the log, except for `queue`, whose page
+    /// is its open rows: a client that far behind takes a snapshot (`resync`) instead of
+    /// making the log be scanned for the few rows it can use. `Ok(None)`: the subscription did
+    /// not start (an error or `resync` was sent).
+    pub(super) async fn start_with_replay(
+        &mut self,
+        sub: &Subscription,
+        id: Option<String>,
+        topic: String,
+        since: Position,
+        hub_head: Position,
+    ) -> Result<Option<Position>, End> {
+        if since > hub_head {
+            // The client has seen events this replica has not dispatched yet (another replica
+            // served it, or this one is still catching up): nothing to replay, as everything
+            // after `hub_head` reaches the subscription through the hub; `since` only needs to
+            // be a position the log has reached.
+            let head = match gated(&self.shared, self.shared.log.head()).await {
+                Ok(head) => head,
+                Err(error) => {
+                    tracing::warn!(%error, "reading the log head failed");
+                    self.error(id, ErrorCode::Unavailable, "replay failed; retry")
+                        .await?;
+                    return Ok(None);
+                }
+            };
+            self.send_subscribed(id, &topic, since).await?;
+            if since > head.head {
+                self.resync(topic, "since is ahead of the event log")
+                    .await?;
+                return Ok(None);
+            }
+            return Ok(Some(since));
+        }
+        let matches = |e: &AssignmentEvent| sub.topic.matches(&sub.principal, e);
+        let keys = sub.topic.route_keys(&sub.principal);
+        if let Some(events) = self.shared.window.range(since, hub_head, &keys, matches) {
+            self.shared.metrics.replays_from_window.inc();
+            self.send_subscribed(id, &topic, since).await?;
+            self.write_events(sub, events.iter().map(|e| &**e)).await?;
+            return Ok(Some(hub_head));
+        }
+        self.send_subscribed(id, &topic, since).await?;
+        if sub.topic == Topic::Queue {
+            self.resync(topic, OLDER_THAN_WINDOW).await?;
+            return Ok(None);
+        }
+        self.shared.metrics.replays_from_log.inc();
+        if let Some(reason) = self.replay(sub, since, hub_head).await? {
+            self.resync(topic, reason).await?;
+            return Ok(None);
+        }
+        Ok(Some(hub_head))
+    }
+
+    /// A mechanic resuming `session:<id>` with `since`; `membership` is at `head`, read with
+    /// it. `Ok(None)`: `resync` was sent.
+    pub(super) async fn resume_following(
+        &mut self,
+        sub: &Subscription,
+        id: Option<String>,
+        topic: String,
+        since: Position,
+        head: LogHead,
+        membership: &mut SessionMembership,
+    ) -> Result<Option<Position>, End> {
+        self.send_subscribed(id, &topic, since).await?;
+        let reason = if since > head.head {
+            Some("since is ahead of the event log")
+        } else if since < head.pruned_through {
+            Some(PRUNED)
+        } else {
+            self.replay_following(sub, since, head, membership).await?
+        };
+        if let Some(reason) = reason {
+            self.resync(topic, reason).await?;
+            return Ok(None);
+        }
+        Ok(Some(head.head))
+    }
+
+    pub(super) async fn send_subscribed(
+        &mut self,
+        id: Option<String>,
+        topic: &str,
+        position: Position,
+    ) -> Result<(), End> {
+        self.send(ServerMessage::Subscribed {
+            id,
+            topic: topic.to_owned(),
+            position,
+        })
+        .await
+    }
+
+    pub(super) async fn resync(&mut self, topic: String, reason: &str) -> Result<(), End> {
+        self.send(ServerMessage::Resync {
+            topic,
+            reason: reason.to_owned(),
+        })
+        .await
+    }
+}
+
+/// Runs a database read in its turn: at most `max_concurrent_reads` run at once, the others
+/// wait first come, first served (tokio's semaphore is fair). The wait has no deadline of its
+/// own: the connection that waits still sees shutdown, its slow-consumer signal and its peer
+/// leaving, and each read is bounded by the pool's statement timeout.
+pub(super) async fn gated<T>(shared: &Shared, read: impl std::future::Future<Output = T>) -> T {
+    struct Waiting<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    shared.metrics.reads_waiting.inc();
+    let waiting = Waiting(&shared.metrics.reads_waiting);
+    // The semaphore is never closed; if it were, reading anyway is the safe fallback.
+    let permit = shared.reads.acquire().await.ok();
+    drop(waiting);
+    let out = read.await;
+    drop(permit);
+    out
+}

@@ -1,0 +1,299 @@
+//! Unit tests of the connection task over channels, with paused time and no database: the
+//! auth deadline, heartbeats, dedup of live frames, the slow-consumer close and the frame rate.
+//! Live subscriptions without `since` or `snapshot` never read the database, so the gateway's
+//! pool points at a port nothing listens on; a test that reached it would fail.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::Message;
+use futures::channel::mpsc;
+use futures::{SinkExt, StreamExt};
+use pgcast_events::{AssignmentEvent, Position, Principal, Role};
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use super::serve_halves;
+use crate::edge::{Admission, UnauthenticatedSlot};
+use crate::{GatewayConfig, Shared};
+
+const SECRET: &[u8] = b"unit-test-secret-unit-test-secret-0123456789";
+
+fn gateway(tweak: impl FnOnce(&mut GatewayConfig)) -> Arc<Shared> {
+    let mut config = GatewayConfig::new(SECRET);
+    tweak(&mut config);
+    let pool = deadpool_postgres::Config {
+        host: Some("127.0.0.1".to_owned()),
+        port: Some(9),
+        dbname: Some("nothing".to_owned()),
+        ..Default::default()
+    }
+    .create_pool(
+        Some(deadpool_postgres::Runtime::Tokio1),
+        tokio_postgres::NoTls,
+    )
+    .expect("a pool is created without connecting");
+    let gateway = crate::Gateway::new(config, pgcast_listener::EventLog::new(pool))
+        .expect("a valid configuration");
+    gateway.shared
+}
+
+/// The client's end of one connection: what it sends, what the server wrote, and the task.
+struct Client {
+    to_server: mpsc::Sender<Result<Message, axum::Error>>,
+    from_server: mpsc::Receiver<Message>,
+    task: JoinHandle<()>,
+}
+
+/// A connection whose socket is two channels; `capacity` frames fit in the server's sending
+/// half before its writes wait (a peer that stopped reading).
+fn connect(shared: &Arc<Shared>, capacity: usize) -> Client {
+    let (to_server, server_in) = mpsc::channel(16);
+    let (server_out, from_server) = mpsc::channel(capacity);
+    let sink = server_out.sink_map_err(axum::Error::new);
+    let permit = Arc::new(Semaphore::new(1))
+        .try_acquire_owned()
+        .expect("a fresh semaphore has a permit");
+    let admission = Admission {
+        unauthenticated: Arc::new(UnauthenticatedSlot::global(permit)),
+        frames: None,
+    };
+    let task = tokio::spawn(serve_halves(sink, server_in, shared.clone(), admission));
+    Client {
+        to_server,
+        from_server,
+        task,
+    }
+}
+
+fn mechanic() -> Principal {
+    Principal {
+        user_id: uuid::Uuid::from_u128(7),
+        role: Role::Mechanic,
+        workshop_id: None,
+    }
+}
+
+impl Client {
+    async fn send(&mut self, value: Value) {
+        self.to_server
+            .send(Ok(Message::Text(value.to_string().into())))
+            .await
+            .expect("the connection reads");
+    }
+
+    /// The next frame the server wrote; `None` when the connection ended.
+    async fn next(&mut self) -> Option<Message> {
+        self.from_server.next().await
+    }
+
+    /// The next text frame as JSON, skipping pings.
+    async fn next_json(&mut self) -> Value {
+        loop {
+            match self.next().await {
+                Some(Message::Text(t)) => return serde_json::from_str(&t).expect("JSON"),
+                Some(Message::Ping(_)) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    async fn authenticate(&mut self) {
+        let shared_token = crate::auth::mint_token(SECRET, &mechanic(), Duration::from_secs(3600))
+            .expect("a token");
+        self.send(json!({"type": "auth", "token": shared_token}))
+            .await;
+        let ready = self.next_json().await;
+        assert_eq!(ready["type"], "ready", "{ready}");
+    }
+
+    async fn subscribe_queue(&mut self) -> Position {
+        self.send(json!({"type": "subscribe", "id": "q", "topic": "queue"}))
+            .await;
+        let subscribed = self.next_json().await;
+        assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
+        subscribed["position"].as_i64().expect("a position")
+    }
+}
+
+/// A general queued insert at `position` (visible to every mechanic on `queue`).
+fn queued(position: Position) -> Arc<AssignmentEvent> {
+    let committed = chrono::Utc::now().to_rfc3339();
+    let text = format!(
+        r#"{{"position":{position},"op":"insert","committed_at":"{committed}",
+        "row":{{"id":"5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11",
+        "session_id":"0e6b3a57-3f4c-4a9e-8a55-2f4b7a7d9a10","mechanic_id":null,
+        "workshop_id":null,"status":"queued","created_at":"2026-11-25T19:32:43+00:00",
+        "updated_at":"2026-11-25T19:32:43+00:00"}},"old":null}}"#
+    );
+    Arc::new(pgcast_events::decode_payload(&text).expect("test payload decodes"))
+}
+
+fn close_code(msg: Option<Message>) -> Option<u16> {
+    match msg {
+        Some(Message::Close(Some(frame))) => Some(frame.code),
+        _ => None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_socket_that_never_authenticates_is_refused_at_the_deadline() {
+    let shared = gateway(|c| c.auth_timeout = Duration::from_secs(5));
+    let mut client = connect(&shared, 16);
+    let started = tokio::time::Instant::now();
+    let error = client.next_json().await;
+    assert_eq!(error["code"], "unauthorized", "{error}");
+    assert_eq!(close_code(client.next().await), Some(super::close::POLICY));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
+        "refused after {waited:?}, the deadline is 5 s"
+    );
+    assert!(client.next().await.is_none(), "the connection ended");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_stops_answering_pings_is_dropped_after_two_intervals() {
+    let interval = Duration::from_secs(10);
+    let shared = gateway(|c| c.heartbeat_interval = interval);
+    let mut client = connect(&shared, 16);
+    client.authenticate().await;
+    let started = tokio::time::Instant::now();
+    let mut pings = 0;
+    while let Some(msg) = client.next().await {
+        match msg {
+            Message::Ping(_) => pings += 1,
+            other => panic!("only pings were expected, got {other:?}"),
+        }
+    }
+    let lasted = started.elapsed();
+    assert!(pings >= 2, "{pings} pings before the connection ended");
+    assert!(
+        lasted > interval * 2 && lasted <= interval * 4,
+        "dropped after {lasted:?} with a {interval:?} heartbeat"
+    );
+    (&mut client.task)
+        .await
+        .expect("the connection task ended cleanly");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_answers_pings_stays() {
+    let interval = Duration::from_secs(10);
+    let shared = gateway(|c| c.heartbeat_interval = interval);
+    let mut client = connect(&shared, 16);
+    client.authenticate().await;
+    let until = tokio::time::Instant::now() + interval * 6;
+    while tokio::time::Instant::now() < until {
+        match client.next().await {
+            Some(Message::Ping(p)) => client
+                .to_server
+                .send(Ok(Message::Pong(p)))
+                .await
+                .expect("the connection reads"),
+            other => panic!("expected a ping, got {other:?}"),
+        }
+    }
+    // Still serving: an application ping gets its pong.
+    client.send(json!({"type": "ping", "id": "still"})).await;
+    assert_eq!(
+        client.next_json().await,
+        json!({"type": "pong", "id": "still"})
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_event_dispatched_twice_is_written_once() {
+    let shared = gateway(|_| {});
+    let mut client = connect(&shared, 16);
+    client.authenticate().await;
+    assert_eq!(client.subscribe_queue().await, 0);
+    let first = queued(1);
+    shared.hub.dispatch(&first);
+    shared.hub.dispatch(&first);
+    shared.hub.dispatch(&queued(2));
+    let a = client.next_json().await;
+    let b = client.next_json().await;
+    assert_eq!(
+        (a["position"].as_i64(), b["position"].as_i64()),
+        (Some(1), Some(2)),
+        "{a} then {b}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reader_that_stops_is_closed_as_a_slow_consumer_and_nobody_else_waits() {
+    const EVENTS: i64 = 1_000;
+    // Room for a few dozen frames in each outbox; the stalled socket takes 4, then waits.
+    let shared = gateway(|c| c.outbound_bytes = 32 << 10);
+    let mut stalled = connect(&shared, 4);
+    stalled.authenticate().await;
+    stalled.subscribe_queue().await;
+    let mut reader = connect(&shared, 1024);
+    reader.authenticate().await;
+    reader.subscribe_queue().await;
+    // The reader gets every event, in order, while the stalled one holds nothing up.
+    for chunk in (1..=EVENTS).collect::<Vec<_>>().chunks(20) {
+        for &p in chunk {
+            shared.hub.dispatch(&queued(p));
+        }
+        for &p in chunk {
+            let frame = reader.next_json().await;
+            assert_eq!(frame["position"].as_i64(), Some(p), "{frame}");
+        }
+    }
+    // The stalled connection ends by itself: its queue overflowed, it closes with 4008
+    // (the close frame waits behind the full socket and is abandoned), and unfiles itself.
+    (&mut stalled.task)
+        .await
+        .expect("the stalled connection ended cleanly");
+    assert_eq!(shared.metrics.slow_closes.get(), 1);
+    let mut positions = Vec::new();
+    while let Some(msg) = stalled.next().await {
+        if let Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(&t).expect("JSON");
+            positions.extend(v["position"].as_i64());
+        }
+    }
+    assert!(
+        !positions.is_empty() && positions.len() < EVENTS as usize,
+        "the stalled reader got {} of {EVENTS} before its close",
+        positions.len()
+    );
+    assert_eq!(
+        positions,
+        (1..=positions.len() as i64).collect::<Vec<_>>(),
+        "what it got is a prefix, in order"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn frames_beyond_the_rate_get_rate_limited_and_the_rate_refills() {
+    let shared = gateway(|c| c.client_frames_per_second = 5);
+    let mut client = connect(&shared, 64);
+    client.authenticate().await;
+    for i in 0..12 {
+        client
+            .send(json!({"type": "ping", "id": i.to_string()}))
+            .await;
+    }
+    let mut pongs = 0;
+    let mut limited = 0;
+    for _ in 0..12 {
+        let reply = client.next_json().await;
+        match reply["type"].as_str() {
+            Some("pong") => pongs += 1,
+            Some("error") if reply["code"] == "rate_limited" => limited += 1,
+            _ => panic!("unexpected reply {reply}"),
+        }
+    }
+    // The bucket holds two seconds' worth (the auth frame is not counted).
+    assert_eq!((pongs, limited), (10, 2));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    client.send(json!({"type": "ping", "id": "later"})).await;
+    assert_eq!(
+        client.next_json().await,
+        json!({"type": "pong", "id": "later"})
+    );
+}
