@@ -10,8 +10,10 @@
 -- are listed instead).
 --
 -- Why each privilege is dangerous:
---   functions: EXECUTE on emit_assignment_event (SECURITY DEFINER) lets a role attach it to a
---     table of its own and append to the log; on prune_events it lets a role delete the log.
+--   functions: EXECUTE on the SECURITY DEFINER trigger functions (capture_assignment_changes,
+--     publish_pending_events, and version 2's emit_assignment_event) lets a role attach them to
+--     a table of its own and append to the log; on prune_events it lets a role delete the log;
+--     install_capture is the migration's trigger swap, for pgcast's owner only.
 --   tables: INSERT/UPDATE/DELETE/TRUNCATE write the log or its state; UPDATE, DELETE, TRUNCATE
 --     (and MAINTAIN from PostgreSQL 17) also allow LOCK TABLE in any mode, i.e. holding the
 --     commit-order lock; TRIGGER attaches code that runs as pgcast's owner inside its trigger;
@@ -26,7 +28,8 @@ WITH objects AS (
            '{}'::text[] AS dangerous_for_public
     FROM pg_proc p
     WHERE p.pronamespace = to_regnamespace('pgcast')
-      AND p.proname IN ('emit_assignment_event', 'prune_events')
+      AND p.proname IN ('emit_assignment_event', 'capture_assignment_changes',
+                        'publish_pending_events', 'install_capture', 'prune_events')
     UNION ALL
     SELECT 'table', 'table ' || c.oid::regclass::text, c.oid, c.relowner,
            ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'TRIGGER', 'REFERENCES']

@@ -1,5 +1,6 @@
 -- pgcast doctor: the realtime objects that are missing. No rows = all installed.
--- (The trigger on session_assignments is checked by doctor_trigger.sql.)
+-- (The triggers on session_assignments and pgcast.pending_events are checked by
+-- doctor_trigger.sql.)
 SELECT expected.object
 FROM (VALUES
     (1, 'schema pgcast',                                     to_regnamespace('pgcast')::oid),
@@ -9,7 +10,12 @@ FROM (VALUES
     (5, 'table pgcast.log_state',                            to_regclass('pgcast.log_state')::oid),
     (6, 'function pgcast.emit_assignment_event()',           to_regprocedure('pgcast.emit_assignment_event()')::oid),
     (7, 'function pgcast.prune_events(interval, integer)',   to_regprocedure('pgcast.prune_events(interval, integer)')::oid),
-    (8, 'table pgcast.commit_order',                         to_regclass('pgcast.commit_order')::oid)
+    (8, 'table pgcast.commit_order',                         to_regclass('pgcast.commit_order')::oid),
+    (9, 'table pgcast.pending_events',                       to_regclass('pgcast.pending_events')::oid),
+    (10, 'sequence pgcast.capture_statement',                to_regclass('pgcast.capture_statement')::oid),
+    (11, 'function pgcast.capture_assignment_changes()',     to_regprocedure('pgcast.capture_assignment_changes()')::oid),
+    (12, 'function pgcast.publish_pending_events()',         to_regprocedure('pgcast.publish_pending_events()')::oid),
+    (13, 'function pgcast.install_capture()',                to_regprocedure('pgcast.install_capture()')::oid)
 ) AS expected(n, object, oid)
 WHERE expected.oid IS NULL
 ORDER BY expected.n

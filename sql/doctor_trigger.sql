@@ -1,10 +1,24 @@
--- pgcast doctor: the trigger that feeds the event log.
--- $1 = table (resolved through search_path, as the migration did), $2 = trigger name.
--- Always one row. enabled is pg_trigger.tgenabled: O = enabled, A = always, R = only when
--- session_replication_role = replica, D = disabled; NULL when the trigger does not exist.
-SELECT to_regclass($1) IS NOT NULL                                    AS table_exists,
-       t.tgenabled::text                                              AS enabled,
-       t.tgfoid = to_regprocedure('pgcast.emit_assignment_event()')   AS calls_pgcast
-FROM (SELECT 1) AS one
+-- pgcast doctor: the triggers that feed the event log (version 3).
+-- $1 = table (resolved through search_path, as the first migration did).
+-- One row per trigger pgcast installs, in this order: the statement triggers on the table that
+-- capture each INSERT, UPDATE and DELETE; the deferred trigger on pgcast.pending_events that
+-- publishes a transaction's captured changes at commit; and version 2's row trigger, which is
+-- expected only where an upgrade could not replace it (pgcast's role did not own the table).
+-- table_exists: the table of that trigger exists. enabled is pg_trigger.tgenabled: O = enabled,
+-- A = always, R = only when session_replication_role = replica, D = disabled; NULL when the
+-- trigger does not exist. calls_pgcast: it runs pgcast's function for it.
+SELECT e.name,
+       e.on_table::text                           AS on_table,
+       e.on_table IS NOT NULL                     AS table_exists,
+       t.tgenabled::text                          AS enabled,
+       t.tgfoid = to_regprocedure(e.function)     AS calls_pgcast
+FROM (VALUES
+    (1, 'pgcast_capture_insert',        to_regclass($1),                      'pgcast.capture_assignment_changes()'),
+    (2, 'pgcast_capture_update',        to_regclass($1),                      'pgcast.capture_assignment_changes()'),
+    (3, 'pgcast_capture_delete',        to_regclass($1),                      'pgcast.capture_assignment_changes()'),
+    (4, 'pgcast_publish_at_commit',     to_regclass('pgcast.pending_events'), 'pgcast.publish_pending_events()'),
+    (5, 'pgcast_emit_assignment_event', to_regclass($1),                      'pgcast.emit_assignment_event()')
+) AS e(n, name, on_table, function)
 LEFT JOIN pg_trigger t
-       ON t.tgrelid = to_regclass($1) AND t.tgname = $2
+       ON t.tgrelid = e.on_table AND t.tgname = e.name
+ORDER BY e.n

@@ -46,8 +46,10 @@ const LISTEN_PROBE: &str = include_str!("../../../sql/doctor_listen_probe.sql");
 
 /// The application table the trigger must be on.
 const TABLE: &str = "session_assignments";
-/// The trigger installed by the realtime migration.
-const TRIGGER_NAME: &str = "pgcast_emit_assignment_event";
+/// Version 2's row trigger: left in place by an upgrade whose role did not own [`TABLE`].
+const LEGACY_TRIGGER: &str = "pgcast_emit_assignment_event";
+/// The statement triggers on [`TABLE`] that capture changes (version 3) are named with it.
+const CAPTURE_PREFIX: &str = "pgcast_capture_";
 /// Above this fraction of the NOTIFY queue in use, the database is unhealthy: at 100 % every
 /// transaction that writes `session_assignments` fails at commit.
 pub const MAX_QUEUE_USAGE: f64 = 0.5;
@@ -451,40 +453,117 @@ async fn schema_check(client: &Client, report: &mut DoctorReport) -> Result<(), 
     Ok(())
 }
 
-async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(), PgcastError> {
-    let row = client
-        .query_one(TRIGGER, &[&TABLE, &TRIGGER_NAME])
-        .await
-        .map_err(query_error("trigger"))?;
-    let table_exists: bool = row.try_get(0).map_err(query_error("trigger"))?;
-    let enabled: Option<String> = row.try_get(1).map_err(query_error("trigger"))?;
-    let calls_pgcast: Option<bool> = row.try_get(2).map_err(query_error("trigger"))?;
-    let on = format!("{TRIGGER_NAME} on {TABLE}");
-    let (verdict, detail) = match (table_exists, enabled.as_deref(), calls_pgcast) {
-        (false, _, _) => (Verdict::Fail, format!("table {TABLE} not found")),
-        (true, None, _) => (
-            Verdict::Fail,
-            format!("trigger {on} is missing: no change produces an event; run `pgcast migrate`"),
-        ),
-        (true, Some(_), Some(false) | None) => (
-            Verdict::Fail,
-            format!("trigger {on} does not call pgcast.emit_assignment_event()"),
-        ),
-        (true, Some("D"), _) => (
-            Verdict::Fail,
-            format!(
-                "trigger {on} is disabled: no change produces an event; \
-                 ALTER TABLE {TABLE} ENABLE TRIGGER {TRIGGER_NAME}"
-            ),
-        ),
-        (true, Some("R"), _) => (
-            Verdict::Fail,
-            format!(
+/// One trigger pgcast installs, as `doctor_trigger.sql` found it.
+struct TriggerState {
+    name: String,
+    on_table: Option<String>,
+    table_exists: bool,
+    /// `pg_trigger.tgenabled`; `None` when the trigger does not exist.
+    enabled: Option<String>,
+    calls_pgcast: Option<bool>,
+}
+
+impl TriggerState {
+    fn from_row(row: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error> {
+        Ok(TriggerState {
+            name: row.try_get(0)?,
+            on_table: row.try_get(1)?,
+            table_exists: row.try_get(2)?,
+            enabled: row.try_get(3)?,
+            calls_pgcast: row.try_get(4)?,
+        })
+    }
+
+    fn exists(&self) -> bool {
+        self.enabled.is_some()
+    }
+
+    /// What is wrong with this trigger, if anything, for a trigger that must fire.
+    fn problem(&self) -> Option<String> {
+        let table = self.on_table.as_deref().unwrap_or(TABLE);
+        let on = format!("{} on {table}", self.name);
+        let enable = format!("ALTER TABLE {table} ENABLE TRIGGER {}", self.name);
+        match (self.enabled.as_deref(), self.calls_pgcast) {
+            (None, _) => Some(format!(
+                "trigger {on} is missing: no change produces an event; run `pgcast migrate`"
+            )),
+            (Some(_), Some(false) | None) => {
+                Some(format!("trigger {on} does not call pgcast's function"))
+            }
+            (Some("D"), _) => Some(format!(
+                "trigger {on} is disabled: no change produces an event; {enable}"
+            )),
+            (Some("R"), _) => Some(format!(
                 "trigger {on} fires only in replica mode: ordinary writes produce no event; \
-                 ALTER TABLE {TABLE} ENABLE TRIGGER {TRIGGER_NAME}"
+                 {enable}"
+            )),
+            (Some(_), Some(true)) => None,
+        }
+    }
+}
+
+/// The statement triggers on [`TABLE`] that capture changes and the deferred trigger that
+/// publishes them at commit (version 3); or version 2's row trigger where an upgrade could not
+/// replace it. A disabled, replica-only, missing or foreign one of them is a failure.
+async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(), PgcastError> {
+    let triggers: Vec<TriggerState> = client
+        .query(TRIGGER, &[&TABLE])
+        .await
+        .map_err(query_error("trigger"))?
+        .iter()
+        .map(TriggerState::from_row)
+        .collect::<Result<_, _>>()
+        .map_err(query_error("trigger"))?;
+    if triggers.first().map_or(true, |t| !t.table_exists) {
+        report.push("trigger", Verdict::Fail, format!("table {TABLE} not found"));
+        return Ok(());
+    }
+    let (current, legacy): (Vec<&TriggerState>, Vec<&TriggerState>) =
+        triggers.iter().partition(|t| t.name != LEGACY_TRIGGER);
+    // The publishing trigger on pgcast.pending_events exists either way; the statement
+    // triggers on the table say which capture is in place.
+    let capture_installed = current
+        .iter()
+        .any(|t| t.name.starts_with(CAPTURE_PREFIX) && t.exists());
+    let legacy_installed = legacy.iter().any(|t| t.exists());
+    let (verdict, detail) = match (capture_installed, legacy_installed) {
+        (true, true) => (
+            Verdict::Fail,
+            format!(
+                "both version 2's trigger {LEGACY_TRIGGER} and the statement triggers are on \
+                 {TABLE}: every change is logged twice; DROP TRIGGER {LEGACY_TRIGGER} ON {TABLE}"
             ),
         ),
-        (true, Some(_), Some(true)) => (Verdict::Ok, format!("trigger {on} is enabled")),
+        (false, true) => match legacy.iter().find_map(|t| t.problem()) {
+            Some(problem) => (Verdict::Fail, problem),
+            None => (
+                Verdict::Warn,
+                format!(
+                    "trigger {LEGACY_TRIGGER} on {TABLE} is enabled, but it is version 2's row \
+                     trigger (every row logged separately at commit, slower): run `pgcast \
+                     migrate` as a member of the owner role of {TABLE} to replace it with the \
+                     statement triggers"
+                ),
+            ),
+        },
+        _ => {
+            let problems: Vec<String> = current.iter().filter_map(|t| t.problem()).collect();
+            if problems.is_empty() {
+                (
+                    Verdict::Ok,
+                    format!(
+                        "triggers {} are enabled",
+                        current
+                            .iter()
+                            .map(|t| t.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            } else {
+                (Verdict::Fail, problems.join("; "))
+            }
+        }
     };
     report.push("trigger", verdict, detail);
     Ok(())

@@ -94,44 +94,107 @@ async fn healthy_on_a_migrated_database_with_a_listener() {
 #[tokio::test]
 async fn disabled_trigger_is_a_failure() {
     let (db, client) = migrated_db().await;
-    client
-        .batch_execute(
-            "ALTER TABLE session_assignments DISABLE TRIGGER pgcast_emit_assignment_event",
-        )
-        .await
-        .expect("disable");
-    let report = doctor(&db, &client).await;
-    let detail = failed(&report, "trigger");
-    assert!(detail.contains("disabled"), "{detail}");
+    // Each of the statement triggers that capture changes, and the deferred trigger that
+    // publishes them at commit.
+    for (table, trigger) in [
+        ("session_assignments", "pgcast_capture_insert"),
+        ("session_assignments", "pgcast_capture_update"),
+        ("session_assignments", "pgcast_capture_delete"),
+        ("pgcast.pending_events", "pgcast_publish_at_commit"),
+    ] {
+        client
+            .batch_execute(&format!("ALTER TABLE {table} DISABLE TRIGGER {trigger}"))
+            .await
+            .expect("disable");
+        let report = doctor(&db, &client).await;
+        let detail = failed(&report, "trigger");
+        assert!(detail.contains("disabled"), "{detail}");
+        assert!(detail.contains(trigger), "{detail}");
 
-    client
-        .batch_execute(
-            "ALTER TABLE session_assignments ENABLE REPLICA TRIGGER pgcast_emit_assignment_event",
-        )
-        .await
-        .expect("replica only");
-    let report = doctor(&db, &client).await;
-    assert!(failed(&report, "trigger").contains("replica"), "{report}");
+        client
+            .batch_execute(&format!(
+                "ALTER TABLE {table} ENABLE REPLICA TRIGGER {trigger}"
+            ))
+            .await
+            .expect("replica only");
+        let report = doctor(&db, &client).await;
+        assert!(failed(&report, "trigger").contains("replica"), "{report}");
 
-    client
-        .batch_execute(
-            "ALTER TABLE session_assignments ENABLE TRIGGER pgcast_emit_assignment_event",
-        )
-        .await
-        .expect("enable");
-    assert!(doctor(&db, &client).await.is_healthy());
+        client
+            .batch_execute(&format!("ALTER TABLE {table} ENABLE TRIGGER {trigger}"))
+            .await
+            .expect("enable");
+        assert!(doctor(&db, &client).await.is_healthy());
+    }
 }
 
 #[tokio::test]
 async fn dropped_trigger_is_a_failure() {
     let (db, client) = migrated_db().await;
     client
-        .batch_execute("DROP TRIGGER pgcast_emit_assignment_event ON session_assignments")
+        .batch_execute("DROP TRIGGER pgcast_capture_update ON session_assignments")
         .await
         .expect("drop");
     let report = doctor(&db, &client).await;
     let detail = failed(&report, "trigger");
     assert!(detail.contains("missing"), "{detail}");
+    assert!(detail.contains("pgcast_capture_update"), "{detail}");
+}
+
+/// An install upgraded by a role that did not own the table keeps version 2's row trigger:
+/// events flow (a warning says how to finish the upgrade); disabled, it is a failure; next to
+/// the statement triggers, every change would be logged twice.
+#[tokio::test]
+async fn version_2_row_trigger_left_by_an_upgrade_is_a_warning() {
+    let (db, client) = migrated_db().await;
+    client
+        .batch_execute(
+            "DROP TRIGGER pgcast_capture_insert ON session_assignments;
+             DROP TRIGGER pgcast_capture_update ON session_assignments;
+             DROP TRIGGER pgcast_capture_delete ON session_assignments;
+             CREATE CONSTRAINT TRIGGER pgcast_emit_assignment_event
+                 AFTER INSERT OR UPDATE OR DELETE ON session_assignments
+                 DEFERRABLE INITIALLY DEFERRED
+                 FOR EACH ROW EXECUTE FUNCTION pgcast.emit_assignment_event();",
+        )
+        .await
+        .expect("version 2's trigger");
+    let report = doctor(&db, &client).await;
+    let check = report.check("trigger").expect("trigger check");
+    assert_eq!(check.verdict, Verdict::Warn, "{report}");
+    assert!(check.detail.contains("pgcast migrate"), "{report}");
+    assert!(report.is_healthy(), "{report}");
+
+    client
+        .batch_execute(
+            "ALTER TABLE session_assignments DISABLE TRIGGER pgcast_emit_assignment_event",
+        )
+        .await
+        .expect("disable");
+    assert!(
+        failed(&doctor(&db, &client).await, "trigger").contains("disabled"),
+        "disabled"
+    );
+
+    // `pgcast migrate` as the table's owner finishes the swap.
+    client
+        .batch_execute("SELECT pgcast.install_capture()")
+        .await
+        .expect("install the statement triggers");
+    assert!(doctor(&db, &client).await.is_healthy());
+    client
+        .batch_execute(
+            "CREATE CONSTRAINT TRIGGER pgcast_emit_assignment_event
+                 AFTER INSERT OR UPDATE OR DELETE ON session_assignments
+                 DEFERRABLE INITIALLY DEFERRED
+                 FOR EACH ROW EXECUTE FUNCTION pgcast.emit_assignment_event();",
+        )
+        .await
+        .expect("both");
+    assert!(
+        failed(&doctor(&db, &client).await, "trigger").contains("twice"),
+        "both"
+    );
 }
 
 #[tokio::test]
