@@ -489,7 +489,7 @@ async fn concurrent_multi_row_transactions_get_positions_in_commit_order() {
                 .await
                 .unwrap();
                 // A second statement in every other transaction.
-                if t % 2 == 0 {
+                if t.is_multiple_of(2) {
                     tx.execute(
                         "UPDATE session_assignments SET status = 'offered'
                          WHERE customer_name = $1",
@@ -505,7 +505,7 @@ async fn concurrent_multi_row_transactions_get_positions_in_commit_order() {
     for task in tasks {
         task.await.unwrap();
     }
-    let per_tx = |t: usize| ROWS as usize + usize::from(t % 2 == 0);
+    let per_tx = |t: usize| ROWS as usize + usize::from(t.is_multiple_of(2));
     let expected: usize = WRITERS * (0..TRANSACTIONS).map(per_tx).sum::<usize>();
     let got = listener.take(expected, Duration::from_secs(60)).await;
     listener.assert_quiet().await;
@@ -524,7 +524,7 @@ async fn concurrent_multi_row_transactions_get_positions_in_commit_order() {
         let block = &got[i..i + per_tx(t)];
         assert_contiguous(block);
         let mut want: Vec<String> = (1..=ROWS).map(|g| format!("{tx}-{g}")).collect();
-        if t % 2 == 0 {
+        if t.is_multiple_of(2) {
             want.push(format!("{tx}-1"));
             assert_eq!(block.last().map(|e| e.kind), Some(EventKind::Updated));
         }

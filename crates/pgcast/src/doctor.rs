@@ -514,7 +514,7 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
         .map(TriggerState::from_row)
         .collect::<Result<_, _>>()
         .map_err(query_error("trigger"))?;
-    if triggers.first().map_or(true, |t| !t.table_exists) {
+    if !triggers.first().is_some_and(|t| t.table_exists) {
         report.push("trigger", Verdict::Fail, format!("table {TABLE} not found"));
         return Ok(());
     }
