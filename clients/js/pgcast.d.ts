@@ -168,7 +168,7 @@ export class PgcastClient {
   close(): void;
 }
 
-/** Is `a` in the open queue of mechanic `me`? The server's rule (design §5). */
+/** Is `a` in the open queue of mechanic `me`? The server's rule (docs/architecture.md §5). */
 export function inQueue(a: Assignment, me: { id: string; workshopId: string | null }): boolean;
 /** The claims of a JWT, not verified (the server verifies). */
 export function tokenClaims(token: string): Record<string, unknown>;

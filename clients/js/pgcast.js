@@ -558,7 +558,7 @@ function claimedExpiry(token) {
 
 /**
  * Is `a` in the open queue of mechanic `me` ({ id, workshopId })? The same rule the server
- * applies (design §5), used by pages to decide whether a card shows.
+ * applies (docs/architecture.md §5), used by pages to decide whether a card shows.
  */
 export function inQueue(a, me) {
   if (a.mechanic_id) return a.mechanic_id === me.id && (a.status === "queued" || a.status === "offered");

@@ -40,7 +40,7 @@ mod subscribe;
 #[cfg(test)]
 mod tests;
 
-/// Close codes of protocol v1 (design §4).
+/// Close codes of protocol v1 (the README's protocol section).
 pub(crate) mod close {
     /// Server shutting down.
     pub(crate) const GOING_AWAY: u16 = 1001;
