@@ -1,3 +1,5 @@
+//! The gateway's configuration: every limit and deadline, with its default.
+
 use std::time::Duration;
 
 use crate::auth::DEFAULT_LEEWAY;

@@ -1,3 +1,5 @@
+//! The gateway's error type.
+
 /// Errors of the gateway. Clients only ever see a short code; these carry the detail for logs.
 ///
 /// Each message already contains its cause (no `source()`), so `%error` in a log line shows the

@@ -3,16 +3,17 @@
 //! live fan-out and slow-consumer handling.
 //!
 //! ```text
-//!  Listener ──mpsc<Arc<AssignmentEvent>>──▶ dispatch task ──▶ Hub (RouteKey → subscriptions)
-//!                                                               │ try_send, never waits
+//!  Listener ──mpsc<Arc<AssignmentEvent>>──▶ dispatch task ──▶ ReplayWindow (newest events)
+//!                                                  └──────────▶ Hub (RouteKey → subscriptions)
+//!                                                               │ push to each outbox, never waits
 //!                                                               ▼ (frame serialized once per topic)
-//!  GET /ws ──upgrade──▶ connection task: auth ▸ select!{ client frame | queued frame | ping | exp }
+//!  GET /ws ──upgrade──▶ connection task: auth ▸ select!{ client frame | outbox batch | ping | exp }
 //!                          │ subscribe: register in Hub, then snapshot (REPEATABLE READ)
-//!                          │            or replay from the log (EventLog), drop duplicates
+//!                          │            or replay from the window or the log, drop duplicates
 //!                          │            by position
 //!                          │ every frame: committed before the token's exp? a mechanic on
 //!                          ▼ session:<id> still a member at that position? (else revoked)
-//!                       socket  (queue full → 4008; exp → 4001; shutdown → 1001)
+//!                       socket  (outbox over budget → 4008; exp → 4001; shutdown → 1001)
 //! ```
 //!
 //! Access is a property of each event, not of the subscription: the claims decide which topics

@@ -1,3 +1,6 @@
+//! The gateway's Prometheus series (connections, subscriptions, deliveries, latency, slow
+//! consumers, replays, database reads waiting).
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
