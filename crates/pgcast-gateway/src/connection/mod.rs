@@ -264,8 +264,9 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         // unregister a waiter (a lock each) on every event delivered.
         let (shutdown, slow) = (self.shutdown.clone(), self.outbox.slow.clone());
         let outbox = self.outbox.clone();
-        // Entries taken from the outbox for one write; the allocation is reused.
-        let mut taken = Vec::with_capacity(WRITE_BATCH);
+        // Entries taken from the outbox for one write; the allocation is reused. Allocated on
+        // first use: an idle connection holds none of it.
+        let mut taken = Vec::new();
         let shutting_down = shutdown.cancelled();
         let declared_slow = slow.cancelled();
         tokio::pin!(shutting_down, declared_slow);
