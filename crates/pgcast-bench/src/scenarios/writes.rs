@@ -48,23 +48,30 @@ impl Variant {
         }
     }
 
-    /// Leaves exactly this variant's trigger enabled (both names are the migrations' and
-    /// `sql/bare_notify.sql`'s).
+    /// Leaves exactly this variant's triggers enabled (the names are the migrations' —
+    /// schema version 3 captures with three statement triggers; with them off nothing is
+    /// staged, so its commit-time trigger never fires — and `sql/bare_notify.sql`'s).
     fn switch(self) -> &'static str {
         match self {
             Variant::NoTrigger => {
                 "ALTER TABLE session_assignments \
-                 DISABLE TRIGGER pgcast_emit_assignment_event, \
+                 DISABLE TRIGGER pgcast_capture_insert, \
+                 DISABLE TRIGGER pgcast_capture_update, \
+                 DISABLE TRIGGER pgcast_capture_delete, \
                  DISABLE TRIGGER pgcast_bench_bare_notify"
             }
             Variant::BareNotify => {
                 "ALTER TABLE session_assignments \
-                 DISABLE TRIGGER pgcast_emit_assignment_event, \
+                 DISABLE TRIGGER pgcast_capture_insert, \
+                 DISABLE TRIGGER pgcast_capture_update, \
+                 DISABLE TRIGGER pgcast_capture_delete, \
                  ENABLE TRIGGER pgcast_bench_bare_notify"
             }
             Variant::Pgcast => {
                 "ALTER TABLE session_assignments \
-                 ENABLE TRIGGER pgcast_emit_assignment_event, \
+                 ENABLE TRIGGER pgcast_capture_insert, \
+                 ENABLE TRIGGER pgcast_capture_update, \
+                 ENABLE TRIGGER pgcast_capture_delete, \
                  DISABLE TRIGGER pgcast_bench_bare_notify"
             }
         }
@@ -206,7 +213,7 @@ async fn measure(ctx: &Ctx, admin: &Client, run: u32) -> Result<Vec<Size>> {
 fn section(ctx: &Ctx, sizes: &[Size]) -> Section {
     let (round, rounds) = (ctx.sizes.writes_round, ctx.sizes.writes_rounds);
     let mut md = format!(
-        "Writers commit general queued inserts into `session_assignments` as fast as the database takes them — 1-row transactions ({} writers) and 100-row transactions ({} writers; one multi-row `INSERT … SELECT … generate_series` statement of 100 rows, as in scenario 2). Three variants of the same table in the same cluster: **no trigger**; a **bare NOTIFY trigger** (`pg_notify('pgcast_bench_bare', to_jsonb(NEW)::text)` per row, read by a bare LISTEN connection); **pgcast's trigger** as `pgcast migrate` installs it (log row per change, commit order, one doorbell NOTIFY per transaction, read by the pgcast under test). They are switched with `ALTER TABLE … DISABLE/ENABLE TRIGGER` and interleaved: {} rounds of {} s each, every round no trigger ▸ bare ▸ pgcast, the same writer connections throughout. PostgreSQL CPU = the postmaster and all its backends (from `/proc`), per committed row.\n\n",
+        "Writers commit general queued inserts into `session_assignments` as fast as the database takes them — 1-row transactions ({} writers) and 100-row transactions ({} writers; one multi-row `INSERT … SELECT … generate_series` statement of 100 rows, as in scenario 2). Three variants of the same table in the same cluster: **no trigger**; a **bare NOTIFY trigger** (`pg_notify('pgcast_bench_bare', to_jsonb(NEW)::text)` per row, read by a bare LISTEN connection); **pgcast's triggers** as `pgcast migrate` installs them (schema version 3: each statement's rows staged by a statement trigger, moved to the log once per transaction at commit in commit order, one doorbell NOTIFY per transaction, read by the pgcast under test). They are switched with `ALTER TABLE … DISABLE/ENABLE TRIGGER` and interleaved: {} rounds of {} s each, every round no trigger ▸ bare ▸ pgcast, the same writer connections throughout. PostgreSQL CPU = the postmaster and all its backends (from `/proc`), per committed row.\n\n",
         ctx.args.ceiling_writers,
         ctx.args.ceiling_batch_writers,
         rounds,
