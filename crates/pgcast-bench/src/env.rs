@@ -6,35 +6,27 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use pgcast_localpg::{find_bin_dir, free_port, LocalPg, Settings, StopMode};
+use pgcast_testkit::Watchdog;
 use serde::Serialize;
 use tempfile::TempDir;
 use tokio_postgres::config::Host;
 
 use crate::ws::{parse_ws_url, WsTarget};
 
-/// Runs in `sh`: waits until the bench closes its stdin (on exit, however it ends: the kernel
-/// closes the pipe), then kills the children listed in `$1/pids`, stops PostgreSQL and
-/// removes the directory. `$1` is the directory, the rest the stop command.
-const WATCHDOG: &str = r#"trap '' HUP INT TERM
-read -r _ || :
-root=$1
-shift
-if [ -s "$root/pids" ]; then kill -9 $(cat "$root/pids") >/dev/null 2>&1; fi
-"$@" >/dev/null 2>&1
-rm -rf -- "$root"
-"#;
-
-/// A temporary directory that is cleaned up even if the bench is killed.
+/// A temporary directory that is cleaned up even if the bench is killed: the toolkit's
+/// kill-on-parent-exit [`Watchdog`] kills the children listed in its `pids` file, runs the
+/// stop command of the database and removes it, once the bench no longer holds its stdin (on
+/// exit, however it ends: the kernel closes the pipe).
 pub(crate) struct Scratch {
     dir: TempDir,
-    watchdog: Option<(Child, ChildStdin)>,
+    watchdog: Option<Watchdog>,
 }
 
 impl Scratch {
@@ -57,41 +49,31 @@ impl Scratch {
 
     /// Arms the watchdog with the command that stops the database (or `true`).
     pub(crate) fn arm(&mut self, stop: &Command) -> Result<()> {
-        use std::os::unix::process::CommandExt;
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(WATCHDOG)
-            .arg("pgcast-bench-watchdog")
-            .arg(self.dir.path())
-            .arg(stop.get_program())
-            .args(stop.get_args())
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
+        let watchdog = Watchdog::plan()
+            .kill_pids_in(self.pids_file())
+            .run(stop)
+            .remove(self.dir.path())
+            .arm("pgcast-bench-watchdog")
             .context("start the cleanup watchdog")?;
-        let stdin = child
-            .stdin
-            .take()
-            .ok_or_else(|| anyhow!("watchdog stdin"))?;
-        self.watchdog = Some((child, stdin));
+        self.watchdog = Some(watchdog);
         Ok(())
+    }
+
+    fn pids_file(&self) -> PathBuf {
+        self.dir.path().join("pids")
     }
 
     /// Records the children the watchdog must kill if the bench dies.
     pub(crate) fn set_pids(&self, pids: &[u32]) {
         let text: Vec<String> = pids.iter().map(u32::to_string).collect();
-        let _ = std::fs::write(self.dir.path().join("pids"), text.join(" "));
+        let _ = std::fs::write(self.pids_file(), text.join(" "));
     }
 
     /// Cleans up now (the children are already stopped) and waits for it.
     pub(crate) fn finish(mut self) {
         self.set_pids(&[]);
-        if let Some((mut child, stdin)) = self.watchdog.take() {
-            drop(stdin);
-            let _ = child.wait();
+        if let Some(mut watchdog) = self.watchdog.take() {
+            watchdog.fire();
         }
     }
 }

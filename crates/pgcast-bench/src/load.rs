@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use memchr::memmem::Finder;
+use pgcast_events::{Principal, Role};
+use pgcast_testkit::oracle;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_postgres::{Client, NoTls};
@@ -111,13 +113,36 @@ impl World {
         }
     }
 
-    /// Does mechanic `m` (subscribed to `queue`) receive an event of `audience`?
+    /// Does mechanic `m` (subscribed to `queue`) receive an event of `audience`? Judged by the
+    /// tests' independent visibility oracle ([`pgcast_testkit::oracle`]) on the row an event of
+    /// that audience stands in while it is in the queue: general or workshop `queued`, or
+    /// `offered` to one mechanic (an event leaving a queue reaches who saw it before).
     pub(crate) fn sees(&self, m: usize, audience: Audience) -> bool {
-        match audience {
-            Audience::General => true,
-            Audience::Workshop(w) => self.mechanics[m].1 == Some(w),
-            Audience::Mechanic(n) => n as usize == m,
-        }
+        let (id, workshop) = self.mechanics[m];
+        let who = Principal {
+            user_id: id,
+            role: Role::Mechanic,
+            workshop_id: workshop.map(|w| self.workshops[usize::from(w)]),
+        };
+        let row = match audience {
+            Audience::General => queued_row(None, None),
+            Audience::Workshop(w) => queued_row(None, Some(self.workshops[usize::from(w)])),
+            Audience::Mechanic(n) => oracle::Row {
+                status: "offered",
+                ..queued_row(Some(self.mechanics[n as usize].0), None)
+            },
+        };
+        oracle::may_see("queue", &who, &row, None)
+    }
+}
+
+/// A `queued` row as the oracle judges it (the session plays no part on `queue`).
+fn queued_row(mechanic: Option<Uuid>, workshop: Option<Uuid>) -> oracle::Row {
+    oracle::Row {
+        session: Uuid::nil(),
+        status: "queued",
+        mechanic,
+        workshop,
     }
 }
 
@@ -179,11 +204,22 @@ impl Outcome {
         v
     }
 
-    /// Events mechanic `m` of `world` must receive on `queue`.
+    /// Events mechanic `m` of `world` must receive on `queue`: the committed events of every
+    /// audience [`World::sees`] gives them.
     pub(crate) fn expected_for(&self, counts: &AudienceCounts, world: &World, m: usize) -> u64 {
-        let mut n = counts.general + counts.mechanic.get(m).copied().unwrap_or(0);
-        if let Some(w) = world.mechanics[m].1 {
-            n += counts.workshop.get(usize::from(w)).copied().unwrap_or(0);
+        let mut n = 0;
+        if world.sees(m, Audience::General) {
+            n += counts.general;
+        }
+        for (w, c) in counts.workshop.iter().enumerate() {
+            if *c > 0 && world.sees(m, Audience::Workshop(w as u16)) {
+                n += c;
+            }
+        }
+        for (other, c) in counts.mechanic.iter().enumerate() {
+            if *c > 0 && world.sees(m, Audience::Mechanic(other as u32)) {
+                n += c;
+            }
         }
         n
     }

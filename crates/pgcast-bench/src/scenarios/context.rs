@@ -343,20 +343,13 @@ pub(crate) fn listen_report(d: &Driven) -> Option<ReaderReport> {
         .map(|t| every_event_report([(0, true, t)], &d.writes))
 }
 
-/// The highest position in pgcast's log.
+/// The highest position in pgcast's log, by the listener's one log-head query
+/// ([`pgcast_listener::LogHead::read`]).
 pub(crate) async fn log_head(pg: &tokio_postgres::Config) -> Result<i64> {
-    let (client, connection) = pg.connect(NoTls).await?;
-    let driver = tokio::spawn(connection);
-    let head: i64 = client
-        .query_one(
-            "SELECT coalesce(max(position), 0) FROM pgcast.assignment_events",
-            &[],
-        )
-        .await?
-        .get(0);
-    drop(client);
-    let _ = driver.await;
-    Ok(head)
+    let pool = pgcast_listener::pool(pg.clone(), NoTls, 1)?;
+    let head = pgcast_listener::LogHead::read(&pool.get().await?).await?;
+    pool.close();
+    Ok(head.head)
 }
 
 #[derive(Debug, Clone, Serialize)]
