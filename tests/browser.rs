@@ -37,7 +37,7 @@ use serde_json::{json, Value};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use pgcast_server::Pgcast;
+use pgcast_server::{serve_options, Pgcast};
 use webdriver::{Browser, DESKTOP, PHONE};
 
 const SECRET: &[u8] = b"pgcast browser test secret, 32+ bytes";
@@ -55,15 +55,7 @@ async fn database() -> (TestDb, Client, ServeOptions) {
     migrate(&mut client, MigrationScope::All)
         .await
         .expect("migrate");
-    let options = ServeOptions {
-        pg: db.pg_config().into(),
-        jwt_secret: SECRET.to_vec(),
-        jwt_issuer: None,
-        jwt_audience: None,
-        retention: Duration::from_secs(3600),
-        migrate: false,
-        links: Vec::new(),
-    };
+    let options = serve_options(&db, SECRET);
     (db, client, options)
 }
 

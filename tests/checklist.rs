@@ -23,6 +23,8 @@
 //! does not count against the 1 s. Each check, its timing and its limit are printed and written
 //! to `target/screenshots/checklist/timings.txt`, with a screenshot of each step next to it.
 
+// Shared with crates/pgcast/tests/demo_api.rs, which uses other parts of it.
+#[allow(dead_code)]
 #[path = "support/demo_server.rs"]
 mod demo_server;
 // Each test binary uses part of the shared helpers.

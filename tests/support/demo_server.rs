@@ -1,5 +1,7 @@
 //! `pgcast demo` running in the test process (`pgcast::demo_on`) on a throwaway database of the
 //! shared test cluster: the demo's data, pages and action API, with tokens the test can mint.
+//! The one in-process demo start-up of the tests: the end-to-end suite includes it from here,
+//! `crates/pgcast/tests/demo_api.rs` by path.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -78,12 +80,21 @@ impl DemoServer {
                 break;
             }
             assert!(
+                !server.task.as_ref().is_some_and(JoinHandle::is_finished),
+                "the demo stopped before /readyz answered"
+            );
+            assert!(
                 Instant::now() < deadline,
                 "the demo not ready within {START_LIMIT:?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         (server, client)
+    }
+
+    /// The address it listens on.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// `http://<addr>` + `path`.
@@ -129,21 +140,8 @@ impl DemoServer {
         token: Option<&str>,
         body: Option<&str>,
     ) -> (u16, String) {
-        let addr = self.addr;
         let exchange = async {
-            let mut tcp = TcpStream::connect(addr).await.ok()?;
-            let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
-            if let Some(token) = token {
-                request.push_str(&format!("Authorization: Bearer {token}\r\n"));
-            }
-            let body = body.unwrap_or("");
-            request.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            ));
-            tcp.write_all(request.as_bytes()).await.ok()?;
-            let mut response = Vec::new();
-            tcp.read_to_end(&mut response).await.ok()?;
+            let response = exchange(self.addr, method, path, token, body).await.ok()?;
             let text = String::from_utf8_lossy(&response).into_owned();
             let (head, body) = text.split_once("\r\n\r\n")?;
             let status = head.split_whitespace().nth(1)?.parse().ok()?;
@@ -173,6 +171,31 @@ impl Drop for DemoServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// One HTTP/1.0 request to `addr` (a JSON body, an optional bearer token): the raw response,
+/// read until the server closes.
+pub(crate) async fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> std::io::Result<Vec<u8>> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    request.push_str(&format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    tcp.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    tcp.read_to_end(&mut response).await?;
+    Ok(response)
 }
 
 /// The demo user a printed page link is for (the `sub` of its fragment token).

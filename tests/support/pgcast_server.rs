@@ -1,10 +1,12 @@
 //! pgcast running in the test process (`pgcast::serve`), stoppable and restartable on the same
-//! address.
+//! address: the one in-process serve start-up of the tests (the end-to-end suite includes it
+//! from here, `crates/pgcast/tests/demo_api.rs` by path).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use pgcast::{PgcastError, ServeOptions};
+use pgcast_testkit::TestDb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -14,6 +16,20 @@ use tokio_util::sync::CancellationToken;
 const STOP_LIMIT: Duration = Duration::from_secs(15);
 /// Time to bind and get ready (migrations included).
 const START_LIMIT: Duration = Duration::from_secs(20);
+
+/// `serve`'s options for a migrated test database: tokens signed with `secret`, an hour of
+/// retention, no migration at start.
+pub(crate) fn serve_options(db: &TestDb, secret: &[u8]) -> ServeOptions {
+    ServeOptions {
+        pg: db.pg_config().into(),
+        jwt_secret: secret.to_vec(),
+        jwt_issuer: None,
+        jwt_audience: None,
+        retention: Duration::from_secs(3600),
+        migrate: false,
+        links: Vec::new(),
+    }
+}
 
 /// A running `pgcast::serve`; dropping it cancels its shutdown token.
 pub(crate) struct Pgcast {

@@ -11,126 +11,82 @@
 //!   through the log and the gateway (checked on WebSocket subscriptions), never in the answer.
 
 mod common;
+// The one in-process demo start-up, shared with the end-to-end suite.
+#[allow(dead_code)]
+#[path = "../../../tests/support/demo_server.rs"]
+mod demo_server;
+// The one in-process serve start-up, likewise.
+#[allow(dead_code)]
+#[path = "../../../tests/support/pgcast_server.rs"]
+mod pgcast_server;
 mod running;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::fresh_db;
-use pgcast::{DemoReady, DemoSetup, PgcastError, ServeOptions};
+use demo_server::{exchange, DemoServer, DEMO_SECRET};
 use pgcast_events::{Principal, Role};
+use pgcast_server::{serve_options, Pgcast};
 use pgcast_testkit::TestDb;
 use running::{http_get, token_for, Ws, WAIT};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use tokio_postgres::Client;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-const SECRET: &[u8] = b"demo api test secret of 32+ bytes!";
+/// The demo's token secret (`serve` is started with the same one).
+const SECRET: &[u8] = DEMO_SECRET;
 
-/// `pgcast::demo_on` (or `serve`) in this process; cancelled when dropped.
+/// `pgcast::demo_on` (the shared [`DemoServer`]) or `serve` (the shared [`Pgcast`]) in this
+/// process; each cancels itself when dropped.
 struct Running {
     addr: SocketAddr,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), PgcastError>>,
+    job: Job,
+}
+
+enum Job {
+    Demo(DemoServer),
+    Serve(Pgcast),
+    Stopped,
 }
 
 impl Running {
-    /// The demo on a fresh database, once `/readyz` answers 200.
-    async fn demo() -> (TestDb, Client, Running, DemoReady) {
-        let (db, client) = fresh_db().await;
-        let tcp = pgcast::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .expect("bind");
-        let addr = tcp.local_addr().expect("address");
-        let setup = DemoSetup {
-            pg: db.pg_config(),
-            jwt_secret: SECRET.to_vec(),
-            retention: Duration::from_secs(3600),
-            simulate: None,
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(pgcast::demo_on(
-            tcp,
-            setup,
-            move |ready: &DemoReady| {
-                let _ = tx.send(ready.clone());
-            },
-            shutdown.clone(),
-        ));
-        let ready = tokio::time::timeout(WAIT, rx)
-            .await
-            .expect("demo ready in time")
-            .expect("demo ready");
+    /// The demo on a fresh database, once `/readyz` answers 200, and a connection to its
+    /// database.
+    async fn demo() -> (Running, Client) {
+        let (server, client) = DemoServer::start().await;
         let running = Running {
-            addr,
-            shutdown,
-            task,
+            addr: server.addr(),
+            job: Job::Demo(server),
         };
-        running.wait_ready().await;
-        (db, client, running, ready)
+        (running, client)
     }
 
-    /// `pgcast::serve` on a migrated fresh database.
+    /// `pgcast::serve` on a migrated fresh database, once `/readyz` answers 200.
     async fn serve() -> (TestDb, Running) {
         let (db, _client) = common::migrated_db().await;
-        let tcp = pgcast::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .expect("bind");
-        let addr = tcp.local_addr().expect("address");
-        let options = ServeOptions {
-            pg: db.pg_config().into(),
-            jwt_secret: SECRET.to_vec(),
-            jwt_issuer: None,
-            jwt_audience: None,
-            retention: Duration::from_secs(3600),
-            migrate: false,
-            links: Vec::new(),
-        };
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(pgcast::serve(tcp, options, shutdown.clone()));
+        let server = Pgcast::start(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            serve_options(&db, SECRET),
+        )
+        .await;
         let running = Running {
-            addr,
-            shutdown,
-            task,
+            addr: server.addr(),
+            job: Job::Serve(server),
         };
-        running.wait_ready().await;
         (db, running)
     }
 
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + WAIT;
-        while http_get(self.addr, "/readyz").await.0 != 200 {
-            assert!(!self.task.is_finished(), "the server stopped");
-            assert!(Instant::now() < deadline, "not ready within {WAIT:?}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
     async fn stop(mut self) {
-        self.shutdown.cancel();
-        let task = std::mem::replace(&mut self.task, tokio::spawn(async { Ok(()) }));
-        let result = tokio::time::timeout(Duration::from_secs(15), task)
-            .await
-            .expect("stopped in time")
-            .expect("no panic");
-        result.expect("served without error");
+        match std::mem::replace(&mut self.job, Job::Stopped) {
+            Job::Demo(server) => server.stop().await,
+            Job::Serve(server) => server.stop().await,
+            Job::Stopped => {}
+        }
     }
 
     /// `POST path` with an optional bearer token and JSON body.
     async fn post(&self, path: &str, token: Option<&str>, body: Option<&str>) -> Answer {
         post(self.addr, path, token, body).await
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
     }
 }
 
@@ -167,22 +123,7 @@ impl Answer {
 }
 
 async fn post(addr: SocketAddr, path: &str, token: Option<&str>, body: Option<&str>) -> Answer {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let mut request = format!("POST {path} HTTP/1.0\r\nHost: {addr}\r\n");
-        if let Some(token) = token {
-            request.push_str(&format!("Authorization: Bearer {token}\r\n"));
-        }
-        let body = body.unwrap_or("");
-        request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ));
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
+    let exchange = exchange(addr, "POST", path, token, body);
     let response = tokio::time::timeout(WAIT, exchange)
         .await
         .unwrap_or_else(|_| panic!("POST {path}: no answer within {WAIT:?}"))
@@ -283,7 +224,7 @@ async fn serve_has_no_demo_routes_and_both_serve_a_favicon() {
     }
     serve.stop().await;
 
-    let (_db, _client, demo, _) = Running::demo().await;
+    let (demo, _client) = Running::demo().await;
     for page in ["/mechanic", "/customer"] {
         let (status, html) = http_get(demo.addr, page).await;
         assert_eq!(status, 200);
@@ -300,7 +241,7 @@ async fn serve_has_no_demo_routes_and_both_serve_a_favicon() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn customers_act_only_on_their_own_sessions() {
-    let (_db, db, demo, _) = Running::demo().await;
+    let (demo, db) = Running::demo().await;
     let (alice, alice_token) = user(Role::Customer, None);
     let (_, bob_token) = user(Role::Customer, None);
 
@@ -374,7 +315,7 @@ async fn customers_act_only_on_their_own_sessions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_of_two_accepts_wins_the_other_is_a_conflict() {
-    let (_db, db, demo, _) = Running::demo().await;
+    let (demo, db) = Running::demo().await;
     let workshop = Uuid::new_v4();
     let (customer, customer_token) = user(Role::Customer, None);
     let (freelancer, freelancer_token) = user(Role::Mechanic, None);
@@ -512,7 +453,7 @@ async fn one_of_two_accepts_wins_the_other_is_a_conflict() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_with_a_clear_message() {
-    let (_db, _client, demo, _) = Running::demo().await;
+    let (demo, _client) = Running::demo().await;
     let (_, customer) = user(Role::Customer, None);
     let (_, mechanic) = user(Role::Mechanic, None);
     let requests = "/demo/api/requests";
@@ -599,7 +540,7 @@ async fn bad_input_is_refused_with_a_clear_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_carry_no_assignment_data() {
-    let (_db, db, demo, _) = Running::demo().await;
+    let (demo, db) = Running::demo().await;
     let (customer, customer_token) = user(Role::Customer, None);
     let (_, mechanic_token) = user(Role::Mechanic, None);
     let vehicle = "2020 Tesla Model 3 (unique vehicle text)";
