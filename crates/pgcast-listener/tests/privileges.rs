@@ -22,7 +22,7 @@ use common::*;
 use pgcast_listener::{
     installed_version, migrate, ListenerError, MigrationScope, Start, SCHEMA_VERSION,
 };
-use pgcast_testkit::{PgCluster, TestDb};
+use pgcast_testkit::PgCluster;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
@@ -30,14 +30,6 @@ use tokio_postgres::{Client, NoTls};
 const LIMIT: Duration = Duration::from_secs(20);
 /// A write or a prune that takes longer than this while an intruder holds locks is stalled.
 const STALL: Duration = Duration::from_secs(10);
-
-/// A login role with `grants` (see [`create_role`]) and a connection as it.
-async fn connect_as(db: &TestDb, admin: &Client, name: &str, grants: &str) -> (String, Client) {
-    let (role, config) = create_role(db, admin, name, grants).await;
-    let (client, connection) = config.connect(NoTls).await.expect("connect as the role");
-    tokio::spawn(connection);
-    (role, client)
-}
 
 /// Runs `sql` inside the open transaction of `client` under a savepoint: kept (with whatever
 /// locks it took) when it succeeds, rolled back when it fails. Returns the failure's SQLSTATE.
@@ -189,24 +181,7 @@ async fn what_a_role_with_usage_can_hold_stalls_no_commit_and_no_prune() {
         ["in a transaction", "autocommit"]
     );
     // Pruning runs and records its run.
-    let pruned: i32 = tokio::time::timeout(
-        STALL,
-        client.query_one("SELECT pgcast.prune_events('1 hour')", &[]),
-    )
-    .await
-    .expect("pruning runs while the intruder holds what it can")
-    .unwrap()
-    .get(0);
-    assert_eq!(pruned, 0);
-    let recorded: bool = client
-        .query_one(
-            "SELECT last_pruned_at >= now() - interval '1 minute' FROM pgcast.log_state",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(recorded, "the prune run is recorded");
+    assert_prune_runs(&client, STALL).await;
 
     intruder.batch_execute("ROLLBACK").await.unwrap();
     listener.stop().await;

@@ -5,56 +5,17 @@
 
 mod common;
 
-use std::future::poll_fn;
 use std::time::Duration;
 
 use common::*;
-use pgcast_testkit::{PgCluster, TestDb};
-use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use pgcast_testkit::PgCluster;
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-/// A login role with the given grants (see [`create_role`]), and a connection as it whose
-/// notifications are forwarded to the returned receiver.
-async fn role(
-    db: &TestDb,
-    admin: &Client,
-    name: &str,
-    grants: &str,
-) -> (Client, mpsc::UnboundedReceiver<String>) {
-    let (_, config) = create_role(db, admin, name, grants).await;
-    let (client, mut connection) = config.connect(NoTls).await.expect("connect as the role");
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(Ok(message)) = poll_fn(|cx| connection.poll_message(cx)).await {
-            if let AsyncMessage::Notification(n) = message {
-                let _ = tx.send(n.payload().to_owned());
-            }
-        }
-    });
-    (client, rx)
-}
-
-/// The error of a statement that must fail with "permission denied".
-async fn denied(client: &Client, sql: &str) {
-    let err = client
-        .batch_execute(sql)
-        .await
-        .expect_err(&format!("{sql} must be refused"));
-    let db = err.as_db_error().unwrap_or_else(|| panic!("{sql}: {err}"));
-    assert_eq!(
-        db.code(),
-        &tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE,
-        "{sql}: {}",
-        db.message()
-    );
-}
 
 #[tokio::test]
 async fn a_role_that_can_only_connect_hears_doorbells_without_row_data() {
     let (db, mut client) = migrated_db(PgCluster::shared().unwrap()).await;
-    let (snoop, mut heard) = role(&db, &client, "snoop", "").await;
+    let (snoop, mut heard) = connect_as_hearing(&db, &client, "snoop", "").await;
     snoop
         .batch_execute("LISTEN pgcast_assignments")
         .await
@@ -80,7 +41,7 @@ async fn a_role_that_can_only_connect_hears_doorbells_without_row_data() {
 #[tokio::test]
 async fn a_role_with_usage_on_the_schema_cannot_attach_write_or_lock() {
     let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
-    let (intruder, _) = role(
+    let (intruder, _) = connect_as_hearing(
         &db,
         &client,
         "intruder",
@@ -144,24 +105,7 @@ async fn a_role_with_usage_on_the_schema_cannot_attach_write_or_lock() {
         got[0].assignment.customer_name.as_deref(),
         Some("still writes")
     );
-    let pruned: i32 = tokio::time::timeout(
-        LIMIT,
-        client.query_one("SELECT pgcast.prune_events('1 hour')", &[]),
-    )
-    .await
-    .expect("pruning runs while the intruder holds what it can")
-    .unwrap()
-    .get(0);
-    assert_eq!(pruned, 0);
-    let ran: bool = client
-        .query_one(
-            "SELECT last_pruned_at > now() - interval '1 minute' FROM pgcast.log_state",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(ran, "pruning records its run");
+    assert_prune_runs(&client, LIMIT).await;
     listener.stop().await;
 }
 

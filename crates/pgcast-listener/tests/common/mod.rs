@@ -1,7 +1,9 @@
-//! Shared set-up of the listener tests: a migrated database of its own, a listener on it, and
-//! a marker row that proves nothing more is coming from it.
+//! Shared set-up of the listener tests: a migrated database of its own, a listener on it, a
+//! marker row that proves nothing more is coming from it, and login roles with chosen grants
+//! and connections as them (the privilege tests).
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+use std::future::poll_fn;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +15,7 @@ use pgcast_listener::{
 use pgcast_testkit::{PgCluster, TestDb};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_postgres::Client;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
 pub async fn migrated_db(cluster: &PgCluster) -> (TestDb, Client) {
@@ -175,4 +177,71 @@ pub async fn create_role(
     let mut config = db.pg_config();
     config.user(&role);
     (role, config)
+}
+
+/// A login role with `grants` (see [`create_role`]) and a connection as it.
+pub async fn connect_as(db: &TestDb, admin: &Client, name: &str, grants: &str) -> (String, Client) {
+    let (role, config) = create_role(db, admin, name, grants).await;
+    let (client, connection) = config.connect(NoTls).await.expect("connect as the role");
+    tokio::spawn(connection);
+    (role, client)
+}
+
+/// A login role with `grants` (see [`create_role`]), and a connection as it whose
+/// notifications are forwarded to the returned receiver.
+pub async fn connect_as_hearing(
+    db: &TestDb,
+    admin: &Client,
+    name: &str,
+    grants: &str,
+) -> (Client, mpsc::UnboundedReceiver<String>) {
+    let (_, config) = create_role(db, admin, name, grants).await;
+    let (client, mut connection) = config.connect(NoTls).await.expect("connect as the role");
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = poll_fn(|cx| connection.poll_message(cx)).await {
+            if let AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    (client, rx)
+}
+
+/// A statement that must fail with "permission denied".
+pub async fn denied(client: &Client, sql: &str) {
+    let err = client
+        .batch_execute(sql)
+        .await
+        .expect_err(&format!("{sql} must be refused"));
+    let db = err.as_db_error().unwrap_or_else(|| panic!("{sql}: {err}"));
+    assert_eq!(
+        db.code(),
+        &tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE,
+        "{sql}: {}",
+        db.message()
+    );
+}
+
+/// Pruning runs within `limit` (while an intruder holds whatever it could take), deletes
+/// nothing younger than an hour, and records its run in `pgcast.log_state`.
+pub async fn assert_prune_runs(client: &Client, limit: Duration) {
+    let pruned: i32 = tokio::time::timeout(
+        limit,
+        client.query_one("SELECT pgcast.prune_events('1 hour')", &[]),
+    )
+    .await
+    .expect("pruning runs while the intruder holds what it can")
+    .unwrap()
+    .get(0);
+    assert_eq!(pruned, 0);
+    let recorded: bool = client
+        .query_one(
+            "SELECT last_pruned_at > now() - interval '1 minute' FROM pgcast.log_state",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(recorded, "the prune run is recorded");
 }
