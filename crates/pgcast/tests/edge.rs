@@ -14,12 +14,21 @@ use std::time::Duration;
 
 use common::{migrated_db, pgcast, run};
 use pgcast_events::Role;
+use pgcast_testkit::TestDb;
 use running::{connect_from, http_get_from, sample, token, Next, Server, Ws, POLL, SECRET, WAIT};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+/// `pgcast serve` with `limits` (its edge and gateway flags) on a migrated database of its own,
+/// ready; the database is returned to outlive the server.
+async fn serve_with(limits: &[&str]) -> (TestDb, Server) {
+    let (db, _admin) = migrated_db().await;
+    let server = Server::serve(db.url(), limits).await;
+    (db, server)
+}
 
 fn local(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
@@ -60,18 +69,14 @@ async fn half_sent_upgrade_requests_are_closed_at_the_header_timeout() {
     const HALF_SENT: usize = 5_000;
     const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
     raise_fd_limit(2 * HALF_SENT as u64 + 1_000);
-    let (db, _admin) = migrated_db().await;
-    let server = Server::serve(
-        db.url(),
-        &[
-            "--header-timeout",
-            "1s",
-            "--max-connections-per-ip",
-            "0",
-            "--connection-rate-per-ip",
-            "0",
-        ],
-    )
+    let (_db, server) = serve_with(&[
+        "--header-timeout",
+        "1s",
+        "--max-connections-per-ip",
+        "0",
+        "--connection-rate-per-ip",
+        "0",
+    ])
     .await;
     let addr = server.addr;
     let baseline = open_fds(server.process.pid());
@@ -154,20 +159,16 @@ async fn unauthenticated_sockets_from_one_address_do_not_lock_out_another() {
     // per-address cap (300) is below the process-wide one (400), whatever their sizes.
     const ATTEMPTS: usize = 2_000;
     raise_fd_limit(ATTEMPTS as u64 + 1_000);
-    let (db, _admin) = migrated_db().await;
-    let server = Server::serve(
-        db.url(),
-        &[
-            "--max-connections-per-ip",
-            "0",
-            "--connection-rate-per-ip",
-            "0",
-            "--max-unauthenticated",
-            "400",
-            "--max-unauthenticated-per-ip",
-            "300",
-        ],
-    )
+    let (_db, server) = serve_with(&[
+        "--max-connections-per-ip",
+        "0",
+        "--connection-rate-per-ip",
+        "0",
+        "--max-unauthenticated",
+        "400",
+        "--max-unauthenticated-per-ip",
+        "300",
+    ])
     .await;
     let addr = server.addr;
     let started = Instant::now();
@@ -223,16 +224,12 @@ async fn unauthenticated_sockets_from_one_address_do_not_lock_out_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_address_cap_refuses_one_address_and_not_another() {
-    let (db, _admin) = migrated_db().await;
-    let server = Server::serve(
-        db.url(),
-        &[
-            "--max-connections-per-ip",
-            "20",
-            "--connection-rate-per-ip",
-            "0",
-        ],
-    )
+    let (_db, server) = serve_with(&[
+        "--max-connections-per-ip",
+        "20",
+        "--connection-rate-per-ip",
+        "0",
+    ])
     .await;
     let addr = server.addr;
     // The readiness checks came from 127.0.0.1 and are closed by now, but the server may not
@@ -289,16 +286,12 @@ async fn the_per_address_cap_refuses_one_address_and_not_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_address_rate_refuses_one_address_and_not_another() {
-    let (db, _admin) = migrated_db().await;
-    let server = Server::serve(
-        db.url(),
-        &[
-            "--connection-rate-per-ip",
-            "1",
-            "--connection-burst-per-ip",
-            "5",
-        ],
-    )
+    let (_db, server) = serve_with(&[
+        "--connection-rate-per-ip",
+        "1",
+        "--connection-burst-per-ip",
+        "5",
+    ])
     .await;
     let addr = server.addr;
     // The readiness checks used 127.0.0.1's bucket; 127.0.0.4 starts full. Eight connections
@@ -371,8 +364,7 @@ async fn trickle_until_closed(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_trickled_frames_are_closed() {
-    let (db, _admin) = migrated_db().await;
-    let server = Server::serve(db.url(), &["--frame-timeout", "1s"]).await;
+    let (_db, server) = serve_with(&["--frame-timeout", "1s"]).await;
     let who = token(SECRET.as_bytes(), Role::Service);
 
     // 64 KiB is the default limit: one byte more is refused with 1009.
@@ -404,8 +396,7 @@ async fn oversized_and_trickled_frames_are_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_frame_under_the_limit_is_closed_at_the_frame_timeout() {
-    let (db, _admin) = migrated_db().await;
-    let server = Server::serve(db.url(), &["--frame-timeout", "1s"]).await;
+    let (_db, server) = serve_with(&["--frame-timeout", "1s"]).await;
     let mut ws = server
         .client(&token(SECRET.as_bytes(), Role::Service))
         .await;
@@ -504,24 +495,20 @@ async fn bad_limit_values_are_one_line_and_exit_2() {
 #[tokio::test]
 async fn gateway_flags_take_effect() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let (db, _admin) = migrated_db().await;
-    let server = Server::serve(
-        db.url(),
-        &[
-            "--allowed-origins",
-            "https://app.example,http://localhost:3000",
-            "--max-connections",
-            "2",
-            "--max-unauthenticated",
-            "2",
-            "--max-unauthenticated-per-ip",
-            "1",
-            "--max-subscriptions",
-            "1",
-            "--client-frames-per-second",
-            "1",
-        ],
-    )
+    let (_db, server) = serve_with(&[
+        "--allowed-origins",
+        "https://app.example,http://localhost:3000",
+        "--max-connections",
+        "2",
+        "--max-unauthenticated",
+        "2",
+        "--max-unauthenticated-per-ip",
+        "1",
+        "--max-subscriptions",
+        "1",
+        "--client-frames-per-second",
+        "1",
+    ])
     .await;
     let url = format!("ws://{}/ws", server.addr);
     let with_origin = |origin: &str| {

@@ -75,6 +75,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgcast_events::{Principal, Role};
+use pgcast_testkit::oracle::{OPEN, STATUSES};
 use pgcast_testkit::PgCluster;
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
@@ -162,17 +163,6 @@ const CLOSE_WAIT_END: i64 = 2;
 const HOG_VAR: &str = "PGCAST_SOAK_HOG";
 /// One busy loop: a shell spinning until its parent, the test process, is gone.
 const HOG_LOOP: &str = "while kill -0 $PPID 2>/dev/null; do :; done";
-
-const STATUSES: [&str; 7] = [
-    "queued",
-    "offered",
-    "accepted",
-    "declined",
-    "cancelled",
-    "expired",
-    "completed",
-];
-const OPEN: [&str; 3] = ["queued", "offered", "accepted"];
 
 /// The people and places rows are given.
 struct World {
