@@ -10,7 +10,6 @@ use uuid::Uuid;
 
 use crate::GatewayError;
 
-const LOG_HEAD: &str = include_str!("../../../sql/log_head.sql");
 const SNAPSHOT_QUEUE: &str = include_str!("../../../sql/snapshot_queue.sql");
 const SNAPSHOT_MECHANIC: &str = include_str!("../../../sql/snapshot_mechanic.sql");
 const SNAPSHOT_SESSION: &str = include_str!("../../../sql/snapshot_session.sql");
@@ -54,11 +53,7 @@ pub(crate) async fn mechanic_session(
 ) -> Result<SessionView, GatewayError> {
     let mut client = pool.get().await?;
     let tx = consistent_read(&mut client).await?;
-    let head = tx.query_one(LOG_HEAD, &[]).await?;
-    let head = LogHead {
-        head: head.try_get(0)?,
-        pruned_through: head.try_get(1)?,
-    };
+    let head = LogHead::read(&tx).await?;
     let stmt = tx.prepare_cached(SESSION_MEMBERSHIP).await?;
     let granting = tx
         .query(&stmt, &[&session, &mechanic])
@@ -138,7 +133,7 @@ pub(crate) async fn snapshot(
 
     let mut client = pool.get().await?;
     let tx = consistent_read(&mut client).await?;
-    let head: Position = tx.query_one(LOG_HEAD, &[]).await?.try_get(0)?;
+    let head: Position = LogHead::read(&tx).await?.head;
     let stmt = tx.prepare_cached(sql).await?;
     let rows = tx.query(&stmt, &params).await?;
     tx.commit().await?;

@@ -13,6 +13,9 @@ pub enum GatewayError {
     /// No database connection available.
     #[error("database pool: {0}")]
     Pool(deadpool_postgres::PoolError),
+    /// Reading the event log (its head) failed.
+    #[error(transparent)]
+    Log(pgcast_listener::ListenerError),
     /// A snapshot would exceed the configured limit.
     #[error("snapshot has more than {0} rows")]
     SnapshotTooLarge(usize),
@@ -63,6 +66,12 @@ impl GatewayError {
 impl From<tokio_postgres::Error> for GatewayError {
     fn from(e: tokio_postgres::Error) -> Self {
         GatewayError::Db(e)
+    }
+}
+
+impl From<pgcast_listener::ListenerError> for GatewayError {
+    fn from(e: pgcast_listener::ListenerError) -> Self {
+        GatewayError::Log(e)
     }
 }
 

@@ -35,9 +35,6 @@ pub enum PgcastError {
     /// are not installed).
     #[error("could not read the event log (`pgcast doctor` tells what is wrong)")]
     LogUnavailable(#[source] ListenerError),
-    /// The connection pool could not be set up.
-    #[error("could not set up the connection pool")]
-    Pool(#[source] deadpool_postgres::BuildError),
     /// A combination of options that cannot work, found after clap's parsing.
     #[error("{0}")]
     Usage(&'static str),
