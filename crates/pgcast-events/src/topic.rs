@@ -6,6 +6,8 @@
 //! [`AssignmentEvent::route_keys`] let the gateway find the subscribers of an event through an
 //! index instead of asking every connection. The unit tests check that both faces agree on
 //! every combination of row state and subscriber.
+//!
+//! Half of this file is the exhaustive agreement tests of the two faces.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

@@ -13,6 +13,9 @@
 //! [`JwksSettings::max_bytes`] of body and [`JwksSettings::max_keys`] keys, no redirects. Many
 //! connections presenting tokens with unknown `kid`s (a rotation, or someone probing) cause at
 //! most one read per `min_refresh`, so neither the provider nor the gateway can be flooded.
+//!
+//! About half of this file is its unit tests (rotation, single-flight reads, size and time
+//! bounds, failed reads keeping the last good set).
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};

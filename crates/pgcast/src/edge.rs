@@ -23,6 +23,8 @@
 //! connection count and a token bucket, in one map under one lock taken once per accept and
 //! once per close. A rate-limiting crate (`governor`) would keep its own keyed map next to the
 //! count map that is needed anyway, and bring a clock and a concurrent map with it.
+//!
+//! About 500 lines of one accept loop and its limits, then its unit tests.
 
 use std::collections::HashMap;
 use std::io;
