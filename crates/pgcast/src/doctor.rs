@@ -2,7 +2,7 @@
 //!
 //! Every query it runs is a `.sql` file under `sql/doctor_*.sql`. A check either passes, warns
 //! (worth knowing, not broken) or fails (events are not, or soon will not be, delivered, or a
-//! guarantee of docs/architecture.md, guarantees no longer holds). The privilege, lock and retention checks:
+//! guarantee in docs/architecture.md no longer holds). The privilege, lock and retention checks:
 //!
 //! | check | fails when | warns when |
 //! |---|---|---|
