@@ -167,7 +167,7 @@ async fn set_status(db: &Client, id: Uuid, status: &str, mechanic: Option<Uuid>)
     assert_eq!(n, 1, "assignment {id} exists");
 }
 
-/// What the mechanic's queue must show, straight from the table (design §5): queued or offered
+/// What the mechanic's queue must show, straight from the table (docs/architecture.md §5): queued or offered
 /// to them directly, or queued with no mechanic for everybody or for their workshop.
 async fn expected_queue(db: &Client, mechanic: Uuid, workshop: Uuid) -> BTreeSet<String> {
     db.query(

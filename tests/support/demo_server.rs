@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 pub(crate) const DEMO_SECRET: &[u8] = b"pgcast checklist test secret, 32+ bytes";
 /// Time to migrate, load the demo data and get ready.
 const START_LIMIT: Duration = Duration::from_secs(30);
-/// pgcast exits within 10 s of its shutdown token (design §6); a little slack.
+/// pgcast exits within 10 s of its shutdown token (the README's "Operating it"); a little slack.
 const STOP_LIMIT: Duration = Duration::from_secs(15);
 
 /// A running demo; dropping it cancels its shutdown token.

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// pgcast exits within 10 s of its shutdown token (design §6); a little slack on a busy machine.
+/// pgcast exits within 10 s of its shutdown token (the README's "Operating it"); a little slack on a busy machine.
 const STOP_LIMIT: Duration = Duration::from_secs(15);
 /// Time to bind and get ready (migrations included).
 const START_LIMIT: Duration = Duration::from_secs(20);

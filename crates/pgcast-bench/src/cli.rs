@@ -1,4 +1,5 @@
-//! Command line. Every size has a full default (the figures of design §7) and a `--quick` one
+//! Command line. Every size has a full default (the sizes of the performance targets in
+//! bench/README.md) and a `--quick` one
 //! (a smoke run of a minute or two); an explicit flag wins over both.
 
 use std::path::PathBuf;

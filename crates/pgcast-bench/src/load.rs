@@ -78,7 +78,7 @@ pub(crate) fn find_marker(payload: &[u8]) -> Option<Marker> {
     })
 }
 
-/// Who may see an event on the `queue` topic (design §5), in the bench's own terms.
+/// Who may see an event on the `queue` topic (docs/architecture.md §5), in the bench's own terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Audience {
     /// A general queued assignment (no workshop, no mechanic), or one leaving that queue:

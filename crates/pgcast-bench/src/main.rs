@@ -1,4 +1,5 @@
-//! `pgcast-bench`: the benchmark behind the figures of design §7 and the README.
+//! `pgcast-bench`: the benchmark behind the performance figures of
+//! bench/README.md and the README.
 //!
 //! ```text
 //!  throwaway PostgreSQL (or --database-url) ◀── writers (tokio-postgres, paced or flat out)
@@ -13,7 +14,7 @@
 //!
 //! Latency is the receipt time of a frame minus the writer's clock just before its statement,
 //! both read from one monotonic clock in this process. Losses are counted against the set of
-//! events each subscriber may see (design §5), computed from what the writers committed.
+//! events each subscriber may see (docs/architecture.md §5), computed from what the writers committed.
 //! Everything runs on loopback; the run is bounded by `--max-time`; results go to
 //! `bench/results.md` and `bench/results.json`, rewritten after every scenario.
 //!

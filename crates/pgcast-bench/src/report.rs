@@ -1,4 +1,4 @@
-//! results.md and results.json: the machine, the targets of design §7 with their measured
+//! results.md and results.json: the machine, the performance targets (bench/README.md) with their measured
 //! values, one section per scenario, and where the CPU went.
 
 use std::path::Path;
@@ -10,7 +10,7 @@ use crate::clients::ReaderReport;
 use crate::env::Machine;
 use crate::stats::CpuUse;
 
-/// One target of design §7 and what this run measured.
+/// One performance target (bench/README.md) and what this run measured.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Check {
     pub(crate) target: String,
@@ -118,7 +118,7 @@ impl Results {
         );
         md += "\nEverything (PostgreSQL, pgcast, the load generator) runs on this one machine over loopback, so the cores are shared by all three.\n\n";
 
-        md += "## Targets (design §7)\n\n";
+        md += "## Targets\n\n";
         let mut rows = Vec::new();
         for s in &self.sections {
             for c in &s.targets {

@@ -1,4 +1,4 @@
-//! Bad input over real sockets (design §4, issue 3): every refused frame, token or connection
+//! Bad input over real sockets (the README's protocol section, issue 3): every refused frame, token or connection
 //! gets the documented error or close, the connection stays usable after recoverable errors
 //! (a ping afterwards gets its pong), and the server keeps serving everybody else.
 

@@ -1,4 +1,4 @@
-//! Bursts against the outgoing queue's byte budget (design §3.5, issue 12).
+//! Bursts against the outgoing queue's byte budget (docs/architecture.md §7, issue 12).
 //!
 //! 1. One transaction updates 10,000 general queued rows while 1,000 freelance mechanics follow
 //!    `queue` over real WebSockets: 10,000 events × 1,000 readers = 10 million frame deliveries.

@@ -1,4 +1,4 @@
-//! Topic `customer:<id>` (design §5): every assignment event of every session of one customer,
+//! Topic `customer:<id>` (docs/architecture.md §5): every assignment event of every session of one customer,
 //! for an "active session" banner on any page — the customer's own id only, with a snapshot of
 //! their open assignments and resume with `since`.
 

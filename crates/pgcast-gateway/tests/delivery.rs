@@ -1,4 +1,4 @@
-//! Snapshot, replay, live delivery and slow consumers over real sockets (design §3.4, §3.5).
+//! Snapshot, replay, live delivery and slow consumers over real sockets (docs/architecture.md §4, §3.5).
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Only the database decides what a client sees (design §3.7, §4, §5): forged notifications
+//! Only the database decides what a client sees (docs/architecture.md §8, §4, §5): forged notifications
 //! never reach a client, a mechanic's access to a session follows the rows at every event's
 //! position, and nothing committed after a token's `exp` is sent unless it was refreshed.
 

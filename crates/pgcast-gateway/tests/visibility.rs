@@ -1,4 +1,4 @@
-//! Who sees what (design §5) over real sockets and a real database: every topic rule, the
+//! Who sees what (docs/architecture.md §5) over real sockets and a real database: every topic rule, the
 //! "before or after" delivery of updates, authorization of subscriptions, queue snapshots, and
 //! a randomized comparison of every client's received frames with the rules.
 //!

@@ -1,4 +1,4 @@
-//! Nothing is lost across faults (design §3.3): the listener's output equals the log exactly —
+//! Nothing is lost across faults (docs/architecture.md §3): the listener's output equals the log exactly —
 //! same positions, same rows, same operations, no loss, no duplicate, in order — when its
 //! connection is killed or PostgreSQL restarts while a writer commits; and the log holds
 //! exactly the rows the writer committed.

@@ -1,4 +1,4 @@
-//! The NOTIFY channel is a doorbell (design §3.7): PostgreSQL lets any role that can connect
+//! The NOTIFY channel is a doorbell (docs/architecture.md §8): PostgreSQL lets any role that can connect
 //! NOTIFY on it, so whatever a notification carries must never become an event, never make a
 //! real event be skipped and never stall the listener. These tests forge notifications from a
 //! role that can merely connect.

@@ -1,4 +1,4 @@
-//! Delivery guarantees of design §3, against a real PostgreSQL.
+//! The delivery guarantees of docs/architecture.md, against a real PostgreSQL.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! The locks and checks behind design §3.7, attacked the way PostgreSQL actually lets a role
+//! The locks and checks behind docs/architecture.md §8, attacked the way PostgreSQL actually lets a role
 //! without privileges reach them (the basics — no EXECUTE, no writes, empty doorbells — are in
 //! `roles.rs`):
 //!

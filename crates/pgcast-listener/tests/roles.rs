@@ -1,4 +1,4 @@
-//! What a database role without pgcast's privileges can and cannot do (design §3.7): it may
+//! What a database role without pgcast's privileges can and cannot do (docs/architecture.md §8): it may
 //! LISTEN and NOTIFY (PostgreSQL allows that to every role that can connect) and take advisory
 //! locks, but it learns no row data from the channel, cannot attach pgcast's trigger function,
 //! cannot write the log and cannot take the locks that order commits or pruning.

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
-/// Graceful shutdown, PostgreSQL included, must finish within this (design §6).
+/// Graceful shutdown, PostgreSQL included, must finish within this (the README's "Operating it").
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
 
 /// A fresh directory for the demo's data, under /tmp so that the `postgres` OS user (used when

@@ -1,4 +1,4 @@
-//! Faults across processes (design §3.3, issue 7) against the built `pgcast serve`.
+//! Faults across processes (docs/architecture.md §3, issue 7) against the built `pgcast serve`.
 //!
 //! While writer tasks commit 20,000 events (single and multi-row inserts, updates that move
 //! assignments between statuses, workshops and mechanics, multi-statement transactions, a few
@@ -16,7 +16,7 @@
 //! restart may or may not have committed): for every client and topic, the events received are
 //! exactly those the client may see after its snapshot, once each, in position order, with the
 //! row as logged — and the snapshot is exactly the visible state at its position. Who may see
-//! what is decided by this file's own reading of design §5 ([`Audience::may_see`]), not by the
+//! what is decided by this file's own reading of docs/architecture.md §5 ([`Audience::may_see`]), not by the
 //! library, so a bug in the library's rules is caught too.
 //!
 //! Also here: no secret or token ever reaches the logs of `pgcast serve`, at `RUST_LOG=debug`
@@ -64,7 +64,7 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 // ---------------------------------------------------------------------------------------------
-// Who may see what: this file's own reading of design §5.
+// Who may see what: this file's own reading of docs/architecture.md §5.
 
 /// The fields of a row that decide who may see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,7 +284,7 @@ impl World {
     }
 
     /// A random status and placement. A mechanic is only ever given an assignment that is
-    /// general or of their own workshop (design §5 does not say who sees an offer to a
+    /// general or of their own workshop (docs/architecture.md §5 does not say who sees an offer to a
     /// mechanic of another workshop).
     fn placement(&self, rng: &mut StdRng) -> (&'static str, Option<Uuid>, Option<Uuid>) {
         const OTHERS: [&str; 5] = ["accepted", "declined", "cancelled", "expired", "completed"];
@@ -508,7 +508,7 @@ struct Got {
 
 impl Got {
     /// An `event` frame; `None` if a field is missing or mistyped (a missing field is not
-    /// null: design §4).
+    /// null: the README's protocol section).
     fn parse(v: &Value) -> Option<Got> {
         let (id, state) = parse_assignment(v.get("assignment")?)?;
         Some(Got {

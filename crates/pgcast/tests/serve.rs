@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 
-/// Graceful shutdown must finish within this (design §6).
+/// Graceful shutdown must finish within this (the README's "Operating it").
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
 
 /// Inserts `n` assignments the way applications do: some in transactions of their own, the
@@ -275,7 +275,7 @@ async fn metrics_expose_every_named_series() {
         tokio::time::sleep(POLL).await;
     };
 
-    // Every series of design §6, by the name operators alert on.
+    // Every series of the README's "Operating it", by the name operators alert on.
     let series = [
         // events received (by the listener) / dispatched / delivered (frames written)
         "pgcast_events_received_total",

@@ -15,7 +15,7 @@
 //! Measured per mechanic: when it re-subscribed (from the kill and from the moment the new
 //! process logged ready), and its *time to live*: from ready until it holds every event it may
 //! see that was committed before ready (it is caught up). Afterwards each one's received set
-//! is checked against what the writers committed and who may see it (design §5): nothing
+//! is checked against what the writers committed and who may see it (docs/architecture.md §5): nothing
 //! lost, nothing extra, no duplicates; `resync`, `unavailable` and close codes are counted.
 //! Commit times and positions come from the log itself, read once after the run.
 //!
