@@ -324,19 +324,7 @@ async fn a_version_2_install_upgrades_in_place_and_positions_continue() {
         .await
         .unwrap();
     let mut client = db.connect().await.unwrap();
-    client
-        .batch_execute("CREATE SCHEMA IF NOT EXISTS pgcast")
-        .await
-        .unwrap();
-    embedded::app::migrations::runner()
-        .set_migration_table_name("pgcast.app_migrations")
-        .run_async(&mut client)
-        .await
-        .unwrap();
-    let mut v2 = embedded::realtime::migrations::runner().set_target(refinery::Target::Version(2));
-    v2.set_migration_table_name("pgcast.realtime_migrations");
-    v2.run_async(&mut client).await.unwrap();
-    assert_eq!(installed_version(&client).await.unwrap(), Some(2));
+    install_version(&mut client, 2).await;
 
     let customer = Uuid::new_v4();
     let session: Uuid = client

@@ -305,7 +305,7 @@ async fn an_upgraded_install_in_its_own_schema_serves_only_its_table() {
         .batch_execute("CREATE SCHEMA shop; SET search_path = shop; CREATE SCHEMA pgcast")
         .await
         .unwrap();
-    version_1_install(&mut client).await;
+    install_version(&mut client, 1).await;
     client.execute(INSERT_ONE, &[&"v1 row"]).await.unwrap();
     let old = log_positions(&client).await;
     assert_eq!(old.len(), 1);
@@ -369,7 +369,7 @@ async fn a_migration_that_cannot_get_its_lock_fails_fast_and_leaves_nothing_half
         .await
         .unwrap();
     let mut client = db.connect().await.unwrap();
-    version_1_install(&mut client).await;
+    install_version(&mut client, 1).await;
     // Version 2 alters pgcast.log_state; a role with USAGE on the schema holds a parse-time
     // ACCESS SHARE lock on it for as long as its transaction stays open.
     let (_, holder) = connect_as(

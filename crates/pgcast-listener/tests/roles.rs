@@ -156,7 +156,7 @@ async fn a_version_1_install_upgrades_keeping_its_log() {
         .await
         .unwrap();
     let mut client = db.connect().await.unwrap();
-    version_1_install(&mut client).await;
+    install_version(&mut client, 1).await;
     for name in ["old one", "old two"] {
         client.execute(INSERT_ONE, &[&name]).await.unwrap();
     }

@@ -137,8 +137,9 @@ pub mod embedded {
     }
 }
 
-/// Installs the app tables and realtime version 1 only, as a release before version 2 did.
-pub async fn version_1_install(client: &mut Client) {
+/// Installs the app tables and the realtime objects up to `version` only, as an older release
+/// did.
+pub async fn install_version(client: &mut Client, version: u32) {
     client
         .batch_execute("CREATE SCHEMA IF NOT EXISTS pgcast")
         .await
@@ -148,12 +149,13 @@ pub async fn version_1_install(client: &mut Client) {
         .run_async(client)
         .await
         .unwrap();
-    let mut v1 = embedded::realtime::migrations::runner().set_target(refinery::Target::Version(1));
-    v1.set_migration_table_name("pgcast.realtime_migrations");
-    v1.run_async(client).await.unwrap();
+    let mut realtime =
+        embedded::realtime::migrations::runner().set_target(refinery::Target::Version(version));
+    realtime.set_migration_table_name("pgcast.realtime_migrations");
+    realtime.run_async(client).await.unwrap();
     assert_eq!(
         pgcast_listener::installed_version(client).await.unwrap(),
-        Some(1)
+        Some(version as i32)
     );
 }
 
