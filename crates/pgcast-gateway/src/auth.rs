@@ -652,22 +652,9 @@ mod tests {
         c
     }
 
+    /// base64url without padding, to forge headers in tests.
     fn b64(s: &str) -> String {
-        use std::fmt::Write;
-        // Minimal base64url without padding, to forge headers in tests.
-        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let bytes = s.as_bytes();
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-            for i in 0..=chunk.len() {
-                let _ = write!(out, "{}", A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            }
-        }
-        out
+        pgcast_testkit::base64url::encode(s)
     }
 
     #[test]
