@@ -38,7 +38,6 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -119,22 +118,20 @@ async fn a_10000_row_burst_to_1000_queue_readers_closes_nobody_and_stays_bounded
     let readers = Readers::subscribe(&h, READERS, |i| i % (READERS / THROTTLED) == 0).await;
     let connected = connecting.elapsed();
 
-    // Resident memory before the burst; the sampler keeps the highest value seen during it.
+    // Resident memory before the burst; the kernel keeps the peak from here on (VmHWM, reset
+    // to the current size), so nothing has to sample it.
     let before_kib = proc_status_kib("VmRSS");
-    let peak_reset = reset_peak_rss();
-    let sampler = RssSampler::start();
+    assert!(
+        reset_peak_rss(),
+        "this test reads the peak resident size and needs /proc/self/clear_refs (Linux)"
+    );
 
     let burst = Instant::now();
     let positions = update_every_row(&h).await;
     let committed = burst.elapsed();
     let results = readers.read(positions).await;
     let delivered = burst.elapsed();
-    let peak_sampled_kib = sampler.stop();
-    let peak_kib = if peak_reset {
-        proc_status_kib("VmHWM").max(peak_sampled_kib)
-    } else {
-        peak_sampled_kib
-    };
+    let peak_kib = proc_status_kib("VmHWM");
     let closes = h.metric("pgcast_slow_consumer_closes");
     let outcome = Outcome::of(results, burst);
 
@@ -158,16 +155,10 @@ async fn a_10000_row_burst_to_1000_queue_readers_closes_nobody_and_stays_bounded
         outcome.summary(),
     );
     eprintln!(
-        "burst: VmRSS {:.1} MiB before, peak {:.1} MiB (sampled {:.1} MiB{}), growth {:.1} MiB; \
+        "burst: VmRSS {:.1} MiB before, peak {:.1} MiB (VmHWM), growth {:.1} MiB; \
          bound {:.1} MiB; one copy of each frame per reader would be {:.1} MiB",
         before_kib as f64 / 1024.0,
         peak_kib as f64 / 1024.0,
-        peak_sampled_kib as f64 / 1024.0,
-        if peak_reset {
-            ", VmHWM reset before"
-        } else {
-            ""
-        },
         growth as f64 / 1048576.0,
         bound as f64 / 1048576.0,
         unshared as f64 / 1048576.0,
@@ -882,34 +873,4 @@ fn proc_status_kib(field: &str) -> u64 {
 /// Resets `VmHWM` to the current resident size (Linux `clear_refs` 5); false where refused.
 fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
-/// Samples `VmRSS` on its own thread (the runtime's threads are busy with the burst) and keeps
-/// the highest value.
-struct RssSampler {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<u64>,
-}
-
-impl RssSampler {
-    fn start() -> RssSampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut peak = 0;
-            while !flag.load(Ordering::Relaxed) {
-                peak = proc_status_kib("VmRSS").max(peak);
-                // The sampling period, not a wait for an outcome.
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            proc_status_kib("VmRSS").max(peak)
-        });
-        RssSampler { stop, thread }
-    }
-
-    /// The highest `VmRSS` seen, in KiB.
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("sampler")
-    }
 }

@@ -151,6 +151,21 @@ async fn wait_output(
     }
 }
 
+/// The listener's log lines that follow a change of `/readyz` (its status is set first).
+const LISTENER_CAUGHT_UP: &str = "listener connected and caught up";
+const LISTENER_LOST: &str = "listener connection lost";
+
+/// Whether the listener's last logged transition in `stderr` is "connected and caught up".
+fn listener_ready(stderr: &str) -> bool {
+    match (
+        stderr.rfind(LISTENER_CAUGHT_UP),
+        stderr.rfind(LISTENER_LOST),
+    ) {
+        (Some(up), Some(lost)) => up > lost,
+        (up, _) => up.is_some(),
+    }
+}
+
 /// A `pgcast serve` (or `demo`) that logged its ready line and whose `/readyz` answered 200.
 pub struct Server {
     pub process: Process,
@@ -203,21 +218,26 @@ impl Server {
         http_get(self.addr, path).await
     }
 
-    /// Polls `/readyz` until it answers `status`, failing after [`WAIT`].
+    /// Waits until the listener's last logged transition is the one `status` stands for (200:
+    /// connected and caught up; 503: connection lost), then checks that `/readyz` says so. The
+    /// listener sets its status before it logs the transition, so no polling is needed.
     pub async fn wait_readyz(&self, status: u16) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let (got, body) = self.get("/readyz").await;
-            if got == status {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/readyz still {got} ({body:?}), expected {status}; stderr:\n{}",
-                self.process.stderr()
-            );
-            tokio::time::sleep(POLL).await;
-        }
+        let want_ready = status == 200;
+        let mut stderr = self.process.stderr.clone();
+        wait_output(
+            &mut stderr,
+            |text| listener_ready(text) == want_ready,
+            "stderr",
+            &self.process.stderr,
+        )
+        .await;
+        let (got, body) = self.get("/readyz").await;
+        assert_eq!(
+            got,
+            status,
+            "/readyz answered {got} ({body:?}) after the listener logged its transition; stderr:\n{}",
+            self.process.stderr()
+        );
     }
 
     /// `/metrics` as text, after checking the status.
