@@ -177,6 +177,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_events::Change;
     use std::task::{Context, Poll};
 
     const WORKSHOP: &str = "8d0c6c1e-6f0e-4bb5-9a51-2a0b3d1c9e77";
@@ -191,18 +192,15 @@ mod tests {
         mechanic: Option<&str>,
         workshop: Option<&str>,
     ) -> Arc<AssignmentEvent> {
-        let quoted = |v: Option<&str>| v.map_or("null".to_owned(), |v| format!("\"{v}\""));
-        let op = if old == "null" { "insert" } else { "update" };
-        let text = format!(
-            r#"{{"position":{position},"op":"{op}","committed_at":"2026-11-25T19:32:44.5+00:00",
-            "row":{{"id":"5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11",
-            "session_id":"0e6b3a57-3f4c-4a9e-8a55-2f4b7a7d9a10","mechanic_id":{},
-            "workshop_id":{},"status":"{status}","created_at":"2026-11-25T19:32:43+00:00",
-            "updated_at":"2026-11-25T19:32:43+00:00"}},"old":{old}}}"#,
-            quoted(mechanic),
-            quoted(workshop),
-        );
-        Arc::new(pgcast_events::decode_payload(&text).expect("test payload decodes"))
+        Change {
+            position,
+            old: (old != "null").then_some(old),
+            status,
+            mechanic,
+            workshop,
+            committed_at: None,
+        }
+        .event()
     }
 
     fn principal(user: &str, workshop: Option<&str>) -> Principal {

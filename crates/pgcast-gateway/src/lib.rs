@@ -34,6 +34,8 @@ mod jwks;
 mod keys;
 mod metrics;
 mod outbox;
+#[cfg(test)]
+mod test_events;
 mod window;
 
 use std::sync::Arc;

@@ -129,6 +129,7 @@ impl Events {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_events::Change;
 
     fn event(position: Position) -> Arc<AssignmentEvent> {
         event_in(position, None)
@@ -136,15 +137,11 @@ mod tests {
 
     /// A queued insert for `workshop` (None: the general queue).
     fn event_in(position: Position, workshop: Option<&str>) -> Arc<AssignmentEvent> {
-        let workshop = workshop.map_or("null".to_owned(), |w| format!("\"{w}\""));
-        let text = format!(
-            r#"{{"position":{position},"op":"insert","committed_at":"2026-11-25T19:32:44.5+00:00",
-            "row":{{"id":"5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11",
-            "session_id":"0e6b3a57-3f4c-4a9e-8a55-2f4b7a7d9a10","mechanic_id":null,
-            "workshop_id":{workshop},"status":"queued","created_at":"2026-11-25T19:32:43+00:00",
-            "updated_at":"2026-11-25T19:32:43+00:00"}},"old":null}}"#
-        );
-        Arc::new(pgcast_events::decode_payload(&text).expect("test payload decodes"))
+        Change {
+            workshop,
+            ..Change::queued(position)
+        }
+        .event()
     }
 
     /// A `queue` subscriber's keys (general queue only: the test events are general).
@@ -246,17 +243,15 @@ mod tests {
         // Every event of its own mechanic's queue: more keys than remembered.
         let mechanics: Vec<uuid::Uuid> = (0..3000).map(|_| uuid::Uuid::new_v4()).collect();
         for (i, m) in mechanics.iter().enumerate() {
-            let text = format!(
-                r#"{{"position":{p},"op":"insert","committed_at":"2026-11-25T19:32:44.5+00:00",
-                "row":{{"id":"5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11",
-                "session_id":"0e6b3a57-3f4c-4a9e-8a55-2f4b7a7d9a10","mechanic_id":"{m}",
-                "workshop_id":null,"status":"offered","created_at":"2026-11-25T19:32:43+00:00",
-                "updated_at":"2026-11-25T19:32:43+00:00"}},"old":null}}"#,
-                p = i + 1
+            let m = m.to_string();
+            w.push(
+                &Change {
+                    status: "offered",
+                    mechanic: Some(&m),
+                    ..Change::queued(i as Position + 1)
+                }
+                .event(),
             );
-            w.push(&Arc::new(
-                pgcast_events::decode_payload(&text).expect("test payload decodes"),
-            ));
         }
         let head = 3000;
         let inner = w.inner.read().expect("lock");

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 
 use super::serve_halves;
 use crate::edge::{Admission, UnauthenticatedSlot};
+use crate::test_events::Change;
 use crate::{GatewayConfig, Shared};
 
 const SECRET: &[u8] = b"unit-test-secret-unit-test-secret-0123456789";
@@ -117,17 +118,15 @@ impl Client {
     }
 }
 
-/// A general queued insert at `position` (visible to every mechanic on `queue`).
+/// A general queued insert at `position` (visible to every mechanic on `queue`), committed now
+/// (the tokens expire in an hour).
 fn queued(position: Position) -> Arc<AssignmentEvent> {
     let committed = chrono::Utc::now().to_rfc3339();
-    let text = format!(
-        r#"{{"position":{position},"op":"insert","committed_at":"{committed}",
-        "row":{{"id":"5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11",
-        "session_id":"0e6b3a57-3f4c-4a9e-8a55-2f4b7a7d9a10","mechanic_id":null,
-        "workshop_id":null,"status":"queued","created_at":"2026-11-25T19:32:43+00:00",
-        "updated_at":"2026-11-25T19:32:43+00:00"}},"old":null}}"#
-    );
-    Arc::new(pgcast_events::decode_payload(&text).expect("test payload decodes"))
+    Change {
+        committed_at: Some(&committed),
+        ..Change::queued(position)
+    }
+    .event()
 }
 
 fn close_code(msg: Option<Message>) -> Option<u16> {
