@@ -394,11 +394,8 @@ fn chain(error: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
-    use std::sync::Mutex;
-
+    use pgcast_testkit::http::Scripted;
     use serde_json::{json, Value};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
     use crate::keys::test_keys::{self, TestKey};
@@ -407,69 +404,30 @@ mod tests {
     /// A JWKS endpoint on 127.0.0.1 serving whatever the test sets, counting requests.
     struct Provider {
         url: String,
-        state: Arc<ProviderState>,
-    }
-
-    struct ProviderState {
-        /// Status and body of the next answers.
-        answer: Mutex<(u16, String)>,
-        delay: Mutex<Duration>,
-        requests: AtomicUsize,
+        server: Scripted,
     }
 
     impl Provider {
         async fn start(document: Value) -> Provider {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
-            let state = Arc::new(ProviderState {
-                answer: Mutex::new((200, document.to_string())),
-                delay: Mutex::new(Duration::ZERO),
-                requests: AtomicUsize::new(0),
-            });
-            let shared = state.clone();
-            tokio::spawn(async move {
-                while let Ok((mut stream, _)) = listener.accept().await {
-                    let state = shared.clone();
-                    tokio::spawn(async move {
-                        let mut head = Vec::new();
-                        let mut buf = [0u8; 1024];
-                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match stream.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => head.extend_from_slice(&buf[..n]),
-                            }
-                        }
-                        state.requests.fetch_add(1, Ordering::SeqCst);
-                        let delay = *state.delay.lock().unwrap();
-                        tokio::time::sleep(delay).await;
-                        let (status, body) = state.answer.lock().unwrap().clone();
-                        let response = format!(
-                            "HTTP/1.1 {status} Answer\r\nContent-Type: application/json\r\n\
-                             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
-                        let _ = stream.write_all(response.as_bytes()).await;
-                        let _ = stream.shutdown().await;
-                    });
-                }
-            });
-            Provider { url, state }
+            let server = Scripted::start(200, document.to_string()).await.unwrap();
+            let url = format!("http://{}/jwks.json", server.addr());
+            Provider { url, server }
         }
 
         fn publish(&self, keys: &[Value]) {
-            *self.state.answer.lock().unwrap() = (200, json!({ "keys": keys }).to_string());
+            self.server.answer(200, json!({ "keys": keys }).to_string());
         }
 
         fn answer(&self, status: u16, body: &str) {
-            *self.state.answer.lock().unwrap() = (status, body.to_owned());
+            self.server.answer(status, body);
         }
 
         fn delay(&self, delay: Duration) {
-            *self.state.delay.lock().unwrap() = delay;
+            self.server.delay(delay);
         }
 
         fn requests(&self) -> usize {
-            self.state.requests.load(Ordering::SeqCst)
+            self.server.requests()
         }
     }
 

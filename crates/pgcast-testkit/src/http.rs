@@ -1,5 +1,6 @@
-//! The tests' plain-HTTP probes of a running pgcast: a minimal HTTP/1.0 GET (from any local
-//! 127/8 address, to play several clients), and one sample read out of a Prometheus text body.
+//! The tests' plain HTTP: probes of a running pgcast (a minimal HTTP/1.0 GET from any local
+//! 127/8 address, to play several clients, and one sample read out of a Prometheus text body),
+//! and [`Scripted`], a stand-in HTTP endpoint (an identity provider's JWKS).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -77,4 +78,116 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
         let (key, value) = line.rsplit_once(' ')?;
         (key == series).then(|| value.parse().ok())?
     })
+}
+
+/// An HTTP endpoint on 127.0.0.1 that answers every request with the status and body the test
+/// set last, after the delay it set (a slow or failing server is what some tests are about), and
+/// counts requests: it stands in for an identity provider's JWKS endpoint. The accept loop ends
+/// when this is dropped.
+pub struct Scripted {
+    addr: SocketAddr,
+    state: std::sync::Arc<ScriptState>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+struct ScriptState {
+    answer: std::sync::Mutex<(u16, String)>,
+    delay: std::sync::Mutex<Duration>,
+    requests: std::sync::atomic::AtomicUsize,
+    last_request: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+/// A request head larger than this is dropped unanswered.
+const MAX_REQUEST_HEAD: usize = 16 << 10;
+
+impl Scripted {
+    /// Starts answering `status` with `body`.
+    pub async fn start(status: u16, body: impl Into<String>) -> std::io::Result<Scripted> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = std::sync::Arc::new(ScriptState {
+            answer: std::sync::Mutex::new((status, body.into())),
+            delay: std::sync::Mutex::new(Duration::ZERO),
+            requests: Default::default(),
+            last_request: Default::default(),
+        });
+        let shared = state.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(answer(stream, shared.clone()));
+            }
+        });
+        Ok(Scripted {
+            addr,
+            state,
+            accept,
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What every later request gets.
+    pub fn answer(&self, status: u16, body: impl Into<String>) {
+        *lock(&self.state.answer) = (status, body.into());
+    }
+
+    /// How long every later answer waits after the request arrived.
+    pub fn delay(&self, delay: Duration) {
+        *lock(&self.state.delay) = delay;
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> usize {
+        self.state
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// When the last request arrived.
+    pub fn last_request(&self) -> Option<tokio::time::Instant> {
+        *lock(&self.state.last_request)
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads one request head and writes the scripted answer (`Connection: close`).
+async fn answer(mut stream: TcpStream, state: std::sync::Arc<ScriptState>) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if head.len() > MAX_REQUEST_HEAD {
+            return;
+        }
+    }
+    state
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    *lock(&state.last_request) = Some(tokio::time::Instant::now());
+    let delay = *lock(&state.delay);
+    // The scripted delay is the behaviour under test (a slow provider), not a wait for a race.
+    tokio::time::sleep(delay).await;
+    let (status, body) = lock(&state.answer).clone();
+    let response = format!(
+        "HTTP/1.1 {status} Answer\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }

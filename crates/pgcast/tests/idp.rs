@@ -7,21 +7,18 @@
 mod common;
 mod running;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use common::{fresh_db, pgcast, run};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use pgcast_testkit::http::Scripted;
 use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
 use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
 use rsa::traits::PublicKeyParts;
 use running::{Next, Process, Server, Ws, WAIT};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -196,94 +193,44 @@ fn provider_claims(sub: Uuid, roles: &[&str], workshop: Option<Uuid>) -> Value {
 
 /// The provider's JWKS endpoint on 127.0.0.1: serves the current document, counts requests.
 struct Provider {
-    addr: SocketAddr,
-    state: Arc<ProviderState>,
-}
-
-struct ProviderState {
-    answer: Mutex<(u16, String)>,
-    delay: Mutex<Duration>,
-    requests: AtomicUsize,
-    last_request: Mutex<Option<Instant>>,
+    server: Scripted,
 }
 
 impl Provider {
     async fn start(keys: &[Value]) -> Provider {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(ProviderState {
-            answer: Mutex::new((200, json!({ "keys": keys }).to_string())),
-            delay: Mutex::new(Duration::ZERO),
-            requests: AtomicUsize::new(0),
-            last_request: Mutex::new(None),
-        });
-        let shared = state.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let state = shared.clone();
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                        if head.len() > 16 << 10 {
-                            return;
-                        }
-                    }
-                    state.requests.fetch_add(1, Ordering::SeqCst);
-                    *state.last_request.lock().unwrap() = Some(Instant::now());
-                    let delay = *state.delay.lock().unwrap();
-                    tokio::time::sleep(delay).await;
-                    let (status, body) = state.answer.lock().unwrap().clone();
-                    let response = format!(
-                        "HTTP/1.1 {status} Answer\r\nContent-Type: application/json\r\n\
-                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = stream.write_all(response.as_bytes()).await;
-                    let _ = stream.shutdown().await;
-                });
-            }
-        });
-        Provider { addr, state }
+        let server = Scripted::start(200, json!({ "keys": keys }).to_string())
+            .await
+            .unwrap();
+        Provider { server }
     }
 
-    /// Keycloak's path for a realm's keys.
     fn url(&self) -> String {
         format!(
             "http://{}/realms/garage/protocol/openid-connect/certs",
-            self.addr
+            self.server.addr()
         )
     }
 
     fn publish(&self, keys: &[Value]) {
-        *self.state.answer.lock().unwrap() = (200, json!({ "keys": keys }).to_string());
+        self.server.answer(200, json!({ "keys": keys }).to_string());
     }
 
     fn fail(&self) {
-        *self.state.answer.lock().unwrap() = (503, "unavailable".to_owned());
+        self.server.answer(503, "unavailable");
     }
 
     fn delay(&self, delay: Duration) {
-        *self.state.delay.lock().unwrap() = delay;
+        self.server.delay(delay);
     }
 
     fn requests(&self) -> usize {
-        self.state.requests.load(Ordering::SeqCst)
+        self.server.requests()
     }
 
     /// Waits until `MIN_REFRESH` has passed since serve last read the keys, so that the next
     /// unknown `kid` makes it read them again.
     async fn wait_until_refresh_allowed(&self) {
-        let last = self
-            .state
-            .last_request
-            .lock()
-            .unwrap()
-            .expect("keys were read");
+        let last = self.server.last_request().expect("keys were read");
         let ready = last + MIN_REFRESH + Duration::from_millis(200);
         tokio::time::sleep_until(ready).await;
     }
