@@ -72,6 +72,25 @@ async fn a_role_with_usage_on_the_schema_cannot_attach_write_or_lock() {
     .await;
     denied(&intruder, "DELETE FROM pgcast.assignment_events").await;
     denied(&intruder, "SELECT nextval('pgcast.event_position')").await;
+    // Schema version 3's capture: staged rows become events at commit, so writing the staging
+    // table would forge them; its functions and sequence are pgcast's alone.
+    denied(
+        &intruder,
+        "INSERT INTO pgcast.pending_events
+         VALUES (pg_current_xact_id(), 0, 0, true, 'insert', gen_random_uuid(), '{}')",
+    )
+    .await;
+    denied(&intruder, "DELETE FROM pgcast.pending_events").await;
+    denied(
+        &intruder,
+        "CREATE TRIGGER fake_capture AFTER INSERT ON fake
+         FOR EACH STATEMENT EXECUTE FUNCTION pgcast.capture_assignment_changes()",
+    )
+    .await;
+    denied(&intruder, "SELECT pgcast.capture_assignment_changes()").await;
+    denied(&intruder, "SELECT pgcast.publish_pending_events()").await;
+    denied(&intruder, "SELECT pgcast.install_capture()").await;
+    denied(&intruder, "SELECT nextval('pgcast.capture_statement')").await;
     // The commit-order lock and the prune lock.
     denied(
         &intruder,
