@@ -10,11 +10,36 @@
 //! quiet topic resumes from the last event it received, which may be far older than the
 //! window; if no event of its route keys left the window since then, the window still holds
 //! everything it may see, and the resume needs no database read either.
+//!
+//! Each event keeps the frames replays asked of it, one per topic: thousands of clients
+//! resuming `queue` over the same events after a restart share one encoding of each.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
-use pgcast_events::{AssignmentEvent, Position, RouteKey};
+use axum::extract::ws::Utf8Bytes;
+use pgcast_events::{AssignmentEvent, EventFrame, Position, RouteKey, Topic};
+
+/// One event of the window and the frames replays have encoded of it so far.
+pub(crate) struct Entry {
+    pub(crate) event: Arc<AssignmentEvent>,
+    /// At most one per topic that replayed this event (few: `queue`, `assignments`, a session
+    /// or customer topic); freed with the entry.
+    frames: Mutex<Vec<(Topic, Utf8Bytes)>>,
+}
+
+impl Entry {
+    /// The event's frame for `topic`, encoded by the first replay that asks for it.
+    pub(crate) fn frame(&self, topic: &Topic) -> Utf8Bytes {
+        let mut frames = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, frame)) = frames.iter().find(|(t, _)| t == topic) {
+            return frame.clone();
+        }
+        let frame = Utf8Bytes::from(EventFrame::encode(topic, &self.event));
+        frames.push((*topic, frame.clone()));
+        frame
+    }
+}
 
 /// The newest events, at most `capacity` of them.
 pub(crate) struct ReplayWindow {
@@ -29,7 +54,7 @@ struct Events {
     /// Position of the last event pushed (or where the stream started).
     head: Position,
     /// In position order.
-    events: VecDeque<Arc<AssignmentEvent>>,
+    events: VecDeque<Arc<Entry>>,
     /// Per route key, the position of the newest event with that key that left the window.
     evicted: HashMap<RouteKey, Position>,
     /// For a key not in `evicted`, the newest event with it that left the window (or came
@@ -65,13 +90,16 @@ impl ReplayWindow {
     pub(crate) fn push(&self, event: &Arc<AssignmentEvent>) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         inner.head = event.position;
-        inner.events.push_back(event.clone());
+        inner.events.push_back(Arc::new(Entry {
+            event: event.clone(),
+            frames: Mutex::default(),
+        }));
         while inner.events.len() > self.capacity {
             let Some(oldest) = inner.events.pop_front() else {
                 break;
             };
-            for key in oldest.route_keys() {
-                inner.evicted.insert(key, oldest.position);
+            for key in oldest.event.route_keys() {
+                inner.evicted.insert(key, oldest.event.position);
             }
         }
         if inner.evicted.len() > self.max_keys {
@@ -89,7 +117,7 @@ impl ReplayWindow {
         through: Position,
         keys: &[RouteKey],
         mut keep: impl FnMut(&AssignmentEvent) -> bool,
-    ) -> Option<Vec<Arc<AssignmentEvent>>> {
+    ) -> Option<Vec<Arc<Entry>>> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         if through > inner.head || since > through {
             return None;
@@ -100,13 +128,13 @@ impl ReplayWindow {
         if evicted_after_since || keys.is_empty() && since < inner.forgotten_through {
             return None;
         }
-        let start = inner.events.partition_point(|e| e.position <= since);
+        let start = inner.events.partition_point(|e| e.event.position <= since);
         Some(
             inner
                 .events
                 .range(start..)
-                .take_while(|e| e.position <= through)
-                .filter(|e| keep(e))
+                .take_while(|e| e.event.position <= through)
+                .filter(|e| keep(&e.event))
                 .cloned()
                 .collect(),
         )
@@ -150,12 +178,12 @@ mod tests {
         since: Position,
         through: Position,
         keep: impl FnMut(&AssignmentEvent) -> bool,
-    ) -> Option<Vec<Arc<AssignmentEvent>>> {
+    ) -> Option<Vec<Arc<Entry>>> {
         w.range(since, through, &[RouteKey::QueueGeneral], keep)
     }
 
-    fn positions(events: Option<Vec<Arc<AssignmentEvent>>>) -> Option<Vec<Position>> {
-        events.map(|e| e.iter().map(|e| e.position).collect())
+    fn positions(events: Option<Vec<Arc<Entry>>>) -> Option<Vec<Position>> {
+        events.map(|e| e.iter().map(|e| e.event.position).collect())
     }
 
     #[test]
@@ -269,5 +297,26 @@ mod tests {
             let served = w.range(at, head, &keys, |_| true).is_some();
             assert_eq!(served, at >= forgotten, "mechanic {i}");
         }
+    }
+
+    #[test]
+    fn replays_of_the_same_topic_share_one_encoding_of_each_event() {
+        let w = ReplayWindow::new(10);
+        w.start_after(0);
+        for p in 1..=3 {
+            w.push(&event(p));
+        }
+        let first = range(&w, 0, 3, |_| true).expect("in the window");
+        let again = range(&w, 1, 3, |_| true).expect("in the window");
+        let a = first[2].frame(&Topic::Queue);
+        let b = again[1].frame(&Topic::Queue);
+        assert_eq!(a.as_str().as_ptr(), b.as_str().as_ptr(), "encoded once");
+        assert_eq!(
+            a.as_str(),
+            EventFrame::encode(&Topic::Queue, &first[2].event),
+            "the frame a live subscriber would get"
+        );
+        let other = first[2].frame(&Topic::Assignments);
+        assert_ne!(other.as_str(), a.as_str(), "another topic, another frame");
     }
 }

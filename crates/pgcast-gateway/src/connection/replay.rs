@@ -1,29 +1,33 @@
 //! `since` replays: frames of events the subscriber missed, from the log page by page (or, for
 //! a mechanic's session, judged by the membership at each event's position).
 
-use pgcast_events::{AssignmentEvent, EventFrame, Position, SessionMembership, Verdict};
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use pgcast_events::{AssignmentEvent, EventFrame, Position, SessionMembership, Topic, Verdict};
 use pgcast_listener::LogHead;
 
 use super::subscribe::gated;
 use super::{close, Connection, End, SocketSink, SocketStream, PRUNED, REPLAY_PAGE};
 use crate::hub::Subscription;
+use crate::window::Entry;
 
 impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
     /// Writes `events` (already judged visible) as frames of `sub`, stopping at the first one
     /// committed after the token's `exp` (then the connection expires).
-    pub(super) async fn write_events<'e>(
+    pub(super) async fn write_events<E: Replayed>(
         &mut self,
         sub: &Subscription,
-        events: impl Iterator<Item = &'e AssignmentEvent>,
+        events: impl Iterator<Item = E>,
     ) -> Result<(), End> {
         let mut frames = Vec::new();
         let mut expired = false;
         for event in events {
-            if event.committed_at.timestamp_micros() > self.expires_micros() {
+            if event.event().committed_at.timestamp_micros() > self.expires_micros() {
                 expired = true;
                 break;
             }
-            frames.push(EventFrame::encode(&sub.topic, event).into());
+            frames.push(event.frame(&sub.topic));
             if frames.len() == REPLAY_PAGE as usize {
                 self.write_frames(&mut frames).await?;
             }
@@ -150,4 +154,31 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
 fn replay_failed(error: pgcast_listener::ListenerError) -> End {
     tracing::warn!(%error, "replay read failed");
     End::Close(close::GOING_AWAY, "replay failed: resume with since")
+}
+
+/// An event a replay writes: one read from the log for this client (encoded here), or one of
+/// the replay window (whose frame for the topic is encoded once and shared by every replay).
+pub(super) trait Replayed {
+    fn event(&self) -> &AssignmentEvent;
+    fn frame(&self, topic: &Topic) -> Utf8Bytes;
+}
+
+impl Replayed for &AssignmentEvent {
+    fn event(&self) -> &AssignmentEvent {
+        self
+    }
+
+    fn frame(&self, topic: &Topic) -> Utf8Bytes {
+        EventFrame::encode(topic, self).into()
+    }
+}
+
+impl Replayed for &Arc<Entry> {
+    fn event(&self) -> &AssignmentEvent {
+        &self.event
+    }
+
+    fn frame(&self, topic: &Topic) -> Utf8Bytes {
+        Entry::frame(self, topic)
+    }
 }

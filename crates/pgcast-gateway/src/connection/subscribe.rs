@@ -282,7 +282,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         if let Some(events) = self.shared.window.range(since, hub_head, &keys, matches) {
             self.shared.metrics.replays_from_window.inc();
             self.send_subscribed(id, &topic, since).await?;
-            self.write_events(sub, events.iter().map(|e| &**e)).await?;
+            self.write_events(sub, events.iter()).await?;
             return Ok(Some(hub_head));
         }
         self.send_subscribed(id, &topic, since).await?;
