@@ -22,7 +22,7 @@ const BARE_NOTIFY_DROP: &str =
     "DROP TRIGGER IF EXISTS pgcast_bench_bare_notify ON session_assignments";
 
 /// Runs statements on a short-lived connection of its own.
-async fn execute_once(pg: &tokio_postgres::Config, sql: &str) -> Result<()> {
+pub(crate) async fn execute_once(pg: &tokio_postgres::Config, sql: &str) -> Result<()> {
     let (client, connection) = pg.connect(NoTls).await?;
     let driver = tokio::spawn(connection);
     client.batch_execute(sql).await?;

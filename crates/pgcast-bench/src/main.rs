@@ -31,6 +31,7 @@ mod env;
 mod floor;
 mod jsonptr;
 mod load;
+mod log_floor;
 mod report;
 mod scenarios;
 mod stats;

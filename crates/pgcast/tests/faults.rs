@@ -1346,8 +1346,8 @@ async fn no_secret_or_token_is_logged_at_debug_level() {
     assert_logs_hold_no_secret("debug").await;
 }
 
-/// Design §4/§6: no secret or token is *ever* written to logs, whatever the log level an
-/// operator chooses while investigating.
+/// No secret or token is *ever* written to logs (README, "Commands"), whatever the log level
+/// an operator chooses while investigating.
 #[tokio::test]
 async fn no_secret_or_token_is_logged_at_trace_level() {
     assert_logs_hold_no_secret("trace").await;

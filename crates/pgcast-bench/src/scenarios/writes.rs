@@ -1,20 +1,22 @@
 //! Scenario 9, the cost of the trigger on writes (issue 14): the commit rate of general queued
 //! inserts into `session_assignments` with no trigger, with a bare NOTIFY trigger (the
-//! baseline `pg_notify(channel, to_jsonb(NEW)::text)` per row, `sql/bare_notify.sql`) and with
-//! pgcast's trigger as `pgcast migrate` installs it; 1-row and 100-row transactions.
+//! baseline `pg_notify(channel, to_jsonb(NEW)::text)` per row, `sql/bare_notify.sql`), with the
+//! floor of any durable, commit-ordered log (`sql/ordered_log_floor.sql` and its reader,
+//! `log_floor.rs`) and with pgcast's trigger as `pgcast migrate` installs it; 1-row and 100-row
+//! transactions.
 //!
 //! ```text
-//!  per size: round 1: none ▸ bare ▸ pgcast   round 2: none ▸ bare ▸ pgcast   …
+//!  per size: round 1: none ▸ bare ▸ floor ▸ pgcast   round 2: none ▸ bare ▸ floor ▸ pgcast   …
 //!            each a few seconds, the same writers flat out; CPU of PostgreSQL read around each
 //! ```
 //!
 //! One table, one cluster, the same writer connections: the variants are switched between
 //! rounds with `ALTER TABLE … DISABLE/ENABLE TRIGGER` (pgcast's trigger function records only
 //! the table it was installed on, so there is no second table), and interleaved so that the
-//! machine's noise falls on all three alike. Every trigger has its reader, as in production:
+//! machine's noise falls on all of them alike. Every trigger has its reader, as in production:
 //! the pgcast under test reads its log at each doorbell, a bare LISTEN connection reads the
-//! baseline channel. Whatever happens, pgcast's trigger is enabled and the baseline dropped at
-//! the end.
+//! baseline channel, the floor's reader its log. Whatever happens, pgcast's trigger is enabled
+//! and the baseline and the floor dropped at the end.
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -23,6 +25,7 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::bare::ListenReader;
 use crate::load::{self, Mix, Plan};
+use crate::log_floor::LogFloor;
 use crate::report::{int, table, Check, Section};
 use crate::stats::{round3, CpuSample, CpuUse};
 
@@ -34,23 +37,31 @@ use super::context::Ctx;
 enum Variant {
     NoTrigger,
     BareNotify,
+    LogFloor,
     Pgcast,
 }
 
 impl Variant {
-    const ALL: [Variant; 3] = [Variant::NoTrigger, Variant::BareNotify, Variant::Pgcast];
+    const ALL: [Variant; 4] = [
+        Variant::NoTrigger,
+        Variant::BareNotify,
+        Variant::LogFloor,
+        Variant::Pgcast,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Variant::NoTrigger => "no trigger",
             Variant::BareNotify => "bare NOTIFY trigger",
+            Variant::LogFloor => "ordered-log floor",
             Variant::Pgcast => "pgcast trigger",
         }
     }
 
     /// Leaves exactly this variant's triggers enabled (the names are the migrations' —
     /// schema version 3 captures with three statement triggers; with them off nothing is
-    /// staged, so its commit-time trigger never fires — and `sql/bare_notify.sql`'s).
+    /// staged, so its commit-time trigger never fires — `sql/bare_notify.sql`'s and
+    /// `sql/ordered_log_floor.sql`'s).
     fn switch(self) -> &'static str {
         match self {
             Variant::NoTrigger => {
@@ -58,21 +69,32 @@ impl Variant {
                  DISABLE TRIGGER pgcast_capture_insert, \
                  DISABLE TRIGGER pgcast_capture_update, \
                  DISABLE TRIGGER pgcast_capture_delete, \
-                 DISABLE TRIGGER pgcast_bench_bare_notify"
+                 DISABLE TRIGGER pgcast_bench_bare_notify, \
+                 DISABLE TRIGGER pgcast_bench_log_floor"
             }
             Variant::BareNotify => {
                 "ALTER TABLE session_assignments \
                  DISABLE TRIGGER pgcast_capture_insert, \
                  DISABLE TRIGGER pgcast_capture_update, \
                  DISABLE TRIGGER pgcast_capture_delete, \
-                 ENABLE TRIGGER pgcast_bench_bare_notify"
+                 ENABLE TRIGGER pgcast_bench_bare_notify, \
+                 DISABLE TRIGGER pgcast_bench_log_floor"
+            }
+            Variant::LogFloor => {
+                "ALTER TABLE session_assignments \
+                 DISABLE TRIGGER pgcast_capture_insert, \
+                 DISABLE TRIGGER pgcast_capture_update, \
+                 DISABLE TRIGGER pgcast_capture_delete, \
+                 DISABLE TRIGGER pgcast_bench_bare_notify, \
+                 ENABLE TRIGGER pgcast_bench_log_floor"
             }
             Variant::Pgcast => {
                 "ALTER TABLE session_assignments \
                  ENABLE TRIGGER pgcast_capture_insert, \
                  ENABLE TRIGGER pgcast_capture_update, \
                  ENABLE TRIGGER pgcast_capture_delete, \
-                 DISABLE TRIGGER pgcast_bench_bare_notify"
+                 DISABLE TRIGGER pgcast_bench_bare_notify, \
+                 DISABLE TRIGGER pgcast_bench_log_floor"
             }
         }
     }
@@ -118,7 +140,7 @@ impl Totals {
     }
 }
 
-/// The three variants at one transaction size.
+/// The variants at one transaction size.
 #[derive(Debug, Clone, Serialize)]
 struct Size {
     rows_per_tx: u32,
@@ -146,6 +168,13 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
     let run = ctx.next_run();
     // Installs the baseline trigger and reads its channel for the whole scenario.
     let listen = ListenReader::start(&ctx.db.config, run).await?;
+    let floor = match LogFloor::start(&ctx.db.config).await {
+        Ok(floor) => floor,
+        Err(e) => {
+            listen.finish().await;
+            return Err(e);
+        }
+    };
     let (admin, connection) = ctx.db.config.connect(NoTls).await?;
     let driver = tokio::spawn(connection);
     let measured = measure(ctx, &admin, run).await;
@@ -155,10 +184,11 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
         .context("enable pgcast's trigger again");
     drop(admin);
     let _ = driver.await;
+    let floor_read = floor.finish().await;
     listen.finish().await;
     let sizes = measured?;
     restored?;
-    Ok(section(ctx, &sizes))
+    Ok(section(ctx, &sizes, floor_read?))
 }
 
 async fn measure(ctx: &Ctx, admin: &Client, run: u32) -> Result<Vec<Size>> {
@@ -210,10 +240,10 @@ async fn measure(ctx: &Ctx, admin: &Client, run: u32) -> Result<Vec<Size>> {
     Ok(sizes)
 }
 
-fn section(ctx: &Ctx, sizes: &[Size]) -> Section {
+fn section(ctx: &Ctx, sizes: &[Size], floor_read: u64) -> Section {
     let (round, rounds) = (ctx.sizes.writes_round, ctx.sizes.writes_rounds);
     let mut md = format!(
-        "Writers commit general queued inserts into `session_assignments` as fast as the database takes them — 1-row transactions ({} writers) and 100-row transactions ({} writers; one multi-row `INSERT … SELECT … generate_series` statement of 100 rows, as in scenario 2). Three variants of the same table in the same cluster: **no trigger**; a **bare NOTIFY trigger** (`pg_notify('pgcast_bench_bare', to_jsonb(NEW)::text)` per row, read by a bare LISTEN connection); **pgcast's triggers** as `pgcast migrate` installs them (schema version 3: each statement's rows staged by a statement trigger, moved to the log once per transaction at commit in commit order, one doorbell NOTIFY per transaction, read by the pgcast under test). They are switched with `ALTER TABLE … DISABLE/ENABLE TRIGGER` and interleaved: {} rounds of {} s each, every round no trigger ▸ bare ▸ pgcast, the same writer connections throughout. PostgreSQL CPU = the postmaster and all its backends (from `/proc`), per committed row.\n\n",
+        "Writers commit general queued inserts into `session_assignments` as fast as the database takes them — 1-row transactions ({} writers) and 100-row transactions ({} writers; one multi-row `INSERT … SELECT … generate_series` statement of 100 rows, as in scenario 2). Four variants of the same table in the same cluster: **no trigger**; a **bare NOTIFY trigger** (`pg_notify('pgcast_bench_bare', to_jsonb(NEW)::text)` per row, read by a bare LISTEN connection); the **ordered-log floor**, the least a durable, commit-ordered log that readers resume from must do (`crates/pgcast-bench/sql/ordered_log_floor.sql`: a deferred row trigger that takes an ordering lock, draws a position, appends `to_jsonb(NEW)` to a logged table with only its primary key and rings an empty doorbell; its reader reads the rows after its position at each doorbell, on a connection beside its LISTEN connection, as pgcast's listener does); **pgcast's triggers** as `pgcast migrate` installs them (schema version 3: each statement's rows staged by a statement trigger, moved to the log once per transaction at commit in commit order, one doorbell NOTIFY per transaction, read by the pgcast under test). They are switched with `ALTER TABLE … DISABLE/ENABLE TRIGGER` and interleaved: {} rounds of {} s each, every round no trigger ▸ bare ▸ floor ▸ pgcast, the same writer connections throughout. PostgreSQL CPU = the postmaster and all its backends (from `/proc`), per committed row.\n\n",
         ctx.args.ceiling_writers,
         ctx.args.ceiling_batch_writers,
         rounds,
@@ -255,8 +285,10 @@ fn section(ctx: &Ctx, sizes: &[Size]) -> Section {
         &[
             "rows/tx",
             "pgcast ÷ bare NOTIFY (same run)",
-            "bare NOTIFY ÷ no trigger (same run)",
-            "pgcast ÷ no trigger (same run)",
+            "ordered-log floor ÷ bare NOTIFY",
+            "pgcast ÷ ordered-log floor",
+            "bare NOTIFY ÷ no trigger",
+            "pgcast ÷ no trigger",
         ],
         sizes
             .iter()
@@ -265,11 +297,24 @@ fn section(ctx: &Ctx, sizes: &[Size]) -> Section {
                 vec![
                     s.rows_per_tx.to_string(),
                     format!("**{}**", pct(Variant::Pgcast, Variant::BareNotify)),
+                    pct(Variant::LogFloor, Variant::BareNotify),
+                    pct(Variant::Pgcast, Variant::LogFloor),
                     pct(Variant::BareNotify, Variant::NoTrigger),
                     pct(Variant::Pgcast, Variant::NoTrigger),
                 ]
             })
             .collect(),
+    );
+    let floor_rows: u64 = sizes.iter().map(|s| s.get(Variant::LogFloor).rows).sum();
+    md += &format!(
+        "\nThe floor's reader read {} of the {} rows the floor's rounds committed{}.\n",
+        int(floor_read),
+        int(floor_rows),
+        if floor_read == floor_rows {
+            ""
+        } else {
+            " (not equal: its figures are suspect)"
+        }
     );
     for s in sizes {
         for (v, t) in &s.variants {
@@ -319,6 +364,7 @@ fn section(ctx: &Ctx, sizes: &[Size]) -> Section {
         }
     }
     let data = json!({
+        "floor_rows_read": floor_read,
         "round_s": round.as_secs_f64(),
         "rounds": rounds,
         "sizes": sizes.iter().map(|s| json!({
@@ -336,6 +382,8 @@ fn section(ctx: &Ctx, sizes: &[Size]) -> Section {
                 "first_error": t.first_error,
             })).collect::<Vec<_>>(),
             "pgcast_over_bare": round3(s.ratio(Variant::Pgcast, Variant::BareNotify)),
+            "floor_over_bare": round3(s.ratio(Variant::LogFloor, Variant::BareNotify)),
+            "pgcast_over_floor": round3(s.ratio(Variant::Pgcast, Variant::LogFloor)),
             "bare_over_none": round3(s.ratio(Variant::BareNotify, Variant::NoTrigger)),
             "pgcast_over_none": round3(s.ratio(Variant::Pgcast, Variant::NoTrigger)),
         })).collect::<Vec<_>>(),

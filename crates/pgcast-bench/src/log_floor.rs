@@ -1,0 +1,136 @@
+//! The floor of a durable, commit-ordered event log (scenario 9): the trigger of
+//! `sql/ordered_log_floor.sql` (at commit: an ordering lock, a position, `to_jsonb(NEW)`
+//! appended to a logged table, an empty doorbell) and its reader, built as pgcast's listener
+//! is — a LISTEN connection whose doorbells wake a second connection that reads every row after
+//! its position — with nothing else: no pool, no decoding, no fan-out. What pgcast's write path
+//! costs beyond this floor is pgcast's own (its payload, the customer lookup, the staging).
+//!
+//! ```text
+//!   LISTEN conn ── doorbell ──▶ bell ──▶ reader conn: SELECT … WHERE position > last (pages)
+//! ```
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::bare::execute_once;
+
+const INSTALL: &str = include_str!("../sql/ordered_log_floor.sql");
+const REMOVE: &str = "DROP TRIGGER IF EXISTS pgcast_bench_log_floor ON session_assignments; \
+    DROP FUNCTION IF EXISTS public.pgcast_bench_log_floor_append(); \
+    DROP TABLE IF EXISTS public.pgcast_bench_log_floor, public.pgcast_bench_log_floor_order; \
+    DROP SEQUENCE IF EXISTS public.pgcast_bench_log_floor_position";
+const LISTEN: &str = "LISTEN pgcast_bench_log_floor";
+const HEAD: &str = "SELECT COALESCE(max(position), 0) FROM public.pgcast_bench_log_floor";
+const PAGE: i64 = 1000;
+const READ: &str = "SELECT position, payload::text FROM public.pgcast_bench_log_floor \
+    WHERE position > $1 ORDER BY position LIMIT $2";
+
+/// The floor's trigger, installed (disabled) for as long as this value lives, and its reader.
+pub(crate) struct LogFloor {
+    pg: tokio_postgres::Config,
+    stop: CancellationToken,
+    listen: JoinHandle<()>,
+    reader: JoinHandle<Result<u64>>,
+}
+
+impl LogFloor {
+    /// Installs the trigger (disabled: the scenario enables it for its rounds) and starts the
+    /// reader at the log's head.
+    pub(crate) async fn start(pg: &tokio_postgres::Config) -> Result<LogFloor> {
+        execute_once(pg, INSTALL)
+            .await
+            .context("install the ordered-log floor")?;
+        let stop = CancellationToken::new();
+        let bell = Arc::new(Notify::new());
+
+        let (client, mut connection) = pg.connect(NoTls).await?;
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let listen = {
+            let (stop, bell) = (stop.clone(), bell.clone());
+            tokio::spawn(async move {
+                let mut listen = std::pin::pin!(client.batch_execute(LISTEN));
+                let mut ready_tx = Some(ready_tx);
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = stop.cancelled() => break,
+                        r = &mut listen, if ready_tx.is_some() => {
+                            if let Some(tx) = ready_tx.take() {
+                                let _ = tx.send(r.map_err(|e| e.to_string()));
+                            }
+                        }
+                        m = std::future::poll_fn(|cx| connection.poll_message(cx)) => match m {
+                            Some(Ok(AsyncMessage::Notification(_))) => bell.notify_one(),
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) | None => break,
+                        },
+                    }
+                }
+            })
+        };
+        match ready_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!("LISTEN of the ordered-log floor failed: {e}"),
+            Err(_) => bail!("the floor's LISTEN connection ended before LISTEN completed"),
+        }
+
+        let (reader, connection) = pg.connect(NoTls).await?;
+        let driver = tokio::spawn(connection);
+        let read = reader.prepare(READ).await?;
+        let mut last: i64 = reader.query_one(HEAD, &[]).await?.try_get(0)?;
+        let reader = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut read_rows = 0u64;
+                loop {
+                    // A stop still reads once more: every row committed before it is counted.
+                    let last_pass = tokio::select! {
+                        () = bell.notified() => false,
+                        () = stop.cancelled() => true,
+                    };
+                    loop {
+                        let rows = reader.query(&read, &[&last, &PAGE]).await?;
+                        for row in &rows {
+                            last = row.try_get(0)?;
+                            let payload: &str = row.try_get(1)?;
+                            std::hint::black_box(payload);
+                        }
+                        read_rows += rows.len() as u64;
+                        if (rows.len() as i64) < PAGE {
+                            break;
+                        }
+                    }
+                    if last_pass {
+                        break;
+                    }
+                }
+                drop(reader);
+                let _ = driver.await;
+                Ok(read_rows)
+            })
+        };
+        Ok(LogFloor {
+            pg: pg.clone(),
+            stop,
+            listen,
+            reader,
+        })
+    }
+
+    /// Stops the reader after a last read and removes the floor's objects; the rows its reader
+    /// read.
+    pub(crate) async fn finish(self) -> Result<u64> {
+        self.stop.cancel();
+        let read = self.reader.await.context("the floor's reader panicked");
+        let _ = self.listen.await;
+        if let Err(e) = execute_once(&self.pg, REMOVE).await {
+            eprintln!("bench: could not remove the ordered-log floor: {e}");
+        }
+        read?
+    }
+}
