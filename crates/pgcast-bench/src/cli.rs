@@ -46,9 +46,10 @@ pub(crate) struct Args {
     /// `cargo build --release --workspace`).
     #[arg(long, value_name = "PATH")]
     pub(crate) pgcast_bin: Option<PathBuf>,
-    /// Where results.md and results.json go.
-    #[arg(long, default_value = "bench", value_name = "DIR")]
-    pub(crate) out: PathBuf,
+    /// Where results.md and results.json go (default: `bench`, the figures the README quotes;
+    /// with --quick, `target/bench-quick`, so that a smoke run never overwrites them).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) out: Option<PathBuf>,
     /// Worker threads of the load generator's runtime.
     #[arg(long, default_value_t = 2)]
     pub(crate) threads: usize,

@@ -37,6 +37,7 @@ mod scenarios;
 mod stats;
 mod ws;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -186,7 +187,13 @@ async fn bench(
         sections: Vec::new(),
         error: None,
     };
-    let out = args.out.clone();
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from(if args.quick {
+            "target/bench-quick"
+        } else {
+            "bench"
+        })
+    });
     let max_time = args.max_time;
     let mut ctx = Ctx::new(
         args,
