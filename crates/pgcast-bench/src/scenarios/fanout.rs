@@ -3,6 +3,8 @@
 //! (the floor: [`crate::floor`], a process of its own). Reports deliveries/s and latency per
 //! step, and each server's CPU per delivered frame next to the floor's.
 
+use std::time::Duration;
+
 use anyhow::{bail, Result};
 use serde::Serialize;
 use serde_json::json;
@@ -32,7 +34,7 @@ pub(crate) struct Step {
     /// still had queued).
     drained: bool,
     pub(crate) reader: ReaderReport,
-    bare_listen: Option<ReaderReport>,
+    pub(crate) bare_listen: Option<ReaderReport>,
     writes: WriteSummary,
     pub(crate) cpu: CpuUse,
 }
@@ -45,6 +47,23 @@ fn us_per_delivery(cores: Option<f64>, step: &Step) -> Option<f64> {
         .then(|| round3(cores * step.cpu.wall_s * 1e6 / step.reader.received as f64))
 }
 
+/// The offered event rates of a sweep, each held for `step`.
+#[derive(Debug, Clone)]
+pub(crate) struct Rates {
+    pub(crate) rates: Vec<f64>,
+    pub(crate) step: Duration,
+}
+
+impl Rates {
+    /// The fan-out scenario's own steps (`--fanout-rates`, `--fanout-step`).
+    pub(crate) fn fanout(ctx: &Ctx) -> Rates {
+        Rates {
+            rates: ctx.sizes.fanout_rates.clone(),
+            step: ctx.sizes.fanout_step,
+        }
+    }
+}
+
 /// The stepped load against `target`: one connection per spec, the same sockets for every
 /// step; stops after the first step that is not sustained.
 pub(crate) async fn fanout_sweep(
@@ -54,12 +73,13 @@ pub(crate) async fn fanout_sweep(
     mode: Mode,
     other_pid: Option<u32>,
     with_listen: bool,
+    rates: &Rates,
 ) -> Result<Vec<Step>> {
     let tasks = ctx.args.reader_tasks;
     let mut groups = clients::open(target, specs, tasks, 64, CONN_BUF).await;
     settle(&mode, std::time::Duration::from_millis(500)).await;
     let mut steps = Vec::new();
-    for rate in ctx.sizes.fanout_rates.clone() {
+    for &rate in &rates.rates {
         let run = ctx.next_run();
         let live: usize = groups.iter().flatten().filter(|c| c.connected()).count();
         if live == 0 {
@@ -73,7 +93,7 @@ pub(crate) async fn fanout_sweep(
                 writers: ctx.args.writers,
                 rate: Some(rate),
                 batch: 1,
-                duration: ctx.sizes.fanout_step,
+                duration: rates.step,
                 mix: Mix::General,
                 run,
                 seed: ctx.args.seed,
@@ -165,8 +185,15 @@ pub(crate) fn steps_table(steps: &[Step]) -> String {
     )
 }
 
-/// The same sweep against the bare broadcaster, started for it and stopped after.
-async fn floor_sweep(ctx: &mut Ctx) -> Result<(Vec<Step>, String)> {
+/// A sweep against the bare broadcaster with `connections` plain sockets, the broadcaster
+/// started for it and stopped after; `with_listen`: a bare LISTEN reader of the same commits
+/// in each step too.
+pub(crate) async fn floor_sweep(
+    ctx: &mut Ctx,
+    connections: usize,
+    rates: &Rates,
+    with_listen: bool,
+) -> Result<(Vec<Step>, String)> {
     let log = ctx.log_dir.join("floor.log");
     let url = ctx.db.url.clone();
     let floor = tokio::task::spawn_blocking(move || Server::floor(&url, log)).await??;
@@ -176,11 +203,12 @@ async fn floor_sweep(ctx: &mut Ctx) -> Result<(Vec<Step>, String)> {
     let trigger = BareTrigger::install(&ctx.db.config).await;
     let steps = match trigger {
         Ok(trigger) => {
-            let specs = (0..ctx.sizes.fanout_connections)
+            let specs = (0..connections)
                 .map(|i| (i, Setup::Raw { first_frame: None }))
                 .collect();
             let mode = Mode::Raw(Pointer::parse("/id")?);
-            let steps = fanout_sweep(ctx, &target, specs, mode, Some(pid), false).await;
+            let steps =
+                fanout_sweep(ctx, &target, specs, mode, Some(pid), with_listen, rates).await;
             trigger.remove().await;
             steps
         }
@@ -301,7 +329,8 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
     let world = World::new(s.fanout_connections, ctx.args.workshops);
     let specs = ctx.mechanic_specs(&world, Some("queue"))?;
     let target = ctx.target.clone();
-    let steps = fanout_sweep(ctx, &target, specs, Mode::Pgcast, None, true).await?;
+    let rates = Rates::fanout(ctx);
+    let steps = fanout_sweep(ctx, &target, specs, Mode::Pgcast, None, true, &rates).await?;
     let mut md = format!(
         "{} mechanics subscribed to `queue`; {} writers insert general queued assignments (visible to every mechanic) at each offered rate for {} s. A step is sustained when nothing is lost, no connection is closed, and the delivered rate is ≥ 95 % of the offered one; the sweep stops after the first step that is not.\n\n",
         int(s.fanout_connections as u64),
@@ -314,7 +343,7 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
     }
 
     eprintln!("   the same load against the bare broadcaster …");
-    let floor = floor_sweep(ctx).await;
+    let floor = floor_sweep(ctx, s.fanout_connections, &rates, false).await;
     md += &format!(
         "\n### The floor: a bare broadcaster, same run, same load\n\nA minimal tokio-tungstenite server, run as a process of its own (`pgcast-bench --serve-floor`) so that its CPU is read apart from the load generator's: one tokio-postgres LISTEN connection on `pgcast_bench_bare` (a plain `pg_notify(to_jsonb(NEW))` row trigger the bench installs for this sweep), each payload forwarded as it is, as one text frame, to every connected socket — no auth, no routing, no serialization, no resume. {} plain connections, the same writers, rates and step length as above; a frame counts when `/id` resolves in it. CPU µs per delivery = the server's CPU time over the step ÷ the distinct frames delivered.\n\n",
         int(s.fanout_connections as u64)

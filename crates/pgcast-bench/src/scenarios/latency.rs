@@ -1,19 +1,22 @@
 //! Scenario 1, latency under load: mechanics on `queue` in workshops, a marketplace write mix
 //! at a paced rate; latency, loss against each mechanic's visibility set, leaks and duplicates,
-//! next to what a bare LISTEN connection sees of the same commits.
+//! next to what a bare LISTEN connection sees of the same commits; then the floor — the bare
+//! broadcaster of scenario 3 writing as many frames per second to as many sockets — and what
+//! it adds over its own LISTEN reader.
 
 use std::sync::Arc;
 
 use anyhow::Result;
 use serde_json::json;
 
-use crate::clients::{self, report, Mode};
+use crate::clients::{self, report, Mode, ReaderReport};
 use crate::load::{Mix, Plan, World};
 use crate::report::{cpu_line, int, ms, reader_row, table, Check, Section, READER_HEADERS};
 
 use super::context::{
     drive, listen_report, problems, write_line, write_summary, Ctx, Load, CONN_BUF,
 };
+use super::fanout::{floor_sweep, steps_table, Rates};
 
 pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
     let s = ctx.sizes.clone();
@@ -77,6 +80,34 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
     md += &format!("\n{}\n\n{}\n", write_line(&ws), cpu_line(&d.cpu));
     md += &problems(&rep);
 
+    // The floor at the delivered rate pgcast just sustained, to the same number of sockets.
+    eprintln!("   the bare broadcaster at the same delivered rate …");
+    let floor_rate = (rep.delivered_per_s / rep.connected.max(1) as f64)
+        .round()
+        .max(1.0);
+    let rates = Rates {
+        rates: vec![floor_rate],
+        step: s.duration,
+    };
+    let floor = floor_sweep(ctx, s.mechanics, &rates, true).await;
+    md += &format!(
+        "\n### The floor at the same delivered rate, same run\n\nThe bare broadcaster of scenario 3 (one LISTEN, each payload written as it is to every socket; no auth, routing, serialization or resume) with {} plain sockets, at {} general inserts/s for {} s, so that it writes about as many frames per second as pgcast delivered above ({} /s); a bare LISTEN connection reads the same commits. What it adds over that LISTEN reader is what this machine adds to any server writing that many frames while the load generator shares its cores.\n\n",
+        int(s.mechanics as u64),
+        floor_rate,
+        s.duration.as_secs_f64(),
+        int(rep.delivered_per_s as u64),
+    );
+    let floor_step = match floor {
+        Ok((steps, _url)) => {
+            md += &steps_table(&steps);
+            steps.into_iter().next()
+        }
+        Err(e) => {
+            md += &format!("The floor could not be measured: {e:#}\n");
+            None
+        }
+    };
+
     let full = !ctx.args.quick && s.mechanics >= 1000 && s.rate >= 500.0;
     let tag = if full { "" } else { " (reduced sizes)" };
     let targets = vec![
@@ -102,6 +133,29 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
             Some(rep.lost == 0 && rep.unexpected == 0 && rep.duplicates == 0),
         ),
     ];
+    let mut targets = targets;
+    let added = |reader: &ReaderReport, listen: Option<&ReaderReport>| {
+        listen.map(|l| {
+            (
+                reader.latency.p50_ms - l.latency.p50_ms,
+                reader.latency.p99_ms - l.latency.p99_ms,
+            )
+        })
+    };
+    let floor_added = floor_step
+        .as_ref()
+        .and_then(|f| added(&f.reader, f.bare_listen.as_ref()));
+    if let (Some((p50, p99)), Some((f50, f99))) = (added(&rep, lrep.as_ref()), floor_added) {
+        targets.push(Check::new(
+            "the floor: what the bare broadcaster adds over its LISTEN reader at the same delivered rate (same run)",
+            format!("pgcast adds {p50:.1} ms p50, {p99:.1} ms p99; the floor adds {f50:.1} ms p50, {f99:.1} ms p99{tag}"),
+            None,
+        ));
+    }
+    let mut cpu_rows = vec![("load".into(), d.cpu)];
+    if let Some(f) = &floor_step {
+        cpu_rows.push(("bare broadcaster, same delivered rate".into(), f.cpu));
+    }
     Ok(Section {
         key: "latency".into(),
         title: "1. Latency under load".into(),
@@ -110,8 +164,9 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
             "mechanics": s.mechanics, "workshops": ctx.args.workshops, "rate": s.rate,
             "writers": ctx.args.writers, "duration_s": s.duration.as_secs_f64(),
             "pgcast": rep, "bare_listen": lrep, "writes": ws, "cpu": d.cpu,
+            "floor": floor_step,
         }),
         targets,
-        cpu: vec![("load".into(), d.cpu)],
+        cpu: cpu_rows,
     })
 }

@@ -14,7 +14,7 @@ use crate::ws::WsTarget;
 
 use super::ceiling::{ceiling_runs, ceiling_table};
 use super::context::Ctx;
-use super::fanout::{fanout_sweep, steps_table, Step};
+use super::fanout::{fanout_sweep, steps_table, Rates, Step};
 
 pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
     let pointer = crate::jsonptr::Pointer::parse(&ctx.args.raw_id_pointer)?;
@@ -62,7 +62,8 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
         // The channel these servers forward is fed by the baseline trigger, for this run only.
         let trigger = BareTrigger::install(&ctx.db.config).await?;
         let result = async {
-            let steps = fanout_sweep(ctx, &target, specs, mode.clone(), pid, false).await?;
+            let rates = Rates::fanout(ctx);
+            let steps = fanout_sweep(ctx, &target, specs, mode.clone(), pid, false, &rates).await?;
             let ff = first_frame.clone();
             let ceil = ceiling_runs(
                 ctx,
