@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use crate::outbox::Outbox;
+use crate::outbox::{Eviction, Outbox};
 use crate::GatewayMetrics;
 use axum::extract::ws::Utf8Bytes;
 use pgcast_events::{AssignmentEvent, EventFrame, Position, Principal, Role, RouteKey, Topic};
@@ -117,6 +117,21 @@ impl Hub {
         if removed {
             self.metrics.subscriptions.dec();
         }
+    }
+
+    /// Evicts every connection with a subscription (each closes, and its client resumes with
+    /// `since`). Returns how many connections this evicted.
+    pub(crate) fn evict_all(&self, why: Eviction) -> usize {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        let mut evicted = 0;
+        for subs in index.by_key.values() {
+            for sub in subs.values() {
+                if sub.conn.evict(why) {
+                    evicted += 1;
+                }
+            }
+        }
+        evicted
     }
 
     /// Queues `event` for every subscription that may see it. Never waits: a full connection
@@ -294,5 +309,31 @@ mod tests {
         hub.dispatch(&event(43, "null", "queued", None, None));
         let got: Vec<_> = queued(&outbox).iter().map(|o| o.position).collect();
         assert_eq!(got, vec![42]);
+    }
+
+    #[test]
+    fn a_gap_evicts_every_subscribed_connection_once_and_no_other() {
+        let hub = Hub::new(GatewayMetrics::default());
+        let (first, a) = file(&hub, Topic::Queue, principal(MECHANIC, Some(WORKSHOP)));
+        // A second subscription of the same connection: evicted once, counted once.
+        hub.subscribe(Arc::new(Subscription {
+            id: hub.next_id(),
+            topic: Topic::Assignments,
+            principal: first.principal,
+            conn: a.clone(),
+        }));
+        let b = file(&hub, Topic::Queue, principal(WORKSHOP, None)).1;
+        // Already closing as slow: keeps its reason.
+        let slow = file(&hub, Topic::Queue, principal(MECHANIC, None)).1;
+        assert!(slow.evict(Eviction::Slow));
+        let unsubscribed = Outbox::new(1 << 20);
+
+        assert_eq!(hub.evict_all(Eviction::Gap), 2);
+        assert_eq!(a.eviction(), Some(Eviction::Gap));
+        assert_eq!(b.eviction(), Some(Eviction::Gap));
+        assert!(a.evicted.is_cancelled() && b.evicted.is_cancelled());
+        assert_eq!(slow.eviction(), Some(Eviction::Slow));
+        assert_eq!(unsubscribed.eviction(), None);
+        assert!(!unsubscribed.evicted.is_cancelled());
     }
 }

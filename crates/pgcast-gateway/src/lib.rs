@@ -3,7 +3,7 @@
 //! live fan-out and slow-consumer handling.
 //!
 //! ```text
-//!  Listener ──mpsc<Arc<AssignmentEvent>>──▶ dispatch task ──▶ ReplayWindow (newest events)
+//!  Listener ──mpsc<Output>──▶ dispatch task ──▶ ReplayWindow (newest events)
 //!                                                  └──────────▶ Hub (RouteKey → subscriptions)
 //!                                                               │ push to each outbox, never waits
 //!                                                               ▼ (frame serialized once per topic)
@@ -47,11 +47,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Extension;
 use axum::Router;
-use pgcast_events::AssignmentEvent;
-use pgcast_listener::EventLog;
+use pgcast_listener::{EventLog, Output};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::outbox::Eviction;
 
 pub use auth::{
     mint_token, ClaimMapping, ClaimPointer, RoleMap, TokenMinter, TokenVerifier, Verified,
@@ -143,10 +144,12 @@ impl Gateway {
     /// subscription made before that event is told `after` as its position. Every event also
     /// enters the replay window (`replay_window` of them are kept), so starting the stream
     /// that many events before the log's head warms it for clients resuming after a restart.
-    /// The task ends when the listener's sender is dropped or at shutdown.
+    /// A gap in the stream ([`Output::Gap`]) closes every subscribed connection with 1012 so
+    /// that it resumes and is told `resync`. The task ends when the listener's sender is
+    /// dropped or at shutdown.
     pub fn spawn_dispatch(
         &self,
-        mut events: mpsc::Receiver<Arc<AssignmentEvent>>,
+        mut events: mpsc::Receiver<Output>,
         after: pgcast_events::Position,
     ) {
         self.shared.window.start_after(after);
@@ -155,12 +158,28 @@ impl Gateway {
         self.shared.tasks.spawn(async move {
             loop {
                 tokio::select! {
-                    event = events.recv() => match event {
-                        Some(event) => {
+                    output = events.recv() => match output {
+                        Some(Output::Event(event)) => {
                             // Window first: a subscriber told the hub's head finds every event
                             // up to it in the window.
                             shared.window.push(&event);
                             shared.hub.dispatch(&event);
+                        }
+                        Some(Output::Gap { after, pruned_through }) => {
+                            // Events after `after` are gone. The window and the hub start
+                            // again after the gap, so a resume from before it is answered
+                            // from the log (`resync`), never as if nothing had been missed;
+                            // every connection that followed the stream closes (1012) and
+                            // resumes. Before any event after the gap is dispatched.
+                            shared.window.start_after(pruned_through);
+                            shared.hub.start_after(pruned_through);
+                            let evicted = shared.hub.evict_all(Eviction::Gap);
+                            tracing::warn!(
+                                after,
+                                pruned_through,
+                                connections = evicted,
+                                "gap in the event stream: subscribed connections closed to resume"
+                            );
                         }
                         None => return,
                     },

@@ -1,9 +1,10 @@
 //! A connection's outgoing queue: the event frames the hub picked for it, bounded in bytes.
 //!
 //! The hub pushes (never waits); the connection task takes up to a batch at a time. A push
-//! that would exceed the byte budget is not queued: the connection is declared slow instead
+//! that would exceed the byte budget is not queued: the connection is evicted as slow instead
 //! and closes itself with 4008 (the client resumes with `since`), so one stalled reader
-//! never holds more than its budget nor delays anybody else.
+//! never holds more than its budget nor delays anybody else. The hub evicts every subscribed
+//! connection the same way when the listener's stream has a gap ([`Eviction::Gap`], 1012).
 //!
 //! Under fan-out this runs once per connection and event, so it is a plain queue under a
 //! short lock plus one waker: the push that finds the queue empty wakes the task, and the
@@ -11,6 +12,7 @@
 //! check per frame).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Poll};
 
@@ -29,11 +31,31 @@ struct Queue {
     closed: bool,
 }
 
+/// Why a connection's stream ended; the connection closes and its client resumes with
+/// `since`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Eviction {
+    /// A push would have exceeded the byte budget (close 4008).
+    Slow,
+    /// The listener's stream has a gap: the log was pruned past it, so whatever this
+    /// connection follows missed events (close 1012; the resume gets `resync`).
+    Gap,
+}
+
+impl Eviction {
+    fn code(self) -> u8 {
+        match self {
+            Eviction::Slow => 1,
+            Eviction::Gap => 2,
+        }
+    }
+}
+
 /// What became of a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pushed {
     Queued,
-    /// Over budget: not queued, and the connection is now declared slow.
+    /// Over budget: not queued, and the connection is now evicted as slow.
     Overflow,
     /// The connection ended.
     Closed,
@@ -47,8 +69,10 @@ pub(crate) struct Outbox {
     waker: AtomicWaker,
     /// The byte budget (`outbound_bytes`).
     budget_bytes: usize,
-    /// Cancelled when a push overflows the budget; the connection closes with 4008.
-    pub(crate) slow: CancellationToken,
+    /// Cancelled when the connection is evicted ([`Outbox::eviction`] says why); it closes.
+    pub(crate) evicted: CancellationToken,
+    /// [`Eviction::code`] of the first eviction, 0 before.
+    eviction: AtomicU8,
 }
 
 impl Outbox {
@@ -57,7 +81,27 @@ impl Outbox {
             queue: Mutex::default(),
             waker: AtomicWaker::new(),
             budget_bytes,
-            slow: CancellationToken::new(),
+            evicted: CancellationToken::new(),
+            eviction: AtomicU8::new(0),
+        }
+    }
+
+    /// Ends this connection's stream (the first reason stays). True if this call evicted it.
+    pub(crate) fn evict(&self, why: Eviction) -> bool {
+        let first = self
+            .eviction
+            .compare_exchange(0, why.code(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        self.evicted.cancel();
+        first
+    }
+
+    /// Why the connection was evicted, if it was.
+    pub(crate) fn eviction(&self) -> Option<Eviction> {
+        match self.eviction.load(Ordering::Acquire) {
+            1 => Some(Eviction::Slow),
+            2 => Some(Eviction::Gap),
+            _ => None,
         }
     }
 
@@ -67,7 +111,7 @@ impl Outbox {
     }
 
     /// Queues `out` unless that would exceed the budget (then the connection is declared
-    /// slow). Never waits.
+    /// evicted as slow). Never waits.
     pub(crate) fn push(&self, out: Outbound) -> Pushed {
         let cost = out.cost();
         let mut queue = self.lock();
@@ -76,8 +120,8 @@ impl Outbox {
         }
         if queue.bytes + cost > self.budget_bytes {
             drop(queue);
-            if !self.slow.is_cancelled() {
-                self.slow.cancel();
+            if !self.evicted.is_cancelled() {
+                self.evict(Eviction::Slow);
             }
             return Pushed::Overflow;
         }
@@ -194,7 +238,7 @@ mod tests {
         assert_eq!(outbox.push(frame(5, 100)), Pushed::Queued);
         assert_eq!(take_now(&outbox, 10), Some(vec![3, 4, 5]));
         assert_eq!(take_now(&outbox, 10), None);
-        assert!(!outbox.slow.is_cancelled());
+        assert!(!outbox.evicted.is_cancelled());
     }
 
     #[test]
@@ -204,7 +248,8 @@ mod tests {
         assert_eq!(outbox.push(frame(1, 100)), Pushed::Queued);
         assert_eq!(outbox.push(frame(2, 100)), Pushed::Queued);
         assert_eq!(outbox.push(frame(3, 100)), Pushed::Overflow);
-        assert!(outbox.slow.is_cancelled());
+        assert!(outbox.evicted.is_cancelled());
+        assert_eq!(outbox.eviction(), Some(Eviction::Slow));
         // What fitted is still there, in order; the overflowing frame is not.
         assert_eq!(take_now(&outbox, 10), Some(vec![1, 2]));
     }
@@ -216,7 +261,7 @@ mod tests {
         outbox.close();
         assert_eq!(outbox.push(frame(2, 10)), Pushed::Closed);
         assert_eq!(take_now(&outbox, 10), None);
-        assert!(!outbox.slow.is_cancelled());
+        assert!(!outbox.evicted.is_cancelled());
     }
 
     #[tokio::test]

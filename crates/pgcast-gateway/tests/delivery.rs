@@ -211,6 +211,77 @@ async fn since_older_than_retention_or_ahead_of_the_log_gets_resync() {
     h.stop().await;
 }
 
+/// A gap in the listener's stream (the log pruned past its position while it was cut off)
+/// closes every subscribed connection with 1012 before any event after the gap reaches it,
+/// and a resume from before the gap gets `resync` — from the log (`assignments`) and from the
+/// replay window (`queue`) alike — never the events after it as if nothing had been missed.
+#[tokio::test]
+async fn a_gap_in_the_stream_closes_subscribers_and_their_resume_gets_resync() {
+    let h = Harness::start().await;
+    let who = mechanic(None);
+    let mut service_ws = h.client(&service()).await;
+    service_ws.subscribe("assignments", json!({})).await;
+    let mut queue_ws = h.client(&who).await;
+    queue_ws.subscribe("queue", json!({})).await;
+    h.insert(Uuid::new_v4(), "queued", None, None).await;
+    let seen = service_ws.events(1).await.remove(0)["position"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(queue_ws.events(1).await.remove(0)["position"], seen);
+
+    // Retention removed positions the listener had not read yet (here positions no commit
+    // used: the listener cannot tell the difference), then a commit after them rings.
+    let boundary: i64 = h
+        .admin
+        .query_one(
+            "SELECT setval('pgcast.event_position', nextval('pgcast.event_position') + 10)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    h.admin
+        .execute(
+            "UPDATE pgcast.log_state SET pruned_through = $1",
+            &[&boundary],
+        )
+        .await
+        .unwrap();
+    h.insert(Uuid::new_v4(), "queued", None, None).await;
+    for ws in [&mut service_ws, &mut queue_ws] {
+        // The very next frame: any event after the gap would come before it.
+        match ws.next(WAIT).await {
+            Next::Close(Some(f)) => {
+                assert_eq!(u16::from(f.code), 1012, "close reason: {}", f.reason)
+            }
+            Next::Json(v) if v["type"] == "event" => {
+                panic!("an event reached a connection that missed the events before it: {v}")
+            }
+            other => panic!("expected close 1012, got {other:?}"),
+        }
+    }
+    assert_eq!(h.listener.snapshot().gaps, 1);
+
+    // The clients resume from what they had: told to resync, from the log and the window.
+    let mut service_ws = h.client(&service()).await;
+    service_ws
+        .subscribe("assignments", json!({"since": seen}))
+        .await;
+    let resync = service_ws.recv().await;
+    assert_eq!(resync["type"], "resync", "{resync}");
+    let mut queue_ws = h.client(&who).await;
+    queue_ws.subscribe("queue", json!({"since": seen})).await;
+    let resync = queue_ws.recv().await;
+    assert_eq!(resync["type"], "resync", "{resync}");
+    // A fresh subscription goes on live after the gap.
+    queue_ws.subscribe("queue", json!({})).await;
+    let live = h.insert(Uuid::new_v4(), "queued", None, None).await;
+    let ev = queue_ws.events(1).await.remove(0);
+    assert_eq!(ev["assignment"]["id"], live.to_string());
+    assert!(ev["position"].as_i64().unwrap() > boundary);
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn a_slow_consumer_is_closed_with_4008_and_others_get_everything() {
     // Closed by the byte budget (the frame count stays far below its bound).

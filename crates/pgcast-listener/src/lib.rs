@@ -43,7 +43,9 @@ mod schema;
 
 pub use backoff::Backoff;
 pub use error::{describe_pg, ListenerError};
-pub use listener::{Listener, ListenerStatus, Start, StatusSnapshot, APPLICATION_NAME, CHANNEL};
+pub use listener::{
+    Listener, ListenerStatus, Output, Start, StatusSnapshot, APPLICATION_NAME, CHANNEL,
+};
 pub use log::{EventLog, LogHead, LogPage};
 pub use metrics::ListenerMetrics;
 pub use pool::{pool, CONNECT_TIMEOUT};

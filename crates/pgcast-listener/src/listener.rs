@@ -36,6 +36,23 @@ const IDLE_PROBE: Duration = Duration::from_secs(15);
 /// How long the probe (and a connection attempt without its own timeout) may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What the listener hands on, in log order.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// The log's next event.
+    Event(Arc<AssignmentEvent>),
+    /// The log was pruned past the listener's position before it read on (a listener cut off
+    /// from the database for longer than the retention): the events after `after` up to
+    /// `pruned_through` are gone, and whoever followed the stream missed them. Every event
+    /// that follows is after `pruned_through`.
+    Gap {
+        /// The last position the stream had reached.
+        after: Position,
+        /// The retention boundary: nothing at or below it can be read any more.
+        pruned_through: Position,
+    },
+}
+
 /// Where the output stream starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
@@ -57,6 +74,7 @@ pub struct ListenerStatus {
     last_committed_micros: AtomicI64,
     reconnects: AtomicU64,
     notifications: AtomicU64,
+    gaps: AtomicU64,
     ignored_payloads: AtomicU64,
     events: AtomicU64,
     decode_errors: AtomicU64,
@@ -85,6 +103,8 @@ pub struct StatusSnapshot {
     pub events: u64,
     /// Log rows that could not be decoded and were skipped.
     pub decode_errors: u64,
+    /// Times the log had been pruned past the listener's position ([`Output::Gap`]).
+    pub gaps: u64,
 }
 
 impl ListenerStatus {
@@ -100,6 +120,7 @@ impl ListenerStatus {
             ignored_payloads: self.ignored_payloads.load(Ordering::Relaxed),
             events: self.events.load(Ordering::Relaxed),
             decode_errors: self.decode_errors.load(Ordering::Relaxed),
+            gaps: self.gaps.load(Ordering::Relaxed),
         }
     }
 
@@ -132,6 +153,7 @@ impl Default for ListenerStatus {
             last_committed_micros: AtomicI64::default(),
             reconnects: AtomicU64::default(),
             notifications: AtomicU64::default(),
+            gaps: AtomicU64::default(),
             ignored_payloads: AtomicU64::default(),
             events: AtomicU64::default(),
             decode_errors: AtomicU64::default(),
@@ -228,7 +250,7 @@ where
     pub async fn run(
         mut self,
         start: Start,
-        out: mpsc::Sender<Arc<AssignmentEvent>>,
+        out: mpsc::Sender<Output>,
         shutdown: CancellationToken,
     ) {
         let mut cursor = Cursor {
@@ -267,7 +289,7 @@ where
     async fn session(
         &self,
         cursor: &mut Cursor,
-        out: &mpsc::Sender<Arc<AssignmentEvent>>,
+        out: &mpsc::Sender<Output>,
         shutdown: &CancellationToken,
     ) -> Result<End, ListenerError> {
         let (client, mut connection) = tokio::select! {
@@ -308,20 +330,14 @@ where
         client: &Client,
         bell: &Notify,
         cursor: &mut Cursor,
-        out: &mpsc::Sender<Arc<AssignmentEvent>>,
+        out: &mpsc::Sender<Output>,
     ) -> Result<End, ListenerError> {
         // LISTEN before reading the log: whatever commits from now on is either in the read
         // below or rings the bell afterwards (or both; the cursor skips what was emitted).
         client.batch_execute(LISTEN).await?;
         let head = self.log.head().await?;
-        let from = *cursor.last.get_or_insert(head.head);
-        if from < head.pruned_through {
-            tracing::error!(
-                from,
-                pruned_through = head.pruned_through,
-                "event log was pruned past the listener's position; events in between are gone"
-            );
-        }
+        cursor.last.get_or_insert(head.head);
+        // A position the log was pruned past shows in the first read below, which says so.
         if let Some(end) = self.forward(cursor, out).await? {
             return Ok(end);
         }
@@ -353,7 +369,7 @@ where
     async fn forward(
         &self,
         cursor: &mut Cursor,
-        out: &mpsc::Sender<Arc<AssignmentEvent>>,
+        out: &mpsc::Sender<Output>,
     ) -> Result<Option<End>, ListenerError> {
         loop {
             let after = cursor.last.unwrap_or(0);
@@ -364,6 +380,16 @@ where
                     pruned_through = page.pruned_through,
                     "event log was pruned past the listener's position; events in between are gone"
                 );
+                self.status.gaps.fetch_add(1, Ordering::Relaxed);
+                let gap = Output::Gap {
+                    after,
+                    pruned_through: page.pruned_through,
+                };
+                if out.send(gap).await.is_err() {
+                    return Ok(Some(End::ConsumerGone));
+                }
+                // Said once: what is at or below the boundary cannot be read any more.
+                cursor.last = Some(page.pruned_through);
             }
             for (position, error) in &page.undecodable {
                 self.status.decode_errors.fetch_add(1, Ordering::Relaxed);
@@ -385,14 +411,10 @@ where
         }
     }
 
-    async fn emit(
-        &self,
-        event: AssignmentEvent,
-        out: &mpsc::Sender<Arc<AssignmentEvent>>,
-    ) -> Option<End> {
+    async fn emit(&self, event: AssignmentEvent, out: &mpsc::Sender<Output>) -> Option<End> {
         let position = event.position;
         let committed = event.committed_at.timestamp_micros();
-        if out.send(Arc::new(event)).await.is_err() {
+        if out.send(Output::Event(Arc::new(event))).await.is_err() {
             return Some(End::ConsumerGone);
         }
         self.status.events.fetch_add(1, Ordering::Relaxed);

@@ -147,6 +147,12 @@ impl Collector for StatusCollector {
                 "Times the LISTEN connection was lost and re-established",
                 s.reconnects,
             ),
+            (
+                "pgcast_listener_gaps",
+                "Times the log had been pruned past the listener's position (events lost to \
+                 every live subscriber; they were closed to resume and resync)",
+                s.gaps,
+            ),
         ];
         for (name, help, value) in counters {
             let c = ConstCounter::new(value);
@@ -222,6 +228,7 @@ mod tests {
             "pgcast_events_received_total",
             "pgcast_listener_decode_errors_total",
             "pgcast_listener_reconnects_total",
+            "pgcast_listener_gaps_total",
             "pgcast_listener_connected",
             "pgcast_listener_position",
             "pgcast_listener_last_event_age_seconds",

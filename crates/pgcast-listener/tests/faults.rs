@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use pgcast_events::{AssignmentEvent, EventKind};
-use pgcast_listener::{Start, APPLICATION_NAME};
+use pgcast_listener::{Output, Start, APPLICATION_NAME};
 use pgcast_testkit::{PgCluster, TestDb};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -174,9 +174,9 @@ async fn drain_to_head(running: &mut Running, client: &Client, mut got: Vec<Arc<
     while got.last().map(|e: &Arc<AssignmentEvent>| e.position) != Some(head) {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, running.events.recv()).await {
-            Ok(Some(e)) => got.push(e),
-            _ => panic!(
-                "listener emitted {} events, log has {}",
+            Ok(Some(Output::Event(e))) => got.push(e),
+            other => panic!(
+                "listener emitted {} events, log has {}; then {other:?}",
                 got.len(),
                 log.len()
             ),

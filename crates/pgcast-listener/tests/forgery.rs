@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use pgcast_listener::{Backoff, EventLog, Listener, Start};
+use pgcast_listener::{Backoff, EventLog, Listener, Output, Start};
 use pgcast_testkit::{PgCluster, TestDb};
 use tokio_postgres::Client;
 
@@ -207,10 +207,13 @@ async fn a_stalled_consumer_never_leaves_doorbells_in_the_database_queue() {
     // Nothing was lost meanwhile: the consumer, reading again, gets all 20 in order.
     let mut got = Vec::new();
     while got.len() < 20 {
-        let e = tokio::time::timeout(LIMIT, events.recv())
+        let output = tokio::time::timeout(LIMIT, events.recv())
             .await
             .expect("events after the stall")
             .expect("listener alive");
+        let Output::Event(e) = output else {
+            panic!("no gap was possible here: {output:?}");
+        };
         got.push(e.assignment.customer_name.clone().unwrap_or_default());
     }
     let expected: Vec<String> = (0..20).map(|i| format!("row {i}")).collect();

@@ -2,11 +2,11 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use pgcast_events::{EventKind, Status};
-use pgcast_listener::{installed_version, migrate, MigrationScope, Start, SCHEMA_VERSION};
+use pgcast_listener::{installed_version, migrate, MigrationScope, Output, Start, SCHEMA_VERSION};
 use pgcast_testkit::PgCluster;
 use uuid::Uuid;
 
@@ -116,6 +116,60 @@ async fn realtime_only_installs_onto_an_existing_table_without_touching_rows() {
     assert_eq!(got[0].kind, EventKind::Updated);
     assert_eq!(got[0].old_status(), Some(Status::Completed));
     assert_eq!(got[0].assignment.updated_at, None);
+    listener.stop().await;
+}
+
+/// A listener whose position the log was pruned past (cut off from the database for longer
+/// than the retention) says so once and in order: the gap, then the events after the
+/// retention boundary, and no second gap at the doorbells that follow.
+#[tokio::test]
+async fn a_position_pruned_past_is_one_gap_before_the_events_after_it() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    for i in 0..5 {
+        client
+            .execute(INSERT_ONE, &[&format!("pruned {i}")])
+            .await
+            .unwrap();
+    }
+    let gone = log_positions(&client).await;
+    let pruned: i32 = client
+        .query_one("SELECT pgcast.prune_events(interval '0 seconds')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pruned, 5);
+    let boundary: i64 = client
+        .query_one("SELECT pruned_through FROM pgcast.log_state", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(Some(&boundary), gone.last());
+    for i in 0..3 {
+        client
+            .execute(INSERT_ONE, &[&format!("kept {i}")])
+            .await
+            .unwrap();
+    }
+
+    // As if it had read the first event, then lost the database until now.
+    let mut listener = start_listener(&db, Start::After(gone[0])).await;
+    match listener.next_output(Instant::now() + LIMIT).await {
+        Output::Gap {
+            after,
+            pruned_through,
+        } => assert_eq!((after, pruned_through), (gone[0], boundary)),
+        other => panic!("the gap must come first: {other:?}"),
+    }
+    let kept = listener.take(3, LIMIT).await;
+    let names: Vec<_> = kept
+        .iter()
+        .map(|e| e.assignment.customer_name.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(names, ["kept 0", "kept 1", "kept 2"]);
+    assert!(kept.iter().all(|e| e.position > boundary));
+    // The marker's doorbell reads on from past the boundary: no second gap (take fails on one).
+    listener.assert_quiet().await;
+    assert_eq!(listener.status.snapshot().gaps, 1);
     listener.stop().await;
 }
 

@@ -534,10 +534,13 @@ async fn a_least_privileged_pgcast_role_installs_upgrades_and_serves() {
         .expect("a write commits: the trigger function reads sessions as pgcast's role");
     let mut got = Vec::new();
     while got.len() < 2 {
-        let event = tokio::time::timeout(LIMIT, events.recv())
+        let output = tokio::time::timeout(LIMIT, events.recv())
             .await
             .expect("an event")
             .expect("listener running");
+        let pgcast_listener::Output::Event(event) = output else {
+            panic!("nothing was pruned: {output:?}");
+        };
         got.push(event);
     }
     assert_eq!(got[0].assignment.customer_name.as_deref(), Some("v1 row"));

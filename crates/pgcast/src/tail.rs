@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use pgcast_events::{Access, EventFrame, Position, Principal, Role, Topic};
-use pgcast_listener::{EventLog, Start};
+use pgcast_listener::{EventLog, Output, Start};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -54,8 +54,9 @@ pub struct TailOptions {
 ///
 /// Reads the log through `db`'s URL and LISTENs through its listen URL. Fails before printing
 /// anything when the topic is `queue`, the database is unreachable or the realtime objects are
-/// not installed. If `since` is older than the retained log, a warning
-/// goes to stderr and the stream starts with the oldest retained event.
+/// not installed. Where events were removed by retention before they were read (a `since`
+/// older than the retained log, or a listener cut off for longer than the retention), a
+/// warning goes to stderr and the stream goes on with the oldest retained event.
 pub async fn tail<W>(
     db: &Database,
     options: TailOptions,
@@ -70,18 +71,10 @@ where
         return Err(PgcastError::Usage(QUEUE_NEEDS_MECHANIC));
     }
     let log = EventLog::new(crate::db::pool(db.url(), POOL_SIZE)?);
-    let head = log.head().await.map_err(PgcastError::LogUnavailable)?;
+    // Fails here, before anything is printed, when the log cannot be read.
+    log.head().await.map_err(PgcastError::LogUnavailable)?;
     let start = match options.since {
-        Some(since) => {
-            if since < head.pruned_through {
-                eprintln!(
-                    "warning: events after position {since} up to {} were removed by retention \
-                     and are not shown",
-                    head.pruned_through
-                );
-            }
-            Start::After(since)
-        }
+        Some(since) => Start::After(since),
         None => Start::Head,
     };
 
@@ -94,8 +87,17 @@ where
         let event = tokio::select! {
             biased;
             () = shutdown.cancelled() => break Ok(()),
-            event = rx.recv() => match event {
-                Some(event) => event,
+            output = rx.recv() => match output {
+                Some(Output::Event(event)) => event,
+                Some(Output::Gap { after, pruned_through }) => {
+                    // A `since` older than the retained log, or a listener cut off for longer
+                    // than the retention.
+                    eprintln!(
+                        "warning: events after position {after} up to {pruned_through} were \
+                         removed by retention and are not shown"
+                    );
+                    continue;
+                }
                 None => break Ok(()), // the listener stopped: only on shutdown
             },
         };

@@ -21,7 +21,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             sink.flush().await
         };
         let limit = self.shared.config.heartbeat_interval * 2;
-        guarded(write, limit, &self.outbox.slow, &self.shutdown).await?;
+        guarded(write, limit, &self.outbox, &self.shutdown).await?;
         self.last_written = Instant::now();
         self.shared.metrics.frames.inc_by(count);
         Ok(())
@@ -29,7 +29,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
 
     /// Writes the frames taken from the outbox (up to a batch) with a single flush.
     ///
-    /// The frames are picked first and then written under one guard (slow, shutdown, write
+    /// The frames are picked first and then written under one guard (eviction, shutdown, write
     /// timeout), not one per frame: under fan-out this loop runs a million times a second.
     /// The latency histogram gets one sample per batch: the oldest commit in the batch to the
     /// moment the batch is written (the batch's worst case). An event committed after the

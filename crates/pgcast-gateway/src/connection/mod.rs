@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::edge::Admission;
 use crate::hub::Subscription;
-use crate::outbox::Outbox;
+use crate::outbox::{Eviction, Outbox};
 use crate::Shared;
 
 use rate::RateLimit;
@@ -50,8 +50,24 @@ pub(crate) mod close {
     pub(crate) const TOO_BIG: u16 = 1009;
     /// The token expired without a refresh; reconnect with a fresh token and `since`.
     pub(crate) const TOKEN_EXPIRED: u16 = 4001;
+    /// The event stream had a gap (the log was pruned past the server's position); resume
+    /// with `since` (and take the `resync` that follows).
+    pub(crate) const SERVICE_RESTART: u16 = 1012;
     /// The outgoing queue overflowed; resume with `since`.
     pub(crate) const SLOW_CONSUMER: u16 = 4008;
+}
+
+/// How a connection whose outbox was evicted ends.
+fn evicted(outbox: &Outbox) -> End {
+    match outbox.eviction() {
+        Some(Eviction::Gap) => End::Close(
+            close::SERVICE_RESTART,
+            "gap in the event stream: resume with since",
+        ),
+        Some(Eviction::Slow) | None => {
+            End::Close(close::SLOW_CONSUMER, "slow consumer: resume with since")
+        }
+    }
 }
 
 /// Log rows per replay query.
@@ -262,19 +278,19 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         tokio::pin!(expiry);
         // Made once and polled on every turn: a `cancelled()` made per turn would register and
         // unregister a waiter (a lock each) on every event delivered.
-        let (shutdown, slow) = (self.shutdown.clone(), self.outbox.slow.clone());
+        let (shutdown, eviction) = (self.shutdown.clone(), self.outbox.evicted.clone());
         let outbox = self.outbox.clone();
         // Entries taken from the outbox for one write; the allocation is reused. Allocated on
         // first use: an idle connection holds none of it.
         let mut taken = Vec::new();
         let shutting_down = shutdown.cancelled();
-        let declared_slow = slow.cancelled();
-        tokio::pin!(shutting_down, declared_slow);
+        let evicted_now = eviction.cancelled();
+        tokio::pin!(shutting_down, evicted_now);
         loop {
             let step = tokio::select! {
                 biased;
                 () = &mut shutting_down => Err(End::Close(close::GOING_AWAY, "server shutting down")),
-                () = &mut declared_slow => Err(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with since")),
+                () = &mut evicted_now => Err(evicted(&outbox)),
                 () = &mut expiry => Err(End::Expired),
                 msg = next_frame(&mut self.stream) => self.on_frame(msg).await,
                 () = outbox.take_batch(&mut taken, WRITE_BATCH) => self.deliver(&mut taken).await,
@@ -346,15 +362,15 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                 snapshot,
             }) => {
                 // A subscribe may wait for its turn on the database; meanwhile shutdown, the
-                // slow-consumer signal and the peer leaving still end the connection.
-                let slow = self.outbox.slow.clone();
+                // eviction (slow consumer, gap) and the peer leaving still end the connection.
+                let outbox = self.outbox.clone();
                 let shutdown = self.shutdown.clone();
                 let mut stream = self.stream.take();
                 let admission = self.admission.clone();
                 let result = tokio::select! {
                     r = self.subscribe(id, &topic, since, snapshot.unwrap_or(false)) => r,
                     () = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
-                    () = slow.cancelled() => Err(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with since")),
+                    () = outbox.evicted.cancelled() => Err(evicted(&outbox)),
                     () = peer_left(&mut stream, &admission) => Err(End::Gone),
                 };
                 self.stream = stream;
@@ -409,19 +425,13 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
     /// Queues a frame in the socket's write buffer.
     async fn feed(&mut self, msg: Message) -> Result<(), End> {
         let limit = self.shared.config.heartbeat_interval * 2;
-        guarded(
-            self.sink.feed(msg),
-            limit,
-            &self.outbox.slow,
-            &self.shutdown,
-        )
-        .await
+        guarded(self.sink.feed(msg), limit, &self.outbox, &self.shutdown).await
     }
 
     /// Writes the socket's buffer out.
     async fn flush(&mut self) -> Result<(), End> {
         let limit = self.shared.config.heartbeat_interval * 2;
-        guarded(self.sink.flush(), limit, &self.outbox.slow, &self.shutdown).await
+        guarded(self.sink.flush(), limit, &self.outbox, &self.shutdown).await
     }
 }
 
@@ -453,7 +463,7 @@ async fn peer_left<St: SocketStream>(stream: &mut Frames<St>, admission: &Admiss
     }
 }
 
-/// Runs a socket write, giving up when the connection is declared slow, when the server shuts
+/// Runs a socket write, giving up when the connection is evicted (slow, or a gap), when the server shuts
 /// down, or when the peer has not taken the bytes within `limit` (a peer that sends but never
 /// reads): no peer can hold its task, and with it a connection slot, forever.
 ///
@@ -463,7 +473,7 @@ async fn peer_left<St: SocketStream>(stream: &mut Frames<St>, admission: &Admiss
 async fn guarded(
     write: impl std::future::Future<Output = Result<(), axum::Error>>,
     limit: Duration,
-    slow: &CancellationToken,
+    outbox: &Outbox,
     shutdown: &CancellationToken,
 ) -> Result<(), End> {
     let mut write = std::pin::pin!(write);
@@ -475,7 +485,7 @@ async fn guarded(
             Ok(r) => r.map_err(|_| End::Gone),
             Err(_) => Err(End::Gone),
         },
-        () = slow.cancelled() => Err(End::Close(close::SLOW_CONSUMER, "slow consumer: resume with since")),
+        () = outbox.evicted.cancelled() => Err(evicted(outbox)),
         () = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
     }
 }

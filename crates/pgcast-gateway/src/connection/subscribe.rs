@@ -349,7 +349,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
 
 /// Runs a database read in its turn: at most `max_concurrent_reads` run at once, the others
 /// wait first come, first served (tokio's semaphore is fair). The wait has no deadline of its
-/// own: the connection that waits still sees shutdown, its slow-consumer signal and its peer
+/// own: the connection that waits still sees shutdown, its eviction and its peer
 /// leaving, and each read is bounded by the pool's statement timeout.
 pub(super) async fn gated<T>(shared: &Shared, read: impl std::future::Future<Output = T>) -> T {
     struct Waiting<'a>(&'a prometheus_client::metrics::gauge::Gauge);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Pool;
 use pgcast_events::AssignmentEvent;
 use pgcast_listener::{
-    migrate, Backoff, EventLog, Listener, ListenerStatus, MigrationScope, Start,
+    migrate, Backoff, EventLog, Listener, ListenerStatus, MigrationScope, Output, Start,
 };
 use pgcast_testkit::{PgCluster, TestDb};
 use tokio::sync::mpsc;
@@ -35,7 +35,7 @@ pub fn pool(db: &TestDb) -> Pool {
 pub const MARKER: &str = "pgcast-test-marker";
 
 pub struct Running {
-    pub events: mpsc::Receiver<Arc<AssignmentEvent>>,
+    pub events: mpsc::Receiver<Output>,
     pub status: Arc<ListenerStatus>,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<()>,
@@ -45,19 +45,27 @@ pub struct Running {
 }
 
 impl Running {
-    /// Receives until `n` events arrived, failing after `limit`.
+    /// Receives until `n` events arrived, failing after `limit` or at a gap.
     pub async fn take(&mut self, n: usize, limit: Duration) -> Vec<Arc<AssignmentEvent>> {
         let deadline = Instant::now() + limit;
         let mut got = Vec::with_capacity(n);
         while got.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.events.recv()).await {
-                Ok(Some(e)) => got.push(e),
-                Ok(None) => panic!("listener stopped after {} of {n} events", got.len()),
-                Err(_) => panic!("only {} of {n} events within {limit:?}", got.len()),
+            match self.next_output(deadline).await {
+                Output::Event(e) => got.push(e),
+                gap => panic!("{gap:?} after {} of {n} events", got.len()),
             }
         }
         got
+    }
+
+    /// The listener's next output, failing at `deadline`.
+    pub async fn next_output(&mut self, deadline: Instant) -> Output {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, self.events.recv()).await {
+            Ok(Some(output)) => output,
+            Ok(None) => panic!("listener stopped"),
+            Err(_) => panic!("nothing from the listener in time"),
+        }
     }
 
     /// Asserts that nothing more was on its way (used after all expected events): commits a
