@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::{AsyncMessage, NoTls, Notification};
 use tokio_util::sync::CancellationToken;
 
 use crate::clients::Tally;
@@ -50,13 +50,61 @@ impl BareTrigger {
     }
 }
 
+/// LISTENs (`listen`, the whole statement) on a connection of its own, in a task of its own
+/// that hands every notification to `each` with `state` until `stop`; resolves once LISTEN is
+/// in effect. The task gives `state` back, with why the connection ended early if it did.
+/// The connection is driven through `Connection::poll_message` (a spawned connection future
+/// would drop notifications).
+pub(crate) async fn listen<S: Send + 'static>(
+    pg: &tokio_postgres::Config,
+    listen: &'static str,
+    stop: CancellationToken,
+    mut state: S,
+    each: fn(&mut S, &Notification),
+) -> Result<JoinHandle<(S, Option<String>)>> {
+    let (client, mut connection) = pg.connect(NoTls).await?;
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut listening = std::pin::pin!(client.batch_execute(listen));
+        let mut ready_tx = Some(ready_tx);
+        let ended = loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break None,
+                r = &mut listening, if ready_tx.is_some() => {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(r.map_err(|e| e.to_string()));
+                    }
+                }
+                m = std::future::poll_fn(|cx| connection.poll_message(cx)) => match m {
+                    Some(Ok(AsyncMessage::Notification(n))) => each(&mut state, &n),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break Some(format!("LISTEN connection failed: {e}")),
+                    None => break Some("LISTEN connection closed".into()),
+                },
+            }
+        };
+        (state, ended)
+    });
+    match ready_rx.await {
+        Ok(Ok(())) => Ok(task),
+        Ok(Err(e)) => bail!("{listen} failed: {e}"),
+        Err(_) => bail!("the connection ended before {listen} completed"),
+    }
+}
+
 /// A bare tokio-postgres LISTEN connection: the database alone, no gateway. pgcast's NOTIFY is
 /// a doorbell without content, so the reader listens to a bench-only trigger that NOTIFYs each
 /// row's marker at the same commits (`sql/bare_notify.sql`, installed for the reader's life).
-/// Driven through `Connection::poll_message` in its own task (a spawned connection future
-/// would drop notifications).
+/// What the reader's task counts: the frames of run `run`, and how many arrived.
+struct Counting {
+    tally: Tally,
+    run: u32,
+    progress: Arc<AtomicU64>,
+}
+
 pub(crate) struct ListenReader {
-    task: JoinHandle<Tally>,
+    task: JoinHandle<(Counting, Option<String>)>,
     stop: CancellationToken,
     trigger: BareTrigger,
     pub(crate) progress: Arc<AtomicU64>,
@@ -65,64 +113,35 @@ pub(crate) struct ListenReader {
 impl ListenReader {
     pub(crate) async fn start(pg: &tokio_postgres::Config, run: u32) -> Result<ListenReader> {
         let trigger = BareTrigger::install(pg).await?;
-        let (client, mut connection) = pg.connect(NoTls).await?;
         let stop = CancellationToken::new();
         let progress = Arc::new(AtomicU64::new(0));
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let task = {
-            let stop = stop.clone();
-            let progress = progress.clone();
-            tokio::spawn(async move {
-                let mut tally = Tally::default();
-                let mut listen = std::pin::pin!(client.batch_execute(LISTEN_BARE));
-                let mut ready_tx = Some(ready_tx);
-                let mut listening = false;
-                loop {
-                    tokio::select! {
-                        biased;
-                        () = stop.cancelled() => break,
-                        r = &mut listen, if !listening => {
-                            listening = true;
-                            if let Some(tx) = ready_tx.take() {
-                                let _ = tx.send(r.map_err(|e| e.to_string()));
-                            }
-                        }
-                        m = std::future::poll_fn(|cx| connection.poll_message(cx)) => match m {
-                            Some(Ok(AsyncMessage::Notification(n))) => {
-                                let now = now_us();
-                                tally.event(run, n.payload().as_bytes(), now);
-                                progress.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Some(Ok(_)) => {}
-                            Some(Err(e)) => {
-                                tally.ended = Some(format!("LISTEN connection failed: {e}"));
-                                break;
-                            }
-                            None => {
-                                tally.ended = Some("LISTEN connection closed".into());
-                                break;
-                            }
-                        },
-                    }
-                }
-                tally
-            })
+        let counting = Counting {
+            tally: Tally::default(),
+            run,
+            progress: progress.clone(),
         };
-        match ready_rx.await {
-            Ok(Ok(())) => Ok(ListenReader {
-                task,
-                stop,
-                trigger,
-                progress,
-            }),
-            Ok(Err(e)) => bail!("LISTEN failed: {e}"),
-            Err(_) => bail!("the LISTEN connection ended before LISTEN completed"),
-        }
+        let task = listen(pg, LISTEN_BARE, stop.clone(), counting, |c, n| {
+            c.tally.event(c.run, n.payload().as_bytes(), now_us());
+            c.progress.fetch_add(1, Ordering::Relaxed);
+        })
+        .await?;
+        Ok(ListenReader {
+            task,
+            stop,
+            trigger,
+            progress,
+        })
     }
 
     pub(crate) async fn finish(self) -> Tally {
         self.stop.cancel();
-        let tally = self.task.await.unwrap_or_default();
+        let tally = match self.task.await {
+            Ok((counting, ended)) => Tally {
+                ended,
+                ..counting.tally
+            },
+            Err(_) => Tally::default(),
+        };
         self.trigger.remove().await;
         tally
     }

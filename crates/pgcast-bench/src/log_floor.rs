@@ -11,13 +11,13 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
-use crate::bare::execute_once;
+use crate::bare::{execute_once, listen};
 
 const INSTALL: &str = include_str!("../sql/ordered_log_floor.sql");
 const REMOVE: &str = "DROP TRIGGER IF EXISTS pgcast_bench_log_floor ON session_assignments; \
@@ -34,7 +34,7 @@ const READ: &str = "SELECT position, payload::text FROM public.pgcast_bench_log_
 pub(crate) struct LogFloor {
     pg: tokio_postgres::Config,
     stop: CancellationToken,
-    listen: JoinHandle<()>,
+    listen: JoinHandle<(Arc<Notify>, Option<String>)>,
     reader: JoinHandle<Result<u64>>,
 }
 
@@ -48,36 +48,10 @@ impl LogFloor {
         let stop = CancellationToken::new();
         let bell = Arc::new(Notify::new());
 
-        let (client, mut connection) = pg.connect(NoTls).await?;
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let listen = {
-            let (stop, bell) = (stop.clone(), bell.clone());
-            tokio::spawn(async move {
-                let mut listen = std::pin::pin!(client.batch_execute(LISTEN));
-                let mut ready_tx = Some(ready_tx);
-                loop {
-                    tokio::select! {
-                        biased;
-                        () = stop.cancelled() => break,
-                        r = &mut listen, if ready_tx.is_some() => {
-                            if let Some(tx) = ready_tx.take() {
-                                let _ = tx.send(r.map_err(|e| e.to_string()));
-                            }
-                        }
-                        m = std::future::poll_fn(|cx| connection.poll_message(cx)) => match m {
-                            Some(Ok(AsyncMessage::Notification(_))) => bell.notify_one(),
-                            Some(Ok(_)) => {}
-                            Some(Err(_)) | None => break,
-                        },
-                    }
-                }
-            })
-        };
-        match ready_rx.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => bail!("LISTEN of the ordered-log floor failed: {e}"),
-            Err(_) => bail!("the floor's LISTEN connection ended before LISTEN completed"),
-        }
+        let listen = listen(pg, LISTEN, stop.clone(), bell.clone(), |bell, _| {
+            bell.notify_one()
+        })
+        .await?;
 
         let (reader, connection) = pg.connect(NoTls).await?;
         let driver = tokio::spawn(connection);

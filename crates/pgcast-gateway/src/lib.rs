@@ -144,7 +144,7 @@ impl Gateway {
     /// subscription made before that event is told `after` as its position. Every event also
     /// enters the replay window (`replay_window` of them are kept), so starting the stream
     /// that many events before the log's head warms it for clients resuming after a restart.
-    /// A gap in the stream ([`Output::Gap`]) closes every subscribed connection with 1012 so
+    /// A gap in the stream ([`Output::Gap`]) closes every subscribed connection with 1001 so
     /// that it resumes and is told `resync`. The task ends when the listener's sender is
     /// dropped or at shutdown.
     pub fn spawn_dispatch(
@@ -169,7 +169,7 @@ impl Gateway {
                             // Events after `after` are gone. The window and the hub start
                             // again after the gap, so a resume from before it is answered
                             // from the log (`resync`), never as if nothing had been missed;
-                            // every connection that followed the stream closes (1012) and
+                            // every connection that followed the stream closes (1001) and
                             // resumes. Before any event after the gap is dispatched.
                             shared.window.start_after(pruned_through);
                             shared.hub.start_after(pruned_through);

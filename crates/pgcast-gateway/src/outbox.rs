@@ -4,7 +4,7 @@
 //! that would exceed the byte budget is not queued: the connection is evicted as slow instead
 //! and closes itself with 4008 (the client resumes with `since`), so one stalled reader
 //! never holds more than its budget nor delays anybody else. The hub evicts every subscribed
-//! connection the same way when the listener's stream has a gap ([`Eviction::Gap`], 1012).
+//! connection the same way when the listener's stream has a gap ([`Eviction::Gap`], 1001).
 //!
 //! Under fan-out this runs once per connection and event, so it is a plain queue under a
 //! short lock plus one waker: the push that finds the queue empty wakes the task, and the
@@ -38,7 +38,7 @@ pub(crate) enum Eviction {
     /// A push would have exceeded the byte budget (close 4008).
     Slow,
     /// The listener's stream has a gap: the log was pruned past it, so whatever this
-    /// connection follows missed events (close 1012; the resume gets `resync`).
+    /// connection follows missed events (close 1001; the resume gets `resync`).
     Gap,
 }
 

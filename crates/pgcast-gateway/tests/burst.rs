@@ -787,8 +787,9 @@ struct Paced {
     /// Bytes the link has delivered and the reader not yet taken, at most `burst`.
     tokens: f64,
     refilled: tokio::time::Instant,
-    /// The pacer's wait for the next quantum (the link's pace, not a wait for an outcome).
-    pause: Pin<Box<tokio::time::Sleep>>,
+    /// The link's pace: when the next quantum of bytes arrives (the thing under test, not a
+    /// wait for an outcome). Made on the first wait, then moved to each next quantum.
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
     scratch: Vec<u8>,
 }
 
@@ -803,7 +804,7 @@ impl Paced {
             burst: burst as f64,
             tokens: 0.0,
             refilled: tokio::time::Instant::now(),
-            pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            pause: None,
             scratch: vec![0; burst],
         }
     }
@@ -825,10 +826,12 @@ impl AsyncRead for Paced {
                 break;
             }
             let wait = (Self::QUANTUM.min(this.burst) - this.tokens) / this.rate;
-            this.pause
-                .as_mut()
-                .reset(now + Duration::from_secs_f64(wait));
-            ready!(this.pause.as_mut().poll(cx));
+            let next = now + Duration::from_secs_f64(wait);
+            let pause = this
+                .pause
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next)));
+            pause.as_mut().reset(next);
+            ready!(pause.as_mut().poll(cx));
         }
         let allowed = (this.tokens as usize).min(buf.remaining());
         let mut limited = ReadBuf::new(&mut this.scratch[..allowed]);

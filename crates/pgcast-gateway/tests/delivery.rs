@@ -212,7 +212,7 @@ async fn since_older_than_retention_or_ahead_of_the_log_gets_resync() {
 }
 
 /// A gap in the listener's stream (the log pruned past its position while it was cut off)
-/// closes every subscribed connection with 1012 before any event after the gap reaches it,
+/// closes every subscribed connection with 1001 (going away: resume) before any event after the gap reaches it,
 /// and a resume from before the gap gets `resync` — from the log (`assignments`) and from the
 /// replay window (`queue`) alike — never the events after it as if nothing had been missed.
 #[tokio::test]
@@ -252,12 +252,16 @@ async fn a_gap_in_the_stream_closes_subscribers_and_their_resume_gets_resync() {
         // The very next frame: any event after the gap would come before it.
         match ws.next(WAIT).await {
             Next::Close(Some(f)) => {
-                assert_eq!(u16::from(f.code), 1012, "close reason: {}", f.reason)
+                assert_eq!(u16::from(f.code), 1001, "close reason: {}", f.reason);
+                assert_eq!(
+                    f.reason.as_str(),
+                    "gap in the event stream: resume with since"
+                )
             }
             Next::Json(v) if v["type"] == "event" => {
                 panic!("an event reached a connection that missed the events before it: {v}")
             }
-            other => panic!("expected close 1012, got {other:?}"),
+            other => panic!("expected close 1001, got {other:?}"),
         }
     }
     assert_eq!(h.listener.snapshot().gaps, 1);

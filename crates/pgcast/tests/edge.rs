@@ -135,16 +135,14 @@ async fn half_sent_upgrade_requests_are_closed_at_the_header_timeout() {
         "{still_open} of {HALF_SENT} half-sent requests still open after {all_closed:?} \
          (opened in {opened:?})"
     );
-    // The server holds no descriptor for them any more.
-    let deadline = Instant::now() + WAIT;
-    while open_fds(server.process.pid()) > baseline + 20 {
-        assert!(
-            Instant::now() < deadline,
-            "server fds: {} (baseline {baseline})",
-            open_fds(server.process.pid())
-        );
-        tokio::time::sleep(running::POLL).await;
-    }
+    // The server holds no descriptor for them any more: each close seen above was the server
+    // closing its descriptor (a timed-out request is dropped, not shut down first), so the
+    // count is read once, after the last of them.
+    let fds = open_fds(server.process.pid());
+    assert!(
+        fds <= baseline + 20,
+        "server fds: {fds} (baseline {baseline})"
+    );
     // The real client is still served.
     ws.ping().await;
     eprintln!(

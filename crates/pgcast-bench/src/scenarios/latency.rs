@@ -110,7 +110,7 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
 
     let full = !ctx.args.quick && s.mechanics >= 1000 && s.rate >= 500.0;
     let tag = if full { "" } else { " (reduced sizes)" };
-    let targets = vec![
+    let mut targets = vec![
         Check::new(
             "p50 ≤ 2 ms (1,000 mechanics, 500 events/s)",
             format!("{} ms{tag}", ms(rep.latency.p50_ms)),
@@ -133,7 +133,6 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
             Some(rep.lost == 0 && rep.unexpected == 0 && rep.duplicates == 0),
         ),
     ];
-    let mut targets = targets;
     let added = |reader: &ReaderReport, listen: Option<&ReaderReport>| {
         listen.map(|l| {
             (

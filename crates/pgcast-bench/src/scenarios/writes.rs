@@ -58,45 +58,35 @@ impl Variant {
         }
     }
 
-    /// Leaves exactly this variant's triggers enabled (the names are the migrations' —
-    /// schema version 3 captures with three statement triggers; with them off nothing is
-    /// staged, so its commit-time trigger never fires — `sql/bare_notify.sql`'s and
-    /// `sql/ordered_log_floor.sql`'s).
-    fn switch(self) -> &'static str {
+    /// The triggers on `session_assignments` that make this variant: the migrations' (schema
+    /// version 3 captures with three statement triggers; with them off nothing is staged, so
+    /// its commit-time trigger never fires), `sql/bare_notify.sql`'s and
+    /// `sql/ordered_log_floor.sql`'s.
+    fn triggers(self) -> &'static [&'static str] {
         match self {
-            Variant::NoTrigger => {
-                "ALTER TABLE session_assignments \
-                 DISABLE TRIGGER pgcast_capture_insert, \
-                 DISABLE TRIGGER pgcast_capture_update, \
-                 DISABLE TRIGGER pgcast_capture_delete, \
-                 DISABLE TRIGGER pgcast_bench_bare_notify, \
-                 DISABLE TRIGGER pgcast_bench_log_floor"
-            }
-            Variant::BareNotify => {
-                "ALTER TABLE session_assignments \
-                 DISABLE TRIGGER pgcast_capture_insert, \
-                 DISABLE TRIGGER pgcast_capture_update, \
-                 DISABLE TRIGGER pgcast_capture_delete, \
-                 ENABLE TRIGGER pgcast_bench_bare_notify, \
-                 DISABLE TRIGGER pgcast_bench_log_floor"
-            }
-            Variant::LogFloor => {
-                "ALTER TABLE session_assignments \
-                 DISABLE TRIGGER pgcast_capture_insert, \
-                 DISABLE TRIGGER pgcast_capture_update, \
-                 DISABLE TRIGGER pgcast_capture_delete, \
-                 DISABLE TRIGGER pgcast_bench_bare_notify, \
-                 ENABLE TRIGGER pgcast_bench_log_floor"
-            }
-            Variant::Pgcast => {
-                "ALTER TABLE session_assignments \
-                 ENABLE TRIGGER pgcast_capture_insert, \
-                 ENABLE TRIGGER pgcast_capture_update, \
-                 ENABLE TRIGGER pgcast_capture_delete, \
-                 DISABLE TRIGGER pgcast_bench_bare_notify, \
-                 DISABLE TRIGGER pgcast_bench_log_floor"
-            }
+            Variant::NoTrigger => &[],
+            Variant::BareNotify => &["pgcast_bench_bare_notify"],
+            Variant::LogFloor => &["pgcast_bench_log_floor"],
+            Variant::Pgcast => &[
+                "pgcast_capture_insert",
+                "pgcast_capture_update",
+                "pgcast_capture_delete",
+            ],
         }
+    }
+
+    /// The statement that leaves exactly this variant's triggers enabled.
+    fn switch(self) -> String {
+        let each = Variant::ALL.iter().flat_map(|v| {
+            let state = if *v == self { "ENABLE" } else { "DISABLE" };
+            v.triggers()
+                .iter()
+                .map(move |t| format!("{state} TRIGGER {t}"))
+        });
+        format!(
+            "ALTER TABLE session_assignments {}",
+            each.collect::<Vec<_>>().join(", ")
+        )
     }
 }
 
@@ -179,7 +169,7 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
     let driver = tokio::spawn(connection);
     let measured = measure(ctx, &admin, run).await;
     let restored = admin
-        .batch_execute(Variant::Pgcast.switch())
+        .batch_execute(&Variant::Pgcast.switch())
         .await
         .context("enable pgcast's trigger again");
     drop(admin);
@@ -210,7 +200,7 @@ async fn measure(ctx: &Ctx, admin: &Client, run: u32) -> Result<Vec<Size>> {
         for _ in 0..rounds {
             for (variant, tally) in &mut size.variants {
                 admin
-                    .batch_execute(variant.switch())
+                    .batch_execute(&variant.switch())
                     .await
                     .with_context(|| format!("switch to {}", variant.label()))?;
                 let plan = Plan {
@@ -428,5 +418,20 @@ mod tests {
             ],
         };
         assert!((size.ratio(Variant::Pgcast, Variant::BareNotify) - 0.7).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_switch_enables_its_variant_and_disables_every_other_trigger() {
+        assert_eq!(
+            Variant::LogFloor.switch(),
+            "ALTER TABLE session_assignments DISABLE TRIGGER pgcast_bench_bare_notify, \
+             ENABLE TRIGGER pgcast_bench_log_floor, DISABLE TRIGGER pgcast_capture_insert, \
+             DISABLE TRIGGER pgcast_capture_update, DISABLE TRIGGER pgcast_capture_delete"
+        );
+        let none = Variant::NoTrigger.switch();
+        assert!(
+            !none.contains("ENABLE") && none.matches("DISABLE").count() == 5,
+            "{none}"
+        );
     }
 }

@@ -42,7 +42,8 @@ mod tests;
 
 /// Close codes of protocol v1 (the README's protocol section).
 pub(crate) mod close {
-    /// Server shutting down.
+    /// Server shutting down, or its event stream had a gap (the log was pruned past where it
+    /// had read): reconnect and resume with `since` (a resume from before a gap gets `resync`).
     pub(crate) const GOING_AWAY: u16 = 1001;
     /// Authentication failed or missing.
     pub(crate) const POLICY: u16 = 1008;
@@ -50,9 +51,6 @@ pub(crate) mod close {
     pub(crate) const TOO_BIG: u16 = 1009;
     /// The token expired without a refresh; reconnect with a fresh token and `since`.
     pub(crate) const TOKEN_EXPIRED: u16 = 4001;
-    /// The event stream had a gap (the log was pruned past the server's position); resume
-    /// with `since` (and take the `resync` that follows).
-    pub(crate) const SERVICE_RESTART: u16 = 1012;
     /// The outgoing queue overflowed; resume with `since`.
     pub(crate) const SLOW_CONSUMER: u16 = 4008;
 }
@@ -61,7 +59,7 @@ pub(crate) mod close {
 fn evicted(outbox: &Outbox) -> End {
     match outbox.eviction() {
         Some(Eviction::Gap) => End::Close(
-            close::SERVICE_RESTART,
+            close::GOING_AWAY,
             "gap in the event stream: resume with since",
         ),
         Some(Eviction::Slow) | None => {
