@@ -1,11 +1,21 @@
--- pgcast-bench only: the floor of a durable, commit-ordered event log (scenario 9). The least
--- any log that readers resume from must do per changed row, with nothing of pgcast's own: a
--- deferred row trigger that, at commit, takes a lock that orders committers, draws a position
--- and appends to_jsonb(NEW) to a logged table with only its primary key, then rings an empty
--- doorbell. No payload beyond the row, no customer, no staging, no privileges, no pruning
--- index. Its reader (bench `log_floor.rs`) reads the rows after its position at each doorbell.
--- Installed for the scenario and dropped after it; created disabled (the scenario enables one
--- variant at a time).
+-- pgcast-bench only: the floors of a durable, commit-ordered event log (scenario 9).
+--
+-- The ordered-log floor: the least any log that readers resume from must do per changed row,
+-- with nothing of pgcast's own: a deferred row trigger that, at commit, takes a lock that
+-- orders committers, draws a position and appends to_jsonb(NEW) to a logged table with only
+-- its primary key, then rings an empty doorbell. No payload beyond the row, no customer, no
+-- staging, no privileges, no pruning index.
+--
+-- The event-content floor: the same trigger, appending the content each of pgcast's log rows
+-- carries (op, the row, the old status/mechanic/workshop, the session's customer looked up in
+-- sessions, position and commit time), built before the lock, and running as its owner with a
+-- fixed search_path (SECURITY DEFINER), as a log that writers may not write themselves must.
+-- What a trusted log of pgcast's events costs when nothing else is added, row by row: the lock
+-- is held through every row after a transaction's first.
+--
+-- Both append to one table and ring one channel; one reader (bench `log_floor.rs`) reads the
+-- rows after its position at each doorbell. Installed for the scenario and dropped after it;
+-- created disabled (the scenario enables one variant at a time).
 CREATE TABLE IF NOT EXISTS public.pgcast_bench_log_floor (
     position bigint PRIMARY KEY,
     payload  jsonb  NOT NULL
@@ -31,3 +41,34 @@ CREATE CONSTRAINT TRIGGER pgcast_bench_log_floor
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION public.pgcast_bench_log_floor_append();
 ALTER TABLE session_assignments DISABLE TRIGGER pgcast_bench_log_floor;
+CREATE OR REPLACE FUNCTION public.pgcast_bench_content_floor_append() RETURNS trigger
+    LANGUAGE plpgsql
+    SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    content jsonb := jsonb_build_object(
+        'op', lower(TG_OP),
+        'row', to_jsonb(NEW),
+        'old', CASE WHEN TG_OP = 'UPDATE' THEN jsonb_build_object(
+                   'status', OLD.status, 'mechanic_id', OLD.mechanic_id,
+                   'workshop_id', OLD.workshop_id) END,
+        'customer_id', (SELECT s.customer_id FROM public.sessions s WHERE s.id = NEW.session_id));
+    pos bigint;
+    at  timestamptz;
+BEGIN
+    PERFORM pg_notify('pgcast_bench_log_floor', '');
+    LOCK TABLE public.pgcast_bench_log_floor_order IN SHARE UPDATE EXCLUSIVE MODE;
+    pos := nextval('public.pgcast_bench_log_floor_position');
+    at := clock_timestamp();
+    INSERT INTO public.pgcast_bench_log_floor (position, payload)
+    VALUES (pos, jsonb_build_object('position', pos, 'committed_at', at) || content);
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS pgcast_bench_content_floor ON session_assignments;
+CREATE CONSTRAINT TRIGGER pgcast_bench_content_floor
+    AFTER INSERT OR UPDATE ON session_assignments
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION public.pgcast_bench_content_floor_append();
+ALTER TABLE session_assignments DISABLE TRIGGER pgcast_bench_content_floor;

@@ -197,7 +197,7 @@ pub(crate) enum Scenario {
     ///
     /// Needs a pgcast of its own: skipped with --ws-url.
     Storm,
-    /// 9. Write cost: commits/s with no trigger, a bare NOTIFY trigger, pgcast's trigger.
+    /// 9. Write cost: commits/s with no trigger, a bare NOTIFY trigger, two log floors, pgcast's version 2 and 3 triggers.
     Writes,
 }
 

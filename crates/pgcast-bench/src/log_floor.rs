@@ -1,9 +1,11 @@
-//! The floor of a durable, commit-ordered event log (scenario 9): the trigger of
-//! `sql/ordered_log_floor.sql` (at commit: an ordering lock, a position, `to_jsonb(NEW)`
-//! appended to a logged table, an empty doorbell) and its reader, built as pgcast's listener
-//! is — a LISTEN connection whose doorbells wake a second connection that reads every row after
-//! its position — with nothing else: no pool, no decoding, no fan-out. What pgcast's write path
-//! costs beyond this floor is pgcast's own (its payload, the customer lookup, the staging).
+//! The floors of a durable, commit-ordered event log (scenario 9): the triggers of
+//! `sql/ordered_log_floor.sql` (at commit: an ordering lock, a position, a row appended to a
+//! logged table, an empty doorbell; the ordered-log floor appends `to_jsonb(NEW)`, the
+//! event-content floor the content of a pgcast event) and their one reader, built as pgcast's
+//! listener is — a LISTEN connection whose doorbells wake a second connection that reads every
+//! row after its position — with nothing else: no pool, no decoding, no fan-out. What pgcast's
+//! write path costs beyond the event-content floor is the price of its design (statements
+//! captured and staged so that the commit-order lock is held for one statement, not per row).
 //!
 //! ```text
 //!   LISTEN conn ── doorbell ──▶ bell ──▶ reader conn: SELECT … WHERE position > last (pages)
@@ -21,7 +23,9 @@ use crate::bare::{execute_once, listen};
 
 const INSTALL: &str = include_str!("../sql/ordered_log_floor.sql");
 const REMOVE: &str = "DROP TRIGGER IF EXISTS pgcast_bench_log_floor ON session_assignments; \
-    DROP FUNCTION IF EXISTS public.pgcast_bench_log_floor_append(); \
+    DROP TRIGGER IF EXISTS pgcast_bench_content_floor ON session_assignments; \
+    DROP FUNCTION IF EXISTS public.pgcast_bench_log_floor_append(), \
+        public.pgcast_bench_content_floor_append(); \
     DROP TABLE IF EXISTS public.pgcast_bench_log_floor, public.pgcast_bench_log_floor_order; \
     DROP SEQUENCE IF EXISTS public.pgcast_bench_log_floor_position";
 const LISTEN: &str = "LISTEN pgcast_bench_log_floor";
@@ -30,7 +34,7 @@ const PAGE: i64 = 1000;
 const READ: &str = "SELECT position, payload::text FROM public.pgcast_bench_log_floor \
     WHERE position > $1 ORDER BY position LIMIT $2";
 
-/// The floor's trigger, installed (disabled) for as long as this value lives, and its reader.
+/// The floors' triggers, installed (disabled) for as long as this value lives, and their reader.
 pub(crate) struct LogFloor {
     pg: tokio_postgres::Config,
     stop: CancellationToken,
@@ -39,12 +43,12 @@ pub(crate) struct LogFloor {
 }
 
 impl LogFloor {
-    /// Installs the trigger (disabled: the scenario enables it for its rounds) and starts the
-    /// reader at the log's head.
+    /// Installs the triggers (disabled: the scenario enables one at a time for its rounds) and
+    /// starts the reader at the log's head.
     pub(crate) async fn start(pg: &tokio_postgres::Config) -> Result<LogFloor> {
         execute_once(pg, INSTALL)
             .await
-            .context("install the ordered-log floor")?;
+            .context("install the log floors")?;
         let stop = CancellationToken::new();
         let bell = Arc::new(Notify::new());
 
@@ -96,14 +100,14 @@ impl LogFloor {
         })
     }
 
-    /// Stops the reader after a last read and removes the floor's objects; the rows its reader
+    /// Stops the reader after a last read and removes the floors' objects; the rows its reader
     /// read.
     pub(crate) async fn finish(self) -> Result<u64> {
         self.stop.cancel();
-        let read = self.reader.await.context("the floor's reader panicked");
+        let read = self.reader.await.context("the floors' reader panicked");
         let _ = self.listen.await;
         if let Err(e) = execute_once(&self.pg, REMOVE).await {
-            eprintln!("bench: could not remove the ordered-log floor: {e}");
+            eprintln!("bench: could not remove the log floors: {e}");
         }
         read?
     }

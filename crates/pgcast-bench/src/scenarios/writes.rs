@@ -1,12 +1,13 @@
 //! Scenario 9, the cost of the trigger on writes (issue 14): the commit rate of general queued
 //! inserts into `session_assignments` with no trigger, with a bare NOTIFY trigger (the
 //! baseline `pg_notify(channel, to_jsonb(NEW)::text)` per row, `sql/bare_notify.sql`), with the
-//! floor of any durable, commit-ordered log (`sql/ordered_log_floor.sql` and its reader,
-//! `log_floor.rs`) and with pgcast's trigger as `pgcast migrate` installs it; 1-row and 100-row
-//! transactions.
+//! two floors of a durable, commit-ordered log (`sql/ordered_log_floor.sql` and their reader,
+//! `log_floor.rs`: the row alone, and the content of pgcast's events), with pgcast's version 2
+//! row trigger (which the schema keeps for installs that do not own the table) and with
+//! pgcast's triggers as `pgcast migrate` installs them; 1-row and 100-row transactions.
 //!
 //! ```text
-//!  per size: round 1: none ▸ bare ▸ floor ▸ pgcast   round 2: none ▸ bare ▸ floor ▸ pgcast   …
+//!  per size: round 1: none ▸ bare ▸ floor ▸ content floor ▸ v2 row ▸ pgcast   round 2: …
 //!            each a few seconds, the same writers flat out; CPU of PostgreSQL read around each
 //! ```
 //!
@@ -15,8 +16,8 @@
 //! the table it was installed on, so there is no second table), and interleaved so that the
 //! machine's noise falls on all of them alike. Every trigger has its reader, as in production:
 //! the pgcast under test reads its log at each doorbell, a bare LISTEN connection reads the
-//! baseline channel, the floor's reader its log. Whatever happens, pgcast's trigger is enabled
-//! and the baseline and the floor dropped at the end.
+//! baseline channel, the floors' reader their log. Whatever happens, pgcast's trigger is enabled
+//! and the baseline and the floors dropped at the end.
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -31,6 +32,16 @@ use crate::stats::{round3, CpuSample, CpuUse};
 
 use super::context::Ctx;
 
+/// pgcast's version 2 trigger function on `session_assignments` under a bench name, disabled:
+/// the schema keeps the function (installs whose role does not own the table still run it), so
+/// the design it replaced is measured as installed, read by the pgcast under test.
+const ROW_TRIGGER: &str = "CREATE CONSTRAINT TRIGGER pgcast_bench_row_trigger \
+    AFTER INSERT OR UPDATE OR DELETE ON session_assignments DEFERRABLE INITIALLY DEFERRED \
+    FOR EACH ROW EXECUTE FUNCTION pgcast.emit_assignment_event(); \
+    ALTER TABLE session_assignments DISABLE TRIGGER pgcast_bench_row_trigger";
+const ROW_TRIGGER_DROP: &str =
+    "DROP TRIGGER IF EXISTS pgcast_bench_row_trigger ON session_assignments";
+
 /// The trigger variants, in the order each round runs them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -38,14 +49,18 @@ enum Variant {
     NoTrigger,
     BareNotify,
     LogFloor,
+    ContentFloor,
+    RowTrigger,
     Pgcast,
 }
 
 impl Variant {
-    const ALL: [Variant; 4] = [
+    const ALL: [Variant; 6] = [
         Variant::NoTrigger,
         Variant::BareNotify,
         Variant::LogFloor,
+        Variant::ContentFloor,
+        Variant::RowTrigger,
         Variant::Pgcast,
     ];
 
@@ -54,19 +69,23 @@ impl Variant {
             Variant::NoTrigger => "no trigger",
             Variant::BareNotify => "bare NOTIFY trigger",
             Variant::LogFloor => "ordered-log floor",
+            Variant::ContentFloor => "event-content floor",
+            Variant::RowTrigger => "pgcast version 2 row trigger",
             Variant::Pgcast => "pgcast trigger",
         }
     }
 
     /// The triggers on `session_assignments` that make this variant: the migrations' (schema
     /// version 3 captures with three statement triggers; with them off nothing is staged, so
-    /// its commit-time trigger never fires), `sql/bare_notify.sql`'s and
-    /// `sql/ordered_log_floor.sql`'s.
+    /// its commit-time trigger never fires), `sql/bare_notify.sql`'s, the two of
+    /// `sql/ordered_log_floor.sql` and [`ROW_TRIGGER`].
     fn triggers(self) -> &'static [&'static str] {
         match self {
             Variant::NoTrigger => &[],
             Variant::BareNotify => &["pgcast_bench_bare_notify"],
             Variant::LogFloor => &["pgcast_bench_log_floor"],
+            Variant::ContentFloor => &["pgcast_bench_content_floor"],
+            Variant::RowTrigger => &["pgcast_bench_row_trigger"],
             Variant::Pgcast => &[
                 "pgcast_capture_insert",
                 "pgcast_capture_update",
@@ -167,11 +186,22 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
     };
     let (admin, connection) = ctx.db.config.connect(NoTls).await?;
     let driver = tokio::spawn(connection);
-    let measured = measure(ctx, &admin, run).await;
-    let restored = admin
-        .batch_execute(&Variant::Pgcast.switch())
-        .await
-        .context("enable pgcast's trigger again");
+    // Until the row trigger exists, nothing was switched: pgcast's triggers are as they were.
+    let (measured, restored) = match admin.batch_execute(ROW_TRIGGER).await {
+        Ok(()) => {
+            let measured = measure(ctx, &admin, run).await;
+            let restore = format!("{}; {ROW_TRIGGER_DROP}", Variant::Pgcast.switch());
+            let restored = admin
+                .batch_execute(&restore)
+                .await
+                .context("enable pgcast's triggers again and drop the row trigger");
+            (measured, restored)
+        }
+        Err(e) => (
+            Err(e).context("install pgcast's version 2 row trigger for the scenario"),
+            Ok(()),
+        ),
+    };
     drop(admin);
     let _ = driver.await;
     let floor_read = floor.finish().await;
@@ -233,7 +263,7 @@ async fn measure(ctx: &Ctx, admin: &Client, run: u32) -> Result<Vec<Size>> {
 fn section(ctx: &Ctx, sizes: &[Size], floor_read: u64) -> Section {
     let (round, rounds) = (ctx.sizes.writes_round, ctx.sizes.writes_rounds);
     let mut md = format!(
-        "Writers commit general queued inserts into `session_assignments` as fast as the database takes them — 1-row transactions ({} writers) and 100-row transactions ({} writers; one multi-row `INSERT … SELECT … generate_series` statement of 100 rows, as in scenario 2). Four variants of the same table in the same cluster: **no trigger**; a **bare NOTIFY trigger** (`pg_notify('pgcast_bench_bare', to_jsonb(NEW)::text)` per row, read by a bare LISTEN connection); the **ordered-log floor**, the least a durable, commit-ordered log that readers resume from must do (`crates/pgcast-bench/sql/ordered_log_floor.sql`: a deferred row trigger that takes an ordering lock, draws a position, appends `to_jsonb(NEW)` to a logged table with only its primary key and rings an empty doorbell; its reader reads the rows after its position at each doorbell, on a connection beside its LISTEN connection, as pgcast's listener does); **pgcast's triggers** as `pgcast migrate` installs them (schema version 3: each statement's rows staged by a statement trigger, moved to the log once per transaction at commit in commit order, one doorbell NOTIFY per transaction, read by the pgcast under test). They are switched with `ALTER TABLE … DISABLE/ENABLE TRIGGER` and interleaved: {} rounds of {} s each, every round no trigger ▸ bare ▸ floor ▸ pgcast, the same writer connections throughout. PostgreSQL CPU = the postmaster and all its backends (from `/proc`), per committed row.\n\n",
+        "Writers commit general queued inserts into `session_assignments` as fast as the database takes them — 1-row transactions ({} writers) and 100-row transactions ({} writers; one multi-row `INSERT … SELECT … generate_series` statement of 100 rows, as in scenario 2). Six variants of the same table in the same cluster: **no trigger**; a **bare NOTIFY trigger** (`pg_notify('pgcast_bench_bare', to_jsonb(NEW)::text)` per row, read by a bare LISTEN connection); the **ordered-log floor**, the least a durable, commit-ordered log that readers resume from must do (`crates/pgcast-bench/sql/ordered_log_floor.sql`: a deferred row trigger that takes an ordering lock, draws a position, appends `to_jsonb(NEW)` to a logged table with only its primary key and rings an empty doorbell); the **event-content floor**, the same trigger appending what each of pgcast's log rows carries instead (op, the row, its old status, mechanic and workshop, the session's customer looked up per row, position and commit time; built before the lock), run as its owner with a fixed search_path (SECURITY DEFINER: writers need no right on the log) — a trusted log of pgcast's events with nothing else, row by row, so the lock is held through every row after a transaction's first; one reader reads both floors' rows after its position at each doorbell, on a connection beside its LISTEN connection, as pgcast's listener does; **pgcast's version 2 row trigger** (`pgcast.emit_assignment_event()`, kept by the schema for installs whose role does not own the table: the event-content floor with pgcast's log — the installed-table check, the log's columns and its commit-time index — and the payload built under the lock; read by the pgcast under test); **pgcast's triggers** as `pgcast migrate` installs them (schema version 3: each statement's rows staged by a statement trigger, moved to the log once per transaction at commit in commit order, so the lock is held for one statement, one doorbell NOTIFY per transaction, read by the pgcast under test). They are switched with `ALTER TABLE … DISABLE/ENABLE TRIGGER` and interleaved: {} rounds of {} s each, every round no trigger ▸ bare ▸ floor ▸ content floor ▸ v2 row trigger ▸ pgcast, the same writer connections throughout. PostgreSQL CPU = the postmaster and all its backends (from `/proc`), per committed row.\n\n",
         ctx.args.ceiling_writers,
         ctx.args.ceiling_batch_writers,
         rounds,
@@ -276,9 +306,11 @@ fn section(ctx: &Ctx, sizes: &[Size], floor_read: u64) -> Section {
             "rows/tx",
             "pgcast ÷ bare NOTIFY (same run)",
             "ordered-log floor ÷ bare NOTIFY",
+            "event-content floor ÷ bare NOTIFY",
             "pgcast ÷ ordered-log floor",
+            "pgcast ÷ event-content floor",
+            "v2 row trigger ÷ bare NOTIFY",
             "bare NOTIFY ÷ no trigger",
-            "pgcast ÷ no trigger",
         ],
         sizes
             .iter()
@@ -288,16 +320,21 @@ fn section(ctx: &Ctx, sizes: &[Size], floor_read: u64) -> Section {
                     s.rows_per_tx.to_string(),
                     format!("**{}**", pct(Variant::Pgcast, Variant::BareNotify)),
                     pct(Variant::LogFloor, Variant::BareNotify),
+                    pct(Variant::ContentFloor, Variant::BareNotify),
                     pct(Variant::Pgcast, Variant::LogFloor),
+                    pct(Variant::Pgcast, Variant::ContentFloor),
+                    pct(Variant::RowTrigger, Variant::BareNotify),
                     pct(Variant::BareNotify, Variant::NoTrigger),
-                    pct(Variant::Pgcast, Variant::NoTrigger),
                 ]
             })
             .collect(),
     );
-    let floor_rows: u64 = sizes.iter().map(|s| s.get(Variant::LogFloor).rows).sum();
+    let floor_rows: u64 = sizes
+        .iter()
+        .map(|s| s.get(Variant::LogFloor).rows + s.get(Variant::ContentFloor).rows)
+        .sum();
     md += &format!(
-        "\nThe floor's reader read {} of the {} rows the floor's rounds committed{}.\n",
+        "\nThe floors' reader read {} of the {} rows the floors' rounds committed{}.\n",
         int(floor_read),
         int(floor_rows),
         if floor_read == floor_rows {
@@ -318,25 +355,38 @@ fn section(ctx: &Ctx, sizes: &[Size], floor_read: u64) -> Section {
         }
     }
     let tag = if ctx.args.quick { " (quick run)" } else { "" };
-    let targets = sizes
-        .iter()
-        .map(|s| {
-            let r = s.ratio(Variant::Pgcast, Variant::BareNotify);
-            Check::new(
-                &format!(
-                    "pgcast trigger ≥ 70 % of the bare NOTIFY trigger's commit rate, {} row(s)/transaction (same run)",
-                    s.rows_per_tx
-                ),
-                format!(
-                    "{:.0} % ({} vs {} rows/s){tag}",
-                    100.0 * r,
-                    int(s.get(Variant::Pgcast).rows_per_s() as u64),
-                    int(s.get(Variant::BareNotify).rows_per_s() as u64)
-                ),
-                Some(r >= 0.7),
-            )
-        })
-        .collect();
+    let mut targets = Vec::new();
+    for s in sizes {
+        let r = s.ratio(Variant::Pgcast, Variant::BareNotify);
+        let pct = |v| format!("{:.0} %", 100.0 * s.ratio(v, Variant::BareNotify));
+        targets.push(Check::new(
+            &format!(
+                "pgcast trigger ≥ 70 % of the bare NOTIFY trigger's commit rate, {} row(s)/transaction (same run)",
+                s.rows_per_tx
+            ),
+            format!(
+                "{:.0} % ({} vs {} rows/s){tag}",
+                100.0 * r,
+                int(s.get(Variant::Pgcast).rows_per_s() as u64),
+                int(s.get(Variant::BareNotify).rows_per_s() as u64)
+            ),
+            Some(r >= 0.7),
+        ));
+        targets.push(Check::new(
+            &format!(
+                "the floors, {} row(s)/transaction: a durable, commit-ordered log of the row alone, and of pgcast's event content, ÷ the bare NOTIFY trigger (same run)",
+                s.rows_per_tx
+            ),
+            format!(
+                "ordered-log floor {}, event-content floor {}; pgcast {} (its version 2 row trigger {}){tag}",
+                pct(Variant::LogFloor),
+                pct(Variant::ContentFloor),
+                pct(Variant::Pgcast),
+                pct(Variant::RowTrigger)
+            ),
+            None,
+        ));
+    }
     let mut cpu = Vec::new();
     for s in sizes {
         for (v, t) in &s.variants {
@@ -373,7 +423,10 @@ fn section(ctx: &Ctx, sizes: &[Size], floor_read: u64) -> Section {
             })).collect::<Vec<_>>(),
             "pgcast_over_bare": round3(s.ratio(Variant::Pgcast, Variant::BareNotify)),
             "floor_over_bare": round3(s.ratio(Variant::LogFloor, Variant::BareNotify)),
+            "content_floor_over_bare": round3(s.ratio(Variant::ContentFloor, Variant::BareNotify)),
             "pgcast_over_floor": round3(s.ratio(Variant::Pgcast, Variant::LogFloor)),
+            "pgcast_over_content_floor": round3(s.ratio(Variant::Pgcast, Variant::ContentFloor)),
+            "row_trigger_over_bare": round3(s.ratio(Variant::RowTrigger, Variant::BareNotify)),
             "bare_over_none": round3(s.ratio(Variant::BareNotify, Variant::NoTrigger)),
             "pgcast_over_none": round3(s.ratio(Variant::Pgcast, Variant::NoTrigger)),
         })).collect::<Vec<_>>(),
@@ -425,12 +478,13 @@ mod tests {
         assert_eq!(
             Variant::LogFloor.switch(),
             "ALTER TABLE session_assignments DISABLE TRIGGER pgcast_bench_bare_notify, \
-             ENABLE TRIGGER pgcast_bench_log_floor, DISABLE TRIGGER pgcast_capture_insert, \
-             DISABLE TRIGGER pgcast_capture_update, DISABLE TRIGGER pgcast_capture_delete"
+             ENABLE TRIGGER pgcast_bench_log_floor, DISABLE TRIGGER pgcast_bench_content_floor, \
+             DISABLE TRIGGER pgcast_bench_row_trigger, DISABLE TRIGGER pgcast_capture_insert, DISABLE TRIGGER pgcast_capture_update, \
+             DISABLE TRIGGER pgcast_capture_delete"
         );
         let none = Variant::NoTrigger.switch();
         assert!(
-            !none.contains("ENABLE") && none.matches("DISABLE").count() == 5,
+            !none.contains("ENABLE") && none.matches("DISABLE").count() == 7,
             "{none}"
         );
     }
