@@ -27,6 +27,11 @@ pub(crate) struct Args {
     /// pending pgcast migrations are applied to it.
     #[arg(long, value_name = "URL")]
     pub(crate) database_url: Option<String>,
+    /// Start the throwaway PostgreSQL with its crash-safety settings (fsync, full_page_writes)
+    /// on, as production runs them, instead of off: every commit waits for the disk, so the
+    /// write scenarios show what production pays (the machine table says which was used).
+    #[arg(long, conflicts_with = "database_url")]
+    pub(crate) durable: bool,
     /// Target a running pgcast (`ws://127.0.0.1:PORT/ws`) instead of starting one; needs
     /// --database-url (the same database) and --jwt-secret.
     #[arg(long, value_name = "URL", requires_all = ["database_url", "jwt_secret"])]

@@ -111,12 +111,18 @@ impl Database {
         })
     }
 
-    /// Initialises and starts a throwaway cluster under `scratch`.
-    pub(crate) fn throwaway(scratch: &mut Scratch) -> Result<Database> {
+    /// Initialises and starts a throwaway cluster under `scratch`; `durable` keeps
+    /// PostgreSQL's crash-safety settings (fsync) on, as production runs.
+    pub(crate) fn throwaway(scratch: &mut Scratch, durable: bool) -> Result<Database> {
         find_bin_dir().context("PostgreSQL server binaries")?;
+        let settings = if durable {
+            Settings::durable()
+        } else {
+            Settings::throwaway()
+        };
         let mut pg = LocalPg::open_or_init(&scratch.path().join("data"), 0)
             .context("initdb")?
-            .with_settings(Settings::throwaway());
+            .with_settings(settings);
         scratch.arm(&pg.stop_command(StopMode::Immediate))?;
         let mut attempt = 0;
         loop {

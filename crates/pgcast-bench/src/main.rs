@@ -111,7 +111,7 @@ fn run(args: Args) -> Result<()> {
         }
         None => {
             eprintln!("starting a throwaway PostgreSQL …");
-            Database::throwaway(&mut scratch)?
+            Database::throwaway(&mut scratch, args.durable)?
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -146,9 +146,16 @@ async fn bench(
             eprintln!("applied {applied} migrations");
         }
         let v: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+        // Every commit's cost depends on these: the throwaway cluster runs without fsync
+        // unless --durable.
+        let fsync: String = client.query_one("SHOW fsync", &[]).await?.get(0);
+        let sync: String = client
+            .query_one("SHOW synchronous_commit", &[])
+            .await?
+            .get(0);
         drop(client);
         let _ = conn.await;
-        format!("PostgreSQL {v}")
+        format!("PostgreSQL {v}; fsync {fsync}, synchronous_commit {sync}")
     };
 
     let secret = match &args.ws_url {
