@@ -9,9 +9,11 @@
 -- The event-content floor: the same trigger, appending the content each of pgcast's log rows
 -- carries (op, the row, the old status/mechanic/workshop, the session's customer looked up in
 -- sessions, position and commit time), built before the lock, and running as its owner with a
--- fixed search_path (SECURITY DEFINER), as a log that writers may not write themselves must.
--- What a trusted log of pgcast's events costs when nothing else is added, row by row: the lock
--- is held through every row after a transaction's first.
+-- fixed search_path (SECURITY DEFINER), as the trigger of a log that writers may not write
+-- themselves must (pgcast's also refuses other tables and grants EXECUTE to nobody; neither
+-- costs a write anything). What a log of pgcast's events costs when nothing else is added, row
+-- by row: the lock is held through every row after a transaction's first. @SESSIONS@ is the
+-- application's sessions table, schema-qualified (bench `log_floor.rs` fills it in).
 --
 -- Both append to one table and ring one channel; one reader (bench `log_floor.rs`) reads the
 -- rows after its position at each doorbell. Installed for the scenario and dropped after it;
@@ -41,6 +43,7 @@ CREATE CONSTRAINT TRIGGER pgcast_bench_log_floor
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION public.pgcast_bench_log_floor_append();
 ALTER TABLE session_assignments DISABLE TRIGGER pgcast_bench_log_floor;
+REVOKE EXECUTE ON FUNCTION public.pgcast_bench_log_floor_append() FROM PUBLIC;
 CREATE OR REPLACE FUNCTION public.pgcast_bench_content_floor_append() RETURNS trigger
     LANGUAGE plpgsql
     SECURITY DEFINER
@@ -53,7 +56,7 @@ DECLARE
         'old', CASE WHEN TG_OP = 'UPDATE' THEN jsonb_build_object(
                    'status', OLD.status, 'mechanic_id', OLD.mechanic_id,
                    'workshop_id', OLD.workshop_id) END,
-        'customer_id', (SELECT s.customer_id FROM public.sessions s WHERE s.id = NEW.session_id));
+        'customer_id', (SELECT s.customer_id FROM @SESSIONS@ s WHERE s.id = NEW.session_id));
     pos bigint;
     at  timestamptz;
 BEGIN
@@ -72,3 +75,4 @@ CREATE CONSTRAINT TRIGGER pgcast_bench_content_floor
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION public.pgcast_bench_content_floor_append();
 ALTER TABLE session_assignments DISABLE TRIGGER pgcast_bench_content_floor;
+REVOKE EXECUTE ON FUNCTION public.pgcast_bench_content_floor_append() FROM PUBLIC;

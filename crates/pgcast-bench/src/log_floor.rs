@@ -34,6 +34,24 @@ const PAGE: i64 = 1000;
 const READ: &str = "SELECT position, payload::text FROM public.pgcast_bench_log_floor \
     WHERE position > $1 ORDER BY position LIMIT $2";
 
+/// The application's `sessions` table, schema-qualified as the writers' search_path finds it:
+/// the event-content floor runs with a fixed search_path.
+const SESSIONS: &str = "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c \
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+    WHERE c.oid = 'sessions'::regclass";
+
+async fn sessions_table(pg: &tokio_postgres::Config) -> Result<String> {
+    let (client, connection) = pg.connect(NoTls).await?;
+    let driver = tokio::spawn(connection);
+    let name = match client.query_one(SESSIONS, &[]).await {
+        Ok(row) => row.try_get(0).map_err(anyhow::Error::from),
+        Err(e) => Err(e.into()),
+    };
+    drop(client);
+    let _ = driver.await;
+    name.context("find the sessions table")
+}
+
 /// The floors' triggers, installed (disabled) for as long as this value lives, and their reader.
 pub(crate) struct LogFloor {
     pg: tokio_postgres::Config,
@@ -46,7 +64,8 @@ impl LogFloor {
     /// Installs the triggers (disabled: the scenario enables one at a time for its rounds) and
     /// starts the reader at the log's head.
     pub(crate) async fn start(pg: &tokio_postgres::Config) -> Result<LogFloor> {
-        execute_once(pg, INSTALL)
+        let install = INSTALL.replace("@SESSIONS@", &sessions_table(pg).await?);
+        execute_once(pg, &install)
             .await
             .context("install the log floors")?;
         let stop = CancellationToken::new();

@@ -105,14 +105,21 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
         if let Some(ours) = &ctx.memo.fanout {
             // The highest delivered rate of any step, sustained or not: a server that falls
             // behind still delivers at its own pace (its backlog shows in the latency).
-            let peak = |v: &[Step]| v.iter().map(|s| s.delivered_per_s).fold(0.0, f64::max);
-            let (p_ours, p_theirs) = (peak(ours), peak(&steps));
+            // Peaks, each at the offered rate where it reached it.
+            let peak = |v: &[Step]| {
+                v.iter()
+                    .map(|s| (s.delivered_per_s, s.events_per_s))
+                    .fold((0.0, 0.0), |a, b| if b.0 > a.0 { b } else { a })
+            };
+            let ((p_ours, at_ours), (p_theirs, at_theirs)) = (peak(ours), peak(&steps));
             targets.push(Check::new(
                 &format!("≥ 2× the delivered rate of {name}"),
                 format!(
-                    "pgcast {}/s vs {}/s: {:.2}×",
+                    "peaks: pgcast {}/s (at {} events/s) vs {}/s (at {} events/s): {:.2}×",
                     int(p_ours as u64),
+                    int(at_ours as u64),
                     int(p_theirs as u64),
+                    int(at_theirs as u64),
                     p_ours / p_theirs.max(1.0)
                 ),
                 Some(p_ours >= 2.0 * p_theirs),

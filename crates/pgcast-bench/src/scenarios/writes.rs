@@ -16,15 +16,16 @@
 //! the table it was installed on, so there is no second table), and interleaved so that the
 //! machine's noise falls on all of them alike. Every trigger has its reader, as in production:
 //! the pgcast under test reads its log at each doorbell, a bare LISTEN connection reads the
-//! baseline channel, the floors' reader their log. Whatever happens, pgcast's trigger is enabled
-//! and the baseline and the floors dropped at the end.
+//! baseline channel, the floors' reader their log. Whatever happens, pgcast's triggers are
+//! enabled again (on a connection of their own) and the baseline, the floors and the version 2
+//! row trigger dropped at the end.
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::json;
 use tokio_postgres::{Client, NoTls};
 
-use crate::bare::ListenReader;
+use crate::bare::{execute_once, ListenReader};
 use crate::load::{self, Mix, Plan};
 use crate::log_floor::LogFloor;
 use crate::report::{int, table, Check, Section};
@@ -35,7 +36,10 @@ use super::context::Ctx;
 /// pgcast's version 2 trigger function on `session_assignments` under a bench name, disabled:
 /// the schema keeps the function (installs whose role does not own the table still run it), so
 /// the design it replaced is measured as installed, read by the pgcast under test.
-const ROW_TRIGGER: &str = "CREATE CONSTRAINT TRIGGER pgcast_bench_row_trigger \
+/// Dropped first: a run killed before its end leaves it behind.
+const ROW_TRIGGER: &str =
+    "DROP TRIGGER IF EXISTS pgcast_bench_row_trigger ON session_assignments; \
+    CREATE CONSTRAINT TRIGGER pgcast_bench_row_trigger \
     AFTER INSERT OR UPDATE OR DELETE ON session_assignments DEFERRABLE INITIALLY DEFERRED \
     FOR EACH ROW EXECUTE FUNCTION pgcast.emit_assignment_event(); \
     ALTER TABLE session_assignments DISABLE TRIGGER pgcast_bench_row_trigger";
@@ -184,31 +188,41 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
             return Err(e);
         }
     };
-    let (admin, connection) = ctx.db.config.connect(NoTls).await?;
-    let driver = tokio::spawn(connection);
-    // Until the row trigger exists, nothing was switched: pgcast's triggers are as they were.
-    let (measured, restored) = match admin.batch_execute(ROW_TRIGGER).await {
-        Ok(()) => {
-            let measured = measure(ctx, &admin, run).await;
-            let restore = format!("{}; {ROW_TRIGGER_DROP}", Variant::Pgcast.switch());
-            let restored = admin
-                .batch_execute(&restore)
-                .await
-                .context("enable pgcast's triggers again and drop the row trigger");
-            (measured, restored)
-        }
-        Err(e) => (
-            Err(e).context("install pgcast's version 2 row trigger for the scenario"),
-            Ok(()),
-        ),
-    };
-    drop(admin);
-    let _ = driver.await;
+    let measured = switched(ctx, run).await;
+    // Whatever happened (a lost connection may be what failed), on a connection of its own:
+    // without the row trigger, pgcast's triggers enabled. The baseline and the floors are
+    // dropped by their own `finish`.
+    let enable = Variant::Pgcast
+        .triggers()
+        .iter()
+        .map(|t| format!("ENABLE TRIGGER {t}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let restored = execute_once(
+        &ctx.db.config,
+        &format!("{ROW_TRIGGER_DROP}; ALTER TABLE session_assignments {enable}"),
+    )
+    .await
+    .context("drop the row trigger and enable pgcast's triggers again");
     let floor_read = floor.finish().await;
     listen.finish().await;
     let sizes = measured?;
     restored?;
     Ok(section(ctx, &sizes, floor_read?))
+}
+
+/// Installs the row trigger and measures every variant, switching between them on one admin
+/// connection.
+async fn switched(ctx: &Ctx, run: u32) -> Result<Vec<Size>> {
+    let (admin, connection) = ctx.db.config.connect(NoTls).await?;
+    let driver = tokio::spawn(connection);
+    let measured = match admin.batch_execute(ROW_TRIGGER).await {
+        Ok(()) => measure(ctx, &admin, run).await,
+        Err(e) => Err(e).context("install pgcast's version 2 row trigger for the scenario"),
+    };
+    drop(admin);
+    let _ = driver.await;
+    measured
 }
 
 async fn measure(ctx: &Ctx, admin: &Client, run: u32) -> Result<Vec<Size>> {
