@@ -19,6 +19,19 @@ pub enum ListenerError {
     /// Applying migrations failed.
     #[error("migration failed: {}", describe_chain(.0))]
     Migration(refinery::Error),
+    /// `migrate` had something to do and another session held the migration lock for longer
+    /// than it waits.
+    #[error(
+        "the migration lock (advisory key 7277017000) is still held by {holder} after {wait:?}: \
+         another `pgcast migrate` still running, or a session that took the key; once it is \
+         not a migration, end it with SELECT pg_terminate_backend(pid) and run migrate again"
+    )]
+    MigrationLockHeld {
+        /// Who holds it, from `pg_locks` and `pg_stat_activity`.
+        holder: String,
+        /// How long `migrate` waited.
+        wait: std::time::Duration,
+    },
     /// The LISTEN connection closed without an error from the server.
     #[error("listener connection closed")]
     ConnectionClosed,

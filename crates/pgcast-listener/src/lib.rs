@@ -50,4 +50,6 @@ pub use log::{EventLog, LogHead, LogPage};
 pub use metrics::ListenerMetrics;
 pub use pool::{pool, CONNECT_TIMEOUT};
 pub use prune::prune;
-pub use schema::{installed_version, migrate, MigrationScope, SCHEMA_VERSION};
+pub use schema::{
+    installed_version, migrate, migrate_within, MigrationScope, MIGRATION_LOCK_WAIT, SCHEMA_VERSION,
+};

@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use pgcast_listener::{migrate, migrate_within, ListenerError, MigrationScope};
 use pgcast_testkit::PgCluster;
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -201,4 +202,67 @@ async fn a_version_1_install_upgrades_keeping_its_log() {
     assert_eq!(names, ["old one", "old two", "new"]);
     assert!(got[2].position > old[1]);
     listener.stop().await;
+}
+
+/// Any role can take the migration lock's advisory key. A `migrate` with nothing to do (every
+/// restart of `serve --migrate`) does not wait for it; one with work waits a bounded time and
+/// then fails naming the session that holds it.
+#[tokio::test]
+async fn a_role_holding_the_migration_key_stalls_no_restart_and_is_named() {
+    let (db, mut client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let (_, holder) = connect_as(&db, &client, "keyholder", "").await;
+    let pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    holder
+        .batch_execute("SELECT pg_advisory_lock(7277017000)")
+        .await
+        .expect("any role can take an advisory key");
+
+    let applied = tokio::time::timeout(LIMIT, migrate(&mut client, MigrationScope::All))
+        .await
+        .expect("nothing to do: migrate does not wait for the lock")
+        .expect("migrate");
+    assert_eq!(applied, 0);
+
+    // Something to do: the realtime history no longer records version 3.
+    client
+        .batch_execute("DELETE FROM pgcast.realtime_migrations WHERE version = 3")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let error = tokio::time::timeout(
+        LIMIT,
+        migrate_within(&mut client, MigrationScope::All, Duration::from_secs(1)),
+    )
+    .await
+    .expect("a bounded wait")
+    .expect_err("the lock is held");
+    assert!(
+        matches!(&error, ListenerError::MigrationLockHeld { holder, .. }
+            if holder.contains(&format!("pid {pid} ")) && holder.contains("keyholder")),
+        "{error}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1), "it waited");
+    // The session's own lock_timeout is back.
+    let timeout: String = client
+        .query_one("SELECT current_setting('lock_timeout')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(timeout, "0");
+
+    // Once the holder lets go, the pending work is done under the lock (version 3's objects
+    // exist, so re-running it fails inside its own transaction, after the lock was taken).
+    holder
+        .batch_execute("SELECT pg_advisory_unlock(7277017000)")
+        .await
+        .unwrap();
+    let error = tokio::time::timeout(LIMIT, migrate(&mut client, MigrationScope::All))
+        .await
+        .expect("the lock is free")
+        .expect_err("version 3 applied twice");
+    assert!(matches!(error, ListenerError::Migration(_)), "{error}");
 }
