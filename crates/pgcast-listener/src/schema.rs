@@ -36,8 +36,9 @@ const MIGRATION_LOCK_HOLDER: &str = "SELECT format('pid %s (user %s, application
     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
       AND l.classid = ($1::bigint >> 32)::oid AND l.objid = ($1::bigint & 4294967295)::oid";
 
-/// `lock_timeout` of the migration statements, and of each attempt at the migration lock. A DDL statement waiting for a table lock makes
-/// every later statement on that table queue behind it: `CREATE TRIGGER` on a busy
+/// `lock_timeout` of the migration statements, and of each attempt at the migration lock. A
+/// DDL statement waiting for a table lock makes every later statement on that table queue
+/// behind it: `CREATE TRIGGER` on a busy
 /// `session_assignments` would hold up the application's writes for as long as the longest
 /// open write transaction, and an `ALTER TABLE` of `pgcast.log_state` (read by every commit
 /// since version 2) would hold up every commit, for as long as anyone holds a lock on it — and
@@ -148,6 +149,8 @@ async fn take_migration_lock(client: &Client, wait: Duration) -> Result<(), List
 
 /// Nothing for `migrate` to do: the migration sets of `scope` are applied up to their last
 /// version and version 3's capture triggers are in place. Read without the migration lock.
+/// refinery's checks of the applied migrations (their checksums against the embedded files)
+/// run only when something is pending.
 async fn up_to_date(client: &Client, scope: MigrationScope) -> Result<bool, ListenerError> {
     let mut sets = vec![("pgcast.realtime_migrations", realtime::migrations::runner())];
     if scope == MigrationScope::All {
