@@ -12,8 +12,7 @@
 //! check per frame).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::task::{Context, Poll};
 
 use futures::task::AtomicWaker;
@@ -42,15 +41,6 @@ pub(crate) enum Eviction {
     Gap,
 }
 
-impl Eviction {
-    fn code(self) -> u8 {
-        match self {
-            Eviction::Slow => 1,
-            Eviction::Gap => 2,
-        }
-    }
-}
-
 /// What became of a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pushed {
@@ -71,8 +61,8 @@ pub(crate) struct Outbox {
     budget_bytes: usize,
     /// Cancelled when the connection is evicted ([`Outbox::eviction`] says why); it closes.
     pub(crate) evicted: CancellationToken,
-    /// [`Eviction::code`] of the first eviction, 0 before.
-    eviction: AtomicU8,
+    /// The first eviction's reason.
+    eviction: OnceLock<Eviction>,
 }
 
 impl Outbox {
@@ -82,27 +72,21 @@ impl Outbox {
             waker: AtomicWaker::new(),
             budget_bytes,
             evicted: CancellationToken::new(),
-            eviction: AtomicU8::new(0),
+            eviction: OnceLock::new(),
         }
     }
 
     /// Ends this connection's stream (the first reason stays). True if this call evicted it.
     pub(crate) fn evict(&self, why: Eviction) -> bool {
-        let first = self
-            .eviction
-            .compare_exchange(0, why.code(), Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
+        // Set before the cancel: whoever sees the token cancelled finds the reason.
+        let first = self.eviction.set(why).is_ok();
         self.evicted.cancel();
         first
     }
 
     /// Why the connection was evicted, if it was.
     pub(crate) fn eviction(&self) -> Option<Eviction> {
-        match self.eviction.load(Ordering::Acquire) {
-            1 => Some(Eviction::Slow),
-            2 => Some(Eviction::Gap),
-            _ => None,
-        }
+        self.eviction.get().copied()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {

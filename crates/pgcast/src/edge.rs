@@ -245,12 +245,15 @@ impl Drop for AddressSlot {
     }
 }
 
-/// The accepted socket with its address slot: the slot lives as long as the socket, through
-/// a WebSocket upgrade (hyper hands this very object to the WebSocket).
+/// The accepted socket with its address slot: the slot lives as long as the socket can still
+/// write, through a WebSocket upgrade (hyper hands this very object to the WebSocket). It is
+/// given back when the server shuts the socket down or drops it, just before the peer can see
+/// the close, so a peer that has read the end of its connection may open another at once.
 #[derive(Debug)]
 pub(crate) struct EdgeStream {
+    /// Declared first: dropped before the socket is closed.
+    slot: Option<AddressSlot>,
     tcp: TcpStream,
-    _slot: AddressSlot,
 }
 
 impl AsyncRead for EdgeStream {
@@ -289,7 +292,10 @@ impl AsyncWrite for EdgeStream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+        let this = self.get_mut();
+        // Nothing is written after this (with TLS, its close_notify already was).
+        this.slot = None;
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
 }
 
@@ -346,8 +352,8 @@ pub(crate) async fn serve_http(
         let clock = FrameClock::default();
         let io = FrameDeadline::new(
             EdgeStream {
+                slot: Some(slot),
                 tcp: stream,
-                _slot: slot,
             },
             clock.clone(),
             frame_timeout,
