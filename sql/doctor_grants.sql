@@ -1,7 +1,7 @@
 -- pgcast doctor: privileges that let a role other than pgcast's owner write the log, draw or
 -- reset positions, run pgcast's functions, take or block pgcast's locks, or create objects in
 -- schema pgcast. One row per role and object, e.g.
--- 'INSERT, DELETE on table pgcast.assignment_events to app'. No rows = none.
+-- 'INSERT, DELETE on table pgcast.assignment_changes to app'. No rows = none.
 --
 -- Effective privileges are checked (has_*_privilege), not only the ACLs: a role also gets them
 -- from a role it is a member of, e.g. the predefined pg_write_all_data. Not listed: superusers
@@ -11,7 +11,7 @@
 --
 -- Why each privilege is dangerous:
 --   functions: EXECUTE on the SECURITY DEFINER trigger functions (capture_assignment_changes,
---     publish_pending_events, and version 2's emit_assignment_event) lets a role attach them to
+--     publish_statement, and version 2's emit_assignment_event) lets a role attach them to
 --     a table of its own and append to the log; on prune_events it lets a role delete the log;
 --     install_capture is the migration's trigger swap, for pgcast's owner only.
 --   tables: INSERT/UPDATE/DELETE/TRUNCATE write the log or its state; UPDATE, DELETE, TRUNCATE
@@ -21,7 +21,8 @@
 --     row locks on log_state, stalling commits or pruning.
 --   sequence: UPDATE (setval) breaks the order of positions; USAGE draws positions.
 --   schema: CREATE lets a role add objects to pgcast's schema.
---   PUBLIC only: SELECT on the log would show every event to every role that can connect.
+--   PUBLIC only: SELECT on the log (the view pgcast.assignment_events or the two tables it
+--     joins) would show every event to every role that can connect.
 WITH objects AS (
     SELECT 'function'::text AS kind, 'function ' || p.oid::regprocedure::text AS object,
            p.oid, p.proowner AS owner, ARRAY['EXECUTE'] AS dangerous,
@@ -29,15 +30,21 @@ WITH objects AS (
     FROM pg_proc p
     WHERE p.pronamespace = to_regnamespace('pgcast')
       AND p.proname IN ('emit_assignment_event', 'capture_assignment_changes',
-                        'publish_pending_events', 'install_capture', 'prune_events')
+                        'publish_statement', 'install_capture', 'prune_events')
     UNION ALL
     SELECT 'table', 'table ' || c.oid::regclass::text, c.oid, c.relowner,
            ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'TRIGGER', 'REFERENCES']
                || CASE WHEN current_setting('server_version_num')::int >= 170000
                        THEN ARRAY['MAINTAIN'] ELSE '{}'::text[] END,
-           CASE WHEN c.relname = 'assignment_events' THEN ARRAY['SELECT'] ELSE '{}'::text[] END
+           CASE WHEN c.relname IN ('assignment_changes', 'committed_statements')
+                THEN ARRAY['SELECT'] ELSE '{}'::text[] END
     FROM pg_class c
     WHERE c.relnamespace = to_regnamespace('pgcast') AND c.relkind IN ('r', 'p')
+    UNION ALL
+    SELECT 'view', 'view ' || c.oid::regclass::text, c.oid, c.relowner, '{}'::text[],
+           ARRAY['SELECT']
+    FROM pg_class c
+    WHERE c.relnamespace = to_regnamespace('pgcast') AND c.relkind = 'v'
     UNION ALL
     SELECT 'sequence', 'sequence ' || c.oid::regclass::text, c.oid, c.relowner,
            ARRAY['USAGE', 'UPDATE'], '{}'::text[]
@@ -65,12 +72,14 @@ WITH objects AS (
            CASE p.kind
                WHEN 'function' THEN has_function_privilege(g.name, p.oid, p.priv)
                WHEN 'table'    THEN has_table_privilege(g.name, p.oid, p.priv)
+               WHEN 'view'     THEN has_table_privilege(g.name, p.oid, p.priv)
                WHEN 'sequence' THEN has_sequence_privilege(g.name, p.oid, p.priv)
                WHEN 'schema'   THEN has_schema_privilege(g.name, p.oid, p.priv)
            END                              AS has_it,
            CASE p.kind
                WHEN 'function' THEN has_function_privilege('public', p.oid, p.priv)
                WHEN 'table'    THEN has_table_privilege('public', p.oid, p.priv)
+               WHEN 'view'     THEN has_table_privilege('public', p.oid, p.priv)
                WHEN 'sequence' THEN has_sequence_privilege('public', p.oid, p.priv)
                WHEN 'schema'   THEN has_schema_privilege('public', p.oid, p.priv)
            END                              AS public_has_it

@@ -1,21 +1,22 @@
 -- pgcast doctor: the realtime objects that are missing. No rows = all installed.
--- (The triggers on session_assignments and pgcast.pending_events are checked by
+-- (The triggers on session_assignments and pgcast.assignment_changes are checked by
 -- doctor_trigger.sql.)
 SELECT expected.object
 FROM (VALUES
     (1, 'schema pgcast',                                     to_regnamespace('pgcast')::oid),
     (2, 'function pgcast.version()',                         to_regprocedure('pgcast.version()')::oid),
     (3, 'sequence pgcast.event_position',                    to_regclass('pgcast.event_position')::oid),
-    (4, 'table pgcast.assignment_events',                    to_regclass('pgcast.assignment_events')::oid),
+    (4, 'view pgcast.assignment_events',                     to_regclass('pgcast.assignment_events')::oid),
     (5, 'table pgcast.log_state',                            to_regclass('pgcast.log_state')::oid),
     (6, 'function pgcast.emit_assignment_event()',           to_regprocedure('pgcast.emit_assignment_event()')::oid),
     (7, 'function pgcast.prune_events(interval, integer)',   to_regprocedure('pgcast.prune_events(interval, integer)')::oid),
     (8, 'table pgcast.commit_order',                         to_regclass('pgcast.commit_order')::oid),
-    (9, 'table pgcast.pending_events',                       to_regclass('pgcast.pending_events')::oid),
+    (9, 'table pgcast.assignment_changes',                   to_regclass('pgcast.assignment_changes')::oid),
     (10, 'sequence pgcast.capture_statement',                to_regclass('pgcast.capture_statement')::oid),
     (11, 'function pgcast.capture_assignment_changes()',     to_regprocedure('pgcast.capture_assignment_changes()')::oid),
-    (12, 'function pgcast.publish_pending_events()',         to_regprocedure('pgcast.publish_pending_events()')::oid),
-    (13, 'function pgcast.install_capture()',                to_regprocedure('pgcast.install_capture()')::oid)
+    (12, 'function pgcast.publish_statement()',              to_regprocedure('pgcast.publish_statement()')::oid),
+    (13, 'function pgcast.install_capture()',                to_regprocedure('pgcast.install_capture()')::oid),
+    (14, 'table pgcast.committed_statements',                to_regclass('pgcast.committed_statements')::oid)
 ) AS expected(n, object, oid)
 WHERE expected.oid IS NULL
 ORDER BY expected.n

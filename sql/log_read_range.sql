@@ -4,14 +4,31 @@
 -- (a client gets `resync`) instead of skipping them silently.
 -- Always at least one row; position and payload are NULL when the range holds no event.
 -- $1 = after (exclusive), $2 = through (inclusive), $3 = page size.
--- Served by the primary key index of pgcast.assignment_events.
+-- The statements whose blocks of positions reach past $1 come from the primary key of
+-- pgcast.committed_statements (each holds at least one event past $1, so $3 of them are
+-- enough), each one's rows past $1 from the primary key of pgcast.assignment_changes. The
+-- payload is the one pgcast.assignment_events (the view) shows.
 SELECT s.pruned_through, e.position, e.payload::text
 FROM pgcast.log_state s
 LEFT JOIN LATERAL (
-    SELECT position, payload
-    FROM pgcast.assignment_events
-    WHERE position > $1 AND position <= $2
-    ORDER BY position
+    SELECT c.first_position + ch.ordinal - 1 AS position,
+           jsonb_build_object('position', c.first_position + ch.ordinal - 1,
+                              'committed_at', c.committed_at) || ch.event AS payload
+    FROM (SELECT last_position, first_position, statement, committed_at
+          FROM pgcast.committed_statements
+          WHERE last_position > $1 AND first_position <= $2
+          ORDER BY last_position
+          LIMIT $3) AS c
+    CROSS JOIN LATERAL (
+        SELECT a.ordinal, a.event
+        FROM pgcast.assignment_changes a
+        WHERE a.statement = c.statement
+          AND a.ordinal > $1 - c.first_position + 1
+          AND a.ordinal <= $2 - c.first_position + 1
+        ORDER BY a.ordinal
+        LIMIT $3
+    ) AS ch
+    ORDER BY 1
     LIMIT $3
 ) AS e ON true
 ORDER BY e.position

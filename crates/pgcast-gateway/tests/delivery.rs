@@ -183,8 +183,8 @@ async fn since_older_than_retention_or_ahead_of_the_log_gets_resync() {
     // Retention removed the first events.
     h.admin
         .execute(
-            "UPDATE pgcast.assignment_events SET committed_at = now() - interval '2 days'
-             WHERE position <= 2",
+            "UPDATE pgcast.committed_statements SET committed_at = now() - interval '2 days'
+             WHERE last_position <= 2",
             &[],
         )
         .await

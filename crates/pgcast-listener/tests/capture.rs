@@ -1,6 +1,6 @@
-//! Version 3's capture: statement triggers stage each statement's rows in
-//! `pgcast.pending_events`, and one deferred step per transaction moves them to the log at
-//! commit with commit-ordered positions. What that must keep from the row trigger it replaced:
+//! Statement capture (version 3 on; version 4 writes each statement's rows to
+//! `pgcast.assignment_changes` as it runs, and a deferred step per statement gives them a block
+//! of commit-ordered positions at commit, in `pgcast.committed_statements`). What that must keep from the row trigger it replaced:
 //! every change once, in write order within a transaction (several statements, multi-row
 //! statements), commit order across transactions, nothing from rolled-back savepoints, updates
 //! paired with their old routing fields even when `id` changes, and an upgrade from version 2
@@ -38,14 +38,20 @@ fn assert_contiguous(events: &[std::sync::Arc<pgcast_events::AssignmentEvent>]) 
     }
 }
 
-/// The staging table holds nothing visible once every transaction has ended.
-async fn assert_nothing_staged(client: &tokio_postgres::Client) {
-    let staged: i64 = client
-        .query_one("SELECT count(*) FROM pgcast.pending_events", &[])
+/// Every captured row visible once every transaction has ended was published: its statement
+/// has its block of positions.
+async fn assert_nothing_unpublished(client: &tokio_postgres::Client) {
+    let unpublished: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pgcast.assignment_changes ch
+             WHERE NOT EXISTS (SELECT 1 FROM pgcast.committed_statements c
+                               WHERE c.statement = ch.statement)",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(staged, 0, "rows left in pgcast.pending_events");
+    assert_eq!(unpublished, 0, "captured rows without positions");
 }
 
 #[tokio::test]
@@ -102,9 +108,11 @@ async fn several_statements_in_one_transaction_keep_their_order() {
     assert_eq!(got[4].old_status(), Some(Status::Queued));
     assert_eq!(got[4].assignment.status, Status::Offered);
     assert_eq!(got[5].old_status(), Some(Status::Queued));
-    // One commit, one commit time.
-    assert!(got.iter().all(|e| e.committed_at == got[0].committed_at));
-    assert_nothing_staged(&client).await;
+    // Each statement is published at commit, in the order the statements ran.
+    assert!(got
+        .windows(2)
+        .all(|w| w[0].committed_at <= w[1].committed_at));
+    assert_nothing_unpublished(&client).await;
     listener.stop().await;
 }
 
@@ -268,8 +276,8 @@ async fn savepoint_rollbacks_leave_no_events_and_the_rest_still_publishes() {
     let (db, mut client) = migrated_db(PgCluster::shared().unwrap()).await;
     let mut listener = start_listener(&db, Start::Head).await;
 
-    // The transaction's first staged rows are rolled back with their savepoint (and with them
-    // the flag that publishes at commit): what follows must still be published.
+    // The transaction's first captured rows are rolled back with their savepoint (and with them
+    // their statement's publishing at commit): what follows must still be published.
     let tx = client.transaction().await.unwrap();
     tx.batch_execute(
         "SAVEPOINT s;
@@ -280,7 +288,7 @@ async fn savepoint_rollbacks_leave_no_events_and_the_rest_still_publishes() {
     .await
     .unwrap();
     tx.execute(INSERT_ONE, &[&"kept 1"]).await.unwrap();
-    // A savepoint rolled back after the first staged rows.
+    // A savepoint rolled back after the first captured rows.
     tx.batch_execute(
         "SAVEPOINT t;
          INSERT INTO session_assignments (session_id, status, customer_name)
@@ -310,7 +318,7 @@ async fn savepoint_rollbacks_leave_no_events_and_the_rest_still_publishes() {
     assert_eq!(names(&got), ["kept 1", "kept 2"]);
     assert!(got.iter().all(|e| e.kind == EventKind::Created));
     assert_contiguous(&got);
-    assert_nothing_staged(&client).await;
+    assert_nothing_unpublished(&client).await;
     listener.stop().await;
 }
 
@@ -416,6 +424,134 @@ async fn a_version_2_install_upgrades_in_place_and_positions_continue() {
         got.iter().all(|e| e.customer_id == Some(customer)),
         "both versions record the session's customer"
     );
+    listener.stop().await;
+}
+
+/// A version 3 install is upgraded while a writer is between its first capture and its commit:
+/// the upgrade waits for it (version 3 staged that writer's rows for a commit-time move into a
+/// table version 4 replaces), the writer's events land in the log, every version 3 event keeps
+/// its position and payload through the move, and positions continue.
+#[tokio::test]
+async fn a_version_3_install_upgrades_under_a_writer_in_flight_and_keeps_its_log() {
+    let db = PgCluster::shared()
+        .unwrap()
+        .create_database()
+        .await
+        .unwrap();
+    let mut client = db.connect().await.unwrap();
+    install_version(&mut client, 3).await;
+    // A multi-row statement, an update and a delete, as version 3 logged them.
+    client
+        .batch_execute(
+            "INSERT INTO session_assignments (session_id, status, customer_name)
+                 SELECT gen_random_uuid(), 'queued', 'v3 row ' || g FROM generate_series(1, 3) g;
+             UPDATE session_assignments SET status = 'offered' WHERE customer_name = 'v3 row 2';
+             DELETE FROM session_assignments WHERE customer_name = 'v3 row 3';",
+        )
+        .await
+        .unwrap();
+
+    let mut writer = db.connect().await.unwrap();
+    let writer_pid: i32 = writer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let tx = writer.transaction().await.unwrap();
+    tx.execute(INSERT_ONE, &[&"in flight"]).await.unwrap();
+
+    let mut upgrader = db.connect().await.unwrap();
+    let upgrader_pid: i32 = upgrader
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let upgrade = tokio::spawn(async move {
+        migrate(&mut upgrader, MigrationScope::All)
+            .await
+            .map(|_| ())
+    });
+    // The upgrade waits for the writer's lock on the table (migrate's lock_timeout is 5 s).
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let waiting: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks w JOIN pg_locks h
+                                  ON h.relation = w.relation AND h.granted AND h.pid = $2
+                                WHERE w.pid = $1 AND NOT w.granted)",
+                &[&upgrader_pid, &writer_pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting {
+            break;
+        }
+        assert!(
+            !upgrade.is_finished(),
+            "the upgrade did not wait for the writer"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upgrade never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tx.commit().await.unwrap();
+    tokio::time::timeout(LIMIT, upgrade)
+        .await
+        .expect("the upgrade finishes once the writer committed")
+        .unwrap()
+        .expect("migrate");
+    assert_eq!(
+        installed_version(&client).await.unwrap(),
+        Some(SCHEMA_VERSION)
+    );
+    // What version 3 would have shown: the same positions and payloads, now through the view.
+    let log: Vec<(i64, String)> = client
+        .query(
+            "SELECT position, payload::text FROM pgcast.assignment_events ORDER BY position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(log.len(), 6, "{log:?}");
+    let old_rows: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pgcast.committed_statements c
+             JOIN pgcast.assignment_changes ch USING (statement)
+             WHERE c.first_position = c.last_position AND ch.ordinal = 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(old_rows, 6, "each moved event is a statement of one row");
+
+    let mut listener = start_listener(&db, Start::After(0)).await;
+    client.execute(INSERT_ONE, &[&"v4 row"]).await.unwrap();
+    let got = listener.take(7, LIMIT).await;
+    listener.assert_quiet().await;
+    assert_eq!(
+        names(&got),
+        [
+            "v3 row 1",
+            "v3 row 2",
+            "v3 row 3",
+            "v3 row 2",
+            "v3 row 3",
+            "in flight",
+            "v4 row"
+        ]
+    );
+    for (event, (position, _)) in got.iter().zip(&log) {
+        assert_eq!(event.position, *position);
+    }
+    assert_contiguous(&got);
+    assert_nothing_unpublished(&client).await;
     listener.stop().await;
 }
 

@@ -115,7 +115,8 @@ async fn what_a_role_with_usage_can_hold_stalls_no_commit_and_no_prune() {
     for (i, table) in [
         "pgcast.commit_order",
         "pgcast.log_state",
-        "pgcast.assignment_events",
+        "pgcast.assignment_changes",
+        "pgcast.committed_statements",
     ]
     .iter()
     .enumerate()
@@ -145,7 +146,7 @@ async fn what_a_role_with_usage_can_hold_stalls_no_commit_and_no_prune() {
         "SELECT 1 FROM pgcast.log_state FOR KEY SHARE",
         "COMMENT ON TABLE pgcast.commit_order IS 'mine'",
         "CREATE TABLE heir () INHERITS (pgcast.commit_order)",
-        "CREATE TABLE child (p bigint REFERENCES pgcast.assignment_events)",
+        "CREATE TABLE child (p bigint REFERENCES pgcast.committed_statements)",
         "CREATE TABLE child (s boolean REFERENCES pgcast.log_state)",
         "CREATE INDEX ON pgcast.commit_order ((1))",
     ] {
@@ -277,16 +278,21 @@ async fn set_constraints_immediate_holds_the_lock_to_commit_and_keeps_the_order(
     )
     .await;
     assert!(!late_write.is_finished());
+    // A statement after the first publishing is published too, before the late writer's.
+    early.execute(INSERT_ONE, &[&"early, again"]).await.unwrap();
     early.batch_execute("COMMIT").await.unwrap();
     tokio::time::timeout(LIMIT, late_write)
         .await
         .expect("the late writer commits once the lock is free")
         .unwrap();
 
-    let got = listener.take(2, LIMIT).await;
-    assert_eq!(got[0].assignment.customer_name.as_deref(), Some("early"));
-    assert_eq!(got[1].assignment.customer_name.as_deref(), Some("late"));
-    assert!(got[0].position < got[1].position);
+    let got = listener.take(3, LIMIT).await;
+    let names: Vec<_> = got
+        .iter()
+        .map(|e| e.assignment.customer_name.as_deref())
+        .collect();
+    assert_eq!(names, [Some("early"), Some("early, again"), Some("late")]);
+    assert!(got.windows(2).all(|w| w[0].position < w[1].position));
     listener.stop().await;
 }
 

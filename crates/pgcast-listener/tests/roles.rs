@@ -66,22 +66,24 @@ async fn a_role_with_usage_on_the_schema_cannot_attach_write_or_lock() {
     .await;
     denied(&intruder, "SELECT pgcast.emit_assignment_event()").await;
     denied(&intruder, "SELECT pgcast.prune_events('1 second')").await;
-    denied(
-        &intruder,
-        "INSERT INTO pgcast.assignment_events VALUES (999999, gen_random_uuid(), 'insert', now(), '{}')",
-    )
-    .await;
-    denied(&intruder, "DELETE FROM pgcast.assignment_events").await;
     denied(&intruder, "SELECT nextval('pgcast.event_position')").await;
-    // Schema version 3's capture: staged rows become events at commit, so writing the staging
-    // table would forge them; its functions and sequence are pgcast's alone.
+    // The log's two tables (version 4): a captured row becomes an event when its statement is
+    // published, so writing either would forge or erase events; the functions and sequence
+    // that write them are pgcast's alone. The view over them is not writable at all.
     denied(
         &intruder,
-        "INSERT INTO pgcast.pending_events
-         VALUES (pg_current_xact_id(), 0, 0, true, 'insert', gen_random_uuid(), '{}')",
+        "INSERT INTO pgcast.assignment_changes
+         VALUES (0, 1, 1, 'insert', gen_random_uuid(), '{}')",
     )
     .await;
-    denied(&intruder, "DELETE FROM pgcast.pending_events").await;
+    denied(&intruder, "DELETE FROM pgcast.assignment_changes").await;
+    denied(
+        &intruder,
+        "INSERT INTO pgcast.committed_statements VALUES (999999, 999999, 0, now())",
+    )
+    .await;
+    denied(&intruder, "DELETE FROM pgcast.committed_statements").await;
+    denied(&intruder, "SELECT payload FROM pgcast.assignment_events").await;
     denied(
         &intruder,
         "CREATE TRIGGER fake_capture AFTER INSERT ON fake
@@ -89,7 +91,7 @@ async fn a_role_with_usage_on_the_schema_cannot_attach_write_or_lock() {
     )
     .await;
     denied(&intruder, "SELECT pgcast.capture_assignment_changes()").await;
-    denied(&intruder, "SELECT pgcast.publish_pending_events()").await;
+    denied(&intruder, "SELECT pgcast.publish_statement()").await;
     denied(&intruder, "SELECT pgcast.install_capture()").await;
     denied(&intruder, "SELECT nextval('pgcast.capture_statement')").await;
     // The commit-order lock and the prune lock.
@@ -227,9 +229,12 @@ async fn a_role_holding_the_migration_key_stalls_no_restart_and_is_named() {
         .expect("migrate");
     assert_eq!(applied, 0);
 
-    // Something to do: the realtime history no longer records version 3.
+    // Something to do: the realtime history no longer records the latest version.
     client
-        .batch_execute("DELETE FROM pgcast.realtime_migrations WHERE version = 3")
+        .batch_execute(
+            "DELETE FROM pgcast.realtime_migrations
+             WHERE version = (SELECT max(version) FROM pgcast.realtime_migrations)",
+        )
         .await
         .unwrap();
     let started = std::time::Instant::now();
@@ -254,8 +259,9 @@ async fn a_role_holding_the_migration_key_stalls_no_restart_and_is_named() {
         .get(0);
     assert_eq!(timeout, "0");
 
-    // Once the holder lets go, the pending work is done under the lock (version 3's objects
-    // exist, so re-running it fails inside its own transaction, after the lock was taken).
+    // Once the holder lets go, the pending work is done under the lock (the latest version's
+    // objects exist, so re-running it fails inside its own transaction, after the lock was
+    // taken).
     holder
         .batch_execute("SELECT pg_advisory_unlock(7277017000)")
         .await
@@ -263,6 +269,6 @@ async fn a_role_holding_the_migration_key_stalls_no_restart_and_is_named() {
     let error = tokio::time::timeout(LIMIT, migrate(&mut client, MigrationScope::All))
         .await
         .expect("the lock is free")
-        .expect_err("version 3 applied twice");
+        .expect_err("the latest version applied twice");
     assert!(matches!(error, ListenerError::Migration(_)), "{error}");
 }

@@ -51,7 +51,7 @@ const LISTEN_PROBE: &str = include_str!("../../../sql/doctor_listen_probe.sql");
 const TABLE: &str = "session_assignments";
 /// Version 2's row trigger: left in place by an upgrade whose role did not own [`TABLE`].
 const LEGACY_TRIGGER: &str = "pgcast_emit_assignment_event";
-/// The statement triggers on [`TABLE`] that capture changes (version 3) are named with it.
+/// The statement triggers on [`TABLE`] that capture changes (version 3 on) are named with it.
 const CAPTURE_PREFIX: &str = "pgcast_capture_";
 /// Above this fraction of the NOTIFY queue in use, the database is unhealthy: at 100 % every
 /// transaction that writes `session_assignments` fails at commit.
@@ -506,7 +506,7 @@ impl TriggerState {
 }
 
 /// The statement triggers on [`TABLE`] that capture changes and the deferred trigger that
-/// publishes them at commit (version 3); or version 2's row trigger where an upgrade could not
+/// publishes them at commit (versions 3 and 4); or version 2's row trigger where an upgrade could not
 /// replace it. A disabled, replica-only, missing or foreign one of them is a failure.
 async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(), PgcastError> {
     let triggers: Vec<TriggerState> = client
@@ -523,7 +523,7 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
     }
     let (current, legacy): (Vec<&TriggerState>, Vec<&TriggerState>) =
         triggers.iter().partition(|t| t.name != LEGACY_TRIGGER);
-    // The publishing trigger on pgcast.pending_events exists either way; the statement
+    // The publishing trigger on pgcast.assignment_changes exists either way; the statement
     // triggers on the table say which capture is in place.
     let capture_installed = current
         .iter()

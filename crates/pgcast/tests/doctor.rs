@@ -100,7 +100,7 @@ async fn disabled_trigger_is_a_failure() {
         ("session_assignments", "pgcast_capture_insert"),
         ("session_assignments", "pgcast_capture_update"),
         ("session_assignments", "pgcast_capture_delete"),
-        ("pgcast.pending_events", "pgcast_publish_at_commit"),
+        ("pgcast.assignment_changes", "pgcast_publish_at_commit"),
     ] {
         client
             .batch_execute(&format!("ALTER TABLE {table} DISABLE TRIGGER {trigger}"))
@@ -218,7 +218,7 @@ async fn unmigrated_database_names_what_is_missing() {
     assert!(!report.is_healthy());
     let schema = &report.check("schema").expect("schema check").detail;
     assert!(
-        schema.contains("table pgcast.assignment_events"),
+        schema.contains("table pgcast.assignment_changes"),
         "{schema}"
     );
     let trigger = &report.check("trigger").expect("trigger check").detail;
@@ -250,11 +250,10 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// The privileges the README gives a read-only DBA / monitor role that runs `doctor`: enough
-/// for every check, and no event content (only the position and commit time columns of the
-/// log).
+/// for every check, and no event content (the log's positions and commit times, in
+/// `pgcast.committed_statements`, not its rows).
 const MONITOR_GRANTS: &str = "GRANT pg_monitor TO {role}; GRANT USAGE ON SCHEMA pgcast TO {role};
-     GRANT SELECT (position, committed_at) ON pgcast.assignment_events TO {role};
-     GRANT SELECT ON pgcast.log_state TO {role};";
+     GRANT SELECT ON pgcast.committed_statements, pgcast.log_state TO {role};";
 
 /// Creates login role `<name>_<db>` with `grants` (`{role}` stands for its name) and connects
 /// as it. Roles belong to the cluster, hence the database name in theirs.
@@ -310,7 +309,7 @@ async fn dangerous_grants_are_a_failure() {
             "CREATE ROLE {role};
              GRANT EXECUTE ON FUNCTION pgcast.emit_assignment_event() TO PUBLIC;
              GRANT SELECT ON pgcast.assignment_events TO PUBLIC;
-             GRANT INSERT ON pgcast.assignment_events TO {role};
+             GRANT INSERT ON pgcast.assignment_changes TO {role};
              GRANT REFERENCES ON pgcast.log_state TO {role};
              GRANT UPDATE ON SEQUENCE pgcast.event_position TO {role};
              GRANT CREATE ON SCHEMA pgcast TO {role};"
@@ -321,8 +320,8 @@ async fn dangerous_grants_are_a_failure() {
     let detail = failed(&report, "grants");
     for grant in [
         "EXECUTE on function pgcast.emit_assignment_event() to PUBLIC".to_owned(),
-        "SELECT on table pgcast.assignment_events to PUBLIC".to_owned(),
-        format!("INSERT on table pgcast.assignment_events to {role}"),
+        "SELECT on view pgcast.assignment_events to PUBLIC".to_owned(),
+        format!("INSERT on table pgcast.assignment_changes to {role}"),
         format!("REFERENCES on table pgcast.log_state to {role}"),
         format!("UPDATE on sequence pgcast.event_position to {role}"),
         format!("CREATE on schema pgcast to {role}"),
@@ -341,7 +340,7 @@ async fn dangerous_grants_are_a_failure() {
         .batch_execute(&format!(
             "REVOKE EXECUTE ON FUNCTION pgcast.emit_assignment_event() FROM PUBLIC;
              REVOKE SELECT ON pgcast.assignment_events FROM PUBLIC;
-             REVOKE ALL ON pgcast.assignment_events, pgcast.log_state FROM {role};
+             REVOKE ALL ON pgcast.assignment_changes, pgcast.log_state FROM {role};
              REVOKE ALL ON SEQUENCE pgcast.event_position FROM {role};
              REVOKE CREATE ON SCHEMA pgcast FROM {role};"
         ))
@@ -379,7 +378,8 @@ async fn a_member_of_pg_write_all_data_is_a_dangerous_grant() {
     let report = doctor(&db, &client).await;
     let detail = failed(&report, "grants");
     for grant in [
-        format!("INSERT, UPDATE, DELETE on table pgcast.assignment_events to {writer}"),
+        format!("INSERT, UPDATE, DELETE on table pgcast.assignment_changes to {writer}"),
+        format!("INSERT, UPDATE, DELETE on table pgcast.committed_statements to {writer}"),
         format!("INSERT, UPDATE, DELETE on table pgcast.commit_order to {writer}"),
         format!("UPDATE on sequence pgcast.event_position to {writer}"),
     ] {
@@ -580,7 +580,7 @@ async fn pruning_that_stopped_while_events_are_overdue_is_a_failure() {
     // An event older than the retention that nobody pruned: retention is not enforced.
     client
         .batch_execute(
-            "UPDATE pgcast.assignment_events SET committed_at = now() - interval '2 days'",
+            "UPDATE pgcast.committed_statements SET committed_at = now() - interval '2 days'",
         )
         .await
         .expect("age the event");

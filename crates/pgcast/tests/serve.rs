@@ -398,18 +398,19 @@ async fn metrics_answer_while_the_database_hangs() {
 #[tokio::test]
 async fn retention_prunes_old_rows_and_older_since_gets_resync() {
     let (db, admin) = migrated_db().await;
-    // More rows than one prune batch (1000), all committed "an hour ago".
+    // More statements than one prune batch (1000), all committed "an hour ago".
     admin
-        .execute(
-            "INSERT INTO session_assignments (session_id, status) \
-             SELECT gen_random_uuid(), 'queued' FROM generate_series(1, 1200)",
-            &[],
+        .batch_execute(
+            "DO $$ BEGIN FOR i IN 1..1200 LOOP \
+                 INSERT INTO session_assignments (session_id, status) \
+                 VALUES (gen_random_uuid(), 'queued'); \
+             END LOOP; END $$",
         )
         .await
         .expect("insert old rows");
     let backdated = admin
         .execute(
-            "UPDATE pgcast.assignment_events SET committed_at = now() - interval '1 hour'",
+            "UPDATE pgcast.committed_statements SET committed_at = now() - interval '1 hour'",
             &[],
         )
         .await

@@ -220,15 +220,19 @@ async fn pruned_since_warns_and_starts_at_the_oldest_retained_event() {
     let (db, client) = migrated_db().await;
     history(&client).await;
     let log = log_after(&client, 0).await;
-    // What pgcast.prune_events() leaves behind after deleting the first two events.
-    client
-        .execute(
-            "WITH gone AS (DELETE FROM pgcast.assignment_events WHERE position <= $1 RETURNING 1) \
-             UPDATE pgcast.log_state SET pruned_through = $1",
-            &[&log[1].position],
-        )
+    // pgcast.prune_events() deletes the first two events (two statements, the oldest).
+    let pruned: i32 = client
+        .query_one("SELECT pgcast.prune_events('0 s', 2)", &[])
         .await
-        .expect("prune");
+        .expect("prune")
+        .get(0);
+    assert_eq!(pruned, 2);
+    let through: i64 = client
+        .query_one("SELECT pruned_through FROM pgcast.log_state", &[])
+        .await
+        .expect("pruned_through")
+        .get(0);
+    assert_eq!(through, log[1].position);
 
     let mut tail = Tail::start(db.url(), &["--since", "0"]);
     assert_line(&tail.next().await, "assignments", &log[2]);
