@@ -202,7 +202,7 @@ pub(crate) enum Scenario {
     ///
     /// Needs a pgcast of its own: skipped with --ws-url.
     Storm,
-    /// 9. Write cost: commits/s with no trigger, a bare NOTIFY trigger, two log floors, pgcast's version 2 and 3 triggers.
+    /// 9. Write cost: commits/s with no trigger, a bare NOTIFY trigger, two log floors and pgcast's triggers.
     Writes,
 }
 

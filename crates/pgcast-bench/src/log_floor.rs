@@ -5,7 +5,8 @@
 //! listener is — a LISTEN connection whose doorbells wake a second connection that reads every
 //! row after its position — with nothing else: no pool, no decoding, no fan-out. What pgcast's
 //! write path costs beyond the event-content floor is the price of its design (statements
-//! captured and staged so that the commit-order lock is held for one statement, not per row).
+//! captured whole and numbered at commit, so that the commit-order lock is held for one small
+//! row per statement, not through every row).
 //!
 //! ```text
 //!   LISTEN conn ── doorbell ──▶ bell ──▶ reader conn: SELECT … WHERE position > last (pages)

@@ -2,12 +2,11 @@
 //! inserts into `session_assignments` with no trigger, with a bare NOTIFY trigger (the
 //! baseline `pg_notify(channel, to_jsonb(NEW)::text)` per row, `sql/bare_notify.sql`), with the
 //! two floors of a durable, commit-ordered log (`sql/ordered_log_floor.sql` and their reader,
-//! `log_floor.rs`: the row alone, and the content of pgcast's events), with pgcast's version 2
-//! row trigger (which the schema keeps for installs that do not own the table) and with
-//! pgcast's triggers as `pgcast migrate` installs them; 1-row and 100-row transactions.
+//! `log_floor.rs`: the row alone, and the content of pgcast's events) and with pgcast's
+//! triggers as `pgcast migrate` installs them; 1-row and 100-row transactions.
 //!
 //! ```text
-//!  per size: round 1: none ▸ bare ▸ floor ▸ content floor ▸ v2 row ▸ pgcast   round 2: …
+//!  per size: round 1: none ▸ bare ▸ floor ▸ content floor ▸ pgcast   round 2: …
 //!            each a few seconds, the same writers flat out; CPU of PostgreSQL read around each
 //! ```
 //!
@@ -17,8 +16,8 @@
 //! machine's noise falls on all of them alike. Every trigger has its reader, as in production:
 //! the pgcast under test reads its log at each doorbell, a bare LISTEN connection reads the
 //! baseline channel, the floors' reader their log. Whatever happens, pgcast's triggers are
-//! enabled again (on a connection of their own) and the baseline, the floors and the version 2
-//! row trigger dropped at the end.
+//! enabled again (on a connection of their own) and the baseline and the floors dropped at the
+//! end.
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -33,19 +32,6 @@ use crate::stats::{round3, CpuSample, CpuUse};
 
 use super::context::Ctx;
 
-/// pgcast's version 2 trigger function on `session_assignments` under a bench name, disabled:
-/// the schema keeps the function (installs whose role does not own the table still run it), so
-/// the design it replaced is measured as installed, read by the pgcast under test.
-/// Dropped first: a run killed before its end leaves it behind.
-const ROW_TRIGGER: &str =
-    "DROP TRIGGER IF EXISTS pgcast_bench_row_trigger ON session_assignments; \
-    CREATE CONSTRAINT TRIGGER pgcast_bench_row_trigger \
-    AFTER INSERT OR UPDATE OR DELETE ON session_assignments DEFERRABLE INITIALLY DEFERRED \
-    FOR EACH ROW EXECUTE FUNCTION pgcast.emit_assignment_event(); \
-    ALTER TABLE session_assignments DISABLE TRIGGER pgcast_bench_row_trigger";
-const ROW_TRIGGER_DROP: &str =
-    "DROP TRIGGER IF EXISTS pgcast_bench_row_trigger ON session_assignments";
-
 /// The trigger variants, in the order each round runs them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -54,17 +40,15 @@ enum Variant {
     BareNotify,
     LogFloor,
     ContentFloor,
-    RowTrigger,
     Pgcast,
 }
 
 impl Variant {
-    const ALL: [Variant; 6] = [
+    const ALL: [Variant; 5] = [
         Variant::NoTrigger,
         Variant::BareNotify,
         Variant::LogFloor,
         Variant::ContentFloor,
-        Variant::RowTrigger,
         Variant::Pgcast,
     ];
 
@@ -74,22 +58,19 @@ impl Variant {
             Variant::BareNotify => "bare NOTIFY trigger",
             Variant::LogFloor => "ordered-log floor",
             Variant::ContentFloor => "event-content floor",
-            Variant::RowTrigger => "pgcast version 2 row trigger",
             Variant::Pgcast => "pgcast trigger",
         }
     }
 
-    /// The triggers on `session_assignments` that make this variant: the migrations' (schema
-    /// version 3 captures with three statement triggers; with them off nothing is staged, so
-    /// its commit-time trigger never fires), `sql/bare_notify.sql`'s, the two of
-    /// `sql/ordered_log_floor.sql` and [`ROW_TRIGGER`].
+    /// The triggers on `session_assignments` that make this variant: the migrations' (three
+    /// statement triggers capture; with them off nothing is captured, so the commit-time
+    /// trigger never fires), `sql/bare_notify.sql`'s and the two of `sql/ordered_log_floor.sql`.
     fn triggers(self) -> &'static [&'static str] {
         match self {
             Variant::NoTrigger => &[],
             Variant::BareNotify => &["pgcast_bench_bare_notify"],
             Variant::LogFloor => &["pgcast_bench_log_floor"],
             Variant::ContentFloor => &["pgcast_bench_content_floor"],
-            Variant::RowTrigger => &["pgcast_bench_row_trigger"],
             Variant::Pgcast => &[
                 "pgcast_capture_insert",
                 "pgcast_capture_update",
@@ -190,8 +171,7 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
     };
     let measured = switched(ctx, run).await;
     // Whatever happened (a lost connection may be what failed), on a connection of its own:
-    // without the row trigger, pgcast's triggers enabled. The baseline and the floors are
-    // dropped by their own `finish`.
+    // pgcast's triggers enabled. The baseline and the floors are dropped by their own `finish`.
     let enable = Variant::Pgcast
         .triggers()
         .iter()
@@ -200,10 +180,10 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
         .join(", ");
     let restored = execute_once(
         &ctx.db.config,
-        &format!("{ROW_TRIGGER_DROP}; ALTER TABLE session_assignments {enable}"),
+        &format!("ALTER TABLE session_assignments {enable}"),
     )
     .await
-    .context("drop the row trigger and enable pgcast's triggers again");
+    .context("enable pgcast's triggers again");
     let floor_read = floor.finish().await;
     listen.finish().await;
     let sizes = measured?;
@@ -211,15 +191,11 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
     Ok(section(ctx, &sizes, floor_read?))
 }
 
-/// Installs the row trigger and measures every variant, switching between them on one admin
-/// connection.
+/// Measures every variant, switching between them on one admin connection.
 async fn switched(ctx: &Ctx, run: u32) -> Result<Vec<Size>> {
     let (admin, connection) = ctx.db.config.connect(NoTls).await?;
     let driver = tokio::spawn(connection);
-    let measured = match admin.batch_execute(ROW_TRIGGER).await {
-        Ok(()) => measure(ctx, &admin, run).await,
-        Err(e) => Err(e).context("install pgcast's version 2 row trigger for the scenario"),
-    };
+    let measured = measure(ctx, &admin, run).await;
     drop(admin);
     let _ = driver.await;
     measured
@@ -277,7 +253,7 @@ async fn measure(ctx: &Ctx, admin: &Client, run: u32) -> Result<Vec<Size>> {
 fn section(ctx: &Ctx, sizes: &[Size], floor_read: u64) -> Section {
     let (round, rounds) = (ctx.sizes.writes_round, ctx.sizes.writes_rounds);
     let mut md = format!(
-        "Writers commit general queued inserts into `session_assignments` as fast as the database takes them — 1-row transactions ({} writers) and 100-row transactions ({} writers; one multi-row `INSERT … SELECT … generate_series` statement of 100 rows, as in scenario 2). Six variants of the same table in the same cluster: **no trigger**; a **bare NOTIFY trigger** (`pg_notify('pgcast_bench_bare', to_jsonb(NEW)::text)` per row, read by a bare LISTEN connection); the **ordered-log floor**, the least a durable, commit-ordered log that readers resume from must do (`crates/pgcast-bench/sql/ordered_log_floor.sql`: a deferred row trigger that takes an ordering lock, draws a position, appends `to_jsonb(NEW)` to a logged table with only its primary key and rings an empty doorbell); the **event-content floor**, the same trigger appending what each of pgcast's log rows carries instead (op, the row, its old status, mechanic and workshop, the session's customer looked up per row, position and commit time; built before the lock), run as its owner with a fixed search_path (SECURITY DEFINER: writers need no right on the log) — a trusted log of pgcast's events with nothing else, row by row, so the lock is held through every row after a transaction's first; one reader reads both floors' rows after its position at each doorbell, on a connection beside its LISTEN connection, as pgcast's listener does; **pgcast's version 2 row trigger** (`pgcast.emit_assignment_event()`, kept by the schema for installs whose role does not own the table: the event-content floor with pgcast's log — the installed-table check, the log's columns and its commit-time index — and the payload built under the lock; read by the pgcast under test); **pgcast's triggers** as `pgcast migrate` installs them (schema version 3: each statement's rows staged by a statement trigger, moved to the log once per transaction at commit in commit order, so the lock is held for one statement, one doorbell NOTIFY per transaction, read by the pgcast under test). They are switched with `ALTER TABLE … DISABLE/ENABLE TRIGGER` and interleaved: {} rounds of {} s each, every round no trigger ▸ bare ▸ floor ▸ content floor ▸ v2 row trigger ▸ pgcast, the same writer connections throughout. PostgreSQL CPU = the postmaster and all its backends (from `/proc`), per committed row.\n\n",
+        "Writers commit general queued inserts into `session_assignments` as fast as the database takes them — 1-row transactions ({} writers) and 100-row transactions ({} writers; one multi-row `INSERT … SELECT … generate_series` statement of 100 rows, as in scenario 2). Five variants of the same table in the same cluster: **no trigger**; a **bare NOTIFY trigger** (`pg_notify('pgcast_bench_bare', to_jsonb(NEW)::text)` per row, read by a bare LISTEN connection); the **ordered-log floor**, the least a durable, commit-ordered log that readers resume from must do (`crates/pgcast-bench/sql/ordered_log_floor.sql`: a deferred row trigger that takes an ordering lock, draws a position, appends `to_jsonb(NEW)` to a logged table with only its primary key and rings an empty doorbell); the **event-content floor**, the same trigger appending what each of pgcast's log rows carries instead (op, the row, its old status, mechanic and workshop, the session's customer looked up per row, position and commit time; built before the lock), run as its owner with a fixed search_path (SECURITY DEFINER: writers need no right on the log) — a trusted log of pgcast's events with nothing else, row by row, so the lock is held through every row after a transaction's first; one reader reads both floors' rows after its position at each doorbell, on a connection beside its LISTEN connection, as pgcast's listener does; **pgcast's triggers** as `pgcast migrate` installs them (schema version 4: a statement trigger writes each statement's rows, their events built, to the log's content table while the statement runs; at commit one deferred trigger per statement takes the commit-order lock and records the statement's block of positions in one row, so the lock is held for one small insert per statement however many rows it changed; one doorbell NOTIFY per transaction; read by the pgcast under test). They are switched with `ALTER TABLE … DISABLE/ENABLE TRIGGER` and interleaved: {} rounds of {} s each, every round no trigger ▸ bare ▸ floor ▸ content floor ▸ pgcast, the same writer connections throughout. PostgreSQL CPU = the postmaster and all its backends (from `/proc`), per committed row.\n\n",
         ctx.args.ceiling_writers,
         ctx.args.ceiling_batch_writers,
         rounds,
@@ -323,7 +299,6 @@ fn section(ctx: &Ctx, sizes: &[Size], floor_read: u64) -> Section {
             "event-content floor ÷ bare NOTIFY",
             "pgcast ÷ ordered-log floor",
             "pgcast ÷ event-content floor",
-            "v2 row trigger ÷ bare NOTIFY",
             "bare NOTIFY ÷ no trigger",
         ],
         sizes
@@ -337,7 +312,6 @@ fn section(ctx: &Ctx, sizes: &[Size], floor_read: u64) -> Section {
                     pct(Variant::ContentFloor, Variant::BareNotify),
                     pct(Variant::Pgcast, Variant::LogFloor),
                     pct(Variant::Pgcast, Variant::ContentFloor),
-                    pct(Variant::RowTrigger, Variant::BareNotify),
                     pct(Variant::BareNotify, Variant::NoTrigger),
                 ]
             })
@@ -392,11 +366,10 @@ fn section(ctx: &Ctx, sizes: &[Size], floor_read: u64) -> Section {
                 s.rows_per_tx
             ),
             format!(
-                "ordered-log floor {}, event-content floor {}; pgcast {} (its version 2 row trigger {}){tag}",
+                "ordered-log floor {}, event-content floor {}; pgcast {}{tag}",
                 pct(Variant::LogFloor),
                 pct(Variant::ContentFloor),
-                pct(Variant::Pgcast),
-                pct(Variant::RowTrigger)
+                pct(Variant::Pgcast)
             ),
             None,
         ));
@@ -440,7 +413,6 @@ fn section(ctx: &Ctx, sizes: &[Size], floor_read: u64) -> Section {
             "content_floor_over_bare": round3(s.ratio(Variant::ContentFloor, Variant::BareNotify)),
             "pgcast_over_floor": round3(s.ratio(Variant::Pgcast, Variant::LogFloor)),
             "pgcast_over_content_floor": round3(s.ratio(Variant::Pgcast, Variant::ContentFloor)),
-            "row_trigger_over_bare": round3(s.ratio(Variant::RowTrigger, Variant::BareNotify)),
             "bare_over_none": round3(s.ratio(Variant::BareNotify, Variant::NoTrigger)),
             "pgcast_over_none": round3(s.ratio(Variant::Pgcast, Variant::NoTrigger)),
         })).collect::<Vec<_>>(),
@@ -493,12 +465,12 @@ mod tests {
             Variant::LogFloor.switch(),
             "ALTER TABLE session_assignments DISABLE TRIGGER pgcast_bench_bare_notify, \
              ENABLE TRIGGER pgcast_bench_log_floor, DISABLE TRIGGER pgcast_bench_content_floor, \
-             DISABLE TRIGGER pgcast_bench_row_trigger, DISABLE TRIGGER pgcast_capture_insert, DISABLE TRIGGER pgcast_capture_update, \
+             DISABLE TRIGGER pgcast_capture_insert, DISABLE TRIGGER pgcast_capture_update, \
              DISABLE TRIGGER pgcast_capture_delete"
         );
         let none = Variant::NoTrigger.switch();
         assert!(
-            !none.contains("ENABLE") && none.matches("DISABLE").count() == 7,
+            !none.contains("ENABLE") && none.matches("DISABLE").count() == 6,
             "{none}"
         );
     }

@@ -138,9 +138,12 @@ async fn read_log(
     let driver = tokio::spawn(connection);
     let rows = client
         .query(
-            "SELECT position, (extract(epoch FROM committed_at) * 1000000)::bigint, \
-                    payload -> 'row' ->> 'customer_name' \
-             FROM pgcast.assignment_events WHERE position > $1",
+            "SELECT c.first_position + ch.ordinal - 1, \
+                    (extract(epoch FROM c.committed_at) * 1000000)::bigint, \
+                    ch.event -> 'row' ->> 'customer_name' \
+             FROM pgcast.committed_statements c \
+             JOIN pgcast.assignment_changes ch ON ch.statement = c.statement \
+             WHERE c.last_position > $1 AND c.first_position + ch.ordinal - 1 > $1",
             &[&after],
         )
         .await
