@@ -5,15 +5,18 @@
 -- Always at least one row; position and payload are NULL when the range holds no event.
 -- $1 = after (exclusive), $2 = through (inclusive), $3 = page size.
 -- The statements whose blocks of positions reach past $1 come from the primary key of
--- pgcast.committed_statements (each holds at least one event past $1, so $3 of them are
--- enough), each one's rows past $1 from the primary key of pgcast.assignment_changes. The
--- payload is the one pgcast.assignment_events (the view) shows.
-SELECT s.pruned_through, e.position, e.payload::text
+-- pgcast.committed_statements, oldest first (each holds at least one event past $1, so $3 of
+-- them are enough), and each one's rows past $1 from the primary key of
+-- pgcast.assignment_changes, in order. Statement by statement is position order, so the page
+-- stops after $3 rows however many rows the statements hold (an incremental sort by ordinal
+-- within each statement), and only those $3 rows get their payload built: the one the view
+-- pgcast.assignment_events shows.
+SELECT s.pruned_through, e.position,
+       (jsonb_build_object('position', e.position, 'committed_at', e.committed_at)
+        || e.event)::text
 FROM pgcast.log_state s
 LEFT JOIN LATERAL (
-    SELECT c.first_position + ch.ordinal - 1 AS position,
-           jsonb_build_object('position', c.first_position + ch.ordinal - 1,
-                              'committed_at', c.committed_at) || ch.event AS payload
+    SELECT c.first_position + ch.ordinal - 1 AS position, c.committed_at, ch.event
     FROM (SELECT last_position, first_position, statement, committed_at
           FROM pgcast.committed_statements
           WHERE last_position > $1 AND first_position <= $2
@@ -28,7 +31,7 @@ LEFT JOIN LATERAL (
         ORDER BY a.ordinal
         LIMIT $3
     ) AS ch
-    ORDER BY 1
+    ORDER BY c.last_position, ch.ordinal
     LIMIT $3
 ) AS e ON true
 ORDER BY e.position

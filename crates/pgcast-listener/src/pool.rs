@@ -21,9 +21,30 @@ const POOL_WAIT: Duration = Duration::from_secs(5);
 /// indefinitely. Set as a session default, so it covers every statement the pool runs.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Session defaults of every pooled connection, each added to the `options` of the connection
+/// string unless the operator set that parameter there:
+/// - `statement_timeout` ([`STATEMENT_TIMEOUT`]);
+/// - `jit=off`: the pool runs short, prepared, index-driven statements. After five executions
+///   PostgreSQL may switch a prepared statement to its generic plan, whose cost it estimates
+///   without the parameters (a `LIMIT $3` counts as a tenth of the table); for the log read
+///   (a join of the log's two tables) that estimate grows with the log and passes
+///   `jit_above_cost` at about ten million retained statements (a day at ~100 commits/s),
+///   and compiling the plan then takes tens of milliseconds of every read that itself takes a
+///   few.
+fn session_defaults() -> [(&'static str, String); 2] {
+    [
+        (
+            "statement_timeout",
+            STATEMENT_TIMEOUT.as_millis().to_string(),
+        ),
+        ("jit", "off".to_owned()),
+    ]
+}
+
 /// A query pool of at most `max_size` connections made with `pg` through `tls`. Every
 /// statement is bounded by a 10 s statement timeout unless the configuration's `options` set
-/// their own `statement_timeout`; a connection attempt by [`CONNECT_TIMEOUT`] unless it sets
+/// their own `statement_timeout`, and runs without JIT compilation unless they set `jit` (see
+/// [`session_defaults`]); a connection attempt by [`CONNECT_TIMEOUT`] unless it sets
 /// `connect_timeout`; a wait for a free connection by 5 s.
 pub fn pool<T>(
     mut pg: tokio_postgres::Config,
@@ -39,13 +60,15 @@ where
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(CONNECT_TIMEOUT);
     }
-    // Added to the `options` of the connection string unless the operator set their own.
-    let timeout = format!("-c statement_timeout={}", STATEMENT_TIMEOUT.as_millis());
-    let options = match pg.get_options() {
-        Some(o) if o.contains("statement_timeout") => o.to_owned(),
-        Some(o) if !o.is_empty() => format!("{o} {timeout}"),
-        _ => timeout,
-    };
+    let mut options = pg.get_options().unwrap_or_default().to_owned();
+    for (name, value) in session_defaults() {
+        if !options.contains(name) {
+            if !options.is_empty() {
+                options.push(' ');
+            }
+            options.push_str(&format!("-c {name}={value}"));
+        }
+    }
     pg.options(&options);
     let manager = Manager::from_config(
         pg,
