@@ -555,6 +555,66 @@ async fn a_version_3_install_upgrades_under_a_writer_in_flight_and_keeps_its_log
     listener.stop().await;
 }
 
+/// Where an upgrade could not replace version 2's row trigger (pgcast's role did not own the
+/// table), it still logs every change: since version 4 each row becomes a statement of one row,
+/// published in the same commit, in write order, with its old state and its customer.
+#[tokio::test]
+async fn version_2_row_trigger_kept_by_a_non_owner_still_logs_every_change() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    client
+        .batch_execute(
+            "DROP TRIGGER pgcast_capture_insert ON session_assignments;
+             DROP TRIGGER pgcast_capture_update ON session_assignments;
+             DROP TRIGGER pgcast_capture_delete ON session_assignments;
+             CREATE CONSTRAINT TRIGGER pgcast_emit_assignment_event
+                 AFTER INSERT OR UPDATE OR DELETE ON session_assignments
+                 DEFERRABLE INITIALLY DEFERRED
+                 FOR EACH ROW EXECUTE FUNCTION pgcast.emit_assignment_event();",
+        )
+        .await
+        .unwrap();
+    let customer = Uuid::new_v4();
+    let session: Uuid = client
+        .query_one(
+            "INSERT INTO sessions (customer_id, kind) VALUES ($1, 'free') RETURNING id",
+            &[&customer],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut listener = start_listener(&db, Start::Head).await;
+    client
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO session_assignments (session_id, status, customer_name)
+                 SELECT '{session}', 'queued', 'row ' || g FROM generate_series(1, 3) g;
+             UPDATE session_assignments SET status = 'offered' WHERE customer_name = 'row 2';
+             DELETE FROM session_assignments WHERE customer_name = 'row 3';
+             COMMIT;"
+        ))
+        .await
+        .unwrap();
+    let got = listener.take(5, LIMIT).await;
+    listener.assert_quiet().await;
+    assert_eq!(names(&got), ["row 1", "row 2", "row 3", "row 2", "row 3"]);
+    assert_eq!(
+        got.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        [
+            EventKind::Created,
+            EventKind::Created,
+            EventKind::Created,
+            EventKind::Updated,
+            EventKind::Deleted
+        ]
+    );
+    assert_eq!(got[3].old_status(), Some(Status::Queued));
+    assert_eq!(got[4].assignment.status, Status::Queued);
+    assert!(got.iter().all(|e| e.customer_id == Some(customer)));
+    assert_contiguous(&got);
+    assert_nothing_unpublished(&client).await;
+    listener.stop().await;
+}
+
 /// Transaction A writes 50 rows first and commits last: all of A's positions are above all of
 /// B's. Then many writers commit multi-row transactions at once while the listener reads: a
 /// position that became visible before a lower one committed would be skipped by the
