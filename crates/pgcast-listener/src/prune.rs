@@ -1,6 +1,7 @@
-//! Retention: log rows older than the retention are deleted every minute, in small batches,
-//! by `pgcast.prune_events()` (`sql/prune_events.sql`). Several replicas may prune at once:
-//! the SQL function lets one work at a time and the others skip.
+//! Retention: events older than the retention are deleted every minute, in small batches of
+//! committed statements with their rows, by `pgcast.prune_events()` (`sql/prune_events.sql`).
+//! Several replicas may prune at once: the SQL function lets one work at a time and the
+//! others skip.
 
 use std::time::Duration;
 
@@ -46,8 +47,8 @@ pub async fn prune(pool: Pool, retention: Duration, stop: CancellationToken) {
     }
 }
 
-/// One batch: the rows deleted (0 when nothing is left to prune, or another replica is pruning
-/// right now).
+/// One batch: the events deleted (0 when nothing is left to prune, or another replica is
+/// pruning right now).
 async fn prune_batch(pool: &Pool, seconds: f64) -> Result<u64, ListenerError> {
     let client = pool.get().await?;
     let deleted: i32 = client
