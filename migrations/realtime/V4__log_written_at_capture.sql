@@ -10,7 +10,7 @@
 -- * pgcast.assignment_changes: one row per changed row, written by the statement triggers
 --   (pgcast_capture_insert, _update, _delete) with one INSERT ... SELECT from the statement's
 --   transition tables: the statement (a number from pgcast.capture_statement, unique across
---   the cluster), the row's ordinal within the statement and the event's content.
+--   sessions), the row's ordinal within the statement and the event's content.
 -- * pgcast.committed_statements: one row per captured statement, written at commit by the
 --   deferred trigger pgcast_publish_at_commit (queued by the statement's first row) under the
 --   commit-order lock: the block of positions of the statement's rows (drawn from
@@ -58,7 +58,7 @@ COMMENT ON TABLE pgcast.assignment_changes IS
     'through the view pgcast.assignment_events. Pruned with its statement by '
     'pgcast.prune_events(). Grant nothing on it: a role that could write here could forge events.';
 COMMENT ON COLUMN pgcast.assignment_changes.statement IS
-    'The capturing statement (pgcast.capture_statement, unique across the cluster); joins '
+    'The capturing statement (pgcast.capture_statement, unique across sessions); joins '
     'pgcast.committed_statements.statement.';
 COMMENT ON COLUMN pgcast.assignment_changes.ordinal IS
     'Order of the row within its statement, from 1: its position is the statement''s '
