@@ -1,6 +1,8 @@
-//! Reading the event log, `pgcast.assignment_events`: its head and retention boundary
-//! ([`LogHead::read`], the one query of it, `sql/log_head.sql`), pages of a range
-//! (`sql/log_read_range.sql`) and where a warm-up starts (`sql/log_window_start.sql`).
+//! Reading the event log (the view `pgcast.assignment_events`; the queries read the two tables
+//! it joins, `pgcast.committed_statements` by primary key, then `pgcast.assignment_changes`):
+//! its head and retention boundary ([`LogHead::read`], the one query of it,
+//! `sql/log_head.sql`), pages of a range (`sql/log_read_range.sql`) and where a warm-up starts
+//! (`sql/log_window_start.sql`).
 
 use deadpool_postgres::{GenericClient, Pool};
 use pgcast_events::{decode_payload, AssignmentEvent, DecodeError, Position};
@@ -11,7 +13,7 @@ const READ_RANGE: &str = include_str!("../../../sql/log_read_range.sql");
 const HEAD: &str = include_str!("../../../sql/log_head.sql");
 const WINDOW_START: &str = include_str!("../../../sql/log_window_start.sql");
 
-/// Reads `pgcast.assignment_events` through the query pool. Cheap to clone.
+/// Reads the event log through the query pool. Cheap to clone.
 #[derive(Clone)]
 pub struct EventLog {
     pool: Pool,
