@@ -44,7 +44,7 @@ fn session_defaults() -> [(&'static str, String); 2] {
 /// A query pool of at most `max_size` connections made with `pg` through `tls`. Every
 /// statement is bounded by a 10 s statement timeout unless the configuration's `options` set
 /// their own `statement_timeout`, and runs without JIT compilation unless they set `jit` (see
-/// [`session_defaults`]); a connection attempt by [`CONNECT_TIMEOUT`] unless it sets
+/// `session_defaults` in this module); a connection attempt by [`CONNECT_TIMEOUT`] unless it sets
 /// `connect_timeout`; a wait for a free connection by 5 s.
 pub fn pool<T>(
     mut pg: tokio_postgres::Config,
