@@ -615,6 +615,47 @@ async fn version_2_row_trigger_kept_by_a_non_owner_still_logs_every_change() {
     listener.stop().await;
 }
 
+/// Retention deletes whole statements, oldest first, with their rows: a batch of one statement
+/// of three rows deletes three events and moves the boundary past the statement's last one.
+#[tokio::test]
+async fn pruning_takes_a_statement_with_all_its_rows() {
+    let (_db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    // Three transactions: a statement is published (and can be backdated) at its commit.
+    for sql in [
+        "INSERT INTO session_assignments (session_id, status, customer_name)
+         SELECT gen_random_uuid(), 'queued', 'old ' || g FROM generate_series(1, 3) g",
+        "INSERT INTO session_assignments (session_id, status, customer_name)
+         VALUES (gen_random_uuid(), 'queued', 'old 4')",
+        "UPDATE pgcast.committed_statements SET committed_at = now() - interval '1 hour'",
+    ] {
+        client.execute(sql, &[]).await.unwrap();
+    }
+    let positions = log_positions(&client).await;
+    assert_eq!(positions.len(), 4);
+    let prune = |batch: i32| {
+        let client = &client;
+        async move {
+            let deleted: i32 = client
+                .query_one("SELECT pgcast.prune_events('1 minute', $1)", &[&batch])
+                .await
+                .unwrap()
+                .get(0);
+            let row = client
+                .query_one(
+                    "SELECT (SELECT count(*) FROM pgcast.assignment_changes),
+                            (SELECT pruned_through FROM pgcast.log_state)",
+                    &[],
+                )
+                .await
+                .unwrap();
+            (deleted, row.get::<_, i64>(0), row.get::<_, i64>(1))
+        }
+    };
+    assert_eq!(prune(1).await, (3, 1, positions[2]));
+    assert_eq!(prune(1).await, (1, 0, positions[3]));
+    assert_eq!(prune(1).await, (0, 0, positions[3]));
+}
+
 /// Transaction A writes 50 rows first and commits last: all of A's positions are above all of
 /// B's. Then many writers commit multi-row transactions at once while the listener reads: a
 /// position that became visible before a lower one committed would be skipped by the

@@ -429,7 +429,9 @@ async fn retention_prunes_old_rows_and_older_since_gets_resync() {
     loop {
         let row = admin
             .query_one(
-                "SELECT (SELECT count(*) FROM pgcast.assignment_events), \
+                // Both tables of the log: a statement's rows go with it.
+                "SELECT (SELECT count(*) FROM pgcast.assignment_changes) \
+                        + (SELECT count(*) FROM pgcast.committed_statements), \
                         (SELECT pruned_through FROM pgcast.log_state)",
                 &[],
             )
