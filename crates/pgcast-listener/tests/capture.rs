@@ -335,14 +335,7 @@ async fn a_version_2_install_upgrades_in_place_and_positions_continue() {
     install_version(&mut client, 2).await;
 
     let customer = Uuid::new_v4();
-    let session: Uuid = client
-        .query_one(
-            "INSERT INTO sessions (customer_id, kind) VALUES ($1, 'free') RETURNING id",
-            &[&customer],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let session = insert_session(&client, customer).await;
     client
         .execute(
             "INSERT INTO session_assignments (session_id, status, customer_name)
@@ -452,20 +445,12 @@ async fn a_version_3_install_upgrades_under_a_writer_in_flight_and_keeps_its_log
         .unwrap();
 
     let mut writer = db.connect().await.unwrap();
-    let writer_pid: i32 = writer
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let writer_pid = backend_pid(&writer).await;
     let tx = writer.transaction().await.unwrap();
     tx.execute(INSERT_ONE, &[&"in flight"]).await.unwrap();
 
     let mut upgrader = db.connect().await.unwrap();
-    let upgrader_pid: i32 = upgrader
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let upgrader_pid = backend_pid(&upgrader).await;
     let upgrade = tokio::spawn(async move {
         migrate(&mut upgrader, MigrationScope::All)
             .await
@@ -574,14 +559,7 @@ async fn version_2_row_trigger_kept_by_a_non_owner_still_logs_every_change() {
         .await
         .unwrap();
     let customer = Uuid::new_v4();
-    let session: Uuid = client
-        .query_one(
-            "INSERT INTO sessions (customer_id, kind) VALUES ($1, 'free') RETURNING id",
-            &[&customer],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let session = insert_session(&client, customer).await;
     let mut listener = start_listener(&db, Start::Head).await;
     client
         .batch_execute(&format!(

@@ -148,14 +148,7 @@ async fn one_transaction_rings_once_however_many_rows_it_writes() {
     let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
     let mut listener = start_listener(&db, Start::Head).await;
     let before = listener.status.snapshot().notifications;
-    client
-        .execute(
-            "INSERT INTO session_assignments (session_id, status, customer_name)
-             SELECT gen_random_uuid(), 'queued', 'c' || g FROM generate_series(1, 100) g",
-            &[],
-        )
-        .await
-        .unwrap();
+    client.execute(INSERT_MANY, &[&100i32]).await.unwrap();
     let got = listener.take(100, LIMIT).await;
     assert!(got.windows(2).all(|w| w[1].position > w[0].position));
     listener.assert_quiet().await;

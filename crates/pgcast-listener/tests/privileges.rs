@@ -57,14 +57,6 @@ async fn attempt(client: &Client, sql: &str) -> Result<(), SqlState> {
     }
 }
 
-async fn backend_pid(client: &Client) -> i32 {
-    client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// The relation lock modes `pid` holds on `table`, sorted.
 async fn held_modes(admin: &Client, pid: i32, table: &str) -> Vec<String> {
     admin
@@ -522,14 +514,7 @@ async fn a_least_privileged_pgcast_role_installs_upgrades_and_serves() {
         .expect("listener ready");
 
     let customer = uuid::Uuid::new_v4();
-    let session: uuid::Uuid = admin
-        .query_one(
-            "INSERT INTO sessions (customer_id, kind) VALUES ($1, 'free') RETURNING id",
-            &[&customer],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let session = insert_session(&admin, customer).await;
     admin
         .execute(
             "INSERT INTO session_assignments (session_id, status, customer_name)

@@ -213,11 +213,7 @@ async fn a_version_1_install_upgrades_keeping_its_log() {
 async fn a_role_holding_the_migration_key_stalls_no_restart_and_is_named() {
     let (db, mut client) = migrated_db(PgCluster::shared().unwrap()).await;
     let (_, holder) = connect_as(&db, &client, "keyholder", "").await;
-    let pid: i32 = holder
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid = backend_pid(&holder).await;
     holder
         .batch_execute("SELECT pg_advisory_lock(7277017000)")
         .await

@@ -117,6 +117,15 @@ pub async fn start_listener(db: &TestDb, start: Start) -> Running {
     running
 }
 
+/// The server process of `client`'s connection (to find it in `pg_locks`).
+pub async fn backend_pid(client: &Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("backend pid")
+        .get(0)
+}
+
 /// Every position in the log, in order, but those of [`Running::assert_quiet`]'s markers.
 pub async fn log_positions(client: &Client) -> Vec<i64> {
     client
@@ -135,6 +144,23 @@ pub async fn log_positions(client: &Client) -> Vec<i64> {
 
 pub const INSERT_ONE: &str = "INSERT INTO session_assignments (session_id, status, customer_name) \
      VALUES (gen_random_uuid(), 'queued', $1) RETURNING id";
+
+/// A new session of `customer` (a free one); its id.
+pub async fn insert_session(client: &Client, customer: uuid::Uuid) -> uuid::Uuid {
+    client
+        .query_one(
+            "INSERT INTO sessions (customer_id, kind) VALUES ($1, 'free') RETURNING id",
+            &[&customer],
+        )
+        .await
+        .expect("insert a session")
+        .get(0)
+}
+
+/// One statement of `$1` general queued rows, named `c1` … `c<$1>` in order.
+pub const INSERT_MANY: &str =
+    "INSERT INTO session_assignments (session_id, status, customer_name) \
+     SELECT gen_random_uuid(), 'queued', 'c' || g FROM generate_series(1, $1::int) g";
 
 pub mod embedded {
     pub mod realtime {
