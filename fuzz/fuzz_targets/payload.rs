@@ -1,18 +1,22 @@
-//! Log row payloads (written by the trigger; a corrupted or hand-edited row must not crash the
-//! listener): they decode to a complete event or fail, and a decoded event routes and
+//! A log row's stored event (written by the trigger; a corrupted or hand-edited row must not
+//! crash the listener): it decodes to a complete event or fails, and a decoded event routes and
 //! serializes without panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pgcast_events::{decode_payload, EventFrame, Topic};
+use chrono::{TimeZone, Utc};
+use pgcast_events::{decode_event, EventFrame, Topic};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    match decode_payload(text) {
+    let Some(committed_at) = Utc.timestamp_opt(1_764_000_000, 0).single() else {
+        return;
+    };
+    match decode_event(7, committed_at, text) {
         Ok(event) => {
-            assert!(event.position > 0);
+            assert_eq!((event.position, event.committed_at), (7, committed_at));
             assert_eq!(event.prior.is_some(), event.before().is_some());
             let keys = event.route_keys();
             assert!(!keys.is_empty());

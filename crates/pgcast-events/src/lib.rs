@@ -1,10 +1,10 @@
-//! The vocabulary of pgcast, with no IO: typed assignment events, the notification payload they
-//! are decoded from, topics, the who-sees-what rules, and the JSON frames of wire protocol v1.
+//! The vocabulary of pgcast, with no IO: typed assignment events, the log rows they are
+//! decoded from, topics, the who-sees-what rules, and the JSON frames of wire protocol v1.
 //!
 //! Every other crate builds on this one, so a rule written here is the rule everywhere:
 //!
 //! ```text
-//!   log row (pgcast.assignment_events) ──decode_payload──▶ AssignmentEvent
+//!   log row (pgcast.assignment_events) ──decode_event────▶ AssignmentEvent
 //!                                                     │ route_keys()          (which subscribers)
 //!   client frame ──ClientMessage::parse──▶ Topic ─────┤ Topic::matches()      (may this one see it)
 //!                                                     ▼
@@ -25,7 +25,7 @@ mod topic;
 pub use access::{SessionMembership, Verdict};
 pub use assignment::{Assignment, Status, StatusParseError};
 pub use event::{AssignmentEvent, EventKind, Position, PriorState, RowState};
-pub use payload::{decode_payload, DecodeError};
+pub use payload::{decode_event, DecodeError};
 pub use protocol::{
     ClientMessage, ErrorCode, EventFrame, ProtocolError, ServerMessage, MAX_ID_LEN,
 };

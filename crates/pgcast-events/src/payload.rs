@@ -1,7 +1,9 @@
-//! Decoding of the JSON that `pgcast.emit_assignment_event()` stores in
-//! `pgcast.assignment_events.payload`. It is the only source of events: the NOTIFY that goes with
-//! a commit is a doorbell without content (any role that can connect may NOTIFY), so live events
-//! and replayed ones are decoded from the same log rows and cannot differ.
+//! Decoding of a log row into an [`AssignmentEvent`]: its position and commit time, and the
+//! event JSON that `pgcast.capture_assignment_changes()` stored when the change was captured
+//! (`pgcast.assignment_changes.event`: op, row, old, customer_id). The log is the only source
+//! of events: the NOTIFY that goes with a commit is a doorbell without content (any role that
+//! can connect may NOTIFY), so live events and replayed ones are decoded from the same log rows
+//! and cannot differ.
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -14,15 +16,15 @@ use crate::{Assignment, AssignmentEvent, EventKind, Position, PriorState};
 #[non_exhaustive]
 pub enum DecodeError {
     /// Not JSON, or JSON of the wrong shape (a missing `id`, an unknown status, …).
-    #[error("malformed payload: {0}")]
+    #[error("malformed event: {0}")]
     Malformed(serde_json::Error),
     /// Well-formed JSON that breaks an invariant of the event log.
-    #[error("inconsistent payload: {0}")]
+    #[error("inconsistent event: {0}")]
     Inconsistent(&'static str),
 }
 
 impl DecodeError {
-    /// True when the payload was not valid JSON of the expected shape.
+    /// True when the event was not valid JSON of the expected shape.
     pub fn is_malformed(&self) -> bool {
         matches!(self, DecodeError::Malformed(_))
     }
@@ -39,11 +41,11 @@ enum Op {
     Delete,
 }
 
+/// The stored event. Other keys are ignored: the view `pgcast.assignment_events` shows the same
+/// object with `position` and `committed_at` merged in, and decodes the same.
 #[derive(Deserialize)]
-struct RawPayload {
-    position: Position,
+struct RawEvent {
     op: Option<Op>,
-    committed_at: Option<DateTime<Utc>>,
     row: Option<Assignment>,
     old: Option<PriorState>,
     /// Written by schema version 2 and later; older rows have none.
@@ -51,17 +53,19 @@ struct RawPayload {
     customer_id: Option<uuid::Uuid>,
 }
 
-/// Decodes a log row's `payload` column.
-pub fn decode_payload(text: &str) -> Result<AssignmentEvent, DecodeError> {
-    let raw: RawPayload = serde_json::from_str(text).map_err(DecodeError::Malformed)?;
-    if raw.position <= 0 {
+/// Decodes the log row at `position`, committed at `committed_at`, whose stored event is
+/// `event`.
+pub fn decode_event(
+    position: Position,
+    committed_at: DateTime<Utc>,
+    event: &str,
+) -> Result<AssignmentEvent, DecodeError> {
+    if position <= 0 {
         return Err(DecodeError::Inconsistent("position must be positive"));
     }
+    let raw: RawEvent = serde_json::from_str(event).map_err(DecodeError::Malformed)?;
     let op = raw.op.ok_or(DecodeError::Inconsistent("missing op"))?;
     let assignment = raw.row.ok_or(DecodeError::Inconsistent("missing row"))?;
-    let committed_at = raw
-        .committed_at
-        .ok_or(DecodeError::Inconsistent("missing committed_at"))?;
     let (kind, prior) = match (op, raw.old) {
         (Op::Insert, None) => (EventKind::Created, None),
         (Op::Insert, Some(_)) => return Err(DecodeError::Inconsistent("insert with old state")),
@@ -74,7 +78,7 @@ pub fn decode_payload(text: &str) -> Result<AssignmentEvent, DecodeError> {
         }
     };
     Ok(AssignmentEvent {
-        position: raw.position,
+        position,
         kind,
         assignment,
         prior,
@@ -93,16 +97,24 @@ mod tests {
         "customer_name":"Ana","vehicle_summary":"2014 VW Golf","concern":"noise","extra_app_column":42,
         "created_at":"2026-11-25T19:32:43.123456+00:00","updated_at":"2026-11-25T19:32:43.123456+00:00"}"#;
 
-    fn payload(op: &str, old: &str) -> String {
-        format!(
-            r#"{{"position":7,"op":"{op}","committed_at":"2026-11-25T19:32:44.5+00:00","row":{ROW},"old":{old}}}"#
-        )
+    fn stored(op: &str, old: &str) -> String {
+        format!(r#"{{"op":"{op}","row":{ROW},"old":{old}}}"#)
+    }
+
+    fn at() -> DateTime<Utc> {
+        "2026-11-25T19:32:44.5+00:00".parse().unwrap()
+    }
+
+    /// The row at position 7.
+    fn decode(event: &str) -> Result<AssignmentEvent, DecodeError> {
+        decode_event(7, at(), event)
     }
 
     #[test]
     fn decodes_a_full_insert() {
-        let e = decode_payload(&payload("insert", "null")).unwrap();
+        let e = decode(&stored("insert", "null")).unwrap();
         assert_eq!(e.position, 7);
+        assert_eq!(e.committed_at, at());
         assert_eq!(e.kind, EventKind::Created);
         assert_eq!(e.assignment.status, Status::Queued);
         assert!(e.assignment.urgent);
@@ -116,7 +128,7 @@ mod tests {
     #[test]
     fn update_and_delete_carry_prior_routing_fields() {
         let old = r#"{"status":"offered","mechanic_id":"11111111-1111-4111-8111-111111111111","workshop_id":null}"#;
-        let u = decode_payload(&payload("update", old)).unwrap();
+        let u = decode(&stored("update", old)).unwrap();
         assert_eq!(u.kind, EventKind::Updated);
         assert_eq!(u.old_status(), Some(Status::Offered));
         assert_eq!(
@@ -125,27 +137,27 @@ mod tests {
                 .map(|m| m.to_string()),
             Some("11111111-1111-4111-8111-111111111111".to_owned())
         );
-        let d = decode_payload(&payload("delete", old)).unwrap();
+        let d = decode(&stored("delete", old)).unwrap();
         assert_eq!(d.kind, EventKind::Deleted);
         assert_eq!(d.after(), None);
     }
 
     #[test]
     fn a_row_without_id_is_an_error_not_a_half_event() {
-        let without_id = payload("insert", "null")
-            .replace(r#""id":"5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11","#, "");
-        let err = decode_payload(&without_id).unwrap_err();
+        let without_id =
+            stored("insert", "null").replace(r#""id":"5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11","#, "");
+        let err = decode(&without_id).unwrap_err();
         assert!(err.is_malformed(), "{err}");
         assert!(err.to_string().contains("id"), "{err}");
     }
 
     #[test]
     fn a_null_id_is_an_error() {
-        let null_id = payload("insert", "null").replace(
+        let null_id = stored("insert", "null").replace(
             r#""id":"5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11""#,
             r#""id":null"#,
         );
-        assert!(decode_payload(&null_id).is_err());
+        assert!(decode(&null_id).is_err());
     }
 
     #[test]
@@ -155,20 +167,37 @@ mod tests {
             "hello",
             "{}",
             "[1,2]",
-            r#"{"position":"7"}"#,
-            r#"{"position":0,"ref":true}"#,
-            r#"{"position":-3,"ref":true}"#,
             // The reference notifications of schema version 1 are not events.
             r#"{"position":9001,"ref":true}"#,
-            r#"{"position":7,"op":"insert"}"#,
-            r#"{"position":7,"op":"truncate","committed_at":"2026-11-25T19:32:44Z","row":{}}"#,
+            r#"{"op":"insert"}"#,
+            r#"{"op":"truncate","row":{}}"#,
         ] {
-            assert!(decode_payload(bad).is_err(), "{bad:?} decoded");
+            assert!(decode(bad).is_err(), "{bad:?} decoded");
         }
         let old = r#"{"status":"queued","mechanic_id":null,"workshop_id":null}"#;
-        assert!(decode_payload(&payload("insert", old)).is_err());
-        assert!(decode_payload(&payload("update", "null")).is_err());
-        let unknown_status = payload("insert", "null").replace("\"queued\"", "\"teleported\"");
-        assert!(decode_payload(&unknown_status).is_err());
+        assert!(decode(&stored("insert", old)).is_err());
+        assert!(decode(&stored("update", "null")).is_err());
+        let unknown_status = stored("insert", "null").replace("\"queued\"", "\"teleported\"");
+        assert!(decode(&unknown_status).is_err());
+    }
+
+    #[test]
+    fn a_position_that_is_not_positive_is_an_error() {
+        for position in [0, -3] {
+            let err = decode_event(position, at(), &stored("insert", "null")).unwrap_err();
+            assert!(!err.is_malformed(), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_views_payload_decodes_the_same() {
+        // pgcast.assignment_events shows the stored event with position and committed_at
+        // merged in; those keys are the row's own, and decoding ignores them.
+        let merged = format!(
+            r#"{{"position":9,"committed_at":"2000-01-01T00:00:00Z",{}"#,
+            &stored("insert", "null")[1..]
+        );
+        let e = decode(&merged).unwrap();
+        assert_eq!((e.position, e.committed_at), (7, at()));
     }
 }

@@ -1,4 +1,4 @@
-//! Events for the gateway's unit tests, decoded from the log's payload format (so they are
+//! Events for the gateway's unit tests, decoded from the log's event format (so they are
 //! exactly what the listener hands the gateway).
 
 use std::sync::Arc;
@@ -39,18 +39,24 @@ impl Change<'_> {
             "insert"
         };
         let text = format!(
-            r#"{{"position":{position},"op":"{op}","committed_at":"{committed}",
+            r#"{{"op":"{op}",
             "row":{{"id":"5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11",
             "session_id":"0e6b3a57-3f4c-4a9e-8a55-2f4b7a7d9a10","mechanic_id":{mechanic},
             "workshop_id":{workshop},"status":"{status}","created_at":"2026-11-25T19:32:43+00:00",
             "updated_at":"2026-11-25T19:32:43+00:00"}},"old":{old}}}"#,
-            position = self.position,
-            committed = self.committed_at.unwrap_or("2026-11-25T19:32:44.5+00:00"),
             mechanic = quoted(self.mechanic),
             workshop = quoted(self.workshop),
             status = self.status,
             old = self.old.unwrap_or("null"),
         );
-        Arc::new(pgcast_events::decode_payload(&text).expect("test payload decodes"))
+        let committed_at = self
+            .committed_at
+            .unwrap_or("2026-11-25T19:32:44.5+00:00")
+            .parse()
+            .expect("test commit time");
+        Arc::new(
+            pgcast_events::decode_event(self.position, committed_at, &text)
+                .expect("test event decodes"),
+        )
     }
 }

@@ -4,8 +4,9 @@
 //! `sql/log_head.sql`), pages of a range (`sql/log_read_range.sql`) and where a warm-up starts
 //! (`sql/log_window_start.sql`).
 
+use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Pool};
-use pgcast_events::{decode_payload, AssignmentEvent, DecodeError, Position};
+use pgcast_events::{decode_event, AssignmentEvent, DecodeError, Position};
 
 use crate::ListenerError;
 
@@ -24,7 +25,7 @@ pub struct EventLog {
 pub struct LogPage {
     /// Decoded events in position order.
     pub events: Vec<AssignmentEvent>,
-    /// Rows whose payload did not decode (counted and logged by the caller, then skipped).
+    /// Rows whose event did not decode (counted and logged by the caller, then skipped).
     pub undecodable: Vec<(Position, DecodeError)>,
     /// Highest position in the page, decodable or not: the next page starts after it.
     pub last: Option<Position>,
@@ -111,14 +112,11 @@ impl EventLog {
                 continue; // the range is empty: only the boundary came back
             };
             page.rows += 1;
-            let text: &str = row.try_get(2)?;
+            let committed_at: DateTime<Utc> = row.try_get(2)?;
+            let event: &str = row.try_get(3)?;
             page.last = Some(position);
-            match decode_payload(text) {
-                Ok(event) if event.position == position => page.events.push(event),
-                Ok(_) => page.undecodable.push((
-                    position,
-                    DecodeError::Inconsistent("log row names another position"),
-                )),
+            match decode_event(position, committed_at, event) {
+                Ok(event) => page.events.push(event),
                 Err(e) => page.undecodable.push((position, e)),
             }
         }

@@ -303,14 +303,7 @@ async fn a_20kb_row_is_written_and_arrives_whole_from_the_log() {
 async fn a_10000_row_insert_arrives_complete_and_in_order() {
     let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
     let mut listener = start_listener(&db, Start::Head).await;
-    client
-        .execute(
-            "INSERT INTO session_assignments (session_id, status, customer_name)
-             SELECT gen_random_uuid(), 'queued', 'c' || g FROM generate_series(1, 10000) g",
-            &[],
-        )
-        .await
-        .unwrap();
+    client.execute(INSERT_MANY, &[&10000i32]).await.unwrap();
     let got = listener.take(10_000, Duration::from_secs(60)).await;
     listener.assert_quiet().await;
     for (i, e) in got.iter().enumerate() {
@@ -337,5 +330,36 @@ async fn starts_after_a_given_position_from_the_log() {
         positions[1..]
     );
     listener.assert_quiet().await;
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn a_log_row_missing_its_id_is_counted_and_skipped_never_half_delivered() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    client.execute(INSERT_MANY, &[&3i32]).await.unwrap();
+    // The log's owner edits the second row by hand: its event no longer names the row's id.
+    let edited = client
+        .execute(
+            "UPDATE pgcast.assignment_changes SET event = event #- '{row,id}' WHERE ordinal = 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(edited, 1);
+    let positions = log_positions(&client).await;
+    assert_eq!(positions.len(), 3);
+
+    let mut listener = start_listener(&db, Start::After(0)).await;
+    let got = listener.take(2, LIMIT).await;
+    assert_eq!(
+        got.iter()
+            .map(|e| (e.position, e.assignment.customer_name.as_deref()))
+            .collect::<Vec<_>>(),
+        [(positions[0], Some("c1")), (positions[2], Some("c3"))],
+        "the edited row is skipped, the rows around it arrive whole"
+    );
+    // Nothing else comes for it later either.
+    listener.assert_quiet().await;
+    assert_eq!(listener.status.snapshot().decode_errors, 1);
     listener.stop().await;
 }
