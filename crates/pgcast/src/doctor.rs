@@ -53,6 +53,9 @@ const TABLE: &str = "session_assignments";
 const LEGACY_TRIGGER: &str = "pgcast_emit_assignment_event";
 /// The statement triggers on [`TABLE`] that capture changes (version 3 on) are named with it.
 const CAPTURE_PREFIX: &str = "pgcast_capture_";
+/// The deferred trigger that publishes each captured statement at commit, and its table.
+const PUBLISH_TRIGGER: &str = "pgcast_publish_at_commit";
+const PUBLISH_TABLE: &str = "pgcast.assignment_changes";
 /// Above this fraction of the NOTIFY queue in use, the database is unhealthy: at 100 % every
 /// transaction that writes `session_assignments` fails at commit.
 pub const MAX_QUEUE_USAGE: f64 = 0.5;
@@ -550,7 +553,8 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
             ),
         },
         _ => {
-            let problems: Vec<String> = current.iter().filter_map(|t| t.problem()).collect();
+            let mut problems: Vec<String> = current.iter().filter_map(|t| t.problem()).collect();
+            problems.extend(replica_mode_mismatch(&current));
             if problems.is_empty() {
                 (
                     Verdict::Ok,
@@ -570,6 +574,31 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
     };
     report.push("trigger", verdict, detail);
     Ok(())
+}
+
+/// Capture triggers enabled ALWAYS also fire in replica mode (`session_replication_role =
+/// replica`, as a logical replication apply runs); the publishing trigger, enabled the ordinary
+/// way, does not. Changes written in that mode would be captured and never published: no
+/// event, and captured rows that pruning never reaches.
+fn replica_mode_mismatch(current: &[&TriggerState]) -> Option<String> {
+    let publish = current.iter().find(|t| t.name == PUBLISH_TRIGGER)?;
+    if publish.enabled.as_deref() == Some("A") {
+        return None;
+    }
+    let always: Vec<&str> = current
+        .iter()
+        .filter(|t| t.name.starts_with(CAPTURE_PREFIX) && t.enabled.as_deref() == Some("A"))
+        .map(|t| t.name.as_str())
+        .collect();
+    (!always.is_empty()).then(|| {
+        format!(
+            "trigger(s) {} on {TABLE} fire always, also in replica mode (a logical replication \
+             apply), but {PUBLISH_TRIGGER} on {PUBLISH_TABLE} does not: changes written in \
+             that mode are captured and never published; ALTER TABLE {PUBLISH_TABLE} ENABLE \
+             ALWAYS TRIGGER {PUBLISH_TRIGGER}",
+            always.join(", ")
+        )
+    })
 }
 
 /// Privileges that would let another role write the log, run pgcast's functions, take or block

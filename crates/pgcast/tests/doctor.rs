@@ -128,6 +128,69 @@ async fn disabled_trigger_is_a_failure() {
     }
 }
 
+/// Captured rows whose statement has no positions: changes that were captured and never
+/// published.
+async fn unpublished(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pgcast.assignment_changes a WHERE NOT EXISTS \
+             (SELECT 1 FROM pgcast.committed_statements c WHERE c.statement = a.statement)",
+            &[],
+        )
+        .await
+        .expect("count unpublished")
+        .get(0)
+}
+
+#[tokio::test]
+async fn capture_that_fires_in_replica_mode_without_its_publisher_is_a_failure() {
+    let (db, client) = migrated_db().await;
+    let insert_as_replica = "SET session_replication_role = replica; \
+        INSERT INTO session_assignments (session_id, status) VALUES (gen_random_uuid(), 'queued'); \
+        RESET session_replication_role";
+    // As a logical replication subscriber would want it: the capture triggers fire for the
+    // changes its apply writes in replica mode.
+    for trigger in ["insert", "update", "delete"] {
+        client
+            .batch_execute(&format!(
+                "ALTER TABLE session_assignments ENABLE ALWAYS TRIGGER pgcast_capture_{trigger}"
+            ))
+            .await
+            .expect("enable always");
+    }
+    // What the doctor warns of: the publishing trigger stays silent in that mode.
+    client
+        .batch_execute(insert_as_replica)
+        .await
+        .expect("write");
+    assert_eq!(unpublished(&client).await, 1, "captured, never published");
+    let report = doctor(&db, &client).await;
+    let detail = failed(&report, "trigger");
+    assert!(detail.contains("pgcast_capture_insert"), "{detail}");
+    assert!(
+        detail.contains("ENABLE ALWAYS TRIGGER pgcast_publish_at_commit"),
+        "{detail}"
+    );
+
+    // Its advice, followed: what is captured in replica mode is published too.
+    client
+        .batch_execute(
+            "ALTER TABLE pgcast.assignment_changes ENABLE ALWAYS TRIGGER pgcast_publish_at_commit",
+        )
+        .await
+        .expect("enable always");
+    assert!(doctor(&db, &client).await.is_healthy());
+    client
+        .batch_execute(insert_as_replica)
+        .await
+        .expect("write");
+    assert_eq!(
+        unpublished(&client).await,
+        1,
+        "the new change was published"
+    );
+}
+
 #[tokio::test]
 async fn dropped_trigger_is_a_failure() {
     let (db, client) = migrated_db().await;
