@@ -13,9 +13,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use common::{migrated_db, pgcast, run};
+use futures::StreamExt;
 use pgcast_events::Role;
 use pgcast_testkit::TestDb;
-use running::{connect_from, http_get_from, sample, token, Next, Server, Ws, POLL, SECRET, WAIT};
+use running::{connect_from, http_get_from, sample, token, Next, Server, Ws, SECRET, WAIT};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -524,16 +525,22 @@ async fn gateway_flags_take_effect() {
             other.map(|_| ())
         ),
     }
-    let (listed, _) = tokio_tungstenite::connect_async(with_origin("http://localhost:3000"))
+    let (mut listed, _) = tokio_tungstenite::connect_async(with_origin("http://localhost:3000"))
         .await
         .expect("a listed origin connects");
-    drop(listed);
-    // Its slot (unauthenticated, per address: 1) is free once the server saw it go.
-    let deadline = Instant::now() + WAIT;
-    while sample(&server.metrics().await, "pgcast_connections") != Some(0.0) {
-        assert!(Instant::now() < deadline, "the dropped socket never closed");
-        tokio::time::sleep(POLL).await;
-    }
+    // It leaves: once the server has ended the connection (the stream ends here), the
+    // connection is no longer counted and its slot (unauthenticated, per address: 1) is free.
+    listed.close(None).await.expect("send a close frame");
+    tokio::time::timeout(WAIT, async {
+        while let Some(Ok(_)) = listed.next().await {}
+    })
+    .await
+    .expect("the server ends the connection");
+    assert_eq!(
+        sample(&server.metrics().await, "pgcast_connections"),
+        Some(0.0),
+        "the closed socket is still counted"
+    );
     // One subscription per connection; the frame rate (burst of 2) answers the third frame
     // with rate_limited.
     let mut ws = server

@@ -192,6 +192,10 @@ async fn serve_halves<Si: SocketSink, St: SocketStream>(
         admission,
     };
     let mut end = conn.run().await;
+    // The socket closes below (with a close frame, or when it is dropped): a slot it still
+    // holds as unauthenticated is free before then, so a client that saw it close may open
+    // the next one from the same address at once.
+    conn.admission.unauthenticated.release();
     if let End::Expired = end {
         let reply = ServerMessage::Error {
             id: None,

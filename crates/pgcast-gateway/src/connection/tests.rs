@@ -1,5 +1,6 @@
 //! Unit tests of the connection task over channels, with paused time and no database: the
-//! auth deadline, heartbeats, dedup of live frames, the slow-consumer close and the frame rate.
+//! auth deadline, heartbeats, dedup of live frames, the slow-consumer close, the frame rate and
+//! the unauthenticated slot given back before the socket closes.
 //! Live subscriptions without `since` or `snapshot` never read the database, so the gateway's
 //! pool points at a port nothing listens on; a test that reached it would fail.
 
@@ -150,6 +151,55 @@ async fn a_socket_that_never_authenticates_is_refused_at_the_deadline() {
         "refused after {waited:?}, the deadline is 5 s"
     );
     assert!(client.next().await.is_none(), "the connection ended");
+}
+
+/// Runs its closure when dropped.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+#[tokio::test]
+async fn an_unauthenticated_socket_gives_its_slot_back_before_the_socket_closes() {
+    let shared = gateway(|_| {});
+    let slots = Arc::new(Semaphore::new(1));
+    let permit = slots.clone().try_acquire_owned().expect("a free slot");
+    let admission = Admission {
+        unauthenticated: Arc::new(UnauthenticatedSlot::global(permit)),
+        frames: None,
+    };
+    // The server's receiving half records, when the connection drops it (the socket closing),
+    // whether the slot is free yet: a client that saw its socket close may connect again at
+    // once, and must find the slot.
+    let free_at_close = Arc::new(std::sync::Mutex::new(None));
+    let record = {
+        let (slots, free_at_close) = (slots.clone(), free_at_close.clone());
+        OnDrop(move || {
+            *free_at_close.lock().unwrap() = Some(slots.available_permits());
+        })
+    };
+    let (mut to_server, server_in) = mpsc::channel(16);
+    let server_in = server_in.map(move |m| {
+        let _ = &record;
+        m
+    });
+    let (server_out, _from_server) = mpsc::channel(16);
+    let task = tokio::spawn(serve_halves(
+        server_out.sink_map_err(axum::Error::new),
+        server_in,
+        shared,
+        admission,
+    ));
+    assert_eq!(slots.available_permits(), 0, "held while unauthenticated");
+    to_server
+        .send(Ok(Message::Close(None)))
+        .await
+        .expect("the server reads");
+    task.await.expect("the connection ends");
+    assert_eq!(*free_at_close.lock().unwrap(), Some(1));
 }
 
 #[tokio::test(start_paused = true)]
