@@ -81,8 +81,8 @@ impl DatabaseUrl {
         Ok(DatabaseUrl { config, tls })
     }
 
-    /// The connection settings (`ssl_mode` set from `sslmode`; the rest of TLS is in
-    /// [`DatabaseUrl::tls`]).
+    /// The connection settings (`ssl_mode` set from `sslmode`; the rest of TLS, such as
+    /// `sslrootcert`, is kept beside them for the connector).
     pub fn pg_config(&self) -> &tokio_postgres::Config {
         &self.config
     }

@@ -60,6 +60,8 @@ pub struct TailArgs {
     pub since: Option<Position>,
     /// Only events visible on this topic: assignments (default), mechanic:<uuid>,
     /// session:<uuid>, workshop:<uuid> or customer:<uuid>.
+    // `--help` prints this text as it is; it is not HTML.
+    #[allow(rustdoc::invalid_html_tags)]
     #[arg(long, value_name = "TOPIC", value_parser = parse_tail_topic)]
     pub topic: Option<Topic>,
 }
