@@ -104,8 +104,9 @@ pub(crate) struct Args {
     /// Fan-out: connections receiving every event (default 1000; quick 200).
     #[arg(long, help_heading = "Fan-out")]
     pub(crate) fanout_connections: Option<usize>,
-    /// Fan-out: offered event rates to step through, events/s (default 250,500,1000,2000;
-    /// quick 250,500). Stops after the first step that is not sustained.
+    /// Fan-out: offered event rates to step through, events/s (default
+    /// 250,500,1000,1250,1500,2000; quick 250,500). Stops after the first step that is not
+    /// sustained.
     #[arg(long, value_delimiter = ',', help_heading = "Fan-out")]
     pub(crate) fanout_rates: Option<Vec<f64>>,
     /// Fan-out: duration of each step (default 8s; quick 2s).
@@ -237,7 +238,7 @@ impl Args {
             fanout_connections: self.pick(self.fanout_connections, 1000, 200),
             fanout_rates: self.pick(
                 self.fanout_rates.clone(),
-                vec![250.0, 500.0, 1000.0, 2000.0],
+                vec![250.0, 500.0, 1000.0, 1250.0, 1500.0, 2000.0],
                 vec![250.0, 500.0],
             ),
             fanout_step: self.pick(

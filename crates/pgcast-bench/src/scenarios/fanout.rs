@@ -47,6 +47,10 @@ fn us_per_delivery(cores: Option<f64>, step: &Step) -> Option<f64> {
         .then(|| round3(cores * step.cpu.wall_s * 1e6 / step.reader.received as f64))
 }
 
+/// A step counts as the fan-out target's rate when it offered this many deliveries/s: the
+/// writers pace 1,000 events/s to 1,000 connections a little under a million.
+const MILLION_OFFERED: f64 = 950_000.0;
+
 /// The offered event rates of a sweep, each held for `step`.
 #[derive(Debug, Clone)]
 pub(crate) struct Rates {
@@ -274,13 +278,19 @@ fn versus_table(ours: &[Step], floor: &[Step]) -> String {
 
 /// The targets on CPU per delivery, at the highest rate both servers were put under.
 fn cost_checks(ours: &[Step], floor: Option<&[Step]>) -> Vec<Check> {
+    // At the fan-out target's rate: the first step that offered about a million deliveries/s
+    // (per delivery both cost more at lower rates, where waking threads dominates, and less
+    // past it, where each wake writes more frames); the highest step both ran if the sweep
+    // stopped before it.
     let common = floor.and_then(|floor| {
-        ours.iter()
-            .filter_map(|a| {
-                let b = floor.iter().find(|b| b.events_per_s == a.events_per_s)?;
-                Some((a, b))
-            })
-            .next_back()
+        let both: Vec<_> = ours
+            .iter()
+            .filter_map(|a| Some((a, floor.iter().find(|b| b.events_per_s == a.events_per_s)?)))
+            .collect();
+        both.iter()
+            .find(|(a, _)| a.offered_deliveries_per_s >= MILLION_OFFERED)
+            .or(both.last())
+            .copied()
     });
     let Some((a, b)) = common else {
         let why = "not measured: no step of the floor in this run";
@@ -372,7 +382,7 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
         .fold(0.0, f64::max);
     let at_million = steps
         .iter()
-        .find(|s| s.offered_deliveries_per_s >= 950_000.0);
+        .find(|s| s.offered_deliveries_per_s >= MILLION_OFFERED);
     let mut targets = vec![
         Check::new(
             "≥ 1,000,000 frame deliveries/s sustained (1,000 connections)",
@@ -383,10 +393,19 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
             Some(st) => Check::new(
                 "p99 ≤ 50 ms at that rate",
                 format!(
-                    "{} ms at {} deliveries/s offered{}",
+                    "{} ms at {} deliveries/s offered{}{}",
                     ms(st.reader.latency.p99_ms),
                     int(st.offered_deliveries_per_s as u64),
-                    if st.sustained { "" } else { " (not sustained)" }
+                    if st.sustained { "" } else { " (not sustained)" },
+                    floor_steps
+                        .iter()
+                        .flatten()
+                        .find(|f| f.events_per_s == st.events_per_s)
+                        .map(|f| format!(
+                            "; the bare broadcaster, same step: {} ms",
+                            ms(f.reader.latency.p99_ms)
+                        ))
+                        .unwrap_or_default()
                 ),
                 Some(st.sustained && st.reader.latency.p99_ms <= 50.0),
             ),
