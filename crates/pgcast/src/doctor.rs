@@ -9,6 +9,7 @@
 //! | `grants` | a role other than pgcast's owner may run pgcast's functions, write, lock or reference its tables, set the position sequence or create objects in schema `pgcast`; or PUBLIC may read the log | — |
 //! | `commit lock` | a session not committing (idle in transaction, e.g. after `SET CONSTRAINTS ALL IMMEDIATE`) has held the commit-order lock for more than 5 s, or writers have waited that long for it | — |
 //! | `pruning` | it has not run for 10 min while events older than the retention it was last given remain: the log grows without bound | it never ran, or has not run for 10 min with nothing overdue yet |
+//! | `unpublished` | rows of `pgcast.assignment_changes` outnumber the committed statements' positions: changes captured while the publishing trigger did not fire, never delivered and never pruned | the role may not count them (it needs `SELECT` on the table's `statement` column) |
 //!
 //! [`doctor`] also checks how pgcast connects, with the connection strings `serve` would use:
 //!
@@ -20,7 +21,7 @@
 //! The role running `doctor` needs `USAGE` on schema `pgcast`, `SELECT` on its tables and
 //! `pg_monitor` (to see the state of another role's session that holds the commit-order lock).
 //!
-//! Why about 750 lines: one report, one function per check (each reading its own
+//! Why about 850 lines: one report, one function per check (each reading its own
 //! `sql/doctor_*.sql`), sharing the report's types and its text and JSON rendering.
 
 use std::fmt;
@@ -30,6 +31,7 @@ use std::time::Duration;
 use pgcast_listener::{installed_version, APPLICATION_NAME, SCHEMA_VERSION};
 use tokio::sync::mpsc;
 use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Notification};
 
 use crate::config::{RootCerts, SslMode};
@@ -40,6 +42,7 @@ const OBJECTS: &str = include_str!("../../../sql/doctor_objects.sql");
 const TRIGGER: &str = include_str!("../../../sql/doctor_trigger.sql");
 const NOTIFY_QUEUE: &str = include_str!("../../../sql/doctor_notify_queue.sql");
 const LOG: &str = include_str!("../../../sql/doctor_log.sql");
+const UNPUBLISHED: &str = include_str!("../../../sql/doctor_unpublished.sql");
 const LISTENERS: &str = include_str!("../../../sql/doctor_listeners.sql");
 const GRANTS: &str = include_str!("../../../sql/doctor_grants.sql");
 const COMMIT_LOCK: &str = include_str!("../../../sql/doctor_commit_lock.sql");
@@ -96,7 +99,8 @@ impl Verdict {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Check {
     /// Short stable name: `tls`, `schema`, `trigger`, `grants`, `commit lock`,
-    /// `notify queue`, `event log`, `pruning`, `listeners`, `listen tls`, `listen probe`.
+    /// `notify queue`, `event log`, `unpublished`, `pruning`, `listeners`, `listen tls`,
+    /// `listen probe`.
     pub name: &'static str,
     /// Pass, warn or fail.
     pub verdict: Verdict,
@@ -396,6 +400,7 @@ pub async fn diagnose(client: &Client) -> Result<DoctorReport, PgcastError> {
 
     if installed {
         log_check(client, &mut report).await?;
+        unpublished_check(client, &mut report).await?;
         pruning_check(client, &mut report).await?;
     } else {
         report.push(
@@ -756,6 +761,50 @@ async fn log_check(client: &Client, report: &mut DoctorReport) -> Result<(), Pgc
         detail.push_str(&format!("; pruned through {pruned_through}"));
     }
     report.push("event log", Verdict::Ok, detail);
+    Ok(())
+}
+
+/// Changes captured and never published: their statements committed while the publishing
+/// trigger did not fire, so no client received them and pruning never removes them.
+async fn unpublished_check(client: &Client, report: &mut DoctorReport) -> Result<(), PgcastError> {
+    let row = match client.query_one(UNPUBLISHED, &[]).await {
+        Ok(row) => row,
+        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+            report.push(
+                "unpublished",
+                Verdict::Warn,
+                format!(
+                    "not counted: this role may not count the rows of {PUBLISH_TABLE} (GRANT \
+                     SELECT (statement) ON {PUBLISH_TABLE}: counts, no event content)"
+                ),
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(query_error("unpublished")(e)),
+    };
+    let unpublished: i64 = row.try_get(0).map_err(query_error("unpublished"))?;
+    if unpublished <= 0 {
+        report.push(
+            "unpublished",
+            Verdict::Ok,
+            "every captured change is in the log",
+        );
+        return Ok(());
+    }
+    let plural = if unpublished == 1 { "" } else { "s" };
+    report.push(
+        "unpublished",
+        Verdict::Fail,
+        format!(
+            "{unpublished} captured change{plural} in {PUBLISH_TABLE} never published: their \
+             statements committed while {PUBLISH_TRIGGER} did not fire (disabled, or capture \
+             in replica mode without it), so no client received them and pruning never removes \
+             them (a client's next snapshot shows the rows as they are); once the trigger check \
+             passes, DELETE FROM \
+             {PUBLISH_TABLE} ch WHERE NOT EXISTS (SELECT 1 FROM pgcast.committed_statements c \
+             WHERE c.statement = ch.statement)"
+        ),
+    );
     Ok(())
 }
 

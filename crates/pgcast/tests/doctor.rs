@@ -165,20 +165,34 @@ async fn capture_that_fires_in_replica_mode_without_its_publisher_is_a_failure()
         .expect("write");
     assert_eq!(unpublished(&client).await, 1, "captured, never published");
     let report = doctor(&db, &client).await;
-    let detail = failed(&report, "trigger");
+    let problems: Vec<_> = report.problems().map(|c| c.name).collect();
+    assert_eq!(problems, ["trigger", "unpublished"], "{report}");
+    let detail = &report.check("trigger").expect("trigger check").detail;
     assert!(detail.contains("pgcast_capture_insert"), "{detail}");
     assert!(
         detail.contains("ENABLE ALWAYS TRIGGER pgcast_publish_at_commit"),
         "{detail}"
     );
 
-    // Its advice, followed: what is captured in replica mode is published too.
+    // Its advice, followed: what is captured in replica mode is published too. The change
+    // captured before stays unpublished, and doctor counts it and says how to remove it.
     client
         .batch_execute(
             "ALTER TABLE pgcast.assignment_changes ENABLE ALWAYS TRIGGER pgcast_publish_at_commit",
         )
         .await
         .expect("enable always");
+    let report = doctor(&db, &client).await;
+    let detail = failed(&report, "unpublished");
+    assert!(detail.starts_with("1 captured change "), "{detail}");
+    let remedy = detail
+        .split_once("DELETE FROM")
+        .map(|(_, rest)| format!("DELETE FROM{rest}"))
+        .expect("the detail names the statement that removes them");
+    assert_eq!(
+        client.execute(remedy.as_str(), &[]).await.expect("remedy"),
+        1
+    );
     assert!(doctor(&db, &client).await.is_healthy());
     client
         .batch_execute(insert_as_replica)
@@ -186,8 +200,15 @@ async fn capture_that_fires_in_replica_mode_without_its_publisher_is_a_failure()
         .expect("write");
     assert_eq!(
         unpublished(&client).await,
-        1,
+        0,
         "the new change was published"
+    );
+    assert_eq!(
+        doctor(&db, &client)
+            .await
+            .check("unpublished")
+            .map(|c| c.verdict),
+        Some(Verdict::Ok)
     );
 }
 
@@ -316,7 +337,8 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 /// for every check, and no event content (the log's positions and commit times, in
 /// `pgcast.committed_statements`, not its rows).
 const MONITOR_GRANTS: &str = "GRANT pg_monitor TO {role}; GRANT USAGE ON SCHEMA pgcast TO {role};
-     GRANT SELECT ON pgcast.committed_statements, pgcast.log_state TO {role};";
+     GRANT SELECT ON pgcast.committed_statements, pgcast.log_state TO {role};
+     GRANT SELECT (statement) ON pgcast.assignment_changes TO {role};";
 
 /// Creates login role `<name>_<db>` with `grants` (`{role}` stands for its name) and connects
 /// as it. Roles belong to the cluster, hence the database name in theirs.
@@ -409,7 +431,7 @@ async fn dangerous_grants_are_a_failure() {
         ))
         .await
         .expect("revoke");
-    let (_, monitor) = connect_as(&db, &client, "monitor", MONITOR_GRANTS).await;
+    let (monitor_role, monitor) = connect_as(&db, &client, "monitor", MONITOR_GRANTS).await;
     let report = doctor(&db, &monitor).await;
     assert!(report.is_healthy(), "{report}");
     assert!(
@@ -419,9 +441,33 @@ async fn dangerous_grants_are_a_failure() {
             .is_err(),
         "the monitor role cannot read event content"
     );
-    assert_eq!(
-        report.check("grants").map(|c| c.verdict),
-        Some(Verdict::Ok),
+    assert!(
+        monitor
+            .query("SELECT event FROM pgcast.assignment_changes", &[])
+            .await
+            .is_err(),
+        "the monitor role counts captured changes and cannot read them"
+    );
+    for name in ["grants", "unpublished"] {
+        assert_eq!(
+            report.check(name).map(|c| c.verdict),
+            Some(Verdict::Ok),
+            "{report}"
+        );
+    }
+    // A monitor role granted as before the count existed: doctor says what it did not count.
+    client
+        .batch_execute(&format!(
+            "REVOKE SELECT (statement) ON pgcast.assignment_changes FROM {monitor_role}"
+        ))
+        .await
+        .expect("revoke the column");
+    let report = doctor(&db, &monitor).await;
+    assert!(report.is_healthy(), "{report}");
+    let unpublished = report.check("unpublished").expect("unpublished check");
+    assert_eq!(unpublished.verdict, Verdict::Warn, "{report}");
+    assert!(
+        unpublished.detail.contains("GRANT SELECT (statement)"),
         "{report}"
     );
 }
