@@ -112,9 +112,16 @@ impl EventLog {
                 continue; // the range is empty: only the boundary came back
             };
             page.rows += 1;
-            let committed_at: DateTime<Utc> = row.try_get(2)?;
-            let event: &str = row.try_get(3)?;
             page.last = Some(position);
+            // PostgreSQL holds times chrono cannot (`infinity`, years past 262143): such a row,
+            // edited by hand, is skipped like any other that cannot be decoded, instead of
+            // failing the page and every read after it.
+            let Ok(committed_at) = row.try_get::<_, DateTime<Utc>>(2) else {
+                let why = DecodeError::Inconsistent("commit time out of range");
+                page.undecodable.push((position, why));
+                continue;
+            };
+            let event: &str = row.try_get(3)?;
             match decode_event(position, committed_at, event) {
                 Ok(event) => page.events.push(event),
                 Err(e) => page.undecodable.push((position, e)),

@@ -334,6 +334,38 @@ async fn starts_after_a_given_position_from_the_log() {
 }
 
 #[tokio::test]
+async fn a_log_row_whose_commit_time_cannot_be_read_is_counted_and_skipped() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    for _ in 0..3 {
+        client.execute(INSERT_MANY, &[&1i32]).await.unwrap();
+    }
+    let positions = log_positions(&client).await;
+    assert_eq!(positions.len(), 3);
+    // The log's owner sets the second statement's commit time by hand to one PostgreSQL
+    // accepts and no event can carry.
+    let edited = client
+        .execute(
+            "UPDATE pgcast.committed_statements SET committed_at = 'infinity' \
+             WHERE last_position = $1",
+            &[&positions[1]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(edited, 1);
+
+    let mut listener = start_listener(&db, Start::After(0)).await;
+    let got = listener.take(2, LIMIT).await;
+    assert_eq!(
+        got.iter().map(|e| e.position).collect::<Vec<_>>(),
+        [positions[0], positions[2]],
+        "the edited row is skipped; the reads before and after it go on"
+    );
+    listener.assert_quiet().await;
+    assert_eq!(listener.status.snapshot().decode_errors, 1);
+    listener.stop().await;
+}
+
+#[tokio::test]
 async fn a_log_row_missing_its_id_is_counted_and_skipped_never_half_delivered() {
     let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
     client.execute(INSERT_MANY, &[&3i32]).await.unwrap();
