@@ -515,7 +515,8 @@ impl TriggerState {
 
 /// The statement triggers on [`TABLE`] that capture changes and the deferred trigger that
 /// publishes them at commit (versions 3 and 4); or version 2's row trigger where an upgrade could not
-/// replace it. A disabled, replica-only, missing or foreign one of them is a failure.
+/// replace it. A disabled, replica-only, missing or foreign one of them is a failure, and so
+/// is capture that fires in replica mode while the publishing trigger does not.
 async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(), PgcastError> {
     let triggers: Vec<TriggerState> = client
         .query(TRIGGER, &[&TABLE])
@@ -545,21 +546,32 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
                  {TABLE}: every change is logged twice; DROP TRIGGER {LEGACY_TRIGGER} ON {TABLE}"
             ),
         ),
-        (false, true) => match legacy.iter().find_map(|t| t.problem()) {
-            Some(problem) => (Verdict::Fail, problem),
-            None => (
-                Verdict::Warn,
-                format!(
-                    "trigger {LEGACY_TRIGGER} on {TABLE} is enabled, but it is version 2's row \
-                     trigger (every row logged separately at commit, slower): run `pgcast \
-                     migrate` as a member of the owner role of {TABLE} to replace it with the \
-                     statement triggers"
-                ),
-            ),
-        },
+        (false, true) => {
+            // Version 2's row trigger writes each row as a statement of its own, which the
+            // publishing trigger publishes at commit: both must fire.
+            let mut problems: Vec<String> = legacy
+                .iter()
+                .chain(current.iter().filter(|t| t.name == PUBLISH_TRIGGER))
+                .filter_map(|t| t.problem())
+                .collect();
+            problems.extend(replica_mode_mismatch(&legacy, &current));
+            if problems.is_empty() {
+                (
+                    Verdict::Warn,
+                    format!(
+                        "trigger {LEGACY_TRIGGER} on {TABLE} is enabled, but it is version 2's \
+                         row trigger (every row logged separately at commit, slower): run \
+                         `pgcast migrate` as a member of the owner role of {TABLE} to replace \
+                         it with the statement triggers"
+                    ),
+                )
+            } else {
+                (Verdict::Fail, problems.join("; "))
+            }
+        }
         _ => {
             let mut problems: Vec<String> = current.iter().filter_map(|t| t.problem()).collect();
-            problems.extend(replica_mode_mismatch(&current));
+            problems.extend(replica_mode_mismatch(&current, &current));
             if problems.is_empty() {
                 (
                     Verdict::Ok,
@@ -585,14 +597,19 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
 /// replica`, as a logical replication apply runs); the publishing trigger, enabled the ordinary
 /// way, does not. Changes written in that mode would be captured and never published: no
 /// event, and captured rows that pruning never reaches.
-fn replica_mode_mismatch(current: &[&TriggerState]) -> Option<String> {
+/// `capture` holds the triggers on [`TABLE`] that capture changes (the statement triggers, or
+/// version 2's row trigger); the publishing trigger is looked up in `current`.
+fn replica_mode_mismatch(capture: &[&TriggerState], current: &[&TriggerState]) -> Option<String> {
     let publish = current.iter().find(|t| t.name == PUBLISH_TRIGGER)?;
     if publish.enabled.as_deref() == Some("A") {
         return None;
     }
-    let always: Vec<&str> = current
+    let always: Vec<&str> = capture
         .iter()
-        .filter(|t| t.name.starts_with(CAPTURE_PREFIX) && t.enabled.as_deref() == Some("A"))
+        .filter(|t| {
+            (t.name.starts_with(CAPTURE_PREFIX) || t.name == LEGACY_TRIGGER)
+                && t.enabled.as_deref() == Some("A")
+        })
         .map(|t| t.name.as_str())
         .collect();
     (!always.is_empty()).then(|| {

@@ -259,6 +259,40 @@ async fn version_2_row_trigger_left_by_an_upgrade_is_a_warning() {
         failed(&doctor(&db, &client).await, "trigger").contains("disabled"),
         "disabled"
     );
+    // The row trigger's rows are published at commit by the publishing trigger: in replica
+    // mode too only if both fire there, and never without the publisher.
+    client
+        .batch_execute(
+            "ALTER TABLE session_assignments ENABLE ALWAYS TRIGGER pgcast_emit_assignment_event",
+        )
+        .await
+        .expect("enable always");
+    let detail = failed(&doctor(&db, &client).await, "trigger").to_owned();
+    assert!(detail.contains("pgcast_emit_assignment_event"), "{detail}");
+    assert!(
+        detail.contains("ENABLE ALWAYS TRIGGER pgcast_publish_at_commit"),
+        "{detail}"
+    );
+    client
+        .batch_execute(
+            "ALTER TABLE pgcast.assignment_changes DISABLE TRIGGER pgcast_publish_at_commit",
+        )
+        .await
+        .expect("disable the publisher");
+    let detail = failed(&doctor(&db, &client).await, "trigger").to_owned();
+    assert!(
+        detail.contains("pgcast_publish_at_commit") && detail.contains("disabled"),
+        "{detail}"
+    );
+    client
+        .batch_execute(
+            "ALTER TABLE pgcast.assignment_changes ENABLE ALWAYS TRIGGER pgcast_publish_at_commit",
+        )
+        .await
+        .expect("both always");
+    let check = doctor(&db, &client).await;
+    let check = check.check("trigger").expect("trigger check");
+    assert_eq!(check.verdict, Verdict::Warn, "both fire in replica mode");
 
     // `pgcast migrate` as the table's owner finishes the swap.
     client
