@@ -276,7 +276,8 @@ fn versus_table(ours: &[Step], floor: &[Step]) -> String {
     )
 }
 
-/// The targets on CPU per delivery, at the highest rate both servers were put under.
+/// The targets on CPU per delivery, at the first rate both servers were put under that offered
+/// about a million deliveries/s, else at the highest rate both were put under.
 fn cost_checks(ours: &[Step], floor: Option<&[Step]>) -> Vec<Check> {
     // At the fan-out target's rate: the first step that offered about a million deliveries/s
     // (per delivery both cost more at lower rates, where waking threads dominates, and less
@@ -488,7 +489,7 @@ mod tests {
     }
 
     #[test]
-    fn cost_per_delivery_is_compared_at_the_highest_common_rate() {
+    fn short_of_a_million_offered_cost_is_compared_at_the_highest_common_rate() {
         // 2,000,000 frames in 2 s: 1 core = 1 µs per frame; 0.5 core = 0.5 µs.
         let ours = [
             step(250.0, 500_000, 2.0, 0.5, 0.0),
@@ -518,5 +519,28 @@ mod tests {
             !md.contains("1,000 |"),
             "steps only the floor ran are not compared: {md}"
         );
+    }
+
+    #[test]
+    fn cost_per_delivery_is_compared_at_the_first_step_offering_a_million() {
+        // At 1,000 events/s (a million offered) 1.0 vs 0.5 µs; past it 0.6 vs 0.5 µs.
+        let ours = [
+            step(500.0, 1_000_000, 2.0, 1.0, 0.0),
+            step(1000.0, 2_000_000, 2.0, 1.0, 0.0),
+            step(1500.0, 3_000_000, 2.0, 0.9, 0.0),
+        ];
+        let floor = [
+            step(500.0, 1_000_000, 2.0, 0.0, 0.5),
+            step(1000.0, 2_000_000, 2.0, 0.0, 0.5),
+            step(1500.0, 3_000_000, 2.0, 0.0, 0.75),
+        ];
+        let checks = cost_checks(&ours, Some(&floor));
+        assert!(
+            checks[1].measured.contains("2.00× at 1,000 events/s"),
+            "{:?}",
+            checks[1]
+        );
+        assert_eq!(checks[1].met, Some(false), "{:?}", checks[1]);
+        assert_eq!(checks[0].met, Some(true), "1.0 µs: {:?}", checks[0]);
     }
 }
