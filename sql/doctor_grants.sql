@@ -23,6 +23,9 @@
 --   schema: CREATE lets a role add objects to pgcast's schema.
 --   PUBLIC only: SELECT on the log (the view pgcast.assignment_events or the two tables it
 --     joins) would show every event to every role that can connect.
+-- SELECT, INSERT, UPDATE and REFERENCES can also be granted on single columns, and a column is
+-- enough to do harm (UPDATE of first_position reorders the log, INSERT of a few columns forges
+-- an event): for those the check is has_any_column_privilege, which a table grant satisfies too.
 WITH objects AS (
     SELECT 'function'::text AS kind, 'function ' || p.oid::regprocedure::text AS object,
            p.oid, p.proowner AS owner, ARRAY['EXECUTE'] AS dangerous,
@@ -62,26 +65,28 @@ WITH objects AS (
     FROM pg_roles r
     WHERE NOT r.rolsuper AND r.rolname !~ '^pg_'
 ), pairs AS (
-    SELECT o.*, d.priv, d.ord
+    SELECT o.*, d.priv, d.ord,
+           o.kind IN ('table', 'view')
+               AND d.priv IN ('SELECT', 'INSERT', 'UPDATE', 'REFERENCES') AS columnwise
     FROM objects o
     CROSS JOIN LATERAL unnest(o.dangerous || o.dangerous_for_public) WITH ORDINALITY AS d(priv, ord)
 ), checked AS (
     SELECT p.object, p.priv, p.ord, g.shown,
            g.oid IS NULL                    AS is_public,
            p.priv = ANY (p.dangerous)       AS for_everyone,
-           CASE p.kind
-               WHEN 'function' THEN has_function_privilege(g.name, p.oid, p.priv)
-               WHEN 'table'    THEN has_table_privilege(g.name, p.oid, p.priv)
-               WHEN 'view'     THEN has_table_privilege(g.name, p.oid, p.priv)
-               WHEN 'sequence' THEN has_sequence_privilege(g.name, p.oid, p.priv)
-               WHEN 'schema'   THEN has_schema_privilege(g.name, p.oid, p.priv)
+           CASE
+               WHEN p.columnwise THEN has_any_column_privilege(g.name, p.oid, p.priv)
+               WHEN p.kind = 'function' THEN has_function_privilege(g.name, p.oid, p.priv)
+               WHEN p.kind IN ('table', 'view') THEN has_table_privilege(g.name, p.oid, p.priv)
+               WHEN p.kind = 'sequence' THEN has_sequence_privilege(g.name, p.oid, p.priv)
+               WHEN p.kind = 'schema' THEN has_schema_privilege(g.name, p.oid, p.priv)
            END                              AS has_it,
-           CASE p.kind
-               WHEN 'function' THEN has_function_privilege('public', p.oid, p.priv)
-               WHEN 'table'    THEN has_table_privilege('public', p.oid, p.priv)
-               WHEN 'view'     THEN has_table_privilege('public', p.oid, p.priv)
-               WHEN 'sequence' THEN has_sequence_privilege('public', p.oid, p.priv)
-               WHEN 'schema'   THEN has_schema_privilege('public', p.oid, p.priv)
+           CASE
+               WHEN p.columnwise THEN has_any_column_privilege('public', p.oid, p.priv)
+               WHEN p.kind = 'function' THEN has_function_privilege('public', p.oid, p.priv)
+               WHEN p.kind IN ('table', 'view') THEN has_table_privilege('public', p.oid, p.priv)
+               WHEN p.kind = 'sequence' THEN has_sequence_privilege('public', p.oid, p.priv)
+               WHEN p.kind = 'schema' THEN has_schema_privilege('public', p.oid, p.priv)
            END                              AS public_has_it
     FROM pairs p
     CROSS JOIN grantees g

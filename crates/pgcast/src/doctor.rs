@@ -6,7 +6,7 @@
 //!
 //! | check | fails when | warns when |
 //! |---|---|---|
-//! | `grants` | a role other than pgcast's owner may run pgcast's functions, write, lock or reference its tables, set the position sequence or create objects in schema `pgcast`; or PUBLIC may read the log | — |
+//! | `grants` | a role other than pgcast's owner may run pgcast's functions, write, lock or reference its tables, set the position sequence or create objects in schema `pgcast`; or PUBLIC may read the log (a grant on one column counts) | — |
 //! | `commit lock` | a session not committing (idle in transaction, e.g. after `SET CONSTRAINTS ALL IMMEDIATE`) has held the commit-order lock for more than 5 s, or writers have waited that long for it | — |
 //! | `pruning` | it has not run for 10 min while events older than the retention it was last given remain: the log grows without bound | it never ran, or has not run for 10 min with nothing overdue yet |
 //! | `unpublished` | rows of `pgcast.assignment_changes` outnumber the committed statements' positions: changes captured while the publishing trigger did not fire, never delivered and never pruned | the role may not count them (it needs `SELECT` on the table's `statement` column) |

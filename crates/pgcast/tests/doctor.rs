@@ -431,7 +431,9 @@ async fn dangerous_grants_are_a_failure() {
              GRANT INSERT ON pgcast.assignment_changes TO {role};
              GRANT REFERENCES ON pgcast.log_state TO {role};
              GRANT UPDATE ON SEQUENCE pgcast.event_position TO {role};
-             GRANT CREATE ON SCHEMA pgcast TO {role};"
+             GRANT CREATE ON SCHEMA pgcast TO {role};
+             GRANT UPDATE (first_position) ON pgcast.committed_statements TO {role};
+             GRANT SELECT (event) ON pgcast.assignment_changes TO PUBLIC;"
         ))
         .await
         .expect("grant");
@@ -444,6 +446,9 @@ async fn dangerous_grants_are_a_failure() {
         format!("REFERENCES on table pgcast.log_state to {role}"),
         format!("UPDATE on sequence pgcast.event_position to {role}"),
         format!("CREATE on schema pgcast to {role}"),
+        // A column is enough: to reorder the log, or to read every event.
+        format!("UPDATE on table pgcast.committed_statements to {role}"),
+        "SELECT on table pgcast.assignment_changes to PUBLIC".to_owned(),
     ] {
         assert!(detail.contains(&grant), "{grant} not in {detail}");
     }
@@ -458,8 +463,9 @@ async fn dangerous_grants_are_a_failure() {
     client
         .batch_execute(&format!(
             "REVOKE EXECUTE ON FUNCTION pgcast.emit_assignment_event() FROM PUBLIC;
-             REVOKE SELECT ON pgcast.assignment_events FROM PUBLIC;
-             REVOKE ALL ON pgcast.assignment_changes, pgcast.log_state FROM {role};
+             REVOKE SELECT ON pgcast.assignment_events, pgcast.assignment_changes FROM PUBLIC;
+             REVOKE ALL ON pgcast.assignment_changes, pgcast.log_state,
+                 pgcast.committed_statements FROM {role};
              REVOKE ALL ON SEQUENCE pgcast.event_position FROM {role};
              REVOKE CREATE ON SCHEMA pgcast FROM {role};"
         ))
