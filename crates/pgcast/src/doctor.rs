@@ -18,8 +18,11 @@
 //! | `tls`, `listen tls` | — (a connection that does not meet its `sslmode` is refused before any check runs) | the session is not encrypted over a network (not loopback), or pgcast's TLS ends at a pooler or proxy whose link to PostgreSQL is plain |
 //! | `listen probe` | a `LISTEN` on a private channel of the listen connection hears nothing within 5 s of a `NOTIFY` from the query connection: the listen connection goes through a transaction pooler (use `--listen-database-url`) | — |
 //!
-//! The role running `doctor` needs `USAGE` on schema `pgcast`, `SELECT` on its tables and
-//! `pg_monitor` (to see the state of another role's session that holds the commit-order lock).
+//! The role running `doctor` needs `USAGE` on schema `pgcast`, `SELECT` on
+//! `pgcast.committed_statements` and `pgcast.log_state`, `SELECT` on the `statement` column of
+//! `pgcast.assignment_changes` (to count its rows; without it `unpublished` warns) and
+//! `pg_monitor` (to see the state of another role's session that holds the commit-order lock):
+//! the README's monitor role, which reads no event content.
 //!
 //! Why about 850 lines: one report, one function per check (each reading its own
 //! `sql/doctor_*.sql`), sharing the report's types and its text and JSON rendering.
@@ -800,7 +803,7 @@ async fn unpublished_check(client: &Client, report: &mut DoctorReport) -> Result
         Err(e) => return Err(query_error("unpublished")(e)),
     };
     let unpublished: i64 = row.try_get(0).map_err(query_error("unpublished"))?;
-    if unpublished <= 0 {
+    if unpublished == 0 {
         report.push(
             "unpublished",
             Verdict::Ok,
@@ -817,7 +820,7 @@ async fn unpublished_check(client: &Client, report: &mut DoctorReport) -> Result
              statements committed while {PUBLISH_TRIGGER} did not fire (disabled, or capture \
              in replica mode without it), so no client received them and pruning never removes \
              them (a client's next snapshot shows the rows as they are); once the trigger check \
-             passes, DELETE FROM \
+             no longer fails, remove them: DELETE FROM \
              {PUBLISH_TABLE} ch WHERE NOT EXISTS (SELECT 1 FROM pgcast.committed_statements c \
              WHERE c.statement = ch.statement)"
         ),
