@@ -4,9 +4,12 @@
 //! `sql/log_head.sql`), pages of a range (`sql/log_read_range.sql`) and where a warm-up starts
 //! (`sql/log_window_start.sql`).
 
+use std::error::Error as _;
+
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Pool};
 use pgcast_events::{decode_event, AssignmentEvent, DecodeError, Position};
+use tokio_postgres::types::WrongType;
 
 use crate::ListenerError;
 
@@ -116,10 +119,15 @@ impl EventLog {
             // PostgreSQL holds times chrono cannot (`infinity`, years past 262143): such a row,
             // edited by hand, is skipped like any other that cannot be decoded, instead of
             // failing the page and every read after it.
-            let Ok(committed_at) = row.try_get::<_, DateTime<Utc>>(2) else {
-                let why = DecodeError::Inconsistent("commit time out of range");
-                page.undecodable.push((position, why));
-                continue;
+            let committed_at = match row.try_get::<_, DateTime<Utc>>(2) {
+                Ok(at) => at,
+                // A column of another type is this query's bug, not a row's: every read fails.
+                Err(e) if e.source().is_some_and(|s| s.is::<WrongType>()) => return Err(e.into()),
+                Err(_) => {
+                    let why = DecodeError::Inconsistent("commit time out of range");
+                    page.undecodable.push((position, why));
+                    continue;
+                }
             };
             let event: &str = row.try_get(3)?;
             match decode_event(position, committed_at, event) {
