@@ -9,7 +9,7 @@
 //! | `grants` | a role other than pgcast's owner may run pgcast's functions, write, lock or reference its tables, set the position sequence or create objects in schema `pgcast`; or PUBLIC may read the log (a grant on one column counts) | — |
 //! | `commit lock` | a session not committing (idle in transaction, e.g. after `SET CONSTRAINTS ALL IMMEDIATE`) has held the commit-order lock for more than 5 s, or writers have waited that long for it | — |
 //! | `pruning` | it has not run for 10 min while events older than the retention it was last given remain: the log grows without bound | it never ran, or has not run for 10 min with nothing overdue yet |
-//! | `unpublished` | rows of `pgcast.assignment_changes` outnumber the committed statements' positions: changes captured while the publishing trigger did not fire, never delivered and never pruned | the role may not count them (it needs `SELECT` on the table's `statement` column) |
+//! | `unpublished` | rows of `pgcast.assignment_changes` whose statement is not in `pgcast.committed_statements`: changes captured while the publishing trigger did not fire, never delivered and never pruned | the role may not count them (it needs `SELECT` on the table's `statement` column) |
 //!
 //! [`doctor`] also checks how pgcast connects, with the connection strings `serve` would use:
 //!
@@ -541,6 +541,7 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
         .iter()
         .any(|t| t.name.starts_with(CAPTURE_PREFIX) && t.exists());
     let legacy_installed = legacy.iter().any(|t| t.exists());
+    let publish = current.iter().copied().find(|t| t.name == PUBLISH_TRIGGER);
     let (verdict, detail) = match (capture_installed, legacy_installed) {
         (true, true) => (
             Verdict::Fail,
@@ -554,10 +555,11 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
             // publishing trigger publishes at commit: both must fire.
             let mut problems: Vec<String> = legacy
                 .iter()
-                .chain(current.iter().filter(|t| t.name == PUBLISH_TRIGGER))
+                .copied()
+                .chain(publish)
                 .filter_map(|t| t.problem())
                 .collect();
-            problems.extend(replica_mode_mismatch(&legacy, &current));
+            problems.extend(replica_mode_mismatch(&legacy, publish));
             if problems.is_empty() {
                 (
                     Verdict::Warn,
@@ -574,7 +576,7 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
         }
         _ => {
             let mut problems: Vec<String> = current.iter().filter_map(|t| t.problem()).collect();
-            problems.extend(replica_mode_mismatch(&current, &current));
+            problems.extend(replica_mode_mismatch(&current, publish));
             if problems.is_empty() {
                 (
                     Verdict::Ok,
@@ -601,9 +603,12 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
 /// way, does not. Changes written in that mode would be captured and never published: no
 /// event, and captured rows that pruning never reaches.
 /// `capture` holds the triggers on [`TABLE`] that capture changes (the statement triggers, or
-/// version 2's row trigger); the publishing trigger is looked up in `current`.
-fn replica_mode_mismatch(capture: &[&TriggerState], current: &[&TriggerState]) -> Option<String> {
-    let publish = current.iter().find(|t| t.name == PUBLISH_TRIGGER)?;
+/// version 2's row trigger); `publish` is the publishing trigger.
+fn replica_mode_mismatch(
+    capture: &[&TriggerState],
+    publish: Option<&TriggerState>,
+) -> Option<String> {
+    let publish = publish?;
     if publish.enabled.as_deref() == Some("A") {
         return None;
     }
@@ -820,9 +825,8 @@ async fn unpublished_check(client: &Client, report: &mut DoctorReport) -> Result
              statements committed while {PUBLISH_TRIGGER} did not fire (disabled, or capture \
              in replica mode without it), so no client received them and pruning never removes \
              them (a client's next snapshot shows the rows as they are); once the trigger check \
-             no longer fails, remove them: DELETE FROM \
-             {PUBLISH_TABLE} ch WHERE NOT EXISTS (SELECT 1 FROM pgcast.committed_statements c \
-             WHERE c.statement = ch.statement)"
+             no longer fails, remove them: DELETE FROM {PUBLISH_TABLE} ch WHERE NOT EXISTS \
+             (SELECT 1 FROM pgcast.committed_statements c WHERE c.statement = ch.statement)"
         ),
     );
     Ok(())
