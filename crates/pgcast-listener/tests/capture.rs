@@ -14,6 +14,7 @@ use std::time::Duration;
 use common::*;
 use pgcast_events::{EventKind, Status};
 use pgcast_listener::{installed_version, migrate, MigrationScope, Start, SCHEMA_VERSION};
+use pgcast_testkit::legacy::{CREATE_VERSION_2_ROW_TRIGGER, DROP_CAPTURE_TRIGGERS};
 use pgcast_testkit::PgCluster;
 use uuid::Uuid;
 
@@ -547,15 +548,9 @@ async fn a_version_3_install_upgrades_under_a_writer_in_flight_and_keeps_its_log
 async fn version_2_row_trigger_kept_by_a_non_owner_still_logs_every_change() {
     let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
     client
-        .batch_execute(
-            "DROP TRIGGER pgcast_capture_insert ON session_assignments;
-             DROP TRIGGER pgcast_capture_update ON session_assignments;
-             DROP TRIGGER pgcast_capture_delete ON session_assignments;
-             CREATE CONSTRAINT TRIGGER pgcast_emit_assignment_event
-                 AFTER INSERT OR UPDATE OR DELETE ON session_assignments
-                 DEFERRABLE INITIALLY DEFERRED
-                 FOR EACH ROW EXECUTE FUNCTION pgcast.emit_assignment_event();",
-        )
+        .batch_execute(&format!(
+            "{DROP_CAPTURE_TRIGGERS}{CREATE_VERSION_2_ROW_TRIGGER}"
+        ))
         .await
         .unwrap();
     let customer = Uuid::new_v4();

@@ -9,6 +9,7 @@
 //! Watchdog             kill on parent exit: process groups, pids, a stop command, a directory
 //! base64url            the JWT alphabet, both ways
 //! http                 HTTP/1.0 GET from any 127/8 address; one Prometheus sample
+//! legacy               SQL leaving a database as an incomplete upgrade would (version 2's trigger)
 //! ws::Ws               the wire-protocol client: auth, subscribe, frames, markers   [protocol]
 //! token                principals, HS256 tokens minted independently, claims        [protocol]
 //! oracle               who sees what, written from the README, not from pgcast-events [protocol]
@@ -38,6 +39,7 @@ mod cluster;
 mod database;
 mod error;
 pub mod http;
+pub mod legacy;
 #[cfg(feature = "protocol")]
 pub mod oracle;
 #[cfg(feature = "pool")]

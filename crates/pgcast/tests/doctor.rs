@@ -10,6 +10,7 @@ use common::{fresh_db, migrated_db, pgcast, run};
 use pgcast::{diagnose, pool, DoctorReport, Verdict};
 use pgcast_listener::{migrate, MigrationScope};
 use pgcast_listener::{EventLog, Listener, Start};
+use pgcast_testkit::legacy::{CREATE_VERSION_2_ROW_TRIGGER, DROP_CAPTURE_TRIGGERS};
 use pgcast_testkit::{PgCluster, TestDb};
 use tokio::sync::mpsc;
 use tokio_postgres::{Client, NoTls};
@@ -232,15 +233,9 @@ async fn dropped_trigger_is_a_failure() {
 async fn version_2_row_trigger_left_by_an_upgrade_is_a_warning() {
     let (db, client) = migrated_db().await;
     client
-        .batch_execute(
-            "DROP TRIGGER pgcast_capture_insert ON session_assignments;
-             DROP TRIGGER pgcast_capture_update ON session_assignments;
-             DROP TRIGGER pgcast_capture_delete ON session_assignments;
-             CREATE CONSTRAINT TRIGGER pgcast_emit_assignment_event
-                 AFTER INSERT OR UPDATE OR DELETE ON session_assignments
-                 DEFERRABLE INITIALLY DEFERRED
-                 FOR EACH ROW EXECUTE FUNCTION pgcast.emit_assignment_event();",
-        )
+        .batch_execute(&format!(
+            "{DROP_CAPTURE_TRIGGERS}{CREATE_VERSION_2_ROW_TRIGGER}"
+        ))
         .await
         .expect("version 2's trigger");
     let report = doctor(&db, &client).await;
@@ -301,12 +296,7 @@ async fn version_2_row_trigger_left_by_an_upgrade_is_a_warning() {
         .expect("install the statement triggers");
     assert!(doctor(&db, &client).await.is_healthy());
     client
-        .batch_execute(
-            "CREATE CONSTRAINT TRIGGER pgcast_emit_assignment_event
-                 AFTER INSERT OR UPDATE OR DELETE ON session_assignments
-                 DEFERRABLE INITIALLY DEFERRED
-                 FOR EACH ROW EXECUTE FUNCTION pgcast.emit_assignment_event();",
-        )
+        .batch_execute(CREATE_VERSION_2_ROW_TRIGGER)
         .await
         .expect("both");
     assert!(
@@ -619,6 +609,32 @@ async fn a_commit_lock_held_by_an_idle_transaction_is_a_failure() {
     decoy.batch_execute("ROLLBACK").await.expect("rollback");
 }
 
+/// Waits (up to 10 s) until backend `pid` holds the commit-order lock (`granted`) or waits
+/// for it.
+async fn until_commit_lock(client: &Client, pid: i32, granted: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND granted = $2
+                                  AND relation = 'pgcast.commit_order'::regclass)",
+                &[&pid, &granted],
+            )
+            .await
+            .expect("pg_locks")
+            .get(0);
+        if found {
+            return;
+        }
+        let what = if granted { "held" } else { "waited for" };
+        assert!(
+            Instant::now() < deadline,
+            "pid {pid} never {what} the commit lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A session that holds the lock while busy (not idle) is not flagged for its own state, but
 /// writers queueing behind it for more than 5 s are.
 #[tokio::test]
@@ -637,6 +653,8 @@ async fn writers_waiting_for_the_commit_lock_are_a_failure() {
             .await;
         (holder, result)
     });
+    // The holder takes the lock first: a writer that committed before it would never wait.
+    until_commit_lock(&client, holder_pid, true).await;
     let writer = db.connect().await.expect("connect");
     let writer_pid = backend_pid(&writer).await;
     let write = tokio::spawn(async move {
@@ -649,23 +667,7 @@ async fn writers_waiting_for_the_commit_lock_are_a_failure() {
             .await
     });
     // The writer queues behind the busy holder.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let waits: bool = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted
-                                  AND relation = 'pgcast.commit_order'::regclass)",
-                &[&writer_pid],
-            )
-            .await
-            .expect("pg_locks")
-            .get(0);
-        if waits {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the writer never waited");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_commit_lock(&client, writer_pid, false).await;
     let report = until_failed(&client, "commit lock", Duration::from_secs(20)).await;
     let detail = failed(&report, "commit lock");
     assert!(detail.contains(&format!("pid {holder_pid} ")), "{detail}");
