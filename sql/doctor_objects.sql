@@ -16,7 +16,8 @@ FROM (VALUES
     (11, 'function pgcast.capture_assignment_changes()',     to_regprocedure('pgcast.capture_assignment_changes()')::oid),
     (12, 'function pgcast.publish_statement()',              to_regprocedure('pgcast.publish_statement()')::oid),
     (13, 'function pgcast.install_capture()',                to_regprocedure('pgcast.install_capture()')::oid),
-    (14, 'table pgcast.committed_statements',                to_regclass('pgcast.committed_statements')::oid)
+    (14, 'table pgcast.committed_statements',                to_regclass('pgcast.committed_statements')::oid),
+    (15, 'function pgcast.doorbell_queue_limit()',           to_regprocedure('pgcast.doorbell_queue_limit()')::oid)
 ) AS expected(n, object, oid)
 WHERE expected.oid IS NULL
 ORDER BY expected.n

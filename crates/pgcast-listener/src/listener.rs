@@ -35,6 +35,11 @@ const PAGE: i64 = 1000;
 const IDLE_PROBE: Duration = Duration::from_secs(15);
 /// How long the probe (and a connection attempt without its own timeout) may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the log is read while commits ring no doorbell (the probe found PostgreSQL's
+/// notification queue at `pgcast.doorbell_queue_limit()`).
+const DOORBELLS_OFF_POLL: Duration = Duration::from_millis(500);
+/// The probe: alive, and are commits ringing doorbells?
+const PROBE: &str = include_str!("../../../sql/listener_probe.sql");
 
 /// What the listener hands on, in log order.
 #[derive(Debug, Clone)]
@@ -345,18 +350,23 @@ where
         cursor.reached_live = true;
         tracing::info!(position = ?cursor.last, "listener connected and caught up");
 
+        // Whether commits ring doorbells at all, probed now and after every silence.
+        let mut doorbells_off = doorbells(probe(client).await?, false);
         loop {
+            let silence = if doorbells_off {
+                DOORBELLS_OFF_POLL
+            } else {
+                IDLE_PROBE
+            };
             tokio::select! {
                 () = bell.notified() => {}
-                () = tokio::time::sleep(IDLE_PROBE) => {
+                () = tokio::time::sleep(silence) => {
                     // No doorbell for a while: make sure the connection is alive (a dead peer
-                    // can be silent), then read the log anyway in case a doorbell was lost.
-                    match tokio::time::timeout(PROBE_TIMEOUT, client.simple_query("SELECT 1")).await {
-                        Ok(r) => { r?; }
-                        Err(_) => return Err(ListenerError::ConnectionClosed),
-                    }
+                    // can be silent), and see whether commits ring.
+                    doorbells_off = doorbells(probe(client).await?, doorbells_off);
                 }
             }
+            // Read the log anyway after a silence, in case a doorbell was lost or not rung.
             if let Some(end) = self.forward(cursor, out).await? {
                 return Ok(end);
             }
@@ -448,4 +458,28 @@ fn clip(text: &str) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+/// Runs the probe on the LISTEN connection: an error if it does not answer in time, else
+/// whether commits ring no doorbell (`sql/listener_probe.sql`).
+async fn probe(client: &Client) -> Result<bool, ListenerError> {
+    match tokio::time::timeout(PROBE_TIMEOUT, client.query_one(PROBE, &[])).await {
+        Ok(row) => Ok(row?.try_get(0)?),
+        Err(_) => Err(ListenerError::ConnectionClosed),
+    }
+}
+
+/// Logs a change of whether commits ring doorbells (`off`, before: `was_off`); returns `off`.
+fn doorbells(off: bool, was_off: bool) -> bool {
+    if off && !was_off {
+        tracing::warn!(
+            every_ms = DOORBELLS_OFF_POLL.as_millis() as u64,
+            "PostgreSQL's notification queue has reached pgcast.doorbell_queue_limit(): commits \
+             ring no doorbell (a session holding its place in the queue lets it fill), so the \
+             log is read on a timer"
+        );
+    } else if was_off && !off {
+        tracing::info!("the notification queue has room again: commits ring doorbells");
+    }
+    off
 }

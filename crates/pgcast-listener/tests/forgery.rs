@@ -217,3 +217,69 @@ async fn a_stalled_consumer_never_leaves_doorbells_in_the_database_queue() {
         .expect("listener stops")
         .expect("listener task");
 }
+
+/// Sets `pgcast.doorbell_queue_limit()`: 0 makes every commit find the notification queue
+/// "past the limit", as a session holding its place in a full queue would (filling PostgreSQL's
+/// 8 GB queue is out of a test's reach); 0.5 is the installed value.
+async fn set_doorbell_queue_limit(client: &Client, limit: &str) {
+    client
+        .batch_execute(&format!(
+            "CREATE OR REPLACE FUNCTION pgcast.doorbell_queue_limit() RETURNS double precision
+                 LANGUAGE sql IMMUTABLE PARALLEL SAFE
+                 AS 'SELECT {limit}::double precision'"
+        ))
+        .await
+        .expect("replace the limit");
+}
+
+/// A connect-only role can LISTEN and stay idle in a transaction, holding PostgreSQL's
+/// notification queue until it fills, and a full queue fails every notifying commit. Past
+/// `pgcast.doorbell_queue_limit()` commits ring no doorbell, so writes never fail, and the
+/// listener, which probed the queue, reads the log on a short timer: events still arrive,
+/// well before the 15 s silence probe would have found them.
+#[tokio::test]
+async fn past_the_queue_limit_commits_ring_no_doorbell_and_events_still_arrive() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let (spy, mut heard) = connect_as_hearing(&db, &client, "spy", "").await;
+    spy.batch_execute("LISTEN pgcast_assignments")
+        .await
+        .unwrap();
+    // The spy hears a commit's doorbell while the queue has room.
+    client.execute(INSERT_ONE, &[&"rung"]).await.unwrap();
+    tokio::time::timeout(LIMIT, heard.recv())
+        .await
+        .expect("a doorbell while the queue has room")
+        .expect("the spy's connection");
+
+    set_doorbell_queue_limit(&client, "0").await;
+    let mut listener = start_listener(&db, Start::Head).await;
+    for name in ["quiet 1", "quiet 2", "quiet 3"] {
+        client
+            .execute(INSERT_ONE, &[&name])
+            .await
+            .expect("the write commits");
+    }
+    let events = listener.take(3, Duration::from_secs(10)).await;
+    let names: Vec<_> = events
+        .iter()
+        .map(|e| e.assignment.customer_name.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(names, ["quiet 1", "quiet 2", "quiet 3"]);
+    // A notification sent to the spy arrives before the answer to its next query.
+    spy.batch_execute("SELECT 1").await.unwrap();
+    assert!(heard.try_recv().is_err(), "a commit rang past the limit");
+
+    // Room again: commits ring, and the spy hears them.
+    set_doorbell_queue_limit(&client, "0.5").await;
+    client.execute(INSERT_ONE, &[&"rung again"]).await.unwrap();
+    tokio::time::timeout(LIMIT, heard.recv())
+        .await
+        .expect("a doorbell once the queue has room")
+        .expect("the spy's connection");
+    let events = listener.take(1, LIMIT).await;
+    assert_eq!(
+        events[0].assignment.customer_name.as_deref(),
+        Some("rung again")
+    );
+    listener.stop().await;
+}

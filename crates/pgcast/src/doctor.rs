@@ -62,8 +62,10 @@ const CAPTURE_PREFIX: &str = "pgcast_capture_";
 /// The deferred trigger that publishes each captured statement at commit, and its table.
 const PUBLISH_TRIGGER: &str = "pgcast_publish_at_commit";
 const PUBLISH_TABLE: &str = "pgcast.assignment_changes";
-/// Above this fraction of the NOTIFY queue in use, the database is unhealthy: at 100 % every
-/// transaction that writes `session_assignments` fails at commit.
+/// Above this fraction of the NOTIFY queue in use, the database is unhealthy: from here
+/// (`pgcast.doorbell_queue_limit()`, the same value) pgcast's commits ring no doorbell and its
+/// listener reads the log on a timer, and at 100 % every other transaction that notifies fails
+/// at commit.
 pub const MAX_QUEUE_USAGE: f64 = 0.5;
 /// A session holding the commit-order lock this long is stalling every write to
 /// `session_assignments` (a commit holds it for microseconds).
@@ -389,7 +391,9 @@ pub async fn diagnose(client: &Client) -> Result<DoctorReport, PgcastError> {
             Verdict::Fail,
             format!(
                 "{percent:.1}% of the NOTIFY queue in use (limit {:.0}%): a listening session is \
-                 not consuming; at 100% writes fail at commit",
+                 not consuming (look in pg_stat_activity for one idle in transaction); pgcast's \
+                 commits ring no doorbell (events reach clients by polling, within 0.5 s), and \
+                 at 100% every other notifying commit fails",
                 MAX_QUEUE_USAGE * 100.0
             ),
         );
