@@ -733,3 +733,37 @@ async fn concurrent_multi_row_transactions_get_positions_in_commit_order() {
     assert_eq!(blocks, WRITERS * TRANSACTIONS);
     listener.stop().await;
 }
+
+/// An application's own table may use `timestamp` without time zone and a nullable `urgent`:
+/// its changes are still events (times read as UTC, a null `urgent` as not urgent), never
+/// undecodable rows skipped.
+#[tokio::test]
+async fn an_applications_timestamp_and_nullable_columns_are_read() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    client
+        .batch_execute(
+            "ALTER TABLE session_assignments
+                 ALTER COLUMN created_at TYPE timestamp USING created_at AT TIME ZONE 'UTC',
+                 ALTER COLUMN updated_at TYPE timestamp USING updated_at AT TIME ZONE 'UTC',
+                 ALTER COLUMN urgent DROP NOT NULL,
+                 ALTER COLUMN urgent DROP DEFAULT",
+        )
+        .await
+        .unwrap();
+    let mut listener = start_listener(&db, Start::Head).await;
+    client
+        .execute(
+            "INSERT INTO session_assignments (session_id, status, customer_name, created_at)
+             VALUES (gen_random_uuid(), 'queued', 'naive', '2026-11-29 04:05:06.5')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let events = listener.take(1, LIMIT).await;
+    assert_eq!(names(&events), ["naive"]);
+    let a = &events[0].assignment;
+    assert!(!a.urgent, "a null urgent is not urgent");
+    let utc: chrono::DateTime<chrono::Utc> = "2026-11-29T04:05:06.5Z".parse().unwrap();
+    assert_eq!(a.created_at, Some(utc));
+    listener.stop().await;
+}
