@@ -1,5 +1,6 @@
-//! Retention: events older than the retention are deleted every minute, in small batches of
-//! committed statements with their rows, by `pgcast.prune_events()` (`sql/prune_events.sql`).
+//! Retention: events older than the retention are deleted every minute, at most
+//! [`PRUNE_BATCH`] events per transaction (whole statements while they fit, a larger statement
+//! a batch at a time), by `pgcast.prune_events()` (`sql/prune_events.sql`).
 //! Several replicas may prune at once: the SQL function lets one work at a time and the
 //! others skip.
 
@@ -14,7 +15,8 @@ const PRUNE_SQL: &str = include_str!("../../../sql/prune_events.sql");
 
 /// How often old log rows are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
-/// Rows per prune transaction: short locks, no long vacuum debt.
+/// Events per prune transaction at most: short locks and statements (each runs under the
+/// maintenance pool's statement timeout), no long vacuum debt.
 const PRUNE_BATCH: i32 = 1000;
 
 /// Deletes log rows older than `retention` through `pool`, at once and then every minute,

@@ -588,23 +588,29 @@ async fn version_2_row_trigger_kept_by_a_non_owner_still_logs_every_change() {
     listener.stop().await;
 }
 
-/// Retention deletes whole statements, oldest first, with their rows: a batch of one statement
-/// of three rows deletes three events and moves the boundary past the statement's last one.
+/// Retention deletes at most a batch of events per call, oldest first: whole statements while
+/// they fit, and a statement larger than a batch a batch at a time, the boundary moving within
+/// it (a 1,000,000-row statement deleted in one call would outlast the pruner's statement
+/// timeout, and be tried again, and fail again, forever).
 #[tokio::test]
-async fn pruning_takes_a_statement_with_all_its_rows() {
+async fn pruning_deletes_at_most_a_batch_of_events_per_call() {
     let (_db, client) = migrated_db(PgCluster::shared().unwrap()).await;
-    // Three transactions: a statement is published (and can be backdated) at its commit.
+    // Four transactions: a statement is published (and can be backdated) at its commit.
     for sql in [
         "INSERT INTO session_assignments (session_id, status, customer_name)
          SELECT gen_random_uuid(), 'queued', 'old ' || g FROM generate_series(1, 3) g",
         "INSERT INTO session_assignments (session_id, status, customer_name)
          VALUES (gen_random_uuid(), 'queued', 'old 4')",
+        "INSERT INTO session_assignments (session_id, status, customer_name)
+         VALUES (gen_random_uuid(), 'queued', 'old 5')",
         "UPDATE pgcast.committed_statements SET committed_at = now() - interval '1 hour'",
+        "INSERT INTO session_assignments (session_id, status, customer_name)
+         VALUES (gen_random_uuid(), 'queued', 'new')",
     ] {
         client.execute(sql, &[]).await.unwrap();
     }
     let positions = log_positions(&client).await;
-    assert_eq!(positions.len(), 4);
+    assert_eq!(positions.len(), 6);
     let prune = |batch: i32| {
         let client = &client;
         async move {
@@ -615,18 +621,35 @@ async fn pruning_takes_a_statement_with_all_its_rows() {
                 .get(0);
             let row = client
                 .query_one(
-                    "SELECT (SELECT count(*) FROM pgcast.assignment_changes),
+                    "SELECT (SELECT count(*) FROM pgcast.committed_statements),
                             (SELECT pruned_through FROM pgcast.log_state)",
                     &[],
                 )
                 .await
                 .unwrap();
-            (deleted, row.get::<_, i64>(0), row.get::<_, i64>(1))
+            let left = log_positions(client).await;
+            (deleted, row.get::<_, i64>(0), row.get::<_, i64>(1), left)
         }
     };
-    assert_eq!(prune(1).await, (3, 1, positions[2]));
-    assert_eq!(prune(1).await, (1, 0, positions[3]));
-    assert_eq!(prune(1).await, (0, 0, positions[3]));
+    // The 3-row statement does not fit a batch of 2: its first two events go, it stays.
+    assert_eq!(
+        prune(2).await,
+        (2, 4, positions[1], positions[2..].to_vec())
+    );
+    // Its last event, and with it the statement.
+    assert_eq!(
+        prune(2).await,
+        (1, 3, positions[2], positions[3..].to_vec())
+    );
+    // Two 1-row statements fit one batch; the new one is not due.
+    assert_eq!(
+        prune(2).await,
+        (2, 1, positions[4], positions[5..].to_vec())
+    );
+    assert_eq!(
+        prune(2).await,
+        (0, 1, positions[4], positions[5..].to_vec())
+    );
 }
 
 /// Transaction A writes 50 rows first and commits last: all of A's positions are above all of
