@@ -170,8 +170,11 @@ async fn a_100_row_update_arrives_whole_with_each_rows_old_state() {
     listener.stop().await;
 }
 
+/// An UPDATE of `id` is each old row's delete and its new row's insert, paired by their order
+/// in the transition tables: every delete names the old id with the old row's state, the insert
+/// right after it the new id.
 #[tokio::test]
-async fn an_update_that_changes_the_id_keeps_each_rows_old_state() {
+async fn an_update_that_changes_the_id_is_each_old_rows_delete_and_new_rows_insert() {
     let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
     client
         .execute(
@@ -208,32 +211,105 @@ async fn an_update_that_changes_the_id_keeps_each_rows_old_state() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let got = listener.take(20, LIMIT).await;
+    let got = listener.take(40, LIMIT).await;
     listener.assert_quiet().await;
     assert_contiguous(&got);
-    for e in &got {
-        let name = e.assignment.customer_name.clone().expect("name");
+    for pair in got.chunks(2) {
+        let (gone, new) = (&pair[0], &pair[1]);
+        let name = gone.assignment.customer_name.clone().expect("name");
+        assert_eq!(new.assignment.customer_name.as_deref(), Some(name.as_str()));
         let (old_id, old_workshop) = before[&name];
-        assert_eq!(e.assignment.id, after[&name], "the event names the new id");
-        assert_ne!(e.assignment.id, old_id);
-        let prior = e.prior.expect("old state");
+        assert_eq!(gone.kind, EventKind::Deleted, "{name}");
+        assert_eq!(gone.assignment.id, old_id, "the delete names the old id");
+        assert_eq!(gone.assignment.status, Status::Queued);
+        let prior = gone.prior.expect("old state");
         assert_eq!(prior.workshop_id, Some(old_workshop), "{name}");
-        assert_eq!(prior.status, Status::Queued);
-        assert_eq!(e.assignment.status, Status::Offered);
+        assert_eq!(new.kind, EventKind::Created, "{name}");
+        assert_eq!(
+            new.assignment.id, after[&name],
+            "the insert names the new id"
+        );
+        assert_eq!(new.assignment.status, Status::Offered);
+        assert!(new.prior.is_none());
     }
-    // The log's assignment_id column follows the row too.
-    let logged: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pgcast.assignment_events e JOIN session_assignments s
-                 ON s.id = e.assignment_id
-             WHERE e.op = 'update'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(logged, 20);
     listener.stop().await;
+}
+
+/// Moves an assignment of `from` to `to` in a statement that also updates a row that stays,
+/// and returns the three events: the staying row's update, the moved row's delete (in its old
+/// session, with its old customer) and insert (in the new one).
+async fn move_between_sessions(
+    db: &pgcast_testkit::TestDb,
+    client: &tokio_postgres::Client,
+) -> (
+    Uuid,
+    Uuid,
+    Vec<std::sync::Arc<pgcast_events::AssignmentEvent>>,
+) {
+    let (customer_a, customer_b) = (Uuid::new_v4(), Uuid::new_v4());
+    let a = insert_session(client, customer_a).await;
+    let b = insert_session(client, customer_b).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO session_assignments (session_id, status, customer_name)
+             VALUES ('{a}', 'queued', 'stays'), ('{a}', 'queued', 'moves')"
+        ))
+        .await
+        .unwrap();
+    let mut listener = start_listener(db, Start::Head).await;
+    client
+        .batch_execute(&format!(
+            "UPDATE session_assignments
+             SET status = 'offered',
+                 session_id = CASE customer_name WHEN 'moves' THEN '{b}'::uuid ELSE session_id END
+             WHERE session_id = '{a}'"
+        ))
+        .await
+        .unwrap();
+    let got = listener.take(3, LIMIT).await;
+    listener.assert_quiet().await;
+    assert_contiguous(&got);
+    let mut by_kind: Vec<_> = got
+        .iter()
+        .map(|e| {
+            (
+                e.kind,
+                e.assignment.customer_name.clone().unwrap_or_default(),
+                e.assignment.session_id,
+                e.customer_id,
+            )
+        })
+        .collect();
+    by_kind.sort_by_key(|(_, name, _, _)| name.clone());
+    assert_eq!(
+        by_kind,
+        [
+            (EventKind::Deleted, "moves".to_owned(), a, Some(customer_a)),
+            (EventKind::Created, "moves".to_owned(), b, Some(customer_b)),
+            (EventKind::Updated, "stays".to_owned(), a, Some(customer_a)),
+        ],
+        "whoever saw the row in its old session sees it go"
+    );
+    let moved: Vec<_> = got
+        .iter()
+        .filter(|e| e.assignment.customer_name.as_deref() == Some("moves"))
+        .collect();
+    assert_eq!(moved[0].kind, EventKind::Deleted, "the delete comes first");
+    assert_eq!(moved[0].assignment.status, Status::Queued);
+    assert_eq!(moved[1].assignment.status, Status::Offered);
+    assert_eq!(moved[0].assignment.id, moved[1].assignment.id);
+    listener.stop().await;
+    (a, b, got)
+}
+
+/// An assignment moved to another session leaves the old one: a mechanic who was a member of
+/// the old session through it, and that session's customer, are told (a single update named by
+/// the new session would reach neither).
+#[tokio::test]
+async fn an_assignment_moved_to_another_session_is_deleted_from_the_old_one() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    move_between_sessions(&db, &client).await;
+    assert_nothing_unpublished(&client).await;
 }
 
 #[tokio::test]
@@ -586,6 +662,20 @@ async fn version_2_row_trigger_kept_by_a_non_owner_still_logs_every_change() {
     assert_contiguous(&got);
     assert_nothing_unpublished(&client).await;
     listener.stop().await;
+}
+
+/// Version 2's row trigger logs a move the same way: the old row's delete, then the insert.
+#[tokio::test]
+async fn version_2_row_trigger_logs_a_move_as_a_delete_and_an_insert() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    client
+        .batch_execute(&format!(
+            "{DROP_CAPTURE_TRIGGERS}{CREATE_VERSION_2_ROW_TRIGGER}"
+        ))
+        .await
+        .unwrap();
+    move_between_sessions(&db, &client).await;
+    assert_nothing_unpublished(&client).await;
 }
 
 /// Retention deletes at most a batch of events per call, oldest first: whole statements while
