@@ -166,8 +166,9 @@ impl Gateway {
                             shared.hub.dispatch(&event);
                         }
                         Some(Output::Gap { after, pruned_through }) => {
-                            // Events after `after` are gone. The window and the hub start
-                            // again after the gap, so a resume from before it is answered
+                            // Events after `after` are gone (or, with `pruned_through` below
+                            // it, the log went back and its positions are drawn again). The
+                            // window and the hub start again after the gap, so a resume from before it is answered
                             // from the log (`resync`), never as if nothing had been missed;
                             // every connection that followed the stream closes (1001) and
                             // resumes. Before any event after the gap is dispatched.

@@ -46,14 +46,19 @@ const PROBE: &str = include_str!("../../../sql/listener_probe.sql");
 pub enum Output {
     /// The log's next event.
     Event(Arc<AssignmentEvent>),
-    /// The log was pruned past the listener's position before it read on (a listener cut off
+    /// The stream cannot go on from where it was: whoever followed it must start again. Either
+    /// the log was pruned past the listener's position before it read on (a listener cut off
     /// from the database for longer than the retention): the events after `after` up to
-    /// `pruned_through` are gone, and whoever followed the stream missed them. Every event
-    /// that follows is after `pruned_through`.
+    /// `pruned_through` are gone. Or, with `pruned_through` below `after`, the log's head is
+    /// behind the listener's position (the database was restored, or failed over to one that
+    /// lost commits): positions after `pruned_through` are drawn again and may name other
+    /// events than the ones already seen. Either way every event that follows is after
+    /// `pruned_through`.
     Gap {
         /// The last position the stream had reached.
         after: Position,
-        /// The retention boundary: nothing at or below it can be read any more.
+        /// Where the stream goes on from: the retention boundary (nothing at or below it can
+        /// be read any more), or the head of a log that is behind `after`.
         pruned_through: Position,
     },
 }
@@ -108,7 +113,8 @@ pub struct StatusSnapshot {
     pub events: u64,
     /// Log rows that could not be decoded and were skipped.
     pub decode_errors: u64,
-    /// Times the log had been pruned past the listener's position ([`Output::Gap`]).
+    /// Times the stream had to start again ([`Output::Gap`]): the log was pruned past the
+    /// listener's position, or its head was behind it.
     pub gaps: u64,
 }
 
@@ -341,7 +347,28 @@ where
         // below or rings the bell afterwards (or both; the cursor skips what was emitted).
         client.batch_execute(LISTEN).await?;
         let head = self.log.head().await?;
-        cursor.last.get_or_insert(head.head);
+        match cursor.last {
+            None => cursor.last = Some(head.head),
+            Some(last) if head.head < last => {
+                // Read on from `last` and the positions drawn again up to it would be skipped.
+                tracing::error!(
+                    last,
+                    head = head.head,
+                    "the event log is behind the listener's position (the database was restored \
+                     or failed over to one that lost commits): following it from its head"
+                );
+                self.status.gaps.fetch_add(1, Ordering::Relaxed);
+                let gap = Output::Gap {
+                    after: last,
+                    pruned_through: head.head,
+                };
+                if out.send(gap).await.is_err() {
+                    return Ok(End::ConsumerGone);
+                }
+                cursor.last = Some(head.head);
+            }
+            Some(_) => {}
+        }
         // A position the log was pruned past shows in the first read below, which says so.
         if let Some(end) = self.forward(cursor, out).await? {
             return Ok(end);

@@ -173,6 +173,48 @@ async fn a_position_pruned_past_is_one_gap_before_the_events_after_it() {
     listener.stop().await;
 }
 
+/// A log whose head is behind the listener's position (the database restored from a backup,
+/// or failed over to a standby that lost the last commits): the positions after its head are
+/// drawn again, so reading on after the old position would skip the new events. The listener
+/// says so (a gap back to the head) and follows the log from its head.
+#[tokio::test]
+async fn a_log_behind_the_listeners_position_is_followed_from_its_head() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    for i in 0..3 {
+        client
+            .execute(INSERT_ONE, &[&format!("before {i}")])
+            .await
+            .unwrap();
+    }
+    let seen = log_positions(&client).await;
+    // The last two commits are lost, as a restore to just after the first would lose them.
+    client
+        .batch_execute(&format!(
+            "DELETE FROM pgcast.assignment_changes WHERE statement IN
+                 (SELECT statement FROM pgcast.committed_statements WHERE last_position > {kept});
+             DELETE FROM pgcast.committed_statements WHERE last_position > {kept};
+             SELECT setval('pgcast.event_position', {kept});",
+            kept = seen[0]
+        ))
+        .await
+        .unwrap();
+    // As if it had read all three before the database went back.
+    let mut listener = start_listener(&db, Start::After(seen[2])).await;
+    match listener.next_output(Instant::now() + LIMIT).await {
+        Output::Gap {
+            after,
+            pruned_through,
+        } => assert_eq!((after, pruned_through), (seen[2], seen[0])),
+        other => panic!("the gap must come first: {other:?}"),
+    }
+    client.execute(INSERT_ONE, &[&"after"]).await.unwrap();
+    let got = listener.take(1, LIMIT).await;
+    assert_eq!(got[0].assignment.customer_name.as_deref(), Some("after"));
+    assert_eq!(got[0].position, seen[1], "a position drawn again");
+    assert_eq!(listener.status.snapshot().gaps, 1);
+    listener.stop().await;
+}
+
 #[tokio::test]
 async fn every_committed_change_is_one_event_and_rollbacks_none() {
     let (db, mut client) = migrated_db(PgCluster::shared().unwrap()).await;

@@ -89,6 +89,15 @@ where
             () = shutdown.cancelled() => break Ok(()),
             output = rx.recv() => match output {
                 Some(Output::Event(event)) => event,
+                Some(Output::Gap { after, pruned_through }) if pruned_through < after => {
+                    // A `since` ahead of the log, or a database restored or failed over to one
+                    // that lost commits.
+                    eprintln!(
+                        "warning: the event log ends at position {pruned_through}, before \
+                         {after}: following it from there"
+                    );
+                    continue;
+                }
                 Some(Output::Gap { after, pruned_through }) => {
                     // A `since` older than the retained log, or a listener cut off for longer
                     // than the retention.
