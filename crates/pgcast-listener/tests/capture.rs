@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::*;
 use pgcast_events::{EventKind, Status};
 use pgcast_listener::{installed_version, migrate, MigrationScope, Start, SCHEMA_VERSION};
-use pgcast_testkit::legacy::{CREATE_VERSION_2_ROW_TRIGGER, DROP_CAPTURE_TRIGGERS};
+use pgcast_testkit::legacy::KEEP_VERSION_2_ROW_TRIGGER;
 use pgcast_testkit::PgCluster;
 use uuid::Uuid;
 
@@ -624,9 +624,7 @@ async fn a_version_3_install_upgrades_under_a_writer_in_flight_and_keeps_its_log
 async fn version_2_row_trigger_kept_by_a_non_owner_still_logs_every_change() {
     let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
     client
-        .batch_execute(&format!(
-            "{DROP_CAPTURE_TRIGGERS}{CREATE_VERSION_2_ROW_TRIGGER}"
-        ))
+        .batch_execute(KEEP_VERSION_2_ROW_TRIGGER)
         .await
         .unwrap();
     let customer = Uuid::new_v4();
@@ -669,9 +667,7 @@ async fn version_2_row_trigger_kept_by_a_non_owner_still_logs_every_change() {
 async fn version_2_row_trigger_logs_a_move_as_a_delete_and_an_insert() {
     let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
     client
-        .batch_execute(&format!(
-            "{DROP_CAPTURE_TRIGGERS}{CREATE_VERSION_2_ROW_TRIGGER}"
-        ))
+        .batch_execute(KEEP_VERSION_2_ROW_TRIGGER)
         .await
         .unwrap();
     move_between_sessions(&db, &client).await;
