@@ -32,8 +32,8 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
     /// The frames are picked first and then written under one guard (eviction, shutdown, write
     /// timeout), not one per frame: under fan-out this loop runs a million times a second.
     /// The latency histogram gets one sample per batch: the oldest commit in the batch to the
-    /// moment the batch is written (the batch's worst case). An event committed after the
-    /// token's `exp` is never written: what came before it is, then the connection expires.
+    /// moment the batch is written (the batch's worst case). An event committed at or after
+    /// the token's `exp` is never written: what came before it is, then the connection expires.
     pub(super) async fn deliver(&mut self, taken: &mut Vec<Outbound>) -> Result<(), End> {
         let mut batch = std::mem::take(&mut self.batch);
         let mut oldest_commit = i64::MAX;
@@ -43,7 +43,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                 continue;
             }
             if let Some((frame, revoked)) = self.accept(&out) {
-                if out.committed_micros > self.expires_micros() {
+                if out.committed_micros >= self.expires_micros() {
                     expired = true;
                     continue;
                 }

@@ -196,6 +196,12 @@ async fn serve_halves<Si: SocketSink, St: SocketStream>(
     // holds as unauthenticated is free before then, so a client that saw it close may open
     // the next one from the same address at once.
     conn.admission.unauthenticated.release();
+    // No event is queued for it any more, before the last frames are written: an outbox that
+    // filled meanwhile would turn the close into a slow consumer's.
+    for s in conn.subs.drain(..) {
+        conn.shared.hub.unsubscribe(&s.sub);
+    }
+    conn.outbox.close();
     if let End::Expired = end {
         let reply = ServerMessage::Error {
             id: None,
@@ -207,10 +213,6 @@ async fn serve_halves<Si: SocketSink, St: SocketStream>(
             Err(end) => end,
         };
     }
-    for s in conn.subs.drain(..) {
-        conn.shared.hub.unsubscribe(&s.sub);
-    }
-    conn.outbox.close();
     if let End::Close(code, reason) = end {
         let mut wait = CLOSE_TIMEOUT;
         if code == close::SLOW_CONSUMER {
@@ -364,15 +366,18 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                 snapshot,
             }) => {
                 // A subscribe may wait for its turn on the database; meanwhile shutdown, the
-                // eviction (slow consumer, gap) and the peer leaving still end the connection.
+                // eviction (slow consumer, gap), the token's expiry and the peer leaving still
+                // end the connection.
                 let outbox = self.outbox.clone();
                 let shutdown = self.shutdown.clone();
                 let mut stream = self.stream.take();
                 let admission = self.admission.clone();
+                let expiry = expiry_instant(self.expires_at, self.shared.config.token_leeway);
                 let result = tokio::select! {
                     r = self.subscribe(id, &topic, since, snapshot.unwrap_or(false)) => r,
                     () = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
                     () = outbox.evicted.cancelled() => Err(evicted(&outbox)),
+                    () = tokio::time::sleep_until(expiry) => Err(End::Expired),
                     () = peer_left(&mut stream, &admission) => Err(End::Gone),
                 };
                 self.stream = stream;

@@ -14,7 +14,7 @@ use crate::window::Entry;
 
 impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
     /// Writes `events` (already judged visible) as frames of `sub`, stopping at the first one
-    /// committed after the token's `exp` (then the connection expires).
+    /// committed at or after the token's `exp` (then the connection expires).
     pub(super) async fn write_events<E: Replayed>(
         &mut self,
         sub: &Subscription,
@@ -23,7 +23,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         let mut frames = Vec::new();
         let mut expired = false;
         for event in events {
-            if event.event().committed_at.timestamp_micros() > self.expires_micros() {
+            if event.event().committed_at.timestamp_micros() >= self.expires_micros() {
                 expired = true;
                 break;
             }
@@ -67,7 +67,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                 if !sub.topic.matches(&sub.principal, event) {
                     continue;
                 }
-                if event.committed_at.timestamp_micros() > self.expires_micros() {
+                if event.committed_at.timestamp_micros() >= self.expires_micros() {
                     expired = true;
                     break;
                 }

@@ -195,7 +195,9 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         Ok(Some((position, Some(membership))))
     }
 
-    /// `subscribed` at `position`, then the snapshot taken there.
+    /// `subscribed` at `position`, then the snapshot taken there; nothing once the token has
+    /// expired (the read may have waited for its turn past `exp`, and shows rows as they stand
+    /// when it ran).
     pub(super) async fn send_snapshot(
         &mut self,
         id: Option<String>,
@@ -203,6 +205,9 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         position: Position,
         assignments: Vec<pgcast_events::Assignment>,
     ) -> Result<(), End> {
+        if self.past_expiry() {
+            return Err(End::Expired);
+        }
         self.send(ServerMessage::Subscribed {
             id,
             topic: topic.clone(),

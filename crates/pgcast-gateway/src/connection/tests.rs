@@ -346,3 +346,32 @@ async fn frames_beyond_the_rate_get_rate_limited_and_the_rate_refills() {
         json!({"type": "pong", "id": "later"})
     );
 }
+
+/// A subscribe waiting for its turn on the database (every read permit taken) still ends at
+/// the token's `exp` + leeway with 4001, and the snapshot it waited for is never sent.
+#[tokio::test(start_paused = true)]
+async fn a_subscribe_waiting_for_the_database_still_expires() {
+    let shared = gateway(|c| {
+        c.max_concurrent_reads = 1;
+        c.token_leeway = Duration::from_secs(5);
+    });
+    let hold = shared.reads.acquire().await.expect("the read permit");
+    let mut client = connect(&shared, 64);
+    let token =
+        crate::auth::mint_token(SECRET, &mechanic(), Duration::from_secs(2)).expect("a token");
+    client.send(json!({"type": "auth", "token": token})).await;
+    assert_eq!(client.next_json().await["type"], "ready");
+    client
+        .send(json!({"type": "subscribe", "id": "s", "topic": "queue", "snapshot": true}))
+        .await;
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        let error = client.next_json().await;
+        assert_eq!(error["code"], "token_expired", "{error}");
+        close_code(client.next().await)
+    })
+    .await
+    .expect("still open 30 s after a 2 s token (5 s leeway)");
+    assert_eq!(ended, Some(super::close::TOKEN_EXPIRED));
+    drop(hold);
+    assert!(client.next().await.is_none(), "nothing after the close");
+}
