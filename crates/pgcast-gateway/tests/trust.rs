@@ -462,3 +462,57 @@ async fn a_session_replay_longer_than_the_limit_gets_resync() {
     assert_eq!(again.events(1).await[0]["assignment"]["concern"], "three");
     h.stop().await;
 }
+
+/// A mechanic away while they were removed from a session resumes with `since` as they would
+/// have followed it live: the events they missed up to the change that removed them, then
+/// `revoked`, and nothing of the session after. A mechanic who was no member at `since` either
+/// is refused.
+#[tokio::test]
+async fn a_mechanic_removed_while_away_resumes_up_to_the_removal_then_revoked() {
+    let h = Harness::start().await;
+    let (m1, m2, m3) = (mechanic(None), mechanic(None), mechanic(None));
+    let (session, a) = accepted_session(&h, m1.user_id).await;
+    let topic = format!("session:{session}");
+    let since: i64 = h
+        .admin
+        .query_one("SELECT max(position) FROM pgcast.assignment_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    h.admin
+        .execute(
+            "UPDATE session_assignments SET concern = 'brakes' WHERE id = $1",
+            &[&a],
+        )
+        .await
+        .unwrap();
+    h.update(a, "accepted", Some(m2.user_id), None).await; // removes m1
+    h.admin
+        .execute(
+            "UPDATE session_assignments SET concern = 'secret' WHERE id = $1",
+            &[&a],
+        )
+        .await
+        .unwrap();
+
+    let mut ws = h.client(&m1).await;
+    let subscribed = ws.subscribe(&topic, json!({"since": since})).await;
+    assert_eq!(position(&subscribed), since);
+    let missed = ws.events(2).await;
+    assert_eq!(missed[0]["assignment"]["concern"], "brakes");
+    assert_eq!(
+        missed[1]["assignment"]["mechanic_id"],
+        m2.user_id.to_string(),
+        "the change that removed them is the last event"
+    );
+    let revoked = ws.recv().await;
+    assert_eq!(revoked["type"], "revoked", "{revoked}");
+    assert_eq!(revoked["topic"], topic);
+    h.nothing_more(&mut ws, &m1).await;
+
+    let mut stranger = h.client(&m3).await;
+    stranger
+        .send(json!({"type": "subscribe", "id": "s", "topic": topic, "since": since}))
+        .await;
+    stranger.expect_error("forbidden").await;
+}

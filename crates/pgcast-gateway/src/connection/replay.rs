@@ -110,6 +110,38 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         head: LogHead,
         membership: &mut SessionMembership,
     ) -> Result<Option<&'static str>, End> {
+        let events = match self.session_history(since, head, membership).await? {
+            Ok(events) => events,
+            Err(reason) => return Ok(Some(reason)),
+        };
+        self.write_following(sub, &events, membership).await?;
+        Ok(None)
+    }
+
+    /// Writes the events of `history` the mechanic could see at their own positions, moving
+    /// `membership` (at the history's start) forward through all of them.
+    pub(super) async fn write_following(
+        &mut self,
+        sub: &Subscription,
+        history: &[AssignmentEvent],
+        membership: &mut SessionMembership,
+    ) -> Result<(), End> {
+        let visible: Vec<&AssignmentEvent> = history
+            .iter()
+            .filter(|e| membership.apply(e) != Verdict::Skip)
+            .collect();
+        self.write_events(sub, visible.into_iter()).await
+    }
+
+    /// The session's events in `(since, head]`, read from the log, with `membership` rewound
+    /// from `head` to `since`. `Ok(Err(reason))`: they cannot all be read (the log was pruned
+    /// past `since`, or there are more than a replay holds) and `membership` is unchanged.
+    pub(super) async fn session_history(
+        &mut self,
+        since: Position,
+        head: LogHead,
+        membership: &mut SessionMembership,
+    ) -> Result<Result<Vec<AssignmentEvent>, &'static str>, End> {
         let shared = self.shared.clone();
         let mut events: Vec<AssignmentEvent> = Vec::new();
         let mut after = since;
@@ -117,7 +149,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             let read = shared.log.read_range(after, head.head, REPLAY_PAGE);
             let page = gated(&shared, read).await.map_err(replay_failed)?;
             if page.pruned_past(after) {
-                return Ok(Some(PRUNED));
+                return Ok(Err(PRUNED));
             }
             for (position, error) in &page.undecodable {
                 tracing::warn!(position, %error, "skipping undecodable log row in replay");
@@ -128,7 +160,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                     .filter(|e| e.assignment.session_id == membership.session()),
             );
             if events.len() > self.shared.config.snapshot_limit {
-                return Ok(Some(
+                return Ok(Err(
                     "the session's history since then is longer than a replay holds; \
                      take a snapshot",
                 ));
@@ -141,12 +173,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         for event in events.iter().rev() {
             membership.rewind(event);
         }
-        let visible: Vec<&AssignmentEvent> = events
-            .iter()
-            .filter(|e| membership.apply(e) != Verdict::Skip)
-            .collect();
-        self.write_events(sub, visible.into_iter()).await?;
-        Ok(None)
+        Ok(Ok(events))
     }
 }
 

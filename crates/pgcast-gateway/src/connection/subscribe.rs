@@ -170,7 +170,16 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             }
         };
         if view.granting.is_empty() {
-            self.forbidden(id).await?;
+            match since {
+                // Removed while away, perhaps: what they missed up to that change, then
+                // `revoked`, as they would have had it live.
+                Some(since) if view.rows.is_none() && since <= view.head.head => {
+                    let membership = SessionMembership::new(session, mechanic, []);
+                    self.resume_removed(sub, id, topic, since, view.head, membership)
+                        .await?;
+                }
+                _ => self.forbidden(id).await?,
+            }
             return Ok(None);
         }
         let mut membership = SessionMembership::new(session, mechanic, view.granting);
@@ -193,6 +202,32 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             .await?;
         }
         Ok(Some((position, Some(membership))))
+    }
+
+    /// A mechanic who is no member of the session at `head` resuming with `since`: if they were
+    /// one at `since` (removed while away), `subscribed`, the events they could see up to the
+    /// change that removed them, then `revoked`; the subscription never goes live. Otherwise
+    /// (never a member then, or a history that cannot be read) `forbidden`.
+    async fn resume_removed(
+        &mut self,
+        sub: &Subscription,
+        id: Option<String>,
+        topic: String,
+        since: Position,
+        head: LogHead,
+        mut membership: SessionMembership,
+    ) -> Result<(), End> {
+        let history = match self.session_history(since, head, &mut membership).await? {
+            Ok(history) if membership.is_member() => history,
+            _ => return self.forbidden(id).await,
+        };
+        self.send_subscribed(id, &topic, since).await?;
+        self.write_following(sub, &history, &mut membership).await?;
+        self.send(ServerMessage::Revoked {
+            topic,
+            reason: super::NO_LONGER_ASSIGNED.to_owned(),
+        })
+        .await
     }
 
     /// `subscribed` at `position`, then the snapshot taken there; nothing once the token has
