@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::outbox::{Eviction, Outbox};
 use crate::GatewayMetrics;
@@ -62,6 +62,9 @@ pub(crate) struct Hub {
     /// Position of the last dispatched event. Read under the write lock when subscribing, so
     /// a new subscription knows exactly which events it will and will not receive.
     head: AtomicI64,
+    /// `(from, through]`: positions a log that went back (a restore, a failover that lost
+    /// commits) drew again, so a client's `since` in it refers to events that are gone.
+    redrawn: Mutex<Option<(Position, Position)>>,
     next_id: AtomicU64,
     metrics: GatewayMetrics,
 }
@@ -71,6 +74,7 @@ impl Hub {
         Hub {
             index: RwLock::default(),
             head: AtomicI64::new(0),
+            redrawn: Mutex::new(None),
             next_id: AtomicU64::new(1),
             metrics,
         }
@@ -80,6 +84,22 @@ impl Hub {
     pub(crate) fn start_after(&self, position: Position) {
         let _index = self.index.write().unwrap_or_else(|e| e.into_inner());
         self.head.store(position, Ordering::Release);
+    }
+
+    /// The log went back from `through` to `from`: the positions in between are drawn again
+    /// (for the life of the process, together with any earlier such range).
+    pub(crate) fn redrawn_after(&self, from: Position, through: Position) {
+        let mut redrawn = self.redrawn.lock().unwrap_or_else(|e| e.into_inner());
+        *redrawn = Some(match *redrawn {
+            Some((f, t)) => (f.min(from), t.max(through)),
+            None => (from, through),
+        });
+    }
+
+    /// Does a client's `since` fall among positions drawn again after the log went back?
+    pub(crate) fn redrawn(&self, since: Position) -> bool {
+        let redrawn = self.redrawn.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(*redrawn, Some((from, through)) if since > from && since <= through)
     }
 
     pub(crate) fn next_id(&self) -> SubId {

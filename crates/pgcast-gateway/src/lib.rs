@@ -172,6 +172,9 @@ impl Gateway {
                             // from the log (`resync`), never as if nothing had been missed;
                             // every connection that followed the stream closes (1001) and
                             // resumes. Before any event after the gap is dispatched.
+                            if pruned_through < after {
+                                shared.hub.redrawn_after(pruned_through, after);
+                            }
                             shared.window.start_after(pruned_through);
                             shared.hub.start_after(pruned_through);
                             let evicted = shared.hub.evict_all(Eviction::Gap);

@@ -143,6 +143,9 @@ const OLDER_THAN_WINDOW: &str =
 
 /// Why a subscription is revoked after a membership change.
 const NO_LONGER_ASSIGNED: &str = "no longer assigned to this session";
+/// `resync` reason: the log went back (a restore, a failover that lost commits) and the
+/// positions after `since` name other events now.
+const REDRAWN: &str = "the event log went back: positions since then name other events";
 
 /// Unix time in microseconds, on the same scale as events' commit times.
 fn unix_micros(seconds: u64) -> i64 {

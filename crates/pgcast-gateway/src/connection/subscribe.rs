@@ -11,6 +11,7 @@ use pgcast_listener::LogHead;
 
 use super::{
     ActiveSub, Connection, End, Registered, SocketSink, SocketStream, OLDER_THAN_WINDOW, PRUNED,
+    REDRAWN,
 };
 use crate::hub::Subscription;
 use crate::{db, Shared};
@@ -98,6 +99,11 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             sub: Some(sub.clone()),
         };
         let topic_name = topic.to_string();
+        if let Some(since) = since.filter(|&since| self.shared.hub.redrawn(since)) {
+            // What the client saw at `since` is not what the log holds there any more.
+            self.send_subscribed(id, &topic_name, since).await?;
+            return self.resync(topic_name, REDRAWN).await;
+        }
         let result = if sub.follows_membership() {
             self.start_following(&sub, id, topic_name, since, snapshot)
                 .await
