@@ -88,6 +88,9 @@ DECLARE
     highest bigint;
     oldest pgcast.committed_statements;
 BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'pgcast.prune_events(): batch_size must be at least 1, not %', batch_size;
+    END IF;
     -- One pruner at a time across gateway replicas; the others skip this round. The row lock
     -- needs UPDATE on pgcast.log_state, which only pgcast's role has.
     PERFORM 1 FROM pgcast.log_state FOR UPDATE SKIP LOCKED;
@@ -219,7 +222,7 @@ BEGIN
     ELSIF TG_OP = 'UPDATE' THEN
         -- Each new row is paired with its old one by their order in the transition tables
         -- (PostgreSQL writes both in the same order). A pair whose id or session_id differs
-        -- is a move: the old row's delete, then the new row's insert.
+        -- is a move: the old row's delete, and later in the statement the new row's insert.
         WITH s AS MATERIALIZED (
             SELECT nextval('pgcast.capture_statement') AS statement
             FROM pgcast.log_state st WHERE st.source_table = TG_RELID
@@ -246,7 +249,9 @@ BEGIN
                    %1$s
             FROM pairs p, LATERAL (SELECT p.session_id) n
         ), numbered AS (
-            SELECT row_number() OVER (ORDER BY c.pair, c.part) AS ordinal,
+            -- Every move's delete first, then each pair's insert or update: rows that swap
+            -- ids (a deferrable key) end with both ids present, as they are.
+            SELECT row_number() OVER (ORDER BY c.part, c.pair) AS ordinal,
                    count(*) OVER () AS rows, c.*
             FROM changes c
         )
@@ -339,6 +344,21 @@ $body$;
 $function$, customer_expr, old_customer);
 END
 $migration$;
+COMMENT ON TABLE pgcast.assignment_changes IS
+    'The content of the event log: one row per event, written by '
+    'pgcast.capture_assignment_changes() when its statement ran: a row of session_assignments '
+    'the statement changed, or two for a row whose id or session_id changed (the old row''s '
+    'delete, the new row''s insert). A row is an event once its statement is in '
+    'pgcast.committed_statements (at commit); read them together through the view '
+    'pgcast.assignment_events. Pruned with its statement by pgcast.prune_events(), a batch of '
+    'events at a time. Grant nothing on it: a role that could write here could forge events.';
+COMMENT ON COLUMN pgcast.assignment_changes.ordinal IS
+    'Order of the event within its statement, from 1: its position is the statement''s '
+    'first_position + ordinal - 1.';
+COMMENT ON COLUMN pgcast.assignment_changes.statement_rows IS
+    'On the statement''s first event only (else null): how many events the statement wrote. '
+    'That row queues the deferred pgcast_publish_at_commit trigger, which draws that many '
+    'positions.';
 COMMENT ON FUNCTION pgcast.capture_assignment_changes() IS
     'Statement-level trigger of session_assignments (pgcast_capture_insert, _update, _delete): '
     'writes every row the statement changed to pgcast.assignment_changes with one INSERT ... '
@@ -352,7 +372,9 @@ COMMENT ON FUNCTION pgcast.emit_assignment_event() IS
     'upgraded by a role that did not own the table (see pgcast.install_capture()): at commit, '
     'writes the change (with its session''s customer) to pgcast.assignment_changes as a '
     'statement of one row (a change of id or session_id as two: the old row''s delete, then the '
-    'new row''s insert), which pgcast.publish_statement() publishes in the same commit. '
+    'new row''s insert; seeing one row at a time, it logs two rows that swap ids as a delete '
+    'after an insert of the same id, and a client keyed by id loses that row until its next '
+    'change), which pgcast.publish_statement() publishes in the same commit. '
     'Refuses to run for any table but pgcast.log_state.source_table. SECURITY DEFINER; EXECUTE '
     'is not granted to anyone.';
 

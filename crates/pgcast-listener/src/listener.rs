@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!   run ─loop─▶ session: connect ─▶ driver (poll_message: doorbells → Notify, never waits)
-//!                                 └▶ consume: LISTEN, head, forward ─▶ wait bell | 15 s probe ─▶ forward
+//!                                 └▶ consume: LISTEN, head, forward ─▶ wait bell | 0.5 s probe ─▶ forward
 //!        Cursor { last, reached_live } survives reconnects; failures back off (Backoff)
 //! ```
 
@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use pgcast_events::{AssignmentEvent, Position};
 use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Socket};
 use tokio_util::sync::CancellationToken;
@@ -30,14 +31,14 @@ pub const APPLICATION_NAME: &str = "pgcast-listener";
 
 /// Rows per catch-up query.
 const PAGE: i64 = 1000;
-/// With no notification for this long, the connection is probed with a query so that a dead
-/// peer is noticed even when TCP says nothing.
-const IDLE_PROBE: Duration = Duration::from_secs(15);
+/// With no doorbell for this long, the log is read anyway (a doorbell lost).
+const IDLE_READ: Duration = Duration::from_secs(15);
 /// How long the probe (and a connection attempt without its own timeout) may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the log is read while commits ring no doorbell (the probe found PostgreSQL's
-/// notification queue at `pgcast.doorbell_queue_limit()`).
-const DOORBELLS_OFF_POLL: Duration = Duration::from_millis(500);
+/// How often the LISTEN connection is probed: a query that shows it alive (a dead peer can be
+/// silent) and says whether commits ring doorbells; while they ring none (PostgreSQL's
+/// notification queue at `pgcast.doorbell_queue_limit()`), the log is read this often.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// The probe: alive, and are commits ringing doorbells?
 const PROBE: &str = include_str!("../../../sql/listener_probe.sql");
 
@@ -377,23 +378,26 @@ where
         cursor.reached_live = true;
         tracing::info!(position = ?cursor.last, "listener connected and caught up");
 
-        // Whether commits ring doorbells at all, probed now and after every silence.
+        // Whether commits ring doorbells at all: probed now and on a timer of its own, so that
+        // neither a queue filling while doorbells come nor doorbells forged by another role put
+        // the probe off.
         let mut doorbells_off = doorbells(probe(client).await?, false);
+        let mut probe_timer = tokio::time::interval_at(Instant::now() + PROBE_EVERY, PROBE_EVERY);
+        probe_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_read = Instant::now();
         loop {
-            let silence = if doorbells_off {
-                DOORBELLS_OFF_POLL
-            } else {
-                IDLE_PROBE
-            };
             tokio::select! {
                 () = bell.notified() => {}
-                () = tokio::time::sleep(silence) => {
-                    // No doorbell for a while: make sure the connection is alive (a dead peer
-                    // can be silent), and see whether commits ring.
+                _ = probe_timer.tick() => {
+                    // Also shows the connection is alive (a dead peer can be silent).
                     doorbells_off = doorbells(probe(client).await?, doorbells_off);
+                    // Without doorbells, and after a silence (a doorbell lost), read anyway.
+                    if !doorbells_off && last_read.elapsed() < IDLE_READ {
+                        continue;
+                    }
                 }
             }
-            // Read the log anyway after a silence, in case a doorbell was lost or not rung.
+            last_read = Instant::now();
             if let Some(end) = self.forward(cursor, out).await? {
                 return Ok(end);
             }
@@ -489,9 +493,15 @@ fn clip(text: &str) -> &str {
 
 /// Runs the probe on the LISTEN connection: an error if it does not answer in time, else
 /// whether commits ring no doorbell (`sql/listener_probe.sql`).
+/// A schema older than version 5 has no `pgcast.doorbell_queue_limit()`, and its commits always
+/// ring (a tool such as `tail` may follow one): doorbells on.
 async fn probe(client: &Client) -> Result<bool, ListenerError> {
     match tokio::time::timeout(PROBE_TIMEOUT, client.query_one(PROBE, &[])).await {
-        Ok(row) => Ok(row?.try_get(0)?),
+        Ok(Ok(row)) => Ok(row.try_get(0)?),
+        Ok(Err(e)) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_FUNCTION) => {
+            Ok(false)
+        }
+        Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(ListenerError::ConnectionClosed),
     }
 }
@@ -500,7 +510,7 @@ async fn probe(client: &Client) -> Result<bool, ListenerError> {
 fn doorbells(off: bool, was_off: bool) -> bool {
     if off && !was_off {
         tracing::warn!(
-            every_ms = DOORBELLS_OFF_POLL.as_millis() as u64,
+            every_ms = PROBE_EVERY.as_millis() as u64,
             "PostgreSQL's notification queue has reached pgcast.doorbell_queue_limit(): commits \
              ring no doorbell (a session holding its place in the queue lets it fill), so the \
              log is read on a timer"

@@ -149,8 +149,9 @@ impl Collector for StatusCollector {
             ),
             (
                 "pgcast_listener_gaps",
-                "Times the log had been pruned past the listener's position (events lost to \
-                 every live subscriber; they were closed to resume and resync)",
+                "Times the stream had to start again: the log was pruned past the listener's \
+                 position, or its head was behind it (a restore, a lossy failover); live \
+                 subscribers were closed to resume and resync",
                 s.gaps,
             ),
         ];

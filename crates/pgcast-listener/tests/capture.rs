@@ -171,8 +171,9 @@ async fn a_100_row_update_arrives_whole_with_each_rows_old_state() {
 }
 
 /// An UPDATE of `id` is each old row's delete and its new row's insert, paired by their order
-/// in the transition tables: every delete names the old id with the old row's state, the insert
-/// right after it the new id.
+/// in the transition tables: all the deletes first (rows that swap ids end with both present),
+/// each naming the old id with the old row's state, then the inserts, in the same order, naming
+/// the new ids.
 #[tokio::test]
 async fn an_update_that_changes_the_id_is_each_old_rows_delete_and_new_rows_insert() {
     let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
@@ -214,8 +215,9 @@ async fn an_update_that_changes_the_id_is_each_old_rows_delete_and_new_rows_inse
     let got = listener.take(40, LIMIT).await;
     listener.assert_quiet().await;
     assert_contiguous(&got);
-    for pair in got.chunks(2) {
-        let (gone, new) = (&pair[0], &pair[1]);
+    // Every old row's delete first, then the inserts, each in the rows' order.
+    let (deletes, inserts) = got.split_at(20);
+    for (gone, new) in deletes.iter().zip(inserts) {
         let name = gone.assignment.customer_name.clone().expect("name");
         assert_eq!(new.assignment.customer_name.as_deref(), Some(name.as_str()));
         let (old_id, old_workshop) = before[&name];
@@ -232,6 +234,50 @@ async fn an_update_that_changes_the_id_is_each_old_rows_delete_and_new_rows_inse
         assert_eq!(new.assignment.status, Status::Offered);
         assert!(new.prior.is_none());
     }
+    listener.stop().await;
+}
+
+/// Two rows that swap ids in one statement (a deferrable key): every delete comes before the
+/// inserts, so a client that applies the events by id ends with both rows, as the table has.
+#[tokio::test]
+async fn rows_that_swap_ids_are_both_there_after_their_events() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE session_assignments DROP CONSTRAINT session_assignments_pkey,
+                 ADD PRIMARY KEY (id) DEFERRABLE INITIALLY DEFERRED;
+             INSERT INTO session_assignments (id, session_id, status, customer_name)
+             VALUES ('{a}', gen_random_uuid(), 'queued', 'a'),
+                    ('{b}', gen_random_uuid(), 'queued', 'b');"
+        ))
+        .await
+        .unwrap();
+    let mut listener = start_listener(&db, Start::Head).await;
+    client
+        .batch_execute(&format!(
+            "UPDATE session_assignments
+             SET id = CASE id WHEN '{a}' THEN '{b}'::uuid ELSE '{a}'::uuid END
+             WHERE id IN ('{a}', '{b}')"
+        ))
+        .await
+        .unwrap();
+    let got = listener.take(4, LIMIT).await;
+    listener.assert_quiet().await;
+    let mut by_id = HashMap::new();
+    for e in &got {
+        match e.kind {
+            EventKind::Deleted => by_id.remove(&e.assignment.id),
+            _ => by_id.insert(e.assignment.id, e.assignment.customer_name.clone()),
+        };
+    }
+    assert_eq!(by_id.len(), 2, "{got:?}");
+    assert_eq!(
+        by_id[&a].as_deref(),
+        Some("b"),
+        "a now holds the row that was b"
+    );
+    assert_eq!(by_id[&b].as_deref(), Some("a"));
     listener.stop().await;
 }
 

@@ -235,8 +235,9 @@ async fn set_doorbell_queue_limit(client: &Client, limit: &str) {
 /// A connect-only role can LISTEN and stay idle in a transaction, holding PostgreSQL's
 /// notification queue until it fills, and a full queue fails every notifying commit. Past
 /// `pgcast.doorbell_queue_limit()` commits ring no doorbell, so writes never fail, and the
-/// listener, which probed the queue, reads the log on a short timer: events still arrive,
-/// well before the 15 s silence probe would have found them.
+/// listener, which probes the queue on a timer of its own, reads the log every 0.5 s: events
+/// still arrive, well before the 15 s silence read would have found them, also when the queue
+/// fills while the listener is connected.
 #[tokio::test]
 async fn past_the_queue_limit_commits_ring_no_doorbell_and_events_still_arrive() {
     let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
@@ -280,6 +281,16 @@ async fn past_the_queue_limit_commits_ring_no_doorbell_and_events_still_arrive()
     assert_eq!(
         events[0].assignment.customer_name.as_deref(),
         Some("rung again")
+    );
+
+    // The queue fills while the listener is connected and hears doorbells: it finds out by
+    // its own timer, not only after 15 s without a doorbell.
+    set_doorbell_queue_limit(&client, "0").await;
+    client.execute(INSERT_ONE, &[&"quiet again"]).await.unwrap();
+    let events = listener.take(1, Duration::from_secs(5)).await;
+    assert_eq!(
+        events[0].assignment.customer_name.as_deref(),
+        Some("quiet again")
     );
     listener.stop().await;
 }

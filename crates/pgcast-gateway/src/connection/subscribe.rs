@@ -99,11 +99,6 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             sub: Some(sub.clone()),
         };
         let topic_name = topic.to_string();
-        if let Some(since) = since.filter(|&since| self.shared.hub.redrawn(since)) {
-            // What the client saw at `since` is not what the log holds there any more.
-            self.send_subscribed(id, &topic_name, since).await?;
-            return self.resync(topic_name, REDRAWN).await;
-        }
         let result = if sub.follows_membership() {
             self.start_following(&sub, id, topic_name, since, snapshot)
                 .await
@@ -212,8 +207,9 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
 
     /// A mechanic who is no member of the session at `head` resuming with `since`: if they were
     /// one at `since` (removed while away), `subscribed`, the events they could see up to the
-    /// change that removed them, then `revoked`; the subscription never goes live. Otherwise
-    /// (never a member then, or a history that cannot be read) `forbidden`.
+    /// change that removed them, then `revoked`; the subscription never goes live. A history
+    /// that cannot be read (pruned past `since`, too long, drawn again) gets `resync`, as any
+    /// resume from there would; a mechanic who was no member then either, `forbidden`.
     async fn resume_removed(
         &mut self,
         sub: &Subscription,
@@ -223,17 +219,27 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         head: LogHead,
         mut membership: SessionMembership,
     ) -> Result<(), End> {
-        let history = match self.session_history(since, head, &mut membership).await? {
-            Ok(history) if membership.is_member() => history,
-            _ => return self.forbidden(id).await,
+        let reason = if self.shared.hub.redrawn(since) {
+            REDRAWN
+        } else {
+            match self.session_history(since, head, &mut membership).await? {
+                Ok(history) if membership.is_member() => {
+                    self.send_subscribed(id, &topic, since).await?;
+                    self.write_following(sub, &history, &mut membership).await?;
+                    return self
+                        .send(ServerMessage::Revoked {
+                            topic,
+                            reason: super::NO_LONGER_ASSIGNED.to_owned(),
+                        })
+                        .await;
+                }
+                Ok(_) => return self.forbidden(id).await,
+                Err(reason) => reason,
+            }
         };
+        // Whether they were a member at `since` cannot be told (as for any resume from there).
         self.send_subscribed(id, &topic, since).await?;
-        self.write_following(sub, &history, &mut membership).await?;
-        self.send(ServerMessage::Revoked {
-            topic,
-            reason: super::NO_LONGER_ASSIGNED.to_owned(),
-        })
-        .await
+        self.resync(topic, reason).await
     }
 
     /// `subscribed` at `position`, then the snapshot taken there; nothing once the token has
@@ -301,6 +307,12 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         since: Position,
         hub_head: Position,
     ) -> Result<Option<Position>, End> {
+        if self.shared.hub.redrawn(since) {
+            // What the client saw at `since` is not what the log holds there any more.
+            self.send_subscribed(id, &topic, since).await?;
+            self.resync(topic, REDRAWN).await?;
+            return Ok(None);
+        }
         if since > hub_head {
             // The client has seen events this replica has not dispatched yet (another replica
             // served it, or this one is still catching up): nothing to replay, as everything
@@ -356,7 +368,9 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         membership: &mut SessionMembership,
     ) -> Result<Option<Position>, End> {
         self.send_subscribed(id, &topic, since).await?;
-        let reason = if since > head.head {
+        let reason = if self.shared.hub.redrawn(since) {
+            Some(REDRAWN)
+        } else if since > head.head {
             Some("since is ahead of the event log")
         } else if since < head.pruned_through {
             Some(PRUNED)
