@@ -294,3 +294,26 @@ async fn past_the_queue_limit_commits_ring_no_doorbell_and_events_still_arrive()
     );
     listener.stop().await;
 }
+
+/// A tool such as `pgcast tail` may follow a database still at schema version 4, which has no
+/// `pgcast.doorbell_queue_limit()` (and whose commits always ring): the probe takes doorbells
+/// as on, instead of failing the connection and reconnecting for ever.
+#[tokio::test]
+async fn a_schema_without_the_queue_limit_is_followed_with_doorbells_on() {
+    let db = PgCluster::shared()
+        .unwrap()
+        .create_database()
+        .await
+        .unwrap();
+    let mut client = db.connect().await.unwrap();
+    install_version(&mut client, 4).await;
+    let mut listener = start_listener(&db, Start::Head).await;
+    for name in ["v4 one", "v4 two"] {
+        client.execute(INSERT_ONE, &[&name]).await.unwrap();
+        let got = listener.take(1, LIMIT).await;
+        assert_eq!(got[0].assignment.customer_name.as_deref(), Some(name));
+    }
+    // The probe ran when it connected, before the first event was read after its doorbell.
+    assert_eq!(listener.status.snapshot().reconnects, 0);
+    listener.stop().await;
+}
