@@ -42,6 +42,17 @@ async fn client_with_ttl(h: &Harness, who: &pgcast_events::Principal, ttl: Durat
     (ws, expires_at)
 }
 
+/// Edits assignment `id`'s `concern`: a change that moves nobody's access.
+async fn set_concern(h: &Harness, id: Uuid, concern: &str) {
+    h.admin
+        .execute(
+            "UPDATE session_assignments SET concern = $2 WHERE id = $1",
+            &[&id, &concern],
+        )
+        .await
+        .unwrap();
+}
+
 fn position(v: &Value) -> i64 {
     v["position"].as_i64().expect("position")
 }
@@ -126,13 +137,7 @@ async fn a_reassigned_mechanic_gets_the_change_then_revoked_and_nothing_more() {
 
     let mut ws = h.client(&m1).await;
     ws.subscribe(&topic, json!({})).await;
-    h.admin
-        .execute(
-            "UPDATE session_assignments SET concern = 'brakes' WHERE id = $1",
-            &[&a],
-        )
-        .await
-        .unwrap();
+    set_concern(&h, a, "brakes").await;
     let edit = ws.events(1).await;
     assert_eq!(edit[0]["assignment"]["concern"], "brakes");
 
@@ -151,13 +156,7 @@ async fn a_reassigned_mechanic_gets_the_change_then_revoked_and_nothing_more() {
     assert!(revoked["reason"].as_str().is_some_and(|r| !r.is_empty()));
 
     // Nothing of the session any more, not its other rows either.
-    h.admin
-        .execute(
-            "UPDATE session_assignments SET concern = 'secret' WHERE id = $1",
-            &[&a],
-        )
-        .await
-        .unwrap();
+    set_concern(&h, a, "secret").await;
     h.insert(session, "queued", None, None).await;
     h.nothing_more(&mut ws, &m1).await;
     ws.ping().await;
@@ -216,13 +215,7 @@ async fn a_replay_shows_a_mechanic_only_what_they_could_see_at_each_position() {
     let session = h.insert_session(owner.user_id).await;
     let start = h.log_head().await;
     let a = h.insert(session, "queued", None, None).await; // 1: before m1: hidden
-    h.admin
-        .execute(
-            "UPDATE session_assignments SET concern = 'private' WHERE id = $1",
-            &[&a],
-        )
-        .await
-        .unwrap(); // 2: hidden
+    set_concern(&h, a, "private").await; // 2: hidden
     h.update(a, "offered", Some(m1.user_id), None).await; // 3: an offer is not enough: hidden
     h.update(a, "accepted", Some(m1.user_id), None).await; // 4: m1 is in: shown
     let b = h.insert(session, "queued", None, None).await; // 5: shown
@@ -439,13 +432,7 @@ async fn a_session_replay_longer_than_the_limit_gets_resync() {
     let start = h.log_head().await;
     let (session, a) = accepted_session(&h, m.user_id).await;
     for concern in ["one", "two", "three"] {
-        h.admin
-            .execute(
-                "UPDATE session_assignments SET concern = $2 WHERE id = $1",
-                &[&a, &concern],
-            )
-            .await
-            .unwrap();
+        set_concern(&h, a, concern).await;
     }
     let topic = format!("session:{session}");
     let mut ws = h.client(&m).await;
@@ -473,27 +460,10 @@ async fn a_mechanic_removed_while_away_resumes_up_to_the_removal_then_revoked() 
     let (m1, m2, m3) = (mechanic(None), mechanic(None), mechanic(None));
     let (session, a) = accepted_session(&h, m1.user_id).await;
     let topic = format!("session:{session}");
-    let since: i64 = h
-        .admin
-        .query_one("SELECT max(position) FROM pgcast.assignment_events", &[])
-        .await
-        .unwrap()
-        .get(0);
-    h.admin
-        .execute(
-            "UPDATE session_assignments SET concern = 'brakes' WHERE id = $1",
-            &[&a],
-        )
-        .await
-        .unwrap();
+    let since = h.log_head().await;
+    set_concern(&h, a, "brakes").await;
     h.update(a, "accepted", Some(m2.user_id), None).await; // removes m1
-    h.admin
-        .execute(
-            "UPDATE session_assignments SET concern = 'secret' WHERE id = $1",
-            &[&a],
-        )
-        .await
-        .unwrap();
+    set_concern(&h, a, "secret").await;
 
     let mut ws = h.client(&m1).await;
     let subscribed = ws.subscribe(&topic, json!({"since": since})).await;

@@ -449,13 +449,7 @@ async fn savepoint_rollbacks_leave_no_events_and_the_rest_still_publishes() {
 /// replaced by the statement triggers, the log is untouched, and positions continue.
 #[tokio::test]
 async fn a_version_2_install_upgrades_in_place_and_positions_continue() {
-    let db = PgCluster::shared()
-        .unwrap()
-        .create_database()
-        .await
-        .unwrap();
-    let mut client = db.connect().await.unwrap();
-    install_version(&mut client, 2).await;
+    let (db, mut client) = db_at_version(2).await;
 
     let customer = Uuid::new_v4();
     let session = insert_session(&client, customer).await;
@@ -549,13 +543,7 @@ async fn a_version_2_install_upgrades_in_place_and_positions_continue() {
 /// its position and payload through the move, and positions continue.
 #[tokio::test]
 async fn a_version_3_install_upgrades_under_a_writer_in_flight_and_keeps_its_log() {
-    let db = PgCluster::shared()
-        .unwrap()
-        .create_database()
-        .await
-        .unwrap();
-    let mut client = db.connect().await.unwrap();
-    install_version(&mut client, 3).await;
+    let (db, client) = db_at_version(3).await;
     // A multi-row statement, an update and a delete, as version 3 logged them.
     client
         .batch_execute(

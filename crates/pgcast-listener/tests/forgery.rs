@@ -300,13 +300,7 @@ async fn past_the_queue_limit_commits_ring_no_doorbell_and_events_still_arrive()
 /// as on, instead of failing the connection and reconnecting for ever.
 #[tokio::test]
 async fn a_schema_without_the_queue_limit_is_followed_with_doorbells_on() {
-    let db = PgCluster::shared()
-        .unwrap()
-        .create_database()
-        .await
-        .unwrap();
-    let mut client = db.connect().await.unwrap();
-    install_version(&mut client, 4).await;
+    let (db, client) = db_at_version(4).await;
     let mut listener = start_listener(&db, Start::Head).await;
     for name in ["v4 one", "v4 two"] {
         client.execute(INSERT_ONE, &[&name]).await.unwrap();

@@ -361,13 +361,7 @@ async fn an_upgraded_install_in_its_own_schema_serves_only_its_table() {
 
 #[tokio::test]
 async fn a_migration_that_cannot_get_its_lock_fails_fast_and_leaves_nothing_half_done() {
-    let db = PgCluster::shared()
-        .unwrap()
-        .create_database()
-        .await
-        .unwrap();
-    let mut client = db.connect().await.unwrap();
-    install_version(&mut client, 1).await;
+    let (db, mut client) = db_at_version(1).await;
     // Version 2 alters pgcast.log_state; a role with USAGE on the schema holds a parse-time
     // ACCESS SHARE lock on it for as long as its transaction stays open.
     let (_, holder) = connect_as(

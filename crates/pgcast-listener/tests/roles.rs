@@ -172,13 +172,7 @@ async fn the_trigger_function_refuses_any_other_table() {
 
 #[tokio::test]
 async fn a_version_1_install_upgrades_keeping_its_log() {
-    let db = PgCluster::shared()
-        .unwrap()
-        .create_database()
-        .await
-        .unwrap();
-    let mut client = db.connect().await.unwrap();
-    install_version(&mut client, 1).await;
+    let (db, mut client) = db_at_version(1).await;
     for name in ["old one", "old two"] {
         client.execute(INSERT_ONE, &[&name]).await.unwrap();
     }

@@ -171,6 +171,19 @@ pub mod embedded {
     }
 }
 
+/// A new database of the shared cluster, installed up to `version` only ([`install_version`]),
+/// and a connection to it.
+pub async fn db_at_version(version: u32) -> (TestDb, Client) {
+    let db = PgCluster::shared()
+        .expect("the shared cluster")
+        .create_database()
+        .await
+        .expect("a database");
+    let mut client = db.connect().await.expect("connect");
+    install_version(&mut client, version).await;
+    (db, client)
+}
+
 /// Installs the app tables and the realtime objects up to `version` only, as an older release
 /// did.
 pub async fn install_version(client: &mut Client, version: u32) {
