@@ -27,7 +27,10 @@
 const CLOSE_AUTH = 1008;
 /** The token expired without a refresh: get a fresh one and reconnect with `since`. */
 const CLOSE_TOKEN_EXPIRED = 4001;
+/** The client pings the server this often… */
 const PING_EVERY_MS = 25000;
+/** …and closes the socket (4000, then reconnects with `since`) when no frame at all follows a
+ * ping within this time. */
 const PONG_WITHIN_MS = 10000;
 /** A token is refreshed when this share of its remaining lifetime has passed… */
 const REFRESH_AT_SHARE = 0.8;
@@ -294,6 +297,12 @@ export class PgcastClient {
     };
     ws.onmessage = (e) => {
       if (this.ws !== ws) return;
+      // Any frame proves the connection alive, not only the pong: one queued behind a backlog
+      // of events, or behind a long replay, may come late while the frames before it flow.
+      if (pongDeadline) {
+        this.#cancel(pongDeadline);
+        pongDeadline = null;
+      }
       let msg;
       try {
         msg = JSON.parse(e.data);
@@ -357,11 +366,7 @@ export class PgcastClient {
           this.#revoke(msg.topic, msg.reason || "revoked");
           break;
         case "pong":
-          if (pongDeadline) {
-            this.#cancel(pongDeadline);
-            pongDeadline = null;
-          }
-          break;
+          break; // its deadline ended with any frame, above
         case "error":
           if (msg.code === "token_expired") {
             // The close (4001) follows; the client reconnects with a fresh token.

@@ -186,3 +186,28 @@ test("tokenClaims reads a JWT's claims without verifying", () => {
   assert.deepEqual(tokenClaims(jwt), { sub: "s", exp: 1700000000 });
   assert.deepEqual(tokenClaims("not a token"), {});
 });
+
+test("a ping is answered by any frame within its deadline; silence closes the socket", async (t) => {
+  // Only setTimeout is mocked: the socket is waited for with setImmediate.
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const c = client();
+  while (c.made.length === 0) await new Promise((resolve) => setImmediate(resolve));
+  const ws = c.made[0];
+  ws.open();
+  ws.deliver(ready);
+  assert.equal(c.c.state, "live");
+  const pings = () => ws.sent.filter((m) => m.type === "ping").length;
+  t.mock.timers.tick(25000);
+  assert.equal(pings(), 1);
+  // An event comes before the pong (the pong waits behind a replay or a backlog): alive.
+  ws.deliver(event(6));
+  t.mock.timers.tick(10000);
+  assert.equal(ws.closedWith, undefined, "closed although a frame came after the ping");
+  // The next ping meets silence.
+  t.mock.timers.tick(15000);
+  assert.equal(pings(), 2);
+  t.mock.timers.tick(9999);
+  assert.equal(ws.closedWith, undefined);
+  t.mock.timers.tick(1);
+  assert.deepEqual(ws.closedWith, { code: 4000, reason: "no pong" });
+});

@@ -237,3 +237,40 @@ async fn a_resume_at_the_head_goes_on_live_and_one_beyond_the_log_resyncs() {
     assert_eq!(ahead.recv().await["type"], "resync");
     h.stop().await;
 }
+
+/// A replay from the log answers the client's pings while it reads: a client that checks its
+/// connection with them (the JS client closes one whose pong is 10 s late, and resumes from the
+/// same `since`) keeps it through a replay that takes long, whether its reads wait or a quiet
+/// topic has nothing to write for page after page.
+#[tokio::test]
+async fn a_replay_from_the_log_answers_pings_while_it_reads() {
+    let h = Harness::start_with(|c| c.replay_window = 1).await;
+    let start = h.log_head().await;
+    let mut watcher = h.watcher().await;
+    for _ in 0..3 {
+        h.insert(Uuid::new_v4(), "queued", None, None).await;
+    }
+    let head = h.log_head().await;
+    watcher.until_position(head).await;
+
+    // The log cannot be read while this lock is held: the replay's first read waits.
+    let mut locker = h.db.connect().await.expect("connect");
+    let tx = locker.transaction().await.expect("begin");
+    tx.batch_execute("LOCK TABLE pgcast.committed_statements IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock the log");
+    let mut ws = h.client(&service()).await;
+    let sub = ws.subscribe("assignments", json!({"since": start})).await;
+    assert_eq!(sub["position"], start);
+    for _ in 0..3 {
+        ws.ping().await;
+    }
+    tx.rollback().await.expect("unlock");
+    assert_eq!(
+        positions(&ws.events(3).await),
+        log_positions(&h, start, head).await
+    );
+    assert_eq!(h.metric("pgcast_replays_from_log"), 1.0);
+    ws.ping().await;
+    h.stop().await;
+}

@@ -90,8 +90,14 @@ pub(crate) trait SocketStream:
 }
 impl<T: Stream<Item = Result<Message, axum::Error>> + Unpin + Send> SocketStream for T {}
 
-/// Client frames. Lent out (`None`) only while a subscribe waits, to watch for the peer leaving.
+/// Client frames. Lent out (`None`) only while a subscribe waits, to watch for the peer leaving
+/// and take its pings ([`watch_peer`]).
 type Frames<St> = Option<Peekable<St>>;
+
+/// Application pings taken off the socket while a subscribe is busy and not yet answered (their
+/// ids). A client that sends more waits: its frames stay unread until the subscribe answers
+/// these or ends.
+const PINGS_WHILE_BUSY: usize = 4;
 
 /// Why the connection ends.
 enum End {
@@ -193,6 +199,7 @@ async fn serve_halves<Si: SocketSink, St: SocketStream>(
         last_written: Instant::now(),
         rate: RateLimit::new(shared_rate),
         admission,
+        pings: None,
     };
     let mut end = conn.run().await;
     // The socket closes below (with a close frame, or when it is dropped): a slot it still
@@ -259,6 +266,11 @@ struct Connection<Si, St: SocketStream> {
     rate: RateLimit,
     /// The edge layer's hold on this socket: its frame clock and unauthenticated slot.
     admission: Admission,
+    /// While a subscribe runs: the pings [`watch_peer`] took off the socket, answered between
+    /// the subscribe's steps and while it waits for the database ([`Self::answer_pings`],
+    /// [`Self::in_turn`]). A replay of a long, quiet stretch of the log writes nothing for a
+    /// while, and a client that hears no pong closes and resumes from the same `since`.
+    pings: Option<tokio::sync::mpsc::Receiver<Option<String>>>,
 }
 
 impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
@@ -368,24 +380,55 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                 since,
                 snapshot,
             }) => {
-                // A subscribe may wait for its turn on the database; meanwhile shutdown, the
-                // eviction (slow consumer, gap), the token's expiry and the peer leaving still
-                // end the connection.
+                // A subscribe may wait for its turn on the database and read for a while;
+                // meanwhile shutdown, the eviction (slow consumer, gap), the token's expiry and
+                // the peer leaving still end the connection, and its pings are answered.
                 let outbox = self.outbox.clone();
                 let shutdown = self.shutdown.clone();
                 let mut stream = self.stream.take();
                 let admission = self.admission.clone();
                 let expiry = expiry_instant(self.expires_at, self.shared.config.token_leeway);
+                let (pings, taken) = tokio::sync::mpsc::channel(PINGS_WHILE_BUSY);
+                self.pings = Some(taken);
+                let mut heard = None;
                 let result = tokio::select! {
                     r = self.subscribe(id, &topic, since, snapshot.unwrap_or(false)) => r,
                     () = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
                     () = outbox.evicted.cancelled() => Err(evicted(&outbox)),
                     () = tokio::time::sleep_until(expiry) => Err(End::Expired),
-                    () = peer_left(&mut stream, &admission) => Err(End::Gone),
+                    () = watch_peer(&mut stream, &admission, &pings, &mut heard) => Err(End::Gone),
                 };
                 self.stream = stream;
+                if let Some(heard) = heard {
+                    self.last_heard = heard;
+                }
+                // Pings taken while it ended are answered before the next frame is read.
+                let result = match result {
+                    Ok(()) => self.answer_pings().await,
+                    Err(end) => Err(end),
+                };
+                self.pings = None;
                 result
             }
+        }
+    }
+
+    /// Answers the pings taken off the socket while a subscribe runs, as the main loop would
+    /// have: each one counts against the frame rate.
+    async fn answer_pings(&mut self) -> Result<(), End> {
+        while let Some(id) = self.pings.as_mut().and_then(|p| p.try_recv().ok()) {
+            self.pong(id).await?;
+        }
+        Ok(())
+    }
+
+    /// Answers one ping taken while a subscribe runs.
+    async fn pong(&mut self, id: Option<String>) -> Result<(), End> {
+        if self.rate.take() {
+            self.send(ServerMessage::Pong { id }).await
+        } else {
+            self.error(None, ErrorCode::RateLimited, "too many frames; slow down")
+                .await
         }
     }
 
@@ -456,21 +499,48 @@ async fn next_frame<St: SocketStream>(
 }
 
 /// Resolves when the peer is gone (its side closed, the socket failed, or a close frame came)
-/// while the connection is busy with something else. A frame that arrives first stays queued,
-/// to be handled in turn, and ends the watch: what follows it is seen when it is read.
-async fn peer_left<St: SocketStream>(stream: &mut Frames<St>, admission: &Admission) {
+/// while the connection is busy with a subscribe. Application pings that come meanwhile are
+/// taken off the stream and handed to `pings` (while it has room) for the subscribe to answer;
+/// WebSocket pings and pongs are read too (the socket answers pings itself). Any other frame
+/// stays queued, to be handled in turn, and ends the watch: what follows it is seen when it is
+/// read. `heard`: when the last frame it took off the stream came (for the heartbeat).
+async fn watch_peer<St: SocketStream>(
+    stream: &mut Frames<St>,
+    admission: &Admission,
+    pings: &tokio::sync::mpsc::Sender<Option<String>>,
+    heard: &mut Option<Instant>,
+) {
     let Some(stream) = stream else {
         return std::future::pending().await;
     };
-    match std::pin::Pin::new(stream).peek().await {
-        None | Some(Ok(Message::Close(_))) => {}
-        Some(Err(e)) if matches!(read_error(e), End::Gone) => {}
-        Some(_) => {
-            // A whole frame is in: the socket's per-frame read deadline starts again.
-            admission.frame_received();
-            std::future::pending().await
+    let mut stream = std::pin::Pin::new(stream);
+    loop {
+        let ping = match stream.as_mut().peek().await {
+            None | Some(Ok(Message::Close(_))) => return,
+            Some(Err(e)) if matches!(read_error(e), End::Gone) => return,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
+            Some(Ok(Message::Text(text))) => match ClientMessage::parse(text) {
+                Ok(ClientMessage::Ping { id }) => Some(id),
+                _ => break,
+            },
+            Some(_) => break,
+        };
+        // A whole frame is in: the socket's per-frame read deadline starts again.
+        admission.frame_received();
+        if let Some(id) = ping {
+            // Waits while the subscribe has not answered the earlier ones; the frame stays
+            // queued meanwhile.
+            let Ok(slot) = pings.reserve().await else {
+                break;
+            };
+            slot.send(id);
         }
+        let _ = stream.as_mut().next().await;
+        *heard = Some(Instant::now());
     }
+    // A frame the main loop handles once the subscribe has ended.
+    admission.frame_received();
+    std::future::pending().await
 }
 
 /// Runs a socket write, giving up when the connection is evicted (slow, or a gap), when the server shuts

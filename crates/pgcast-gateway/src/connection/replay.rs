@@ -30,6 +30,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             frames.push(event.frame(&sub.topic));
             if frames.len() == REPLAY_PAGE as usize {
                 self.write_frames(&mut frames).await?;
+                self.answer_pings().await?;
             }
         }
         self.write_frames(&mut frames).await?;
@@ -53,7 +54,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         let shared = self.shared.clone();
         let read = |after| gated(&shared, shared.log.read_range(after, through, REPLAY_PAGE));
         let mut page_after = since;
-        let mut page = read(since).await.map_err(replay_failed)?;
+        let mut page = self.answering(read(since)).await?.map_err(replay_failed)?;
         loop {
             if page.pruned_past(page_after) {
                 return Ok(Some(PRUNED));
@@ -82,11 +83,28 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                     None
                 }
             };
-            let (next, written) = tokio::join!(prefetch, self.write_frames(&mut frames));
-            written?;
+            tokio::pin!(prefetch);
+            // The next page is read while this one is written; the client's pings are answered
+            // while it is awaited (a quiet topic writes nothing for page after page).
+            let mut next = None;
+            {
+                let write = self.write_frames(&mut frames);
+                tokio::pin!(write);
+                loop {
+                    tokio::select! {
+                        written = &mut write => break written?,
+                        page = &mut prefetch, if next.is_none() => next = Some(page),
+                    }
+                }
+            }
             if expired {
                 return Err(End::Expired);
             }
+            self.answer_pings().await?;
+            let next = match next {
+                Some(next) => next,
+                None => self.answering(&mut prefetch).await?,
+            };
             match next {
                 None => return Ok(None),
                 Some(next) => {
@@ -147,7 +165,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         let mut after = since;
         loop {
             let read = shared.log.read_range(after, head.head, REPLAY_PAGE);
-            let page = gated(&shared, read).await.map_err(replay_failed)?;
+            let page = self.in_turn(read).await?.map_err(replay_failed)?;
             if page.pruned_past(after) {
                 return Ok(Err(PRUNED));
             }

@@ -63,8 +63,9 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             (Access::NeedsSessionCheck, Topic::Session(session))
                 if principal.role == Role::Customer =>
             {
-                let owns = db::owns_session(self.shared.log.pool(), session, principal.user_id);
-                match gated(&self.shared, owns).await {
+                let shared = self.shared.clone();
+                let owns = db::owns_session(shared.log.pool(), session, principal.user_id);
+                match self.in_turn(owns).await? {
                     Ok(ok) => ok,
                     Err(error) => {
                         tracing::warn!(%error, "session ownership check failed");
@@ -160,8 +161,9 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         };
         let mechanic = sub.principal.user_id;
         let rows_limit = snapshot.then_some(self.shared.config.snapshot_limit);
-        let read = db::mechanic_session(self.shared.log.pool(), session, mechanic, rows_limit);
-        let view = match gated(&self.shared, read).await {
+        let shared = self.shared.clone();
+        let read = db::mechanic_session(shared.log.pool(), session, mechanic, rows_limit);
+        let view = match self.in_turn(read).await? {
             Ok(view) => view,
             Err(error) => {
                 tracing::warn!(%error, "session membership check failed");
@@ -277,8 +279,9 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         topic: String,
     ) -> Result<Option<Position>, End> {
         let limit = self.shared.config.snapshot_limit;
-        let read = db::snapshot(self.shared.log.pool(), &sub.topic, &sub.principal, limit);
-        match gated(&self.shared, read).await {
+        let shared = self.shared.clone();
+        let read = db::snapshot(shared.log.pool(), &sub.topic, &sub.principal, limit);
+        match self.in_turn(read).await? {
             Ok((position, assignments)) => {
                 self.send_snapshot(id, topic, position, assignments).await?;
                 Ok(Some(position))
@@ -318,7 +321,8 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             // served it, or this one is still catching up): nothing to replay, as everything
             // after `hub_head` reaches the subscription through the hub; `since` only needs to
             // be a position the log has reached.
-            let head = match gated(&self.shared, self.shared.log.head()).await {
+            let shared = self.shared.clone();
+            let head = match self.in_turn(shared.log.head()).await? {
                 Ok(head) => head,
                 Err(error) => {
                     tracing::warn!(%error, "reading the log head failed");
@@ -384,6 +388,37 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         Ok(Some(head.head))
     }
 
+    /// Runs a database read in its turn ([`gated`]), answering the client's pings while it
+    /// waits.
+    pub(super) async fn in_turn<T>(
+        &mut self,
+        read: impl std::future::Future<Output = T>,
+    ) -> Result<T, End> {
+        let shared = self.shared.clone();
+        self.answering(gated(&shared, read)).await
+    }
+
+    /// Waits for `work`, answering the client's pings meanwhile (a subscribe's replay can read
+    /// the log for a while without a frame to write).
+    pub(super) async fn answering<T>(
+        &mut self,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, End> {
+        tokio::pin!(work);
+        loop {
+            let ping = async {
+                match self.pings.as_mut() {
+                    Some(pings) => pings.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                out = &mut work => return Ok(out),
+                Some(id) = ping => self.pong(id).await?,
+            }
+        }
+    }
+
     pub(super) async fn send_subscribed(
         &mut self,
         id: Option<String>,
@@ -410,7 +445,8 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
 /// Runs a database read in its turn: at most `max_concurrent_reads` run at once, the others
 /// wait first come, first served (tokio's semaphore is fair). The wait has no deadline of its
 /// own: the connection that waits still sees shutdown, its eviction and its peer
-/// leaving, and each read is bounded by the pool's statement timeout.
+/// leaving (and answers pings, [`Connection::in_turn`]), and each read is bounded by the pool's
+/// statement timeout.
 pub(super) async fn gated<T>(shared: &Shared, read: impl std::future::Future<Output = T>) -> T {
     struct Waiting<'a>(&'a prometheus_client::metrics::gauge::Gauge);
     impl Drop for Waiting<'_> {

@@ -440,3 +440,72 @@ async fn a_since_among_positions_drawn_again_gets_resync() {
         }
     }
 }
+
+/// A subscribe waiting for its turn on the database (every read permit taken) answers the
+/// client's pings meanwhile, so a client that checks its connection with them keeps it. Any
+/// other frame waits for the subscribe to end (it is handled in turn), and so does every frame
+/// after it.
+#[tokio::test(start_paused = true)]
+async fn a_subscribe_waiting_for_the_database_answers_pings() {
+    let shared = gateway(|c| c.max_concurrent_reads = 1);
+    let _hold = shared.reads.acquire().await.expect("the read permit");
+    let mut client = connect(&shared, 64);
+    client.authenticate().await;
+    client
+        .send(json!({"type": "subscribe", "id": "s", "topic": "queue", "snapshot": true}))
+        .await;
+    for id in ["a", "b", "c", "d", "e", "f"] {
+        client.send(json!({"type": "ping", "id": id})).await;
+        assert_eq!(
+            client.next_json().await,
+            json!({"type": "pong", "id": id}),
+            "while the subscribe waits"
+        );
+    }
+    client
+        .send(json!({"type": "unsubscribe", "id": "u", "topic": "queue"}))
+        .await;
+    client.send(json!({"type": "ping", "id": "later"})).await;
+    let written = tokio::time::timeout(Duration::from_secs(60), client.next()).await;
+    assert!(
+        written.is_err(),
+        "a frame behind a non-ping one is not read while the subscribe waits: {written:?}"
+    );
+}
+
+/// Pings answered while a subscribe waits count against the frame rate like any others.
+#[tokio::test(start_paused = true)]
+async fn pings_while_a_subscribe_waits_are_rate_limited() {
+    let shared = gateway(|c| {
+        c.max_concurrent_reads = 1;
+        c.client_frames_per_second = 2;
+    });
+    let _hold = shared.reads.acquire().await.expect("the read permit");
+    let mut client = connect(&shared, 64);
+    client.authenticate().await;
+    client
+        .send(json!({"type": "subscribe", "id": "s", "topic": "queue", "snapshot": true}))
+        .await;
+    // The bucket holds four; the subscribe took one.
+    let mut replies = Vec::new();
+    for id in 0..5 {
+        client
+            .send(json!({"type": "ping", "id": id.to_string()}))
+            .await;
+        let reply = client.next_json().await;
+        replies.push(match reply["type"].as_str() {
+            Some("error") => format!("error {}", reply["code"]),
+            other => format!("{other:?}"),
+        });
+    }
+    assert_eq!(
+        replies,
+        [
+            "Some(\"pong\")",
+            "Some(\"pong\")",
+            "Some(\"pong\")",
+            "error \"rate_limited\"",
+            "error \"rate_limited\""
+        ]
+    );
+}
