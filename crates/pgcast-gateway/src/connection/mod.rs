@@ -275,7 +275,9 @@ struct Connection<Si, St: SocketStream> {
 
 impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
     async fn run(&mut self) -> End {
-        let verified = match self.authenticate().await {
+        // Boxed, as are a refresh and a subscribe: inline, their state would be part of the
+        // task's, allocated for as long as the connection lives (an_idle_connection_task_is_small).
+        let verified = match Box::pin(self.authenticate()).await {
             Ok(v) => v,
             Err(end) => {
                 self.shared.metrics.auth_failures.inc();
@@ -358,7 +360,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                 self.error(None, ErrorCode::BadRequest, &e.to_string())
                     .await
             }
-            Ok(ClientMessage::Auth { token }) => self.refresh(&token).await,
+            Ok(ClientMessage::Auth { token }) => Box::pin(self.refresh(&token)).await,
             Ok(ClientMessage::Ping { id }) => self.send(ServerMessage::Pong { id }).await,
             Ok(ClientMessage::Unsubscribe { id, topic }) => match topic.parse::<Topic>() {
                 Ok(topic) => {
@@ -392,7 +394,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                 self.pings = Some(taken);
                 let mut heard = None;
                 let result = tokio::select! {
-                    r = self.subscribe(id, &topic, since, snapshot.unwrap_or(false)) => r,
+                    r = Box::pin(self.subscribe(id, &topic, since, snapshot.unwrap_or(false))) => r,
                     () = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
                     () = outbox.evicted.cancelled() => Err(evicted(&outbox)),
                     () = tokio::time::sleep_until(expiry) => Err(End::Expired),

@@ -100,9 +100,12 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             if expired {
                 return Err(End::Expired);
             }
-            self.answer_pings().await?;
+            // Pings are answered with no read in flight, or while it goes on.
             let next = match next {
-                Some(next) => next,
+                Some(next) => {
+                    self.answer_pings().await?;
+                    next
+                }
                 None => self.answering(&mut prefetch).await?,
             };
             match next {

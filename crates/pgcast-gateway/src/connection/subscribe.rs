@@ -414,7 +414,22 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             };
             tokio::select! {
                 out = &mut work => return Ok(out),
-                Some(id) = ping => self.pong(id).await?,
+                Some(id) = ping => {
+                    // The work goes on while the pong is written: a client slow to take it
+                    // must not hold a database read (its permit, its pooled connection).
+                    let pong = self.pong(id);
+                    tokio::pin!(pong);
+                    let mut done = None;
+                    loop {
+                        tokio::select! {
+                            written = &mut pong => break written?,
+                            out = &mut work, if done.is_none() => done = Some(out),
+                        }
+                    }
+                    if let Some(out) = done {
+                        return Ok(out);
+                    }
+                }
             }
         }
     }

@@ -509,3 +509,37 @@ async fn pings_while_a_subscribe_waits_are_rate_limited() {
         ]
     );
 }
+
+/// An idle connection's memory is mostly its task's state, allocated whole when the task is
+/// spawned: the largest state any of its awaits can be in. A subscribe (snapshot, replay,
+/// answering pings meanwhile) and a token check are boxed while they run, so an idle
+/// connection does not carry their state; inline, the task was 15 KiB (the memory target is
+/// 16 KiB per idle connection, everything included).
+#[test]
+fn an_idle_connection_task_is_small() {
+    let shared = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(async { gateway(|_| {}) });
+    let (_to_server, server_in) = mpsc::channel::<Result<Message, axum::Error>>(1);
+    let (server_out, _from_server) = mpsc::channel::<Message>(1);
+    let permit = Arc::new(Semaphore::new(1))
+        .try_acquire_owned()
+        .expect("a fresh semaphore has a permit");
+    let admission = Admission {
+        unauthenticated: Arc::new(UnauthenticatedSlot::global(permit)),
+        frames: None,
+    };
+    let task = serve_halves(
+        server_out.sink_map_err(axum::Error::new),
+        server_in,
+        shared,
+        admission,
+    );
+    let bytes = std::mem::size_of_val(&task);
+    assert!(
+        bytes <= 4096,
+        "the connection task's state is {bytes} bytes"
+    );
+}
