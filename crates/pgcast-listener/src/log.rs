@@ -8,8 +8,9 @@ use std::error::Error as _;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Pool};
+use futures::TryStreamExt;
 use pgcast_events::{decode_event, AssignmentEvent, DecodeError, Position};
-use tokio_postgres::types::WrongType;
+use tokio_postgres::types::{ToSql, WrongType};
 
 use crate::ListenerError;
 
@@ -107,9 +108,15 @@ impl EventLog {
     ) -> Result<LogPage, ListenerError> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(READ_RANGE).await?;
-        let rows = client.query(&stmt, &[&after, &through, &limit]).await?;
+        // Row by row as they arrive, each decoded and dropped: a page holds its typed events,
+        // never all of its rows' text. The log keeps the application's whole row, and an
+        // application whose rows carry large columns of its own (pgcast sends none of them)
+        // would otherwise make every page, and every replay's, as large as a page of those rows.
+        let params: [&(dyn ToSql + Sync); 3] = [&after, &through, &limit];
+        let rows = client.query_raw(&stmt, params).await?;
+        let mut rows = std::pin::pin!(rows);
         let mut page = LogPage::default();
-        for row in rows {
+        while let Some(row) = rows.try_next().await? {
             page.pruned_through = row.try_get(0)?;
             let Some(position) = row.try_get::<_, Option<Position>>(1)? else {
                 continue; // the range is empty: only the boundary came back
