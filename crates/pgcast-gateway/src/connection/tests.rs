@@ -510,6 +510,67 @@ async fn pings_while_a_subscribe_waits_are_rate_limited() {
     );
 }
 
+/// A token that expires while the client is slow to read: the connection leaves the hub before
+/// it writes its last frames, so events that keep coming while `token_expired` waits for room
+/// in the socket are dropped instead of overflowing its queue, and the close stays 4001 (get a
+/// fresh token), not 4008.
+#[tokio::test(start_paused = true)]
+async fn an_expiry_behind_a_full_socket_still_closes_with_4001() {
+    let shared = gateway(|c| {
+        c.outbound_bytes = 32 << 10;
+        c.token_leeway = Duration::from_secs(1);
+    });
+    // The server's sending half takes four frames and a fifth whose flush waits for the
+    // client: four events, then `token_expired`.
+    let mut client = connect(&shared, 4);
+    let token =
+        crate::auth::mint_token(SECRET, &mechanic(), Duration::from_secs(2)).expect("a token");
+    client.send(json!({"type": "auth", "token": token})).await;
+    assert_eq!(client.next_json().await["type"], "ready");
+    client.subscribe_queue().await;
+    for p in 1..=4 {
+        shared.hub.dispatch(&queued(p));
+    }
+    // The token ends; the connection unfiles its subscription, then waits to write its last
+    // frames behind the four the client has not read.
+    tokio::time::advance(Duration::from_secs(4)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while shared.metrics.subscriptions.get() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expired connection still receives events"
+        );
+        tokio::task::yield_now().await;
+    }
+    // Far more than its queue holds.
+    for p in 5..=300 {
+        shared.hub.dispatch(&queued(p));
+    }
+    let mut frames = Vec::new();
+    while let Some(msg) = client.next().await {
+        frames.push(msg);
+    }
+    let close = close_code(frames.pop());
+    let texts: Vec<Value> = frames
+        .iter()
+        .filter_map(|m| match m {
+            Message::Text(t) => serde_json::from_str(t).ok(),
+            _ => None,
+        })
+        .collect();
+    let positions: Vec<i64> = texts
+        .iter()
+        .filter_map(|v| v["position"].as_i64())
+        .collect();
+    assert_eq!(positions, [1, 2, 3, 4]);
+    assert_eq!(
+        texts.last().map(|v| v["code"].clone()),
+        Some(json!("token_expired"))
+    );
+    assert_eq!(close, Some(super::close::TOKEN_EXPIRED));
+    assert_eq!(shared.metrics.slow_closes.get(), 0);
+}
+
 /// An idle connection's memory is mostly its task's state, allocated whole when the task is
 /// spawned: the largest state any of its awaits can be in. A subscribe (snapshot, replay,
 /// answering pings meanwhile) and a token check are boxed while they run, so an idle
