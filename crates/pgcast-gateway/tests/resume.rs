@@ -274,3 +274,50 @@ async fn a_replay_from_the_log_answers_pings_while_it_reads() {
     ws.ping().await;
     h.stop().await;
 }
+
+/// Between the pages of a long replay the connection answers pings too: a ping sent once the
+/// replay has started is answered before its last event, not after it.
+#[tokio::test]
+async fn a_long_replay_answers_pings_between_its_pages() {
+    const EVENTS: i64 = 10_000;
+    let h = Harness::start_with(|c| c.replay_window = 1).await;
+    let start = h.log_head().await;
+    let mut watcher = h.watcher().await;
+    h.admin
+        .execute(
+            "INSERT INTO session_assignments (session_id, status, customer_name)
+             SELECT gen_random_uuid(), 'queued', 'Ana' FROM generate_series(1, $1::bigint)",
+            &[&EVENTS],
+        )
+        .await
+        .expect("insert");
+    let head = h.log_head().await;
+    assert_eq!(head - start, EVENTS);
+    watcher.until_position(head).await;
+
+    let mut ws = h.client(&service()).await;
+    ws.subscribe("assignments", json!({"since": start})).await;
+    // The first page has been read: its events are coming.
+    assert_eq!(ws.recv().await["position"], start + 1);
+    ws.send(json!({"type": "ping", "id": "mid-replay"})).await;
+    let mut before_pong = 1;
+    loop {
+        let frame = ws.recv().await;
+        match frame["type"].as_str() {
+            Some("pong") => break,
+            Some("event") => before_pong += 1,
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    assert!(
+        before_pong < EVENTS,
+        "the pong came after the whole replay ({before_pong} events)"
+    );
+    let rest = ws.events((EVENTS - before_pong) as usize).await;
+    assert_eq!(
+        rest.last().map(|e| e["position"].clone()),
+        Some(json!(head))
+    );
+    assert_eq!(h.metric("pgcast_replays_from_log"), 1.0);
+    h.stop().await;
+}
