@@ -321,3 +321,31 @@ async fn a_long_replay_answers_pings_between_its_pages() {
     assert_eq!(h.metric("pgcast_replays_from_log"), 1.0);
     h.stop().await;
 }
+
+/// A subscribe that waits for the database longer than the heartbeat allows silence (nothing
+/// pings the peer meanwhile) does not end in the heartbeat closing a live peer: once it ends,
+/// the peer gets its two intervals again to answer a ping.
+#[tokio::test]
+async fn a_subscribe_longer_than_the_heartbeat_keeps_a_live_peer() {
+    let h =
+        Harness::start_with(|c| c.heartbeat_interval = std::time::Duration::from_millis(500)).await;
+    let mut locker = h.db.connect().await.expect("connect");
+    let tx = locker.transaction().await.expect("begin");
+    tx.batch_execute("LOCK TABLE session_assignments IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let mut ws = h.client(&service()).await;
+    ws.send(json!({"type": "subscribe", "id": "s", "topic": "assignments", "snapshot": true}))
+        .await;
+    // Three intervals pass while the snapshot waits: time passing is what this tests.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    tx.rollback().await.expect("unlock");
+    assert_eq!(ws.recv().await["type"], "subscribed");
+    assert_eq!(ws.recv().await["type"], "snapshot");
+    // Still open some intervals later (the client answers the server's pings as it reads).
+    for _ in 0..4 {
+        ws.ping().await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    h.stop().await;
+}

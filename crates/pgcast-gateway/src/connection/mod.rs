@@ -392,18 +392,17 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                 let expiry = expiry_instant(self.expires_at, self.shared.config.token_leeway);
                 let (pings, taken) = tokio::sync::mpsc::channel(PINGS_WHILE_BUSY);
                 self.pings = Some(taken);
-                let mut heard = None;
                 let result = tokio::select! {
                     r = Box::pin(self.subscribe(id, &topic, since, snapshot.unwrap_or(false))) => r,
                     () = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
                     () = outbox.evicted.cancelled() => Err(evicted(&outbox)),
                     () = tokio::time::sleep_until(expiry) => Err(End::Expired),
-                    () = watch_peer(&mut stream, &admission, &pings, &mut heard) => Err(End::Gone),
+                    () = watch_peer(&mut stream, &admission, &pings) => Err(End::Gone),
                 };
                 self.stream = stream;
-                if let Some(heard) = heard {
-                    self.last_heard = heard;
-                }
+                // Nothing pinged the peer while the subscribe ran, however long it took: the
+                // heartbeat's two intervals start again now.
+                self.last_heard = Instant::now();
                 // Pings taken while it ended are answered before the next frame is read.
                 let result = match result {
                     Ok(()) => self.answer_pings().await,
@@ -505,12 +504,11 @@ async fn next_frame<St: SocketStream>(
 /// taken off the stream and handed to `pings` (while it has room) for the subscribe to answer;
 /// WebSocket pings and pongs are read too (the socket answers pings itself). Any other frame
 /// stays queued, to be handled in turn, and ends the watch: what follows it is seen when it is
-/// read. `heard`: when the last frame it took off the stream came (for the heartbeat).
+/// read.
 async fn watch_peer<St: SocketStream>(
     stream: &mut Frames<St>,
     admission: &Admission,
     pings: &tokio::sync::mpsc::Sender<Option<String>>,
-    heard: &mut Option<Instant>,
 ) {
     let Some(stream) = stream else {
         return std::future::pending().await;
@@ -538,7 +536,6 @@ async fn watch_peer<St: SocketStream>(
             slot.send(id);
         }
         let _ = stream.as_mut().next().await;
-        *heard = Some(Instant::now());
     }
     // A frame the main loop handles once the subscribe has ended.
     admission.frame_received();

@@ -122,7 +122,12 @@ impl Client {
 /// A general queued insert at `position` (visible to every mechanic on `queue`), committed now
 /// (the tokens expire in an hour).
 fn queued(position: Position) -> Arc<AssignmentEvent> {
-    let committed = chrono::Utc::now().to_rfc3339();
+    queued_at(position, chrono::Utc::now())
+}
+
+/// A general queued insert at `position`, committed at `at`.
+fn queued_at(position: Position, at: chrono::DateTime<chrono::Utc>) -> Arc<AssignmentEvent> {
+    let committed = at.to_rfc3339();
     Change {
         committed_at: Some(&committed),
         ..Change::queued(position)
@@ -528,8 +533,20 @@ async fn an_expiry_behind_a_full_socket_still_closes_with_4001() {
     client.send(json!({"type": "auth", "token": token})).await;
     assert_eq!(client.next_json().await["type"], "ready");
     client.subscribe_queue().await;
+    // Committed well before the token's `exp` (whole seconds, so as little as 1 s away).
+    let before = chrono::Utc::now() - chrono::Duration::seconds(60);
     for p in 1..=4 {
-        shared.hub.dispatch(&queued(p));
+        shared.hub.dispatch(&queued_at(p, before));
+    }
+    // Written before the clock moves: an expiry and a full outbox seen in the same turn would
+    // end the connection first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while shared.metrics.frames.get() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the four events were never written"
+        );
+        tokio::task::yield_now().await;
     }
     // The token ends; the connection unfiles its subscription, then waits to write its last
     // frames behind the four the client has not read.
