@@ -349,3 +349,38 @@ async fn a_subscribe_longer_than_the_heartbeat_keeps_a_live_peer() {
     }
     h.stop().await;
 }
+
+/// A client sends all its subscribes at once (the JS client does, on every connect): while the
+/// first waits for the database, a ping sent after the others is answered, and the others are
+/// handled in order once the first is done.
+#[tokio::test]
+async fn subscribes_sent_together_are_handled_in_order_and_pings_answered_meanwhile() {
+    let h = Harness::start().await;
+    let mut locker = h.db.connect().await.expect("connect");
+    let tx = locker.transaction().await.expect("begin");
+    tx.batch_execute("LOCK TABLE session_assignments IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let customer = Uuid::new_v4();
+    let mut ws = h.client(&service()).await;
+    ws.send(json!({"type": "subscribe", "id": "a", "topic": "assignments", "snapshot": true}))
+        .await;
+    ws.send(json!({"type": "subscribe", "id": "c", "topic": format!("customer:{customer}")}))
+        .await;
+    ws.ping().await;
+    tx.rollback().await.expect("unlock");
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let v = ws.recv().await;
+        got.push(format!("{} {}", v["type"], v["id"]));
+    }
+    assert_eq!(
+        got,
+        [
+            r#""subscribed" "a""#,
+            r#""snapshot" null"#,
+            r#""subscribed" "c""#
+        ]
+    );
+    h.stop().await;
+}

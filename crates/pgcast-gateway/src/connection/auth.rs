@@ -42,7 +42,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         loop {
             let msg = tokio::select! {
                 () = self.shutdown.cancelled() => return Err(End::Close(close::GOING_AWAY, "server shutting down")),
-                r = tokio::time::timeout_at(deadline, next_frame(&mut self.stream)) => match r {
+                r = tokio::time::timeout_at(deadline, next_frame(&mut self.stream, &mut self.deferred)) => match r {
                     Ok(msg) => msg,
                     Err(_) => return Err(self.refuse("no auth frame in time").await),
                 },

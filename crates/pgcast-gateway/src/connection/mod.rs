@@ -99,6 +99,14 @@ type Frames<St> = Option<Peekable<St>>;
 /// these or ends.
 const PINGS_WHILE_BUSY: usize = 4;
 
+/// Other client frames read while a subscribe is busy (a client sends all its subscribes at
+/// once), kept to be handled in order once it ends, up to this many bytes (each frame counted
+/// with [`DEFERRED_FRAME_COST`] more); past it the watcher reads no further. Reading past them
+/// is what lets a ping sent after them be answered meanwhile.
+const DEFERRED_BYTES: usize = 16 << 10;
+/// What a deferred frame costs besides its payload (so that empty frames are bounded too).
+const DEFERRED_FRAME_COST: usize = 64;
+
 /// Why the connection ends.
 enum End {
     /// Close with this code and reason.
@@ -200,6 +208,7 @@ async fn serve_halves<Si: SocketSink, St: SocketStream>(
         rate: RateLimit::new(shared_rate),
         admission,
         pings: None,
+        deferred: std::collections::VecDeque::new(),
     };
     let mut end = conn.run().await;
     // The socket closes below (with a close frame, or when it is dropped): a slot it still
@@ -271,6 +280,9 @@ struct Connection<Si, St: SocketStream> {
     /// [`Self::in_turn`]). A replay of a long, quiet stretch of the log writes nothing for a
     /// while, and a client that hears no pong closes and resumes from the same `since`.
     pings: Option<tokio::sync::mpsc::Receiver<Option<String>>>,
+    /// Client frames [`watch_peer`] read while a subscribe ran, handled before the socket is
+    /// read again (bounded by [`DEFERRED_BYTES`]). Empty (no allocation) almost always.
+    deferred: std::collections::VecDeque<Message>,
 }
 
 impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
@@ -313,7 +325,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                 () = &mut shutting_down => Err(End::Close(close::GOING_AWAY, "server shutting down")),
                 () = &mut evicted_now => Err(evicted(&outbox)),
                 () = &mut expiry => Err(End::Expired),
-                msg = next_frame(&mut self.stream) => self.on_frame(msg).await,
+                msg = next_frame(&mut self.stream, &mut self.deferred) => self.on_frame(msg).await,
                 () = outbox.take_batch(&mut taken, WRITE_BATCH) => self.deliver(&mut taken).await,
                 _ = heartbeat.tick() => self.heartbeat(interval).await,
             };
@@ -388,6 +400,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                 let outbox = self.outbox.clone();
                 let shutdown = self.shutdown.clone();
                 let mut stream = self.stream.take();
+                let mut deferred = std::mem::take(&mut self.deferred);
                 let admission = self.admission.clone();
                 let expiry = expiry_instant(self.expires_at, self.shared.config.token_leeway);
                 let (pings, taken) = tokio::sync::mpsc::channel(PINGS_WHILE_BUSY);
@@ -397,9 +410,10 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                     () = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
                     () = outbox.evicted.cancelled() => Err(evicted(&outbox)),
                     () = tokio::time::sleep_until(expiry) => Err(End::Expired),
-                    () = watch_peer(&mut stream, &admission, &pings) => Err(End::Gone),
+                    () = watch_peer(&mut stream, &mut deferred, &admission, &pings) => Err(End::Gone),
                 };
                 self.stream = stream;
+                self.deferred = deferred;
                 // Nothing pinged the peer while the subscribe ran, however long it took: the
                 // heartbeat's two intervals start again now.
                 self.last_heard = Instant::now();
@@ -489,10 +503,15 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
     }
 }
 
-/// The next client frame (never, while the stream is lent out).
+/// The next client frame: one read while a subscribe ran, else from the socket (never, while
+/// the stream is lent out).
 async fn next_frame<St: SocketStream>(
     stream: &mut Frames<St>,
+    deferred: &mut std::collections::VecDeque<Message>,
 ) -> Option<Result<Message, axum::Error>> {
+    if let Some(msg) = deferred.pop_front() {
+        return Some(Ok(msg));
+    }
     match stream {
         Some(stream) => stream.next().await,
         None => std::future::pending().await,
@@ -500,46 +519,84 @@ async fn next_frame<St: SocketStream>(
 }
 
 /// Resolves when the peer is gone (its side closed, the socket failed, or a close frame came)
-/// while the connection is busy with a subscribe. Application pings that come meanwhile are
-/// taken off the stream and handed to `pings` (while it has room) for the subscribe to answer;
-/// WebSocket pings and pongs are read too (the socket answers pings itself). Any other frame
-/// stays queued, to be handled in turn, and ends the watch: what follows it is seen when it is
-/// read.
+/// while the connection is busy with a subscribe. Meanwhile it reads the client's frames:
+/// application pings go to `pings` (while it has room) for the subscribe to answer at once,
+/// WebSocket pings and pongs are dropped (the socket answers pings itself), and any other frame
+/// is kept in `deferred`, to be handled in order when the subscribe ends. A frame that finds no
+/// room (`pings` full, `deferred` at [`DEFERRED_BYTES`]) stays unread, and so does everything
+/// after it, until the subscribe ends.
 async fn watch_peer<St: SocketStream>(
     stream: &mut Frames<St>,
+    deferred: &mut std::collections::VecDeque<Message>,
     admission: &Admission,
     pings: &tokio::sync::mpsc::Sender<Option<String>>,
 ) {
     let Some(stream) = stream else {
         return std::future::pending().await;
     };
+    /// What the watcher does with the frame it sees.
+    enum Seen {
+        Gone,
+        Ping(Option<String>),
+        Control,
+        Keep,
+        Stop,
+    }
     let mut stream = std::pin::Pin::new(stream);
+    let mut deferred_bytes: usize = deferred.iter().map(deferred_cost).sum();
     loop {
-        let ping = match stream.as_mut().peek().await {
-            None | Some(Ok(Message::Close(_))) => return,
-            Some(Err(e)) if matches!(read_error(e), End::Gone) => return,
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
-            Some(Ok(Message::Text(text))) => match ClientMessage::parse(text) {
-                Ok(ClientMessage::Ping { id }) => Some(id),
-                _ => break,
+        let fits = |m: &Message| deferred_bytes + deferred_cost(m) <= DEFERRED_BYTES;
+        let seen = match stream.as_mut().peek().await {
+            None | Some(Ok(Message::Close(_))) => Seen::Gone,
+            Some(Err(e)) if matches!(read_error(e), End::Gone) => Seen::Gone,
+            Some(Err(_)) => Seen::Stop,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Seen::Control,
+            Some(Ok(msg)) => match msg {
+                Message::Text(text) => match ClientMessage::parse(text) {
+                    Ok(ClientMessage::Ping { id }) => Seen::Ping(id),
+                    _ if fits(msg) => Seen::Keep,
+                    _ => Seen::Stop,
+                },
+                _ if fits(msg) => Seen::Keep,
+                _ => Seen::Stop,
             },
-            Some(_) => break,
         };
+        let keep = matches!(seen, Seen::Keep);
+        match seen {
+            Seen::Gone => return,
+            Seen::Stop => break,
+            Seen::Ping(id) => {
+                // Waits while the subscribe has not answered the earlier ones; the frame stays
+                // unread meanwhile.
+                let Ok(slot) = pings.reserve().await else {
+                    break;
+                };
+                slot.send(id);
+            }
+            Seen::Control | Seen::Keep => {}
+        }
         // A whole frame is in: the socket's per-frame read deadline starts again.
         admission.frame_received();
-        if let Some(id) = ping {
-            // Waits while the subscribe has not answered the earlier ones; the frame stays
-            // queued meanwhile.
-            let Ok(slot) = pings.reserve().await else {
-                break;
-            };
-            slot.send(id);
+        if let Some(Ok(msg)) = stream.as_mut().next().await {
+            if keep {
+                deferred_bytes += deferred_cost(&msg);
+                deferred.push_back(msg);
+            }
         }
-        let _ = stream.as_mut().next().await;
     }
-    // A frame the main loop handles once the subscribe has ended.
+    // A frame left for the main loop once the subscribe has ended.
     admission.frame_received();
     std::future::pending().await
+}
+
+/// What a frame kept while a subscribe runs counts against [`DEFERRED_BYTES`].
+fn deferred_cost(msg: &Message) -> usize {
+    let payload = match msg {
+        Message::Text(text) => text.len(),
+        Message::Binary(bytes) => bytes.len(),
+        _ => 0,
+    };
+    payload + DEFERRED_FRAME_COST
 }
 
 /// Runs a socket write, giving up when the connection is evicted (slow, or a gap), when the server shuts

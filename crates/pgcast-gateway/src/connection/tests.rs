@@ -447,9 +447,9 @@ async fn a_since_among_positions_drawn_again_gets_resync() {
 }
 
 /// A subscribe waiting for its turn on the database (every read permit taken) answers the
-/// client's pings meanwhile, so a client that checks its connection with them keeps it. Any
-/// other frame waits for the subscribe to end (it is handled in turn), and so does every frame
-/// after it.
+/// client's pings meanwhile, so a client that checks its connection with them keeps it. Its
+/// other frames wait for the subscribe to end (they are handled in order then), and pings sent
+/// after them are still answered.
 #[tokio::test(start_paused = true)]
 async fn a_subscribe_waiting_for_the_database_answers_pings() {
     let shared = gateway(|c| c.max_concurrent_reads = 1);
@@ -471,10 +471,44 @@ async fn a_subscribe_waiting_for_the_database_answers_pings() {
         .send(json!({"type": "unsubscribe", "id": "u", "topic": "queue"}))
         .await;
     client.send(json!({"type": "ping", "id": "later"})).await;
+    assert_eq!(
+        client.next_json().await,
+        json!({"type": "pong", "id": "later"}),
+        "a ping behind a frame that waits"
+    );
     let written = tokio::time::timeout(Duration::from_secs(60), client.next()).await;
     assert!(
         written.is_err(),
-        "a frame behind a non-ping one is not read while the subscribe waits: {written:?}"
+        "the unsubscribe is not handled while the subscribe waits: {written:?}"
+    );
+}
+
+/// Frames kept while a subscribe waits are bounded: past the bound the connection reads no
+/// further, so a ping behind them waits too.
+#[tokio::test(start_paused = true)]
+async fn frames_kept_while_a_subscribe_waits_are_bounded() {
+    let shared = gateway(|c| {
+        c.max_concurrent_reads = 1;
+        c.client_frames_per_second = 1_000;
+    });
+    let _hold = shared.reads.acquire().await.expect("the read permit");
+    let mut client = connect(&shared, 64);
+    client.authenticate().await;
+    client
+        .send(json!({"type": "subscribe", "id": "s", "topic": "queue", "snapshot": true}))
+        .await;
+    // About 1 KiB each: more than the 16 KiB kept.
+    let filler = "x".repeat(1_000);
+    for _ in 0..20 {
+        client
+            .send(json!({"type": "unsubscribe", "id": filler, "topic": "queue"}))
+            .await;
+    }
+    client.send(json!({"type": "ping", "id": "behind"})).await;
+    let written = tokio::time::timeout(Duration::from_secs(60), client.next()).await;
+    assert!(
+        written.is_err(),
+        "a ping behind more than the bound was read: {written:?}"
     );
 }
 
