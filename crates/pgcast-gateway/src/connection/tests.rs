@@ -110,6 +110,13 @@ impl Client {
         assert_eq!(ready["type"], "ready", "{ready}");
     }
 
+    /// Asks for a `queue` snapshot: a subscribe that waits while the test holds the gateway's
+    /// read permit (`max_concurrent_reads = 1`).
+    async fn subscribe_waiting(&mut self) {
+        self.send(json!({"type": "subscribe", "id": "s", "topic": "queue", "snapshot": true}))
+            .await;
+    }
+
     async fn subscribe_queue(&mut self) -> Position {
         self.send(json!({"type": "subscribe", "id": "q", "topic": "queue"}))
             .await;
@@ -366,9 +373,7 @@ async fn a_subscribe_waiting_for_the_database_still_expires() {
         crate::auth::mint_token(SECRET, &mechanic(), Duration::from_secs(2)).expect("a token");
     client.send(json!({"type": "auth", "token": token})).await;
     assert_eq!(client.next_json().await["type"], "ready");
-    client
-        .send(json!({"type": "subscribe", "id": "s", "topic": "queue", "snapshot": true}))
-        .await;
+    client.subscribe_waiting().await;
     let ended = tokio::time::timeout(Duration::from_secs(30), async {
         let error = client.next_json().await;
         assert_eq!(error["code"], "token_expired", "{error}");
@@ -456,9 +461,7 @@ async fn a_subscribe_waiting_for_the_database_answers_pings() {
     let _hold = shared.reads.acquire().await.expect("the read permit");
     let mut client = connect(&shared, 64);
     client.authenticate().await;
-    client
-        .send(json!({"type": "subscribe", "id": "s", "topic": "queue", "snapshot": true}))
-        .await;
+    client.subscribe_waiting().await;
     for id in ["a", "b", "c", "d", "e", "f"] {
         client.send(json!({"type": "ping", "id": id})).await;
         assert_eq!(
@@ -494,9 +497,7 @@ async fn frames_kept_while_a_subscribe_waits_are_bounded() {
     let _hold = shared.reads.acquire().await.expect("the read permit");
     let mut client = connect(&shared, 64);
     client.authenticate().await;
-    client
-        .send(json!({"type": "subscribe", "id": "s", "topic": "queue", "snapshot": true}))
-        .await;
+    client.subscribe_waiting().await;
     // About 1 KiB each: more than the 16 KiB kept.
     let filler = "x".repeat(1_000);
     for _ in 0..20 {
@@ -522,9 +523,7 @@ async fn pings_while_a_subscribe_waits_are_rate_limited() {
     let _hold = shared.reads.acquire().await.expect("the read permit");
     let mut client = connect(&shared, 64);
     client.authenticate().await;
-    client
-        .send(json!({"type": "subscribe", "id": "s", "topic": "queue", "snapshot": true}))
-        .await;
+    client.subscribe_waiting().await;
     // The bucket holds four; the subscribe took one.
     let mut replies = Vec::new();
     for id in 0..5 {
