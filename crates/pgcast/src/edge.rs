@@ -35,6 +35,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use futures::FutureExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use pgcast_gateway::{ip_key, FrameClock, FrameDeadline, Peer};
@@ -219,6 +220,16 @@ impl Admission {
     }
 
     #[cfg(test)]
+    fn open(&self, ip: IpAddr) -> u32 {
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entries
+            .get(&ip_key(ip))
+            .map_or(0, |entry| entry.open)
+    }
+
+    #[cfg(test)]
     fn entries(&self) -> usize {
         self.table
             .lock()
@@ -303,46 +314,31 @@ impl AsyncWrite for EdgeStream {
 /// dropped); the whole shutdown stays within its 10 s.
 const DRAIN: Duration = Duration::from_secs(1);
 
-/// Serves `router` on `tcp` until `stop` is cancelled: accept, check the address, (with `tls`)
-/// complete the TLS handshake within the header timeout, serve the connection with a header
-/// timeout; at `stop`, stop accepting, let requests in flight finish
-/// (for at most a second) and return. Connection tasks are owned by a `JoinSet`: dropping it
-/// aborts the stragglers. Upgraded WebSockets are the gateway's, which closes them itself.
-pub(crate) async fn serve_http(
-    tcp: TcpListener,
+/// Connections accepted in one turn of the accept loop, at most: whatever is waiting in the
+/// kernel's accept queue. Accepting is cheap next to what each connection then does, but
+/// tokio's cooperative budget would end the loop's turn after 128, and on a busy runtime its
+/// next turn waits behind every runnable connection task. After a restart, with thousands of
+/// clients reconnecting while the live ones are served, the queue then filled up to the
+/// kernel's cap and further connection attempts were dropped (their clients wait for a SYN
+/// retransmission, 1 s and more).
+const ACCEPT_BURST: usize = 1024;
+
+/// What the accept loop needs to start serving an accepted connection.
+struct Edge {
+    http: hyper::server::conn::http1::Builder,
     router: Router,
     admission: Arc<Admission>,
     frame_timeout: Duration,
     tls: Option<TlsAcceptor>,
     stop: CancellationToken,
-) {
-    let limits = admission.limits;
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
-    let mut connections = JoinSet::new();
-    loop {
-        // Reap finished connections so the set holds only live ones.
-        while connections.try_join_next().is_some() {}
-        let (stream, addr) = tokio::select! {
-            accepted = tcp.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning; the
-                    // header timeout frees descriptors meanwhile.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                        () = stop.cancelled() => break,
-                    }
-                }
-            },
-            () = stop.cancelled() => break,
-        };
-        // Refused connections are closed at once (dropped): no byte read, none written.
-        let Ok(slot) = admission.admit(addr.ip()) else {
+}
+
+impl Edge {
+    /// Admits `stream` (or closes it at once: no byte read, none written) and spawns its task.
+    fn start(&self, connections: &mut JoinSet<()>, stream: TcpStream, addr: SocketAddr) {
+        let Ok(slot) = self.admission.admit(addr.ip()) else {
             drop(stream);
-            continue;
+            return;
         };
         // Event frames are small and latency matters more than packet count: without
         // TCP_NODELAY a frame can wait ~40 ms for the peer's delayed ACK.
@@ -356,20 +352,19 @@ pub(crate) async fn serve_http(
                 tcp: stream,
             },
             clock.clone(),
-            frame_timeout,
+            self.frame_timeout,
         );
-        let service = service(router.clone(), addr, clock);
-        let http = http.clone();
-        let stop = stop.clone();
-        match &tls {
+        let service = service(self.router.clone(), addr, clock);
+        let http = self.http.clone();
+        let stop = self.stop.clone();
+        match &self.tls {
             None => connections.spawn(serve_connection(http, io, service, addr, stop)),
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
+                let header_timeout = self.admission.limits.header_timeout;
                 connections.spawn(async move {
-                    let handshake = tokio::time::timeout(
-                        limits.header_timeout,
-                        handshake(&acceptor, io, addr),
-                    );
+                    let handshake =
+                        tokio::time::timeout(header_timeout, handshake(&acceptor, io, addr));
                     let io = tokio::select! {
                         done = handshake => match done {
                             Ok(Some(io)) => io,
@@ -385,6 +380,65 @@ pub(crate) async fn serve_http(
                 })
             }
         };
+    }
+}
+
+/// Serves `router` on `tcp` until `stop` is cancelled: accept, check the address, (with `tls`)
+/// complete the TLS handshake within the header timeout, serve the connection with a header
+/// timeout; at `stop`, stop accepting, let requests in flight finish
+/// (for at most a second) and return. Connection tasks are owned by a `JoinSet`: dropping it
+/// aborts the stragglers. Upgraded WebSockets are the gateway's, which closes them itself.
+pub(crate) async fn serve_http(
+    tcp: TcpListener,
+    router: Router,
+    admission: Arc<Admission>,
+    frame_timeout: Duration,
+    tls: Option<TlsAcceptor>,
+    stop: CancellationToken,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(admission.limits.header_timeout);
+    let edge = Edge {
+        http,
+        router,
+        admission,
+        frame_timeout,
+        tls,
+        stop,
+    };
+    let mut connections = JoinSet::new();
+    loop {
+        // Reap finished connections so the set holds only live ones.
+        while connections.try_join_next().is_some() {}
+        let mut next = tokio::select! {
+            accepted = tcp.accept() => match accepted {
+                Ok(accepted) => Some(accepted),
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning; the
+                    // header timeout frees descriptors meanwhile.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                        () = edge.stop.cancelled() => break,
+                    }
+                }
+            },
+            () = edge.stop.cancelled() => break,
+        };
+        // Then whatever else is waiting, up to ACCEPT_BURST.
+        let mut burst = 0;
+        while let Some((stream, addr)) = next.take() {
+            edge.start(&mut connections, stream, addr);
+            burst += 1;
+            if burst < ACCEPT_BURST {
+                next = match tokio::task::unconstrained(tcp.accept()).now_or_never() {
+                    Some(Ok(accepted)) => Some(accepted),
+                    // Seen again (and backed off from) by the next `accept` above.
+                    Some(Err(_)) | None => None,
+                };
+            }
+        }
     }
     drop(tcp);
     let drained = async { while connections.join_next().await.is_some() {} };
@@ -526,6 +580,66 @@ mod tests {
             head.contains(&format!("Content-Length: {}", body.len())),
             "{text}"
         );
+    }
+
+    /// Everything waiting in the kernel's accept queue is taken in one turn of the accept loop,
+    /// not tokio's budget of 128 per turn, each turn waiting behind every runnable task.
+    #[tokio::test(flavor = "current_thread")]
+    async fn one_turn_of_the_accept_loop_takes_every_waiting_connection() {
+        const WAITING: u32 = 300;
+        // With pgcast's deep backlog (tokio's own holds 128).
+        let tcp = crate::server::bind((std::net::Ipv4Addr::LOCALHOST, 0).into())
+            .await
+            .unwrap();
+        let addr = tcp.local_addr().unwrap();
+        // Connected before the loop runs: the kernel holds them in the accept queue.
+        let clients: Vec<_> = (0..WAITING)
+            .map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap())
+            .collect();
+        let admission = Admission::new(EdgeLimits {
+            header_timeout: Duration::from_secs(60),
+            ..limits(0, 0, 1)
+        });
+        let stop = CancellationToken::new();
+        // On a current-thread runtime every task runs once per round of the scheduler: this
+        // one notes the rounds in which the loop admitted the first and the last connection.
+        let counting = {
+            let admission = admission.clone();
+            tokio::spawn(async move {
+                let mut first = None;
+                for round in 0u32.. {
+                    let open = admission.open(addr.ip());
+                    if open > 0 && first.is_none() {
+                        first = Some(round);
+                    }
+                    if open == WAITING {
+                        return (first, round);
+                    }
+                    tokio::task::yield_now().await;
+                }
+                unreachable!()
+            })
+        };
+        let serving = tokio::spawn(serve_http(
+            tcp,
+            Router::new(),
+            admission,
+            Duration::from_secs(60),
+            None,
+            stop.clone(),
+        ));
+        let (first, last) = tokio::time::timeout(Duration::from_secs(30), counting)
+            .await
+            .expect("every waiting connection admitted within 30 s")
+            .unwrap();
+        assert_eq!(
+            first,
+            Some(last),
+            "admitted over several rounds of the scheduler"
+        );
+        stop.cancel();
+        serving.await.unwrap();
+        drop(clients);
     }
 
     #[test]

@@ -320,8 +320,8 @@ async fn serve_inner(
 }
 
 /// Connections the kernel may hold for `accept` (it caps this at `net.core.somaxconn`). After
-/// a restart, thousands of clients reconnect within a second; with tokio's default of 1,024 the
-/// excess SYNs are dropped and those clients wait for their 1 s retransmission.
+/// a restart, thousands of clients reconnect within a second; with tokio's default of 128 (as
+/// std's) the excess SYNs are dropped and those clients wait for their 1 s retransmission.
 const LISTEN_BACKLOG: u32 = 8192;
 
 /// Binds `addr` with a deep accept backlog, with an error that names it.

@@ -138,6 +138,11 @@ pub(super) struct Figures {
     pub(super) resubscribed: usize,
     pub(super) resubscribed_from_kill: Percentiles,
     pub(super) resubscribed_from_ready: Percentiles,
+    /// The attempt that re-subscribed: its start from ready (0 when it started before), and
+    /// its own length to the WebSocket handshake and to `subscribed`.
+    pub(super) won_attempt_from_ready: Percentiles,
+    pub(super) won_attempt_to_open: Percentiles,
+    pub(super) won_attempt_to_subscribed: Percentiles,
     pub(super) within_target_of_ready: usize,
     pub(super) attempts: Counts,
     pub(super) refused_attempts: u64,
@@ -174,6 +179,8 @@ pub(super) struct Figures {
     pub(super) recovery_cpu: CpuUse,
     /// Machine-wide TCP counters from the kill to the end of the drain.
     pub(super) tcp: BTreeMap<String, u64>,
+    /// The same counters from the kill to ready (the part of `tcp` before pgcast accepted).
+    pub(super) tcp_until_ready: BTreeMap<String, u64>,
 }
 
 /// The moments of the outage: `now_us()` and unix µs (to compare with the log's commit times).
@@ -211,6 +218,9 @@ pub(super) fn tally(
     let mut noticed = Histogram::default();
     let mut from_kill = Histogram::default();
     let mut from_ready = Histogram::default();
+    let mut won_start = Histogram::default();
+    let mut won_open = Histogram::default();
+    let mut won_subscribed = Histogram::default();
     let mut live_ready = Histogram::default();
     let mut live_kill = Histogram::default();
     let mut attempts = Vec::new();
@@ -228,6 +238,9 @@ pub(super) fn tally(
             from_kill.record(st.resubscribed_us.saturating_sub(t.kill_us));
             let r = st.resubscribed_us.saturating_sub(t.ready_us);
             from_ready.record(r);
+            won_start.record(st.won_attempt_us.saturating_sub(t.ready_us));
+            won_open.record(st.connected_us.saturating_sub(st.won_attempt_us));
+            won_subscribed.record(st.resubscribed_us.saturating_sub(st.won_attempt_us));
             if r as f64 / 1e6 <= RECONNECT_TARGET_S {
                 f.within_target_of_ready += 1;
             }
@@ -273,6 +286,9 @@ pub(super) fn tally(
     f.noticed_from_kill = noticed.summary();
     f.resubscribed_from_kill = from_kill.summary();
     f.resubscribed_from_ready = from_ready.summary();
+    f.won_attempt_from_ready = won_start.summary();
+    f.won_attempt_to_open = won_open.summary();
+    f.won_attempt_to_subscribed = won_subscribed.summary();
     f.live_from_ready = live_ready.summary();
     f.live_from_kill = live_kill.summary();
     f.attempts = counts(attempts);

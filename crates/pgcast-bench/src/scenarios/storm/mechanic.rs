@@ -95,6 +95,8 @@ pub(super) struct State {
     pub(super) timeouts: u32,
     pub(super) other_failures: u32,
     pub(super) first_failure: Option<String>,
+    /// When the attempt that re-subscribed started (its TCP connect).
+    pub(super) won_attempt_us: u64,
     /// First WebSocket handshake completed after the kill.
     pub(super) connected_us: u64,
     /// First `subscribed` after the kill, and the `since` it resumed from.
@@ -371,11 +373,13 @@ pub(super) async fn reconnect(m: &mut Mech, sh: &Shared) {
             st.attempts += 1;
         }
         let since = st.subscribed_once.then_some(st.last);
+        let started_us = now_us();
         let r = tokio::time::timeout(ATTEMPT_TIMEOUT, attempt(&sh.target, &m.token, since)).await;
         let failure = match r {
             Ok(Ok((ws, connected_us, position))) => {
                 let now = now_us();
                 if storm {
+                    st.won_attempt_us = started_us;
                     st.connected_us = connected_us;
                     st.resubscribed_us = now;
                     st.storm_since = since;

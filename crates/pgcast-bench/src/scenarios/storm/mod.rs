@@ -302,6 +302,7 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
         .context("restart pgcast on the same port")?;
     let ready_us = now_us();
     let ready_wall = unix_us();
+    let tcp_until_ready = counters_since(&tcp0);
     let cpu1 = CpuSample::take(ctx.pids(None));
 
     // Recovery: everyone back, writes over, every event delivered (or no progress).
@@ -375,6 +376,7 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<Section> {
         steady_cpu,
         recovery_cpu,
         tcp,
+        tcp_until_ready,
         ..Figures::default()
     };
     tally(&mut f, &mechs, &world, &writes, &logged, &t);

@@ -107,6 +107,18 @@ pub(super) fn describe(f: &Figures) -> String {
             row("socket end noticed, from the kill", &f.noticed_from_kill),
             row("re-subscribed, from the kill", &f.resubscribed_from_kill),
             row("re-subscribed, from ready", &f.resubscribed_from_ready),
+            row(
+                "… its last attempt started, from ready (0 = before)",
+                &f.won_attempt_from_ready,
+            ),
+            row(
+                "… that attempt: start → WebSocket open",
+                &f.won_attempt_to_open,
+            ),
+            row(
+                "… that attempt: start → `subscribed`",
+                &f.won_attempt_to_subscribed,
+            ),
             row("**time to live, from ready**", &f.live_from_ready),
             row("time to live, from the kill", &f.live_from_kill),
         ],
@@ -170,11 +182,11 @@ pub(super) fn describe(f: &Figures) -> String {
             ],
             vec![
                 "TCP, kill → drained: listen overflows / drops / SYN retransmits".into(),
-                TCP_COUNTERS
-                    .iter()
-                    .map(|k| f.tcp.get(*k).map_or("–".into(), |v| int(*v)))
-                    .collect::<Vec<_>>()
-                    .join(" / "),
+                tcp_line(&f.tcp),
+            ],
+            vec![
+                "… of which kill → ready".into(),
+                tcp_line(&f.tcp_until_ready),
             ],
             vec!["`unavailable` errors".into(), int(f.unavailable)],
             vec!["other errors".into(), joined(&f.other_errors)],
@@ -240,4 +252,12 @@ pub(super) fn describe(f: &Figures) -> String {
         cpu_line(&f.recovery_cpu)
     );
     md
+}
+
+fn tcp_line(counters: &std::collections::BTreeMap<String, u64>) -> String {
+    TCP_COUNTERS
+        .iter()
+        .map(|k| counters.get(*k).map_or("–".into(), |v| int(*v)))
+        .collect::<Vec<_>>()
+        .join(" / ")
 }
