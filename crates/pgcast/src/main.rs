@@ -8,6 +8,13 @@ use tracing_subscriber::filter::{filter_fn, FilterExt};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc's malloc: the gateway allocates and frees small objects on both
+/// worker threads (frames, queue entries, per-connection state), and glibc's per-thread arenas
+/// grow with an `mprotect` per step. Paired bench runs (2026-11-29): CPU per fan-out delivery
+/// 5–9 % lower, the reconnect storm's p99 0.1–0.2 s shorter, 0.7 KiB more per idle connection.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match pgcast::Cli::try_parse() {
         Ok(cli) => cli,
