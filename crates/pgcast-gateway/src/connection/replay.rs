@@ -14,7 +14,8 @@ use crate::window::Entry;
 
 impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
     /// Writes `events` (already judged visible) as frames of `sub`, stopping at the first one
-    /// committed at or after the token's `exp` (then the connection expires).
+    /// committed at or after the token's `exp` (then the connection expires). Each page of
+    /// frames is one flush, the first with whatever was queued before it.
     pub(super) async fn write_events<E: Replayed>(
         &mut self,
         sub: &Subscription,

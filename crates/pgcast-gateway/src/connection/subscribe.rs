@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::ws::Message;
 use pgcast_events::{
     Access, AssignmentEvent, ErrorCode, Position, Role, ServerMessage, SessionMembership, Topic,
 };
@@ -343,7 +344,18 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         let keys = sub.topic.route_keys(&sub.principal);
         if let Some(events) = self.shared.window.range(since, hub_head, &keys, matches) {
             self.shared.metrics.replays_from_window.inc();
-            self.send_subscribed(id, &topic, since).await?;
+            // Queued, not flushed: written with the replay's frames, in one write (a restarted
+            // replica's reconnecting clients resume from here, thousands at once).
+            self.feed(Message::Text(
+                ServerMessage::Subscribed {
+                    id,
+                    topic,
+                    position: since,
+                }
+                .encode()
+                .into(),
+            ))
+            .await?;
             self.write_events(sub, events.iter()).await?;
             return Ok(Some(hub_head));
         }

@@ -4,7 +4,10 @@
 //! Live subscriptions without `since` or `snapshot` never read the database, so the gateway's
 //! pool points at a port nothing listens on; a test that reached it would fail.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ws::Message;
@@ -45,7 +48,43 @@ fn gateway(tweak: impl FnOnce(&mut GatewayConfig)) -> Arc<Shared> {
 struct Client {
     to_server: mpsc::Sender<Result<Message, axum::Error>>,
     from_server: mpsc::Receiver<Message>,
+    /// Flushes that followed at least one frame: the writes a socket would have made.
+    writes: Arc<AtomicUsize>,
     task: JoinHandle<()>,
+}
+
+/// The server's sending half: a channel that counts the flushes after frames.
+struct CountingSink {
+    inner: mpsc::Sender<Message>,
+    fed: bool,
+    writes: Arc<AtomicUsize>,
+}
+
+impl futures::Sink<Message> for CountingSink {
+    type Error = axum::Error;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(axum::Error::new)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+        self.fed = true;
+        self.inner.start_send(item).map_err(axum::Error::new)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let flushed = std::task::ready!(Pin::new(&mut self.inner).poll_flush(cx));
+        if std::mem::take(&mut self.fed) {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        Poll::Ready(flushed.map_err(axum::Error::new))
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Pin::new(&mut self.inner)
+            .poll_close(cx)
+            .map_err(axum::Error::new)
+    }
 }
 
 /// A connection whose socket is two channels; `capacity` frames fit in the server's sending
@@ -53,7 +92,12 @@ struct Client {
 fn connect(shared: &Arc<Shared>, capacity: usize) -> Client {
     let (to_server, server_in) = mpsc::channel(16);
     let (server_out, from_server) = mpsc::channel(capacity);
-    let sink = server_out.sink_map_err(axum::Error::new);
+    let writes = Arc::new(AtomicUsize::new(0));
+    let sink = CountingSink {
+        inner: server_out,
+        fed: false,
+        writes: writes.clone(),
+    };
     let permit = Arc::new(Semaphore::new(1))
         .try_acquire_owned()
         .expect("a fresh semaphore has a permit");
@@ -65,6 +109,7 @@ fn connect(shared: &Arc<Shared>, capacity: usize) -> Client {
     Client {
         to_server,
         from_server,
+        writes,
         task,
     }
 }
@@ -449,6 +494,38 @@ async fn a_since_among_positions_drawn_again_gets_resync() {
             }
         }
     }
+}
+
+/// A resume from the replay window is one write: `subscribed` and the events after `since`
+/// together (after a restart, thousands of clients resume at once).
+#[tokio::test(start_paused = true)]
+async fn a_resume_from_the_window_is_written_with_its_subscribed_in_one_write() {
+    use pgcast_listener::Output;
+    let shared = gateway(|_| {});
+    let gateway = crate::Gateway {
+        shared: shared.clone(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    gateway.spawn_dispatch(rx, 0);
+    for p in 1..=10 {
+        tx.send(Output::Event(queued(p))).await.expect("dispatch");
+    }
+    until_dispatched(&shared, 10).await;
+
+    let mut client = connect(&shared, 64);
+    client.authenticate().await;
+    let before = client.writes.load(Ordering::Relaxed);
+    client
+        .send(json!({"type": "subscribe", "id": "q", "topic": "queue", "since": 4}))
+        .await;
+    let subscribed = client.next_json().await;
+    assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
+    assert_eq!(subscribed["position"], 4, "{subscribed}");
+    for p in 5..=10 {
+        let event = client.next_json().await;
+        assert_eq!(event["position"], p, "{event}");
+    }
+    assert_eq!(client.writes.load(Ordering::Relaxed) - before, 1);
 }
 
 /// A subscribe waiting for its turn on the database (every read permit taken) answers the
