@@ -526,6 +526,16 @@ async fn a_resume_from_the_window_is_written_with_its_subscribed_in_one_write() 
         assert_eq!(event["position"], p, "{event}");
     }
     assert_eq!(client.writes.load(Ordering::Relaxed) - before, 1);
+
+    // With nothing to replay, `subscribed` is written all the same.
+    let mut client = connect(&shared, 64);
+    client.authenticate().await;
+    client
+        .send(json!({"type": "subscribe", "id": "q", "topic": "queue", "since": 10}))
+        .await;
+    let subscribed = client.next_json().await;
+    assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
+    assert_eq!(subscribed["position"], 10, "{subscribed}");
 }
 
 /// A subscribe waiting for its turn on the database (every read permit taken) answers the
