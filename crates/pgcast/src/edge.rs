@@ -44,6 +44,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -330,6 +331,8 @@ struct Edge {
     admission: Arc<Admission>,
     frame_timeout: Duration,
     tls: Option<TlsAcceptor>,
+    /// False until the server opens (see [`serve_http`]).
+    open: watch::Receiver<bool>,
     stop: CancellationToken,
 }
 
@@ -357,29 +360,35 @@ impl Edge {
         let service = service(self.router.clone(), addr, clock);
         let http = self.http.clone();
         let stop = self.stop.clone();
-        match &self.tls {
-            None => connections.spawn(serve_connection(http, io, service, addr, stop)),
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let header_timeout = self.admission.limits.header_timeout;
-                connections.spawn(async move {
-                    let handshake =
-                        tokio::time::timeout(header_timeout, handshake(&acceptor, io, addr));
-                    let io = tokio::select! {
-                        done = handshake => match done {
-                            Ok(Some(io)) => io,
-                            Ok(None) => return,
-                            Err(_) => {
-                                tracing::debug!(%addr, "TLS handshake not finished within the header timeout; closed");
-                                return;
-                            }
-                        },
-                        () = stop.cancelled() => return,
-                    };
-                    serve_connection(http, io, service, addr, stop).await;
-                })
+        let tls = self.tls.clone();
+        let header_timeout = self.admission.limits.header_timeout;
+        let mut open = self.open.clone();
+        connections.spawn(async move {
+            tokio::select! {
+                opened = open.wait_for(|open| *open) => {
+                    if opened.is_err() {
+                        return;
+                    }
+                }
+                () = stop.cancelled() => return,
             }
-        };
+            let Some(acceptor) = tls else {
+                return serve_connection(http, io, service, addr, stop).await;
+            };
+            let handshake = tokio::time::timeout(header_timeout, handshake(&acceptor, io, addr));
+            let io = tokio::select! {
+                done = handshake => match done {
+                    Ok(Some(io)) => io,
+                    Ok(None) => return,
+                    Err(_) => {
+                        tracing::debug!(%addr, "TLS handshake not finished within the header timeout; closed");
+                        return;
+                    }
+                },
+                () = stop.cancelled() => return,
+            };
+            serve_connection(http, io, service, addr, stop).await;
+        });
     }
 }
 
@@ -388,12 +397,18 @@ impl Edge {
 /// timeout; at `stop`, stop accepting, let requests in flight finish
 /// (for at most a second) and return. Connection tasks are owned by a `JoinSet`: dropping it
 /// aborts the stragglers. Upgraded WebSockets are the gateway's, which closes them itself.
+///
+/// Until `open` turns true, connections are accepted and admitted but not served: they wait in
+/// the process (their header timeout not started) rather than in the kernel's accept queue,
+/// which holds at most `net.core.somaxconn` and drops the SYNs beyond (each such client then
+/// waits a second or more to try again).
 pub(crate) async fn serve_http(
     tcp: TcpListener,
     router: Router,
     admission: Arc<Admission>,
     frame_timeout: Duration,
     tls: Option<TlsAcceptor>,
+    open: watch::Receiver<bool>,
     stop: CancellationToken,
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -405,6 +420,7 @@ pub(crate) async fn serve_http(
         admission,
         frame_timeout,
         tls,
+        open,
         stop,
     };
     let mut connections = JoinSet::new();
@@ -640,12 +656,14 @@ mod tests {
                 unreachable!()
             })
         };
+        let (_open, opened) = watch::channel(true);
         let serving = tokio::spawn(serve_http(
             tcp,
             Router::new(),
             admission,
             Duration::from_secs(60),
             None,
+            opened,
             stop.clone(),
         ));
         let (first, last) = tokio::time::timeout(Duration::from_secs(30), counting)
@@ -660,6 +678,76 @@ mod tests {
         stop.cancel();
         serving.await.unwrap();
         drop(clients);
+    }
+
+    /// While the server is not open yet (its listener catching up at start), connections are
+    /// accepted, so they do not pile up in the kernel's queue, but not served; once it opens,
+    /// each gets its answer.
+    #[tokio::test(flavor = "current_thread")]
+    async fn connections_accepted_before_opening_wait_and_are_served_once_open() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const CLIENTS: u32 = 20;
+        let tcp = crate::server::bind((std::net::Ipv4Addr::LOCALHOST, 0).into())
+            .await
+            .unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let admission = Admission::new(limits(0, 0, 1));
+        let (open, opened) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let router = Router::new().route("/", axum::routing::get(|| async { "hello" }));
+        let serving = tokio::spawn(serve_http(
+            tcp,
+            router,
+            admission.clone(),
+            Duration::from_secs(60),
+            None,
+            opened,
+            stop.clone(),
+        ));
+        let mut clients = Vec::new();
+        for _ in 0..CLIENTS {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            client
+                .write_all(b"GET / HTTP/1.1\r\nHost: pgcast\r\n\r\n")
+                .await
+                .unwrap();
+            clients.push(client);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while admission.open(addr.ip()) < CLIENTS {
+            assert!(Instant::now() < deadline, "not all accepted within 30 s");
+            tokio::task::yield_now().await;
+        }
+        // Every task had many turns to answer (on this one thread, one round each per yield).
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        let mut buf = [0u8; 256];
+        for client in &clients {
+            assert!(
+                matches!(client.try_read(&mut buf), Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+                "answered before the server opened"
+            );
+        }
+        open.send_replace(true);
+        for client in &mut clients {
+            let mut answer = Vec::new();
+            while !answer.ends_with(b"hello") {
+                let n = tokio::time::timeout(Duration::from_secs(30), client.read(&mut buf))
+                    .await
+                    .expect("answered within 30 s of opening")
+                    .unwrap();
+                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+                answer.extend_from_slice(&buf[..n]);
+            }
+            assert!(
+                answer.starts_with(b"HTTP/1.1 200"),
+                "{}",
+                String::from_utf8_lossy(&answer)
+            );
+        }
+        stop.cancel();
+        serving.await.unwrap();
     }
 
     #[test]

@@ -40,7 +40,7 @@ use crate::{Database, PgcastError, TlsServer};
 /// before reading more of the log (the log keeps the events; doorbells are still read, so
 /// PostgreSQL's notification queue never fills behind us); nothing is dropped.
 const EVENT_BUFFER: usize = 8192;
-/// Longest wait at start for the listener to catch up before connections are accepted.
+/// Longest wait at start for the listener to catch up before connections are served.
 const WARM_UP: Duration = Duration::from_secs(10);
 /// Pool for pruning and the database gauges of `/metrics`, apart from the gateway's reads.
 const MAINTENANCE_POOL_SIZE: usize = 2;
@@ -279,10 +279,20 @@ async fn serve_inner(
         }
         None => None,
     };
-    // Accept only once the listener has caught up (its start filled the replay window), for
-    // at most WARM_UP: clients that reconnect to a restarted replica wait in the accept backlog
-    // for a moment instead of subscribing while the window is filled, which would queue every
+    // Serve only once the listener has caught up (its start filled the replay window), for
+    // at most WARM_UP: clients that reconnect to a restarted replica are accepted and wait for
+    // a moment instead of subscribing while the window is filled, which would queue every
     // warm-up event for each of them (thousands of clients × thousands of events).
+    let (open, opened) = tokio::sync::watch::channel(false);
+    tasks.spawn(crate::edge::serve_http(
+        tcp,
+        router,
+        admission,
+        limits.gateway.frame_timeout,
+        acceptor,
+        opened,
+        shutdown.clone(),
+    ));
     tokio::select! {
         () = status.wait_ready() => {}
         () = tokio::time::sleep(WARM_UP) => {
@@ -290,14 +300,7 @@ async fn serve_inner(
         }
         () = shutdown.cancelled() => {}
     }
-    tasks.spawn(crate::edge::serve_http(
-        tcp,
-        router,
-        admission,
-        limits.gateway.frame_timeout,
-        acceptor,
-        shutdown.clone(),
-    ));
+    open.send_replace(true);
     match tls {
         Some(_) => tracing::info!("pgcast ready on https://{addr} (WebSocket wss://{addr}/ws)"),
         None => tracing::info!("pgcast ready on http://{addr} (WebSocket ws://{addr}/ws)"),
