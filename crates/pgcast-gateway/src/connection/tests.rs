@@ -538,17 +538,32 @@ async fn a_resume_from_the_window_is_written_with_its_subscribed_in_one_write() 
     assert_eq!(subscribed["position"], 10, "{subscribed}");
 }
 
+/// An authenticated client whose `queue` snapshot subscribe waits for its turn on the
+/// database: the gateway (with `tweak`) has one read permit, taken for good.
+async fn waiting_for_the_database(tweak: impl FnOnce(&mut GatewayConfig)) -> Client {
+    let shared = gateway(|c| {
+        c.max_concurrent_reads = 1;
+        tweak(c);
+    });
+    shared
+        .reads
+        .acquire()
+        .await
+        .expect("the read permit")
+        .forget();
+    let mut client = connect(&shared, 64);
+    client.authenticate().await;
+    client.subscribe_waiting().await;
+    client
+}
+
 /// A subscribe waiting for its turn on the database (every read permit taken) answers the
 /// client's pings meanwhile, so a client that checks its connection with them keeps it. Its
 /// other frames wait for the subscribe to end (they are handled in order then), and pings sent
 /// after them are still answered.
 #[tokio::test(start_paused = true)]
 async fn a_subscribe_waiting_for_the_database_answers_pings() {
-    let shared = gateway(|c| c.max_concurrent_reads = 1);
-    let _hold = shared.reads.acquire().await.expect("the read permit");
-    let mut client = connect(&shared, 64);
-    client.authenticate().await;
-    client.subscribe_waiting().await;
+    let mut client = waiting_for_the_database(|_| {}).await;
     for id in ["a", "b", "c", "d", "e", "f"] {
         client.send(json!({"type": "ping", "id": id})).await;
         assert_eq!(
@@ -577,14 +592,7 @@ async fn a_subscribe_waiting_for_the_database_answers_pings() {
 /// further, so a ping behind them waits too.
 #[tokio::test(start_paused = true)]
 async fn frames_kept_while_a_subscribe_waits_are_bounded() {
-    let shared = gateway(|c| {
-        c.max_concurrent_reads = 1;
-        c.client_frames_per_second = 1_000;
-    });
-    let _hold = shared.reads.acquire().await.expect("the read permit");
-    let mut client = connect(&shared, 64);
-    client.authenticate().await;
-    client.subscribe_waiting().await;
+    let mut client = waiting_for_the_database(|c| c.client_frames_per_second = 1_000).await;
     // About 1 KiB each: more than the 16 KiB kept.
     let filler = "x".repeat(1_000);
     for _ in 0..20 {
@@ -603,14 +611,7 @@ async fn frames_kept_while_a_subscribe_waits_are_bounded() {
 /// Pings answered while a subscribe waits count against the frame rate like any others.
 #[tokio::test(start_paused = true)]
 async fn pings_while_a_subscribe_waits_are_rate_limited() {
-    let shared = gateway(|c| {
-        c.max_concurrent_reads = 1;
-        c.client_frames_per_second = 2;
-    });
-    let _hold = shared.reads.acquire().await.expect("the read permit");
-    let mut client = connect(&shared, 64);
-    client.authenticate().await;
-    client.subscribe_waiting().await;
+    let mut client = waiting_for_the_database(|c| c.client_frames_per_second = 2).await;
     // The bucket holds four; the subscribe took one.
     let mut replies = Vec::new();
     for id in 0..5 {
