@@ -910,3 +910,65 @@ async fn an_applications_timestamp_and_nullable_columns_are_read() {
     assert_eq!(a.created_at, Some(utc));
     listener.stop().await;
 }
+
+/// CHECK constraints on the log's tables, by table.
+async fn log_checks(client: &tokio_postgres::Client) -> Vec<(String, i64)> {
+    client
+        .query(
+            "SELECT t.relname::text, count(con.oid)
+             FROM (VALUES ('pgcast.assignment_changes'::regclass),
+                          ('pgcast.committed_statements'::regclass)) AS t0(oid)
+             JOIN pg_class t ON t.oid = t0.oid
+             LEFT JOIN pg_constraint con ON con.conrelid = t.oid AND con.contype = 'c'
+             GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Version 6 drops the log tables' CHECK constraints (they were prepared again for every
+/// captured and every published statement): an install at version 5 upgrades with its log
+/// whole, and captures and publishes as before.
+#[tokio::test]
+async fn a_version_5_install_upgrades_to_log_tables_without_checks() {
+    let (db, mut client) = db_at_version(5).await;
+    assert_eq!(
+        log_checks(&client).await,
+        [
+            ("assignment_changes".to_owned(), 2),
+            ("committed_statements".to_owned(), 1)
+        ],
+        "version 5 has them"
+    );
+    client.execute(INSERT_MANY, &[&2i32]).await.unwrap();
+    let before = log_positions(&client).await;
+    assert_eq!(before.len(), 2);
+
+    migrate(&mut client, MigrationScope::All).await.unwrap();
+    assert_eq!(
+        installed_version(&client).await.unwrap(),
+        Some(SCHEMA_VERSION)
+    );
+    assert_eq!(
+        log_checks(&client).await,
+        [
+            ("assignment_changes".to_owned(), 0),
+            ("committed_statements".to_owned(), 0)
+        ]
+    );
+    assert_eq!(log_positions(&client).await, before, "the log as it was");
+
+    let mut listener = start_listener(&db, Start::After(0)).await;
+    client.execute(INSERT_MANY, &[&2i32]).await.unwrap();
+    client.execute(INSERT_ONE, &[&"after"]).await.unwrap();
+    let got = listener.take(5, LIMIT).await;
+    assert_eq!(names(&got), ["c1", "c2", "c1", "c2", "after"]);
+    let positions: Vec<_> = got.iter().map(|e| e.position).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    listener.assert_quiet().await;
+    listener.stop().await;
+}
