@@ -50,6 +50,8 @@ struct Client {
     from_server: mpsc::Receiver<Message>,
     /// Flushes that followed at least one frame: the writes a socket would have made.
     writes: Arc<AtomicUsize>,
+    /// Client frames the connection took off the socket (peeked ones included).
+    reads: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -105,11 +107,17 @@ fn connect(shared: &Arc<Shared>, capacity: usize) -> Client {
         unauthenticated: Arc::new(UnauthenticatedSlot::global(permit)),
         frames: None,
     };
+    let reads = Arc::new(AtomicUsize::new(0));
+    let counted = reads.clone();
+    let server_in = server_in.inspect(move |_| {
+        counted.fetch_add(1, Ordering::Relaxed);
+    });
     let task = tokio::spawn(serve_halves(sink, server_in, shared.clone(), admission));
     Client {
         to_server,
         from_server,
         writes,
+        reads,
         task,
     }
 }
@@ -606,6 +614,61 @@ async fn frames_kept_while_a_subscribe_waits_are_bounded() {
         written.is_err(),
         "a ping behind more than the bound was read: {written:?}"
     );
+}
+
+/// A burst of pings while a subscribe waits, from a client that reads nothing meanwhile: the
+/// connection takes them off the socket only a few at a time (those waiting for their pong, at
+/// most `PINGS_WHILE_BUSY`, besides the one being written), so a client cannot make it hold a
+/// list of answers of its choosing; the rest wait in the socket. Once the client reads, every
+/// ping gets its pong, in order.
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_pings_while_a_subscribe_waits_is_taken_a_few_at_a_time_and_all_answered() {
+    const PINGS: usize = 40;
+    let shared = gateway(|c| {
+        c.max_concurrent_reads = 1;
+        c.client_frames_per_second = 1_000;
+    });
+    shared
+        .reads
+        .acquire()
+        .await
+        .expect("the read permit")
+        .forget();
+    // A socket that takes little before the connection's writes wait.
+    let mut client = connect(&shared, 1);
+    client.authenticate().await;
+    client.subscribe_waiting().await;
+    let taken_before = client.reads.load(Ordering::Relaxed);
+    let mut to_server = client.to_server.clone();
+    let sending = tokio::spawn(async move {
+        for id in 0..PINGS {
+            let ping = json!({"type": "ping", "id": id.to_string()}).to_string();
+            to_server
+                .send(Ok(Message::Text(ping.into())))
+                .await
+                .expect("the connection reads");
+        }
+    });
+    // The paused clock moves only once every task waits: the connection has stopped reading.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !sending.is_finished(),
+        "all {PINGS} pings went into the socket: nothing held them back"
+    );
+    // Taken: two pongs in the socket (the channel holds one frame per sender besides its
+    // buffer), the one being written, the waiting ones, and the next, peeked.
+    let taken = client.reads.load(Ordering::Relaxed) - taken_before;
+    assert!(
+        taken <= super::PINGS_WHILE_BUSY + 4,
+        "{taken} pings taken off the socket"
+    );
+    for id in 0..PINGS {
+        assert_eq!(
+            client.next_json().await,
+            json!({"type": "pong", "id": id.to_string()})
+        );
+    }
+    sending.await.expect("every ping sent");
 }
 
 /// Pings answered while a subscribe waits count against the frame rate like any others.
