@@ -142,7 +142,7 @@ fn on_frame(t: &mut Tally, mode: &Mode, run: u32, payload: &[u8], now: u64) -> b
 }
 
 async fn setup(target: &WsTarget, setup: &Setup, buf: usize, seed: u32) -> Result<WsConn> {
-    let mut ws = WsConn::connect(target, buf, seed).await?;
+    let mut ws = WsConn::connect(target, None, buf, seed).await?;
     match setup {
         Setup::Raw { first_frame } => {
             if let Some(text) = first_frame {

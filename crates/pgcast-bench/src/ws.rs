@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// Largest message accepted from a server.
 const MAX_MESSAGE: usize = 64 << 20;
@@ -193,12 +193,27 @@ pub(crate) struct WsConn {
 }
 
 impl WsConn {
-    /// Connects and completes the opening handshake. `buf_size` is the initial receive buffer
-    /// (it grows for larger frames and bursts).
-    pub(crate) async fn connect(target: &WsTarget, buf_size: usize, seed: u32) -> Result<WsConn> {
-        let stream = TcpStream::connect(target.addr)
-            .await
-            .with_context(|| format!("connect to {}", target.addr))?;
+    /// Connects (from `from`, a loopback address, when given) and completes the opening
+    /// handshake. `buf_size` is the initial receive buffer (it grows for larger frames and
+    /// bursts).
+    pub(crate) async fn connect(
+        target: &WsTarget,
+        from: Option<IpAddr>,
+        buf_size: usize,
+        seed: u32,
+    ) -> Result<WsConn> {
+        let stream = match from {
+            None => TcpStream::connect(target.addr).await,
+            Some(ip) => {
+                let socket = match ip {
+                    IpAddr::V4(_) => TcpSocket::new_v4()?,
+                    IpAddr::V6(_) => TcpSocket::new_v6()?,
+                };
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(target.addr).await
+            }
+        }
+        .with_context(|| format!("connect to {}", target.addr))?;
         stream.set_nodelay(true)?;
         let mut conn = WsConn {
             stream,

@@ -4,6 +4,7 @@
 //! takes a snapshot. Event frames are recognised by a prefix and their marker and position
 //! found by substring scans; only the rare control frames are parsed.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -201,15 +202,38 @@ pub(super) fn error_code(st: &mut State, code: &str) {
     }
 }
 
+/// Mechanics that share one source address.
+pub(super) const MECHANICS_PER_ADDRESS: usize = 100;
+
+/// The loopback address mechanic `who` connects from, when the target is IPv4: 127.1.x.y, one
+/// per [`MECHANICS_PER_ADDRESS`] mechanics, as clients come from many addresses. From one
+/// address, the reconnects after the kill reused ports of connections the killed process left
+/// in TIME_WAIT on the same address pair (10,000 of them in 28,000 ephemeral ports); Linux
+/// answers such a SYN with an ACK while nothing listens, and each of those clients waited a
+/// second for its retransmission, an artefact of loopback, not of the server.
+pub(super) fn source(target: &WsTarget, who: usize) -> Option<IpAddr> {
+    if !target.addr.is_ipv4() {
+        return None;
+    }
+    let n = who / MECHANICS_PER_ADDRESS + 1;
+    Some(IpAddr::V4(std::net::Ipv4Addr::new(
+        127,
+        1,
+        u8::try_from(n >> 8).unwrap_or(u8::MAX),
+        (n & 0xff) as u8,
+    )))
+}
+
 /// Connect, authenticate, subscribe to `queue` (from `since` when given). Returns the
 /// connection, when its handshake completed, and the subscription's position. Whatever
 /// follows `subscribed` stays in the connection's buffer for the read loop.
 pub(super) async fn attempt(
     target: &WsTarget,
+    from: Option<IpAddr>,
     token: &str,
     since: Option<i64>,
 ) -> Result<(WsConn, u64, i64), Fail> {
-    let mut ws = match WsConn::connect(target, CONN_BUF, rand::random()).await {
+    let mut ws = match WsConn::connect(target, from, CONN_BUF, rand::random()).await {
         Ok(ws) => ws,
         Err(e) => {
             let refused = e.chain().any(|c| {
@@ -279,7 +303,12 @@ pub(super) fn backoff(k: u32) -> Duration {
 pub(super) async fn mechanic(m: &mut Mech, sh: &Shared) {
     {
         let _permit = sh.open.acquire().await;
-        match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt(&sh.target, &m.token, None)).await {
+        match tokio::time::timeout(
+            ATTEMPT_TIMEOUT,
+            attempt(&sh.target, source(&sh.target, m.who), &m.token, None),
+        )
+        .await
+        {
             Ok(Ok((ws, _, position))) => {
                 m.ws = Some(ws);
                 m.st.last = position;
@@ -374,7 +403,11 @@ pub(super) async fn reconnect(m: &mut Mech, sh: &Shared) {
         }
         let since = st.subscribed_once.then_some(st.last);
         let started_us = now_us();
-        let r = tokio::time::timeout(ATTEMPT_TIMEOUT, attempt(&sh.target, &m.token, since)).await;
+        let r = tokio::time::timeout(
+            ATTEMPT_TIMEOUT,
+            attempt(&sh.target, source(&sh.target, m.who), &m.token, since),
+        )
+        .await;
         let failure = match r {
             Ok(Ok((ws, connected_us, position))) => {
                 let now = now_us();

@@ -7,7 +7,9 @@ use crate::report::{cpu_line, int, ms, table, Check};
 use crate::stats::Percentiles;
 
 use super::figures::Figures;
-use super::mechanic::{ATTEMPT_TIMEOUT, BACKOFF_BASE, BACKOFF_CAP, FIRST_DELAY_MS};
+use super::mechanic::{
+    ATTEMPT_TIMEOUT, BACKOFF_BASE, BACKOFF_CAP, FIRST_DELAY_MS, MECHANICS_PER_ADDRESS,
+};
 use super::{BEFORE, TCP_COUNTERS};
 
 /// Targets of issue 12.
@@ -68,7 +70,7 @@ pub(super) fn checks(f: &Figures, full: bool) -> Vec<Check> {
 
 pub(super) fn describe(f: &Figures) -> String {
     let mut md = format!(
-        "{} mechanics ({} workshops, {} freelancers) subscribed to `queue` (opened in {:.1} s); {} writers commit the marketplace mix of scenario 1 at {} events/s before, during and after the outage. After {} s pgcast is SIGKILLed, left dead for {} s, and started again on the same port. Each mechanic reconnects like a real client: first attempt after {}–{} ms, then exponential backoff ({} ms doubling, capped at {} s, jitter 50–100 %), each attempt `auth` then `subscribe` with `since` = the last position it received. *Ready* = the new process logged `pgcast ready`; the outage (kill → ready) lasted **{:.3} s**, {:.3} s of it pgcast's own start-up. *Time to live* = until the mechanic holds every event it may see that was committed before ready (positions and commit times read from the log afterwards).\n\n",
+        "{} mechanics ({} workshops, {} freelancers) subscribed to `queue` (opened in {:.1} s); {} writers commit the marketplace mix of scenario 1 at {} events/s before, during and after the outage. After {} s pgcast is SIGKILLed, left dead for {} s, and started again on the same port. Mechanics connect from {} loopback addresses (127.1.0.x, {} each, to an IPv4 target; from one address, reconnects reuse ports the killed process's connections left in TIME_WAIT and wait a second for a SYN retransmission, which real clients, on many addresses, do not). Each mechanic reconnects like a real client: first attempt after {}–{} ms, then exponential backoff ({} ms doubling, capped at {} s, jitter 50–100 %), each attempt `auth` then `subscribe` with `since` = the last position it received. *Ready* = the new process logged `pgcast ready`; the outage (kill → ready) lasted **{:.3} s**, {:.3} s of it pgcast's own start-up. *Time to live* = until the mechanic holds every event it may see that was committed before ready (positions and commit times read from the log afterwards).\n\n",
         int(f.mechanics as u64),
         f.workshops,
         int(f.freelancers as u64),
@@ -77,6 +79,8 @@ pub(super) fn describe(f: &Figures) -> String {
         f.rate,
         BEFORE.as_secs_f64(),
         f.down_s,
+        f.mechanics.div_ceil(MECHANICS_PER_ADDRESS),
+        MECHANICS_PER_ADDRESS,
         FIRST_DELAY_MS.0,
         FIRST_DELAY_MS.1,
         BACKOFF_BASE.as_millis(),
