@@ -456,6 +456,26 @@ async fn until_dispatched(shared: &Arc<Shared>, position: Position) {
     }
 }
 
+/// Starts the gateway's dispatch task and feeds it general queued inserts at `1..=through`,
+/// until the last is in the replay window. Returns the listener's side, to feed it more.
+async fn dispatched_through(
+    shared: &Arc<Shared>,
+    through: Position,
+) -> tokio::sync::mpsc::Sender<pgcast_listener::Output> {
+    let gateway = crate::Gateway {
+        shared: shared.clone(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    gateway.spawn_dispatch(rx, 0);
+    for p in 1..=through {
+        tx.send(pgcast_listener::Output::Event(queued(p)))
+            .await
+            .expect("dispatch");
+    }
+    until_dispatched(shared, through).await;
+    tx
+}
+
 /// The log went back (a restore, a failover that lost positions 6..=10) and drew 6.. again for
 /// other events: a client that saw the old 8 and resumes with `since = 8` once the new
 /// stream has passed it gets `resync`, not the new 9.. as if they followed its old 8.
@@ -463,15 +483,7 @@ async fn until_dispatched(shared: &Arc<Shared>, position: Position) {
 async fn a_since_among_positions_drawn_again_gets_resync() {
     use pgcast_listener::Output;
     let shared = gateway(|_| {});
-    let gateway = crate::Gateway {
-        shared: shared.clone(),
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    gateway.spawn_dispatch(rx, 0);
-    for p in 1..=10 {
-        tx.send(Output::Event(queued(p))).await.expect("dispatch");
-    }
-    until_dispatched(&shared, 10).await;
+    let tx = dispatched_through(&shared, 10).await;
     tx.send(Output::Gap {
         after: 10,
         pruned_through: 5,
@@ -508,17 +520,8 @@ async fn a_since_among_positions_drawn_again_gets_resync() {
 /// together (after a restart, thousands of clients resume at once).
 #[tokio::test(start_paused = true)]
 async fn a_resume_from_the_window_is_written_with_its_subscribed_in_one_write() {
-    use pgcast_listener::Output;
     let shared = gateway(|_| {});
-    let gateway = crate::Gateway {
-        shared: shared.clone(),
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    gateway.spawn_dispatch(rx, 0);
-    for p in 1..=10 {
-        tx.send(Output::Event(queued(p))).await.expect("dispatch");
-    }
-    until_dispatched(&shared, 10).await;
+    let _tx = dispatched_through(&shared, 10).await;
 
     let mut client = connect(&shared, 64);
     client.authenticate().await;
