@@ -11,15 +11,27 @@
 -- What they checked is what the only code that writes these tables writes (both tables grant
 -- nothing; pgcast's SECURITY DEFINER trigger functions are their only writers): op is a
 -- literal in each branch of pgcast.capture_assignment_changes() ('insert', 'update' or
--- 'delete'), statement_rows is count(*) over a statement's captured rows (at least 1, on its
--- first row only), and pgcast.publish_statement() records the block nextval() .. nextval() +
--- rows - 1 (first_position > 0, first_position <= last_position). The columns' comments keep
+-- 'delete'), or lower(TG_OP) in version 2's pgcast.emit_assignment_event() where an install
+-- kept it; statement_rows is count(*) over a statement's captured rows (at least 1, on its
+-- first row only; 1 in the row trigger); and pgcast.publish_statement() records the block
+-- nextval() .. nextval() + rows - 1 (first_position > 0, first_position <= last_position). The columns' comments keep
 -- the rules. Readers do not depend on them either: an event whose op pgcast does not know is
 -- counted and logged as undecodable, never delivered.
 
+-- Dropping a constraint takes its table's ACCESS EXCLUSIVE lock. Taken first, in this order,
+-- so that nobody can hold one of them while waiting for another: pgcast.log_state, which every
+-- capture, every log read and every prune locks before the log's tables (new ones then wait
+-- at their first step, holding nothing else); then the tables in the order a writer takes them
+-- (its capture writes assignment_changes, its commit committed_statements). In another order a
+-- writer between its capture and its commit, or a log read, could deadlock with this
+-- migration, and the deadlock could end the application's COMMIT. Each wait is bounded by
+-- `migrate`'s lock_timeout; writes wait for this transaction, which holds them briefly.
+LOCK TABLE pgcast.log_state IN ACCESS EXCLUSIVE MODE;
+LOCK TABLE pgcast.assignment_changes IN ACCESS EXCLUSIVE MODE;
+LOCK TABLE pgcast.committed_statements IN ACCESS EXCLUSIVE MODE;
+
 -- Every CHECK constraint of the two tables, whatever it is called (version 4 created them
--- unnamed). Dropping one takes the table's ACCESS EXCLUSIVE lock for a moment (writers wait
--- for this transaction; `migrate` waits at most its lock_timeout for them).
+-- unnamed).
 DO $migration$
 DECLARE
     c record;
@@ -39,8 +51,9 @@ $migration$;
 
 COMMENT ON COLUMN pgcast.assignment_changes.op IS
     'insert, update or delete: the event''s kind (an UPDATE that moves a row is a delete and an '
-    'insert). Written by pgcast.capture_assignment_changes() only (no CHECK constraint since '
-    'version 6: it cost every captured statement; see the migration).';
+    'insert). Written only by pgcast.capture_assignment_changes() and, where an install kept '
+    'it, pgcast.emit_assignment_event() (no CHECK constraint since version 6: it cost every '
+    'captured statement; see the migration).';
 COMMENT ON COLUMN pgcast.assignment_changes.statement_rows IS
     'On the statement''s first event only (else null): how many events the statement wrote, at '
     'least 1. That row queues the deferred pgcast_publish_at_commit trigger, which draws that '

@@ -218,8 +218,9 @@ impl Server {
             .args(["serve", "--listen", listen])
             .env("DATABASE_URL", &db.url)
             .env("PGCAST_JWT_SECRET", secret)
-            // Every bench client comes from 127.0.0.1: the per-address edge limits, made for
-            // browsers behind one NAT, would refuse the load itself.
+            // The bench's clients come from 127.0.0.1 (the storm's from 100 loopback addresses,
+            // 100 each): the per-address edge limits, made for browsers behind one NAT, would
+            // refuse the load itself.
             .env("PGCAST_MAX_CONNECTIONS_PER_IP", "0")
             .env("PGCAST_CONNECTION_RATE_PER_IP", "0")
             .env("PGCAST_MAX_UNAUTHENTICATED", "20000")

@@ -550,8 +550,12 @@ async fn a_resume_from_the_window_is_written_with_its_subscribed_in_one_write() 
 }
 
 /// An authenticated client whose `queue` snapshot subscribe waits for its turn on the
-/// database: the gateway (with `tweak`) has one read permit, taken for good.
-async fn waiting_for_the_database(tweak: impl FnOnce(&mut GatewayConfig)) -> Client {
+/// database: the gateway (with `tweak`) has one read permit, taken for good; `capacity` frames
+/// fit in the client's socket before the connection's writes wait.
+async fn waiting_for_the_database(
+    capacity: usize,
+    tweak: impl FnOnce(&mut GatewayConfig),
+) -> Client {
     let shared = gateway(|c| {
         c.max_concurrent_reads = 1;
         tweak(c);
@@ -562,7 +566,7 @@ async fn waiting_for_the_database(tweak: impl FnOnce(&mut GatewayConfig)) -> Cli
         .await
         .expect("the read permit")
         .forget();
-    let mut client = connect(&shared, 64);
+    let mut client = connect(&shared, capacity);
     client.authenticate().await;
     client.subscribe_waiting().await;
     client
@@ -574,7 +578,7 @@ async fn waiting_for_the_database(tweak: impl FnOnce(&mut GatewayConfig)) -> Cli
 /// after them are still answered.
 #[tokio::test(start_paused = true)]
 async fn a_subscribe_waiting_for_the_database_answers_pings() {
-    let mut client = waiting_for_the_database(|_| {}).await;
+    let mut client = waiting_for_the_database(64, |_| {}).await;
     for id in ["a", "b", "c", "d", "e", "f"] {
         client.send(json!({"type": "ping", "id": id})).await;
         assert_eq!(
@@ -603,7 +607,7 @@ async fn a_subscribe_waiting_for_the_database_answers_pings() {
 /// further, so a ping behind them waits too.
 #[tokio::test(start_paused = true)]
 async fn frames_kept_while_a_subscribe_waits_are_bounded() {
-    let mut client = waiting_for_the_database(|c| c.client_frames_per_second = 1_000).await;
+    let mut client = waiting_for_the_database(64, |c| c.client_frames_per_second = 1_000).await;
     // About 1 KiB each: more than the 16 KiB kept.
     let filler = "x".repeat(1_000);
     for _ in 0..20 {
@@ -627,21 +631,12 @@ async fn frames_kept_while_a_subscribe_waits_are_bounded() {
 #[tokio::test(start_paused = true)]
 async fn a_burst_of_pings_while_a_subscribe_waits_is_taken_a_few_at_a_time_and_all_answered() {
     const PINGS: usize = 40;
-    let shared = gateway(|c| {
-        c.max_concurrent_reads = 1;
-        c.client_frames_per_second = 1_000;
-    });
-    shared
-        .reads
-        .acquire()
-        .await
-        .expect("the read permit")
-        .forget();
     // A socket that takes little before the connection's writes wait.
-    let mut client = connect(&shared, 1);
-    client.authenticate().await;
-    client.subscribe_waiting().await;
+    let mut client = waiting_for_the_database(1, |c| c.client_frames_per_second = 1_000).await;
+    // The paused clock moves only once every task waits: the subscribe has been read.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let taken_before = client.reads.load(Ordering::Relaxed);
+    assert_eq!(taken_before, 2, "auth and subscribe");
     let mut to_server = client.to_server.clone();
     let sending = tokio::spawn(async move {
         for id in 0..PINGS {
@@ -658,11 +653,11 @@ async fn a_burst_of_pings_while_a_subscribe_waits_is_taken_a_few_at_a_time_and_a
         !sending.is_finished(),
         "all {PINGS} pings went into the socket: nothing held them back"
     );
-    // Taken: two pongs in the socket (the channel holds one frame per sender besides its
-    // buffer), the one being written, the waiting ones, and the next, peeked.
+    // Taken: the two answered (their pongs fill the socket: the channel holds one frame per
+    // sender besides its buffer), the ones waiting for their answer, and the next, peeked.
     let taken = client.reads.load(Ordering::Relaxed) - taken_before;
     assert!(
-        taken <= super::PINGS_WHILE_BUSY + 4,
+        taken <= super::PINGS_WHILE_BUSY + 3,
         "{taken} pings taken off the socket"
     );
     for id in 0..PINGS {
@@ -677,7 +672,7 @@ async fn a_burst_of_pings_while_a_subscribe_waits_is_taken_a_few_at_a_time_and_a
 /// Pings answered while a subscribe waits count against the frame rate like any others.
 #[tokio::test(start_paused = true)]
 async fn pings_while_a_subscribe_waits_are_rate_limited() {
-    let mut client = waiting_for_the_database(|c| c.client_frames_per_second = 2).await;
+    let mut client = waiting_for_the_database(64, |c| c.client_frames_per_second = 2).await;
     // The bucket holds four; the subscribe took one.
     let mut replies = Vec::new();
     for id in 0..5 {
