@@ -633,12 +633,18 @@ async fn a_burst_of_pings_while_a_subscribe_waits_is_taken_a_few_at_a_time_and_a
     const PINGS: usize = 40;
     // A socket that takes little before the connection's writes wait.
     let mut client = waiting_for_the_database(1, |c| c.client_frames_per_second = 1_000).await;
-    // The paused clock moves only once every task waits: the subscribe has been read.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Auth and subscribe read before counting the pings (yields, not time: the paused clock
+    // does not move while this task keeps running).
+    for _ in 0..10_000 {
+        if client.reads.load(Ordering::Relaxed) >= 2 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
     let taken_before = client.reads.load(Ordering::Relaxed);
     assert_eq!(taken_before, 2, "auth and subscribe");
     let mut to_server = client.to_server.clone();
-    let sending = tokio::spawn(async move {
+    let mut sending = tokio::spawn(async move {
         for id in 0..PINGS {
             let ping = json!({"type": "ping", "id": id.to_string()}).to_string();
             to_server
@@ -647,10 +653,11 @@ async fn a_burst_of_pings_while_a_subscribe_waits_is_taken_a_few_at_a_time_and_a
                 .expect("the connection reads");
         }
     });
-    // The paused clock moves only once every task waits: the connection has stopped reading.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The client cannot get every ping into the socket: the connection stopped reading. (The
+    // paused clock runs the second only once every task waits; the first heartbeat is 20 s.)
+    let blocked = tokio::time::timeout(Duration::from_secs(1), &mut sending).await;
     assert!(
-        !sending.is_finished(),
+        blocked.is_err(),
         "all {PINGS} pings went into the socket: nothing held them back"
     );
     // Taken: the two answered (their pongs fill the socket: the channel holds one frame per
