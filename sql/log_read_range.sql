@@ -11,7 +11,8 @@
 -- stops after $3 rows however many rows the statements hold (an incremental sort by ordinal
 -- within each statement).
 -- Each event comes as its position, its commit time and the stored event (op, row, old,
--- customer_id) as text; pgcast decodes the three together. The payload the view
+-- customer_id) as text (a json column since version 7: the text as stored, nothing printed);
+-- pgcast decodes the three together. The payload the view
 -- pgcast.assignment_events shows is the same three merged into one JSON object; building it
 -- here would cost PostgreSQL about as much again as reading the event (a copy of every event
 -- per read), for nothing pgcast needs.

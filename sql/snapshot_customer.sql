@@ -2,7 +2,7 @@
 -- every session of one customer — what an "active session" banner shows. Finished ones are
 -- history, available from the log with `since`.
 -- $1 = customer id, $2 = row limit.
-SELECT to_jsonb(a)::text
+SELECT to_json(a)::text
 FROM session_assignments a
 JOIN sessions s ON s.id = a.session_id
 WHERE s.customer_id = $1

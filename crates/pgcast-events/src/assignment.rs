@@ -114,7 +114,7 @@ fn null_as_false<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
-/// Reads a row time as `to_jsonb` writes it: with an offset from a `timestamptz` column, or
+/// Reads a row time as `to_json` and `to_jsonb` write it: with an offset from a `timestamptz` column, or
 /// without one from a `timestamp` column (an application's table may use either), which is
 /// read as UTC. Anything else (`infinity`, garbage) is an error: the row is not decoded.
 fn row_time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
@@ -158,7 +158,7 @@ mod tests {
 
     #[test]
     fn a_timestamp_without_offset_is_read_as_utc_and_a_null_urgent_as_false() {
-        // As to_jsonb writes a `timestamp` column and a nullable boolean.
+        // As to_json and to_jsonb write a `timestamp` column and a nullable boolean.
         let a: Assignment =
             serde_json::from_str(&row("null", r#""2026-11-29T04:05:06.123456""#)).unwrap();
         assert!(!a.urgent);

@@ -16,7 +16,7 @@ mod realtime {
 
 /// The value of `pgcast.version()` this build expects. Bumped together with a new realtime
 /// migration that redefines `pgcast.version()`.
-pub const SCHEMA_VERSION: i32 = 6;
+pub const SCHEMA_VERSION: i32 = 7;
 
 /// Key of the session advisory lock that serializes concurrent `migrate` runs (several replicas
 /// started at once). Any role that can connect can take an advisory key, so `migrate` takes it

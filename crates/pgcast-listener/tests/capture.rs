@@ -972,3 +972,154 @@ async fn a_version_5_install_upgrades_to_log_tables_without_checks() {
     listener.assert_quiet().await;
     listener.stop().await;
 }
+
+/// The log's column type of each event: `jsonb` up to version 6, `json` since version 7.
+async fn event_column_type(client: &tokio_postgres::Client) -> String {
+    client
+        .query_one(
+            "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+             WHERE a.attrelid = 'pgcast.assignment_changes'::regclass AND a.attname = 'event'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Every payload the view `pgcast.assignment_events` shows, in position order (but the
+/// listener's own probes).
+async fn view_payloads(client: &tokio_postgres::Client) -> Vec<(i64, serde_json::Value)> {
+    client
+        .query(
+            "SELECT position, payload::text FROM pgcast.assignment_events
+             WHERE payload->'row'->>'customer_name' IS DISTINCT FROM $1
+             ORDER BY position",
+            &[&MARKER],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let text: String = r.get(1);
+            (r.get(0), serde_json::from_str(&text).unwrap())
+        })
+        .collect()
+}
+
+/// A name JSON has to escape (quotes, a backslash, a newline, letters beyond ASCII).
+const ESCAPED: &str = "Zoë \"Ann\" O\\Brien\n✓";
+
+/// One change of each kind the capture has a branch for, on one new row: an insert (with a
+/// session that has a customer), an update, a move to another session (a delete and an insert)
+/// and a delete. Five events.
+async fn one_change_of_each_kind(client: &tokio_postgres::Client) {
+    let first = insert_session(client, Uuid::new_v4()).await;
+    let second = insert_session(client, Uuid::new_v4()).await;
+    let id: Uuid = client
+        .query_one(
+            "INSERT INTO session_assignments (session_id, status, customer_name, concern)
+             VALUES ($1, 'queued', $2, $2) RETURNING id",
+            &[&first, &ESCAPED],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for (sql, session) in [
+        (
+            "UPDATE session_assignments SET status = 'offered', urgent = true WHERE id = $1 AND $2::uuid IS NOT NULL",
+            first,
+        ),
+        (
+            "UPDATE session_assignments SET session_id = $2 WHERE id = $1",
+            second,
+        ),
+        (
+            "DELETE FROM session_assignments WHERE id = $1 AND $2::uuid IS NOT NULL",
+            second,
+        ),
+    ] {
+        assert_eq!(client.execute(sql, &[&id, &session]).await.unwrap(), 1);
+    }
+}
+
+/// What two rounds of [`one_change_of_each_kind`] have in common: all but ids, times and
+/// positions.
+fn shape(
+    events: &[std::sync::Arc<pgcast_events::AssignmentEvent>],
+) -> Vec<(
+    EventKind,
+    Status,
+    Option<Status>,
+    bool,
+    Option<String>,
+    Option<String>,
+    bool,
+)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e.kind,
+                e.assignment.status,
+                e.old_status(),
+                e.assignment.urgent,
+                e.assignment.customer_name.clone(),
+                e.assignment.concern.clone(),
+                e.customer_id.is_some(),
+            )
+        })
+        .collect()
+}
+
+/// Version 7 stores each event as json text instead of jsonb (PostgreSQL never looks inside
+/// one, and printing jsonb back to text cost every read): an install at version 6 upgrades with
+/// its log read back event for event as before, the view shows the same payloads, and every
+/// kind of change is captured as before.
+#[tokio::test]
+async fn a_version_6_install_upgrades_to_a_log_of_json_events() {
+    let (db, mut client) = db_at_version(6).await;
+    assert_eq!(event_column_type(&client).await, "jsonb");
+    one_change_of_each_kind(&client).await;
+    let mut listener = start_listener(&db, Start::After(0)).await;
+    let before = listener.take(5, LIMIT).await;
+    listener.stop().await;
+    assert_eq!(
+        shape(&before).iter().map(|s| s.0).collect::<Vec<_>>(),
+        [
+            EventKind::Created,
+            EventKind::Updated,
+            EventKind::Deleted,
+            EventKind::Created,
+            EventKind::Deleted
+        ]
+    );
+    assert!(before
+        .iter()
+        .all(|e| e.assignment.customer_name.as_deref() == Some(ESCAPED)));
+    let payloads = view_payloads(&client).await;
+    assert_eq!(payloads.len(), 5);
+
+    migrate(&mut client, MigrationScope::All).await.unwrap();
+    assert_eq!(
+        installed_version(&client).await.unwrap(),
+        Some(SCHEMA_VERSION)
+    );
+    assert_eq!(event_column_type(&client).await, "json");
+    assert_eq!(view_payloads(&client).await, payloads, "the view as it was");
+
+    let mut listener = start_listener(&db, Start::After(0)).await;
+    assert_eq!(
+        listener.take(5, LIMIT).await,
+        before,
+        "the log read back as it was"
+    );
+    one_change_of_each_kind(&client).await;
+    let after = listener.take(5, LIMIT).await;
+    assert_eq!(shape(&after), shape(&before), "captured as before");
+    assert!(after[0].position > before[4].position);
+    assert_contiguous(&after[2..4]);
+    listener.assert_quiet().await;
+    listener.stop().await;
+    assert_eq!(view_payloads(&client).await.len(), 10);
+    assert_nothing_unpublished(&client).await;
+}

@@ -414,7 +414,7 @@ async fn a_log_row_missing_its_id_is_counted_and_skipped_never_half_delivered() 
     // The log's owner edits the second row by hand: its event no longer names the row's id.
     let edited = client
         .execute(
-            "UPDATE pgcast.assignment_changes SET event = event #- '{row,id}' WHERE ordinal = 2",
+            "UPDATE pgcast.assignment_changes SET event = event::jsonb #- '{row,id}' WHERE ordinal = 2",
             &[],
         )
         .await
