@@ -2,7 +2,7 @@
 --
 -- The ordered-log floor: the least any log that readers resume from must do per changed row,
 -- with nothing of pgcast's own: a deferred row trigger that, at commit, takes a lock that
--- orders committers, draws a position and appends to_jsonb(NEW) to a logged table with only
+-- orders committers, draws a position and appends to_json(NEW) to a logged table with only
 -- its primary key, then rings an empty doorbell. No payload beyond the row, no customer, no
 -- staging, no privileges, no pruning index.
 --
@@ -16,11 +16,13 @@
 -- application's sessions table, schema-qualified (bench `log_floor.rs` fills it in).
 --
 -- Both append to one table and ring one channel; one reader (bench `log_floor.rs`) reads the
--- rows after its position at each doorbell. Installed for the scenario and dropped after it;
+-- rows after its position at each doorbell. Both store json, as pgcast's log does since its
+-- schema version 7 (text written and read as it is; jsonb would be parsed on the way in and
+-- printed on the way out). Installed for the scenario and dropped after it;
 -- created disabled (the scenario enables one variant at a time).
 CREATE TABLE IF NOT EXISTS public.pgcast_bench_log_floor (
     position bigint PRIMARY KEY,
-    payload  jsonb  NOT NULL
+    payload  json   NOT NULL
 );
 CREATE TABLE IF NOT EXISTS public.pgcast_bench_log_floor_order ();
 CREATE SEQUENCE IF NOT EXISTS public.pgcast_bench_log_floor_position;
@@ -28,7 +30,7 @@ CREATE OR REPLACE FUNCTION public.pgcast_bench_log_floor_append() RETURNS trigge
     LANGUAGE plpgsql
 AS $$
 DECLARE
-    row_json jsonb := to_jsonb(NEW);
+    row_json json := to_json(NEW);
 BEGIN
     PERFORM pg_notify('pgcast_bench_log_floor', '');
     LOCK TABLE public.pgcast_bench_log_floor_order IN SHARE UPDATE EXCLUSIVE MODE;
@@ -50,13 +52,11 @@ CREATE OR REPLACE FUNCTION public.pgcast_bench_content_floor_append() RETURNS tr
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    content jsonb := jsonb_build_object(
-        'op', lower(TG_OP),
-        'row', to_jsonb(NEW),
-        'old', CASE WHEN TG_OP = 'UPDATE' THEN jsonb_build_object(
-                   'status', OLD.status, 'mechanic_id', OLD.mechanic_id,
-                   'workshop_id', OLD.workshop_id) END,
-        'customer_id', (SELECT s.customer_id FROM @SESSIONS@ s WHERE s.id = NEW.session_id));
+    row_json json := to_json(NEW);
+    old_json json := CASE WHEN TG_OP = 'UPDATE' THEN json_build_object(
+                         'status', OLD.status, 'mechanic_id', OLD.mechanic_id,
+                         'workshop_id', OLD.workshop_id) END;
+    customer uuid := (SELECT s.customer_id FROM @SESSIONS@ s WHERE s.id = NEW.session_id);
     pos bigint;
     at  timestamptz;
 BEGIN
@@ -65,7 +65,8 @@ BEGIN
     pos := nextval('public.pgcast_bench_log_floor_position');
     at := clock_timestamp();
     INSERT INTO public.pgcast_bench_log_floor (position, payload)
-    VALUES (pos, jsonb_build_object('position', pos, 'committed_at', at) || content);
+    VALUES (pos, json_build_object('position', pos, 'committed_at', at, 'op', lower(TG_OP),
+                                   'row', row_json, 'old', old_json, 'customer_id', customer));
     RETURN NULL;
 END
 $$;

@@ -1,6 +1,6 @@
 //! The floors of a durable, commit-ordered event log (scenario 9): the triggers of
 //! `sql/ordered_log_floor.sql` (at commit: an ordering lock, a position, a row appended to a
-//! logged table, an empty doorbell; the ordered-log floor appends `to_jsonb(NEW)`, the
+//! logged table, an empty doorbell; the ordered-log floor appends `to_json(NEW)`, the
 //! event-content floor the content of a pgcast event) and their one reader, built as pgcast's
 //! listener is — a LISTEN connection whose doorbells wake a second connection that reads every
 //! row after its position — with nothing else: no pool, no decoding, no fan-out. What pgcast's
