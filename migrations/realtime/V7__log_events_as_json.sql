@@ -1,7 +1,7 @@
 -- pgcast realtime objects, version 7: the log keeps each event as json (its text), not jsonb.
 --
--- Nothing in PostgreSQL looks inside a stored event: pgcast reads each one whole, as text, and
--- decodes it itself. jsonb cost both ways. Writing: to_jsonb() and jsonb_build_object() parse
+-- pgcast never asks PostgreSQL to look inside a stored event: it reads each one whole, as text,
+-- and decodes it itself. jsonb cost both ways. Writing: to_jsonb() and jsonb_build_object() parse
 -- every value into jsonb's binary form and sort its keys, where to_json() and
 -- json_build_object() only write text. Reading: event::text prints jsonb back to text, about
 -- 3 microseconds of the reading backend per event (100,000 events: 460-490 ms, against
@@ -11,26 +11,31 @@
 -- transactions 4-8 % more commits/s, 1-row transactions about the same within the noise.
 -- The stored text is a little shorter too (440 bytes against 461 for a typical event).
 --
--- The view pgcast.assignment_events still shows each payload as jsonb, as before.
+-- And jsonb refuses what a json column of the application may hold (a \u0000 escape): with
+-- to_jsonb such a row failed the capture, and with it the application's write; to_json keeps
+-- it as it is. The view pgcast.assignment_events still shows each payload as jsonb, as before
+-- (it fails on such a row; pgcast's own reads do not use it).
 --
 -- The column's type changes in place: PostgreSQL rewrites pgcast.assignment_changes (every
 -- retained event) while it holds the table's ACCESS EXCLUSIVE lock, and every write to
 -- session_assignments waits at its capture until this migration commits: on a large log,
--- apply it at a quiet time, or prune first. The locks are taken first, in the order of
--- version 6: pgcast.log_state, which every capture, log read and prune locks before the log's
--- tables, then pgcast.assignment_changes; nobody can hold one while waiting for the other.
-LOCK TABLE pgcast.log_state IN ACCESS EXCLUSIVE MODE;
-LOCK TABLE pgcast.assignment_changes IN ACCESS EXCLUSIVE MODE;
-
--- The view reads the column; it is made again, the same but for the cast.
+-- apply it at a quiet time, or prune first.
+--
+-- Locks. The view goes first (nothing on the write path reads it), then the table: a writer
+-- may take the table and pgcast.log_state in either order (a capture's plan, once cached,
+-- locks the table it inserts into first), so this migration takes nothing that a writer holding
+-- the table could be waiting for. It never locks pgcast.log_state; pgcast.committed_statements
+-- only in ACCESS SHARE, for the new view.
 DROP VIEW pgcast.assignment_events;
+LOCK TABLE pgcast.assignment_changes IN ACCESS EXCLUSIVE MODE;
+-- The view read the column; it is made again below, the same but for a cast.
 ALTER TABLE pgcast.assignment_changes ALTER COLUMN event TYPE json USING event::json;
 COMMENT ON COLUMN pgcast.assignment_changes.event IS
     'The event''s payload but for position and committed_at, which only commit knows: op, row '
     '(the row after the change; for a delete, before), old (status, mechanic_id, workshop_id '
     'before an update or delete, else null) and customer_id (the customer of the row''s session '
     'when the change was written). json, not jsonb (since version 7): written as text and read '
-    'as text, never parsed by PostgreSQL.';
+    'by pgcast as text, as it is stored; only the view pgcast.assignment_events parses it.';
 
 CREATE VIEW pgcast.assignment_events AS
 SELECT c.first_position + ch.ordinal - 1 AS position,
@@ -72,7 +77,7 @@ BEGIN
     sessions_table := substring(v6_source FROM
         '\(SELECT c\.customer_id FROM (.+?) c WHERE c\.id OPERATOR');
     IF sessions_table IS NULL OR to_regclass(sessions_table) IS NULL THEN
-        RAISE WARNING 'pgcast: version 6 recorded no sessions table; events will not name their '
+        RAISE WARNING 'pgcast: the installed capture names no sessions table; events will not name their '
             'session''s customer and customer:<id> topics will stay empty';
     ELSE
         -- A sub-select per row (an index probe), never a join the planner could turn into a
@@ -103,7 +108,7 @@ BEGIN
             (statement, ordinal, statement_rows, op, assignment_id, event)
         SELECT s.statement, n.ordinal, CASE WHEN n.ordinal = 1 THEN n.rows END, 'insert', n.id,
                json_build_object('op', 'insert', 'row', n.row_data, 'old', NULL,
-                                  'customer_id', %1$s)
+                                 'customer_id', %1$s)
         FROM s, (SELECT row_number() OVER () AS ordinal, count(*) OVER () AS rows,
                         r.id, r.session_id, to_json(r) AS row_data
                  FROM new_rows r) n;
@@ -124,7 +129,7 @@ BEGIN
             JOIN (SELECT row_number() OVER () AS pair, r.id, r.session_id,
                          to_json(r) AS row_data,
                          json_build_object('status', r.status, 'mechanic_id', r.mechanic_id,
-                                            'workshop_id', r.workshop_id) AS old_data
+                                           'workshop_id', r.workshop_id) AS old_data
                   FROM old_rows r) o ON o.pair = n.pair
         ), changes AS (
             SELECT p.pair, 0 AS part, 'delete' AS op, p.old_id AS id, p.old_row AS row_data,
@@ -147,7 +152,7 @@ BEGIN
             (statement, ordinal, statement_rows, op, assignment_id, event)
         SELECT s.statement, x.ordinal, CASE WHEN x.ordinal = 1 THEN x.rows END, x.op, x.id,
                json_build_object('op', x.op, 'row', x.row_data, 'old', x.old_data,
-                                  'customer_id', x.customer_id)
+                                 'customer_id', x.customer_id)
         FROM s, numbered x;
     ELSE
         WITH s AS MATERIALIZED (
@@ -158,11 +163,11 @@ BEGIN
             (statement, ordinal, statement_rows, op, assignment_id, event)
         SELECT s.statement, n.ordinal, CASE WHEN n.ordinal = 1 THEN n.rows END, 'delete', n.id,
                json_build_object('op', 'delete', 'row', n.row_data, 'old', n.old_data,
-                                  'customer_id', %1$s)
+                                 'customer_id', %1$s)
         FROM s, (SELECT row_number() OVER () AS ordinal, count(*) OVER () AS rows,
                         r.id, r.session_id, to_json(r) AS row_data,
                         json_build_object('status', r.status, 'mechanic_id', r.mechanic_id,
-                                           'workshop_id', r.workshop_id) AS old_data
+                                          'workshop_id', r.workshop_id) AS old_data
                  FROM old_rows r) n;
     END IF;
     IF NOT FOUND AND NOT EXISTS (SELECT 1 FROM pgcast.log_state st
@@ -202,10 +207,10 @@ BEGIN
             (statement, ordinal, statement_rows, op, assignment_id, event)
         SELECT nextval('pgcast.capture_statement'), 1, 1, 'delete', o.id,
                json_build_object('op', 'delete', 'row', to_json(o),
-                                  'old', json_build_object('status', o.status,
-                                                            'mechanic_id', o.mechanic_id,
-                                                            'workshop_id', o.workshop_id),
-                                  'customer_id', %2$s)
+                                 'old', json_build_object('status', o.status,
+                                                          'mechanic_id', o.mechanic_id,
+                                                          'workshop_id', o.workshop_id),
+                                 'customer_id', %2$s)
         FROM pgcast.log_state st
         WHERE st.source_table = TG_RELID;
         op := 'insert';
@@ -219,7 +224,7 @@ BEGIN
         (statement, ordinal, statement_rows, op, assignment_id, event)
     SELECT nextval('pgcast.capture_statement'), 1, 1, op, n.id,
            json_build_object('op', op, 'row', to_json(n), 'old', prior,
-                              'customer_id', %1$s)
+                             'customer_id', %1$s)
     FROM pgcast.log_state st
     WHERE st.source_table = TG_RELID;
     IF NOT FOUND THEN

@@ -20,7 +20,9 @@
 -- schema version 7 (text written and read as it is; jsonb would be parsed on the way in and
 -- printed on the way out). Installed for the scenario and dropped after it;
 -- created disabled (the scenario enables one variant at a time).
-CREATE TABLE IF NOT EXISTS public.pgcast_bench_log_floor (
+-- Made afresh: a table left by a run that did not finish may have another shape.
+DROP TABLE IF EXISTS public.pgcast_bench_log_floor;
+CREATE TABLE public.pgcast_bench_log_floor (
     position bigint PRIMARY KEY,
     payload  json   NOT NULL
 );

@@ -1123,3 +1123,28 @@ async fn a_version_6_install_upgrades_to_a_log_of_json_events() {
     assert_eq!(view_payloads(&client).await.len(), 10);
     assert_nothing_unpublished(&client).await;
 }
+
+/// A write never fails because of notification, whatever the application's own columns hold:
+/// `jsonb` refuses a `\u0000` escape that a `json` column keeps, so before version 7 such a row
+/// made the capture, and with it the application's write, fail. Now it is logged and read.
+#[tokio::test]
+async fn a_row_with_what_jsonb_refuses_is_written_and_read() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    client
+        .batch_execute("ALTER TABLE session_assignments ADD COLUMN notes json")
+        .await
+        .unwrap();
+    let mut listener = start_listener(&db, Start::Head).await;
+    client
+        .execute(
+            r#"INSERT INTO session_assignments (session_id, status, customer_name, notes)
+               VALUES (gen_random_uuid(), 'queued', 'nul', '{"a": "x\u0000y"}')"#,
+            &[],
+        )
+        .await
+        .expect("the application's write commits");
+    let got = listener.take(1, LIMIT).await;
+    assert_eq!(names(&got), ["nul"]);
+    listener.assert_quiet().await;
+    listener.stop().await;
+}
