@@ -486,3 +486,29 @@ async fn mechanic_and_workshop_snapshots_hold_open_rows_only() {
     }
     h.stop().await;
 }
+
+/// An application's own `json` column may hold what `jsonb` refuses (a `\u0000` escape):
+/// snapshots read rows as `json` text, as the log stores events, so such a row is in the
+/// snapshot and its change arrives live (with `to_jsonb` the snapshot failed, and before schema
+/// version 7 the write itself).
+#[tokio::test]
+async fn a_row_with_what_jsonb_refuses_is_in_the_snapshot_and_live() {
+    let h = Harness::start().await;
+    h.admin
+        .batch_execute(
+            r#"ALTER TABLE session_assignments ADD COLUMN notes json DEFAULT '{"a": "x\u0000y"}'"#,
+        )
+        .await
+        .unwrap();
+    let before = h.insert(Uuid::new_v4(), "queued", None, None).await;
+    let who = mechanic(None);
+    let mut ws = h.client(&who).await;
+    ws.subscribe("queue", json!({"snapshot": true})).await;
+    let snap = ws.recv().await;
+    assert_eq!(snap["type"], "snapshot", "{snap}");
+    assert_eq!(snap["assignments"][0]["id"], before.to_string(), "{snap}");
+    let after = h.insert(Uuid::new_v4(), "queued", None, None).await;
+    let ev = ws.events(1).await.remove(0);
+    assert_eq!(ev["assignment"]["id"], after.to_string());
+    h.stop().await;
+}
