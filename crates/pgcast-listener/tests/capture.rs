@@ -1043,10 +1043,8 @@ async fn one_change_of_each_kind(client: &tokio_postgres::Client) {
 }
 
 /// What two rounds of [`one_change_of_each_kind`] have in common: all but ids, times and
-/// positions.
-fn shape(
-    events: &[std::sync::Arc<pgcast_events::AssignmentEvent>],
-) -> Vec<(
+/// positions (kind, status, old status, urgent, name, concern, whether a customer is named).
+type Shape = (
     EventKind,
     Status,
     Option<Status>,
@@ -1054,7 +1052,9 @@ fn shape(
     Option<String>,
     Option<String>,
     bool,
-)> {
+);
+
+fn shape(events: &[std::sync::Arc<pgcast_events::AssignmentEvent>]) -> Vec<Shape> {
     events
         .iter()
         .map(|e| {
