@@ -39,6 +39,17 @@ fn assert_contiguous(events: &[std::sync::Arc<pgcast_events::AssignmentEvent>]) 
     }
 }
 
+/// Applies every pending migration to an older install and checks it is then at this
+/// binary's version. Returns how many migrations ran.
+async fn upgrade_to_latest(client: &mut tokio_postgres::Client) -> usize {
+    let applied = migrate(client, MigrationScope::All).await.unwrap();
+    assert_eq!(
+        installed_version(client).await.unwrap(),
+        Some(SCHEMA_VERSION)
+    );
+    applied
+}
+
 /// Every captured row visible once every transaction has ended was published: its statement
 /// has its block of positions.
 async fn assert_nothing_unpublished(client: &tokio_postgres::Client) {
@@ -474,12 +485,8 @@ async fn a_version_2_install_upgrades_in_place_and_positions_continue() {
     assert_eq!(old_log.len(), 3);
 
     assert_eq!(
-        migrate(&mut client, MigrationScope::All).await.unwrap(),
+        upgrade_to_latest(&mut client).await,
         SCHEMA_VERSION as usize - 2
-    );
-    assert_eq!(
-        installed_version(&client).await.unwrap(),
-        Some(SCHEMA_VERSION)
     );
     let triggers: Vec<String> = client
         .query(
@@ -948,11 +955,7 @@ async fn a_version_5_install_upgrades_to_log_tables_without_checks() {
     let before = log_positions(&client).await;
     assert_eq!(before.len(), 2);
 
-    migrate(&mut client, MigrationScope::All).await.unwrap();
-    assert_eq!(
-        installed_version(&client).await.unwrap(),
-        Some(SCHEMA_VERSION)
-    );
+    upgrade_to_latest(&mut client).await;
     assert_eq!(
         log_checks(&client).await,
         [
@@ -1099,11 +1102,7 @@ async fn a_version_6_install_upgrades_to_a_log_of_json_events() {
     let payloads = view_payloads(&client).await;
     assert_eq!(payloads.len(), 5);
 
-    migrate(&mut client, MigrationScope::All).await.unwrap();
-    assert_eq!(
-        installed_version(&client).await.unwrap(),
-        Some(SCHEMA_VERSION)
-    );
+    upgrade_to_latest(&mut client).await;
     assert_eq!(event_column_type(&client).await, "json");
     assert_eq!(view_payloads(&client).await, payloads, "the view as it was");
 
