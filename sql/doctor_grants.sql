@@ -13,7 +13,9 @@
 --   functions: EXECUTE on the SECURITY DEFINER trigger functions (capture_assignment_changes,
 --     publish_statement, and version 2's emit_assignment_event) lets a role attach them to
 --     a table of its own and append to the log; on prune_events it lets a role delete the log;
---     install_capture is the migration's trigger swap, for pgcast's owner only.
+--     install_capture is the migration's trigger swap, for pgcast's owner only;
+--     note_statement_start and order_nested_statements (version 8) are parts of the capture,
+--     called by its triggers only.
 --   tables: INSERT/UPDATE/DELETE/TRUNCATE write the log or its state; UPDATE, DELETE, TRUNCATE
 --     (and MAINTAIN from PostgreSQL 17) also allow LOCK TABLE in any mode, i.e. holding the
 --     commit-order lock; TRIGGER attaches code that runs as pgcast's owner inside its trigger;
@@ -33,7 +35,8 @@ WITH objects AS (
     FROM pg_proc p
     WHERE p.pronamespace = to_regnamespace('pgcast')
       AND p.proname IN ('emit_assignment_event', 'capture_assignment_changes',
-                        'publish_statement', 'install_capture', 'prune_events')
+                        'publish_statement', 'install_capture', 'prune_events',
+                        'note_statement_start', 'order_nested_statements')
     UNION ALL
     SELECT 'table', 'table ' || c.oid::regclass::text, c.oid, c.relowner,
            ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'TRIGGER', 'REFERENCES']

@@ -17,7 +17,9 @@ FROM (VALUES
     (12, 'function pgcast.publish_statement()',              to_regprocedure('pgcast.publish_statement()')::oid),
     (13, 'function pgcast.install_capture()',                to_regprocedure('pgcast.install_capture()')::oid),
     (14, 'table pgcast.committed_statements',                to_regclass('pgcast.committed_statements')::oid),
-    (15, 'function pgcast.doorbell_queue_limit()',           to_regprocedure('pgcast.doorbell_queue_limit()')::oid)
+    (15, 'function pgcast.doorbell_queue_limit()',           to_regprocedure('pgcast.doorbell_queue_limit()')::oid),
+    (16, 'function pgcast.note_statement_start()',           to_regprocedure('pgcast.note_statement_start()')::oid),
+    (17, 'function pgcast.order_nested_statements(bigint)',  to_regprocedure('pgcast.order_nested_statements(bigint)')::oid)
 ) AS expected(n, object, oid)
 WHERE expected.oid IS NULL
 ORDER BY expected.n

@@ -16,7 +16,7 @@ mod realtime {
 
 /// The value of `pgcast.version()` this build expects. Bumped together with a new realtime
 /// migration that redefines `pgcast.version()`.
-pub const SCHEMA_VERSION: i32 = 7;
+pub const SCHEMA_VERSION: i32 = 8;
 
 /// Key of the session advisory lock that serializes concurrent `migrate` runs (several replicas
 /// started at once). Any role that can connect can take an advisory key, so `migrate` takes it
@@ -177,12 +177,16 @@ async fn up_to_date(client: &Client, scope: MigrationScope) -> Result<bool, List
     Ok(client.query_one(CAPTURE_INSTALLED, &[]).await?.try_get(0)?)
 }
 
-/// Version 3's statement triggers are on the source table and version 2's row trigger is gone
-/// (what `pgcast.install_capture()` checks before it changes anything).
+/// Version 3's statement triggers and version 8's start trigger are on the source table and
+/// version 2's row trigger is gone (what `pgcast.install_capture()` checks before it changes
+/// anything).
 const CAPTURE_INSTALLED: &str = "SELECT coalesce((
     SELECT (SELECT count(*) FROM pg_catalog.pg_trigger t
             WHERE t.tgrelid = s.source_table AND NOT t.tgisinternal
               AND t.tgfoid = 'pgcast.capture_assignment_changes()'::pg_catalog.regprocedure) = 3
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                   WHERE t.tgrelid = s.source_table
+                     AND t.tgname = 'pgcast_statement_start')
        AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
                        WHERE t.tgrelid = s.source_table
                          AND t.tgname = 'pgcast_emit_assignment_event')

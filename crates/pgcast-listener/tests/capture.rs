@@ -28,28 +28,6 @@ fn names(events: &[std::sync::Arc<pgcast_events::AssignmentEvent>]) -> Vec<Strin
         .collect()
 }
 
-/// Asserts that positions increase by exactly one from event to event.
-fn assert_contiguous(events: &[std::sync::Arc<pgcast_events::AssignmentEvent>]) {
-    for w in events.windows(2) {
-        assert_eq!(
-            w[1].position,
-            w[0].position + 1,
-            "positions of one transaction are one block"
-        );
-    }
-}
-
-/// Applies every pending migration to an older install and checks it is then at this
-/// binary's version. Returns how many migrations ran.
-async fn upgrade_to_latest(client: &mut tokio_postgres::Client) -> usize {
-    let applied = migrate(client, MigrationScope::All).await.unwrap();
-    assert_eq!(
-        installed_version(client).await.unwrap(),
-        Some(SCHEMA_VERSION)
-    );
-    applied
-}
-
 /// Every captured row visible once every transaction has ended was published: its statement
 /// has its block of positions.
 async fn assert_nothing_unpublished(client: &tokio_postgres::Client) {
@@ -505,7 +483,8 @@ async fn a_version_2_install_upgrades_in_place_and_positions_continue() {
         [
             "pgcast_capture_delete",
             "pgcast_capture_insert",
-            "pgcast_capture_update"
+            "pgcast_capture_update",
+            "pgcast_statement_start"
         ]
     );
     let kept: Vec<(i64, String)> = client

@@ -62,6 +62,9 @@ const CAPTURE_PREFIX: &str = "pgcast_capture_";
 /// The deferred trigger that publishes each captured statement at commit, and its table.
 const PUBLISH_TRIGGER: &str = "pgcast_publish_at_commit";
 const PUBLISH_TABLE: &str = "pgcast.assignment_changes";
+/// The statement trigger on [`TABLE`] that notes where a statement run inside a trigger starts
+/// (version 8), so that it is logged after the statement it ran in.
+const START_TRIGGER: &str = "pgcast_statement_start";
 /// Above this fraction of the NOTIFY queue in use, the database is unhealthy: from here
 /// (`pgcast.doorbell_queue_limit()`, the same value) pgcast's commits ring no doorbell and its
 /// listener reads the log on a timer, and at 100 % every other transaction that notifies fails
@@ -518,6 +521,31 @@ impl TriggerState {
             (Some(_), Some(true)) => None,
         }
     }
+
+    /// What is wrong with [`START_TRIGGER`], if anything. Every change is logged without it;
+    /// what it adds is the order of statements that run inside triggers on [`TABLE`].
+    fn start_problem(&self) -> Option<String> {
+        let table = self.on_table.as_deref().unwrap_or(TABLE);
+        let on = format!("{} on {table}", self.name);
+        let consequence = "a statement that a trigger on the table runs is logged before the \
+                           statement it ran in, so a row that both change can end in its older \
+                           state";
+        match (self.enabled.as_deref(), self.calls_pgcast) {
+            (None, _) => Some(format!(
+                "trigger {on} is missing: {consequence}; run `pgcast migrate` as a member of \
+                 the owner role of {table}"
+            )),
+            (Some(_), Some(false) | None) => Some(format!(
+                "trigger {on} does not call pgcast's function: {consequence}"
+            )),
+            (Some("D" | "R"), _) => Some(format!(
+                "trigger {on} does not fire for ordinary writes: {consequence}; \
+                 ALTER TABLE {table} ENABLE TRIGGER {}",
+                self.name
+            )),
+            (Some(_), Some(true)) => None,
+        }
+    }
 }
 
 /// The statement triggers on [`TABLE`] that capture changes and the deferred trigger that
@@ -539,6 +567,10 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
     }
     let (current, legacy): (Vec<&TriggerState>, Vec<&TriggerState>) =
         triggers.iter().partition(|t| t.name != LEGACY_TRIGGER);
+    // The start trigger orders statements run inside triggers; without it every change is
+    // still logged, so its problems are warnings of their own.
+    let (start, current): (Vec<&TriggerState>, Vec<&TriggerState>) =
+        current.into_iter().partition(|t| t.name == START_TRIGGER);
     // The publishing trigger on pgcast.assignment_changes exists either way; the statement
     // triggers on the table say which capture is in place.
     let capture_installed = current
@@ -581,20 +613,25 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
         _ => {
             let mut problems: Vec<String> = current.iter().filter_map(|t| t.problem()).collect();
             problems.extend(replica_mode_mismatch(&current, publish));
-            if problems.is_empty() {
+            let start_problems: Vec<String> =
+                start.iter().filter_map(|t| t.start_problem()).collect();
+            if !problems.is_empty() {
+                (Verdict::Fail, problems.join("; "))
+            } else if !start_problems.is_empty() {
+                (Verdict::Warn, start_problems.join("; "))
+            } else {
                 (
                     Verdict::Ok,
                     format!(
                         "triggers {} are enabled",
                         current
                             .iter()
+                            .chain(&start)
                             .map(|t| t.name.as_str())
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),
                 )
-            } else {
-                (Verdict::Fail, problems.join("; "))
             }
         }
     };

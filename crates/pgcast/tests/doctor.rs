@@ -226,6 +226,56 @@ async fn dropped_trigger_is_a_failure() {
     assert!(detail.contains("pgcast_capture_update"), "{detail}");
 }
 
+/// Without the start trigger every change is still logged, and a statement run inside a
+/// trigger may come before the one it ran in: a warning that says so and how to mend it.
+#[tokio::test]
+async fn start_trigger_missing_or_disabled_is_a_warning() {
+    let (db, client) = migrated_db().await;
+    client
+        .batch_execute("ALTER TABLE session_assignments DISABLE TRIGGER pgcast_statement_start")
+        .await
+        .expect("disable");
+    let report = doctor(&db, &client).await;
+    let check = report.check("trigger").expect("trigger check");
+    assert_eq!(check.verdict, Verdict::Warn, "{report}");
+    assert!(
+        check
+            .detail
+            .contains("ENABLE TRIGGER pgcast_statement_start"),
+        "{report}"
+    );
+    assert!(report.is_healthy(), "{report}");
+
+    client
+        .batch_execute("DROP TRIGGER pgcast_statement_start ON session_assignments")
+        .await
+        .expect("drop");
+    let report = doctor(&db, &client).await;
+    let check = report.check("trigger").expect("trigger check");
+    assert_eq!(check.verdict, Verdict::Warn, "{report}");
+    assert!(
+        check.detail.contains("missing") && check.detail.contains("pgcast migrate"),
+        "{report}"
+    );
+    // A capture trigger's problem is still a failure, and says so first.
+    client
+        .batch_execute("ALTER TABLE session_assignments DISABLE TRIGGER pgcast_capture_insert")
+        .await
+        .expect("disable capture");
+    assert!(failed(&doctor(&db, &client).await, "trigger").contains("pgcast_capture_insert"));
+    client
+        .batch_execute(
+            "ALTER TABLE session_assignments ENABLE TRIGGER pgcast_capture_insert;
+             SELECT pgcast.install_capture();",
+        )
+        .await
+        .expect("`pgcast migrate` puts it back");
+    let report = doctor(&db, &client).await;
+    let check = report.check("trigger").expect("trigger check");
+    assert_eq!(check.verdict, Verdict::Ok, "{report}");
+    assert!(check.detail.contains("pgcast_statement_start"), "{report}");
+}
+
 /// An install upgraded by a role that did not own the table keeps version 2's row trigger:
 /// events flow (a warning says how to finish the upgrade); disabled, it is a failure; next to
 /// the statement triggers, every change would be logged twice.

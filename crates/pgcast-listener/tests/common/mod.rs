@@ -294,3 +294,25 @@ pub async fn assert_prune_runs(client: &Client, limit: Duration) {
         .get(0);
     assert!(recorded, "the prune run is recorded");
 }
+
+/// Asserts that positions increase by exactly one from event to event.
+pub fn assert_contiguous(events: &[Arc<AssignmentEvent>]) {
+    for w in events.windows(2) {
+        assert_eq!(
+            w[1].position,
+            w[0].position + 1,
+            "positions of one transaction are one block"
+        );
+    }
+}
+
+/// Applies every pending migration to an older install and checks it is then at this
+/// binary's version. Returns how many migrations ran.
+pub async fn upgrade_to_latest(client: &mut Client) -> usize {
+    let applied = migrate(client, MigrationScope::All).await.unwrap();
+    assert_eq!(
+        pgcast_listener::installed_version(client).await.unwrap(),
+        Some(pgcast_listener::SCHEMA_VERSION)
+    );
+    applied
+}
