@@ -1,32 +1,42 @@
 -- pgcast realtime objects, version 8: a statement run inside another one publishes after it.
 --
 -- Each statement's events are captured when the statement ends (an AFTER ... FOR EACH
--- STATEMENT trigger) and published at commit in the order they were captured. A statement
--- that runs inside another (an application's trigger on session_assignments that updates the
--- table again) ends first, so before version 8 its events came first: when an UPDATE's row
--- trigger changed the same row again, the row's last event was the outer statement's, an
--- older state than the row's, and every client kept that state. Since version 8 a statement's
--- capture puts its events before those of every statement that started inside it; within a
--- transaction events follow the order the statements started in, which is the order in which
--- each row's versions were written (PostgreSQL refuses to let a statement change a row that a
--- statement inside it has already changed).
+-- STATEMENT trigger) and published at commit in the order they were captured. A statement that
+-- an application's AFTER trigger on session_assignments runs (an UPDATE's row trigger that
+-- updates the same row again) ends first, so before version 8 its events came first: the row's
+-- last event was the outer statement's, an older state than the row's, and every client kept
+-- that state. Since version 8 a statement's capture puts its events before those of the
+-- statements that ran inside it: within a transaction, statements publish in the order they
+-- started in, which is the order in which an AFTER trigger's statements change each row.
 --
--- How a capture knows what started inside its statement, at no cost to a statement nothing
--- runs inside (the common case): a BEFORE ... FOR EACH STATEMENT trigger whose WHEN condition
--- is true only for a statement run inside a trigger, or while something is noted. It notes the
--- statement's start in the transaction's setting pgcast.nesting; a capture of such a statement
--- notes its statement number there. The capture of the enclosing statement finds the numbers
--- noted since its own start and moves its events into the first places of that group
--- (pgcast.order_nested_statements()): the events change places, the positions the statements
--- draw at commit do not. A setting any role can set: a writer that forges it can only reorder
--- its own transaction's events, because a statement is moved only if its first row names the
--- writer's own transaction (assignment_changes.nested_xact).
+-- How a capture knows what ran inside its statement, at no cost to a statement nothing runs
+-- inside (the common case): a BEFORE ... FOR EACH STATEMENT trigger whose WHEN condition is
+-- true only for a statement run inside a trigger, or while the transaction's setting
+-- pgcast.nesting is set. Its function marks where the statement starts: a statement number
+-- drawn then, in the setting pgcast.start_<depth>, at the statement's trigger depth. The
+-- statements this session captures later have higher numbers (one session draws in order).
+-- A capture that ran inside a trigger, or saw pgcast.nesting set, calls
+-- pgcast.order_nested_statements(): the transaction's statements numbered between its start
+-- mark and its own number, captured that way (their first row carries the transaction's id,
+-- assignment_changes.nested_xact), ran inside it; its events take the first places among
+-- theirs. The events change places; the blocks of positions the statements draw at commit do
+-- not. A statement run at the top level empties pgcast.nesting when it starts. The settings
+-- are ones any role can set: a writer that forges them reorders only its own transaction's
+-- events (the transaction's id must match), and garbage in them reads as no mark.
 --
--- Not covered: a statement that a function runs inside another statement without a trigger in
--- between (UPDATE session_assignments SET ... = f() where f() writes session_assignments; a
--- volatile function writing the table it is called from). Version 2's row trigger, where an
--- upgrade could not replace it, queues each row's event when the row is written and needs none
--- of this.
+-- Not covered:
+-- - a statement that a function runs inside another statement without a trigger in between
+--   (UPDATE session_assignments SET ... = f() where f() writes session_assignments);
+-- - a statement that a BEFORE row trigger runs, which changes a row before the outer statement
+--   does: it is now logged after the outer statement. Only a row both change is affected, and
+--   only when the inner statement frees a key the outer one then takes (a BEFORE INSERT
+--   trigger that deletes the row with the new row's id); PostgreSQL refuses any other change
+--   by both of one row.
+-- Version 2's row trigger, where an upgrade could not replace it, queues each row's event when
+-- the row is written and needs none of this.
+--
+-- Also: the capture of an UPDATE pairs old and new rows with a FULL JOIN (see there), so that
+-- a large UPDATE after a small one in the same session is no longer quadratic.
 --
 -- Locks. The application table first, in SHARE ROW EXCLUSIVE mode (what CREATE TRIGGER takes,
 -- and only where pgcast's role may create triggers on it): no writer is then between a
@@ -43,9 +53,9 @@ $lock$;
 
 ALTER TABLE pgcast.assignment_changes ADD COLUMN nested_xact xid8;
 COMMENT ON COLUMN pgcast.assignment_changes.nested_xact IS
-    'Set on the first row of a statement that ran inside another statement on '
-    'session_assignments (pg_current_xact_id() of its transaction), else null: '
-    'pgcast.order_nested_statements() moves only statements of its own transaction.';
+    'Set on the first row of a statement captured inside a trigger, or next to one '
+    '(pg_current_xact_id() of its transaction), else null: pgcast.order_nested_statements() '
+    'moves only statements of its own transaction. Since version 8.';
 COMMENT ON TABLE pgcast.assignment_changes IS
     'The content of the event log: one row per event, written by '
     'pgcast.capture_assignment_changes() when its statement ran: a row of session_assignments '
@@ -58,29 +68,30 @@ COMMENT ON TABLE pgcast.assignment_changes IS
 
 CREATE FUNCTION pgcast.note_statement_start() RETURNS trigger
     LANGUAGE plpgsql
+    SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     -- pg_trigger_depth() counts this call: the statement runs at depth pg_trigger_depth() - 1.
-    IF pg_trigger_depth() > 1 THEN
-        -- A statement inside a trigger: note its start ("s" and its depth) for its capture.
-        PERFORM set_config('pgcast.nesting',
-                           coalesce(current_setting('pgcast.nesting', true), '')
-                               || ' s' || (pg_trigger_depth() - 1),
-                           true);
-    ELSE
-        -- A statement of the transaction's own: nothing noted before it can be inside it.
+    IF pg_trigger_depth() = 1 THEN
+        -- A statement of the transaction's own, run while pgcast.nesting is set: what was
+        -- captured before it did not run inside it (its start mark below says so).
         PERFORM set_config('pgcast.nesting', '', true);
     END IF;
+    -- The mark: every statement this session captures from now on has a higher number. One
+    -- number per such statement, never used for anything else.
+    PERFORM set_config('pgcast.start_' || (pg_trigger_depth() - 1),
+                       nextval('pgcast.capture_statement')::text, true);
     RETURN NULL;
 END
 $$;
 COMMENT ON FUNCTION pgcast.note_statement_start() IS
     'BEFORE ... FOR EACH STATEMENT trigger pgcast_statement_start of session_assignments, run '
     'only for a statement that runs inside a trigger, or while the transaction''s setting '
-    'pgcast.nesting holds something: notes the statement''s start there (a statement inside a '
-    'trigger) or empties it (any other). Writes nothing else. Since version 8; see '
-    'pgcast.order_nested_statements(). EXECUTE is not granted to anyone.';
+    'pgcast.nesting is set: marks the statement''s start in the setting pgcast.start_<depth> '
+    '(a number drawn from pgcast.capture_statement) and, at the top level, empties '
+    'pgcast.nesting. Writes nothing else. Since version 8; see '
+    'pgcast.order_nested_statements(). SECURITY DEFINER; EXECUTE is not granted to anyone.';
 REVOKE EXECUTE ON FUNCTION pgcast.note_statement_start() FROM PUBLIC;
 
 CREATE FUNCTION pgcast.order_nested_statements(own bigint) RETURNS void
@@ -88,80 +99,73 @@ CREATE FUNCTION pgcast.order_nested_statements(own bigint) RETURNS void
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    -- The captured statement's depth: this runs inside its capture trigger.
-    depth   integer := pg_trigger_depth() - 1;
-    tokens  text[] := string_to_array(
-                          btrim(coalesce(current_setting('pgcast.nesting', true), '')), ' ');
-    started integer := 0;
-    inside  bigint[];
+    -- The captured statement's start mark, at its depth (this runs inside its capture
+    -- trigger). None, or not a number: 0, every statement of the transaction before `own`.
+    mark  text := current_setting('pgcast.start_' || (pg_trigger_depth() - 1), true);
+    since bigint := CASE WHEN mark ~ '^[0-9]{1,18}$' THEN mark::bigint ELSE 0 END;
+    moved bigint[];
 BEGIN
-    -- What was noted since this statement started: all of it for a statement of the
-    -- transaction's own (the list was emptied when it started), else what follows the last
-    -- start noted at its depth. None noted: pgcast_statement_start did not run (not installed,
-    -- or disabled); order nothing and note nothing.
-    IF depth > 0 THEN
-        started := (SELECT max(i) FROM generate_subscripts(tokens, 1) AS i
-                    WHERE tokens[i] = 's' || depth);
-        IF started IS NULL THEN
-            RETURN;
-        END IF;
-    END IF;
-    inside := ARRAY(SELECT substr(t, 2)::bigint
-                    FROM unnest(tokens[started + 1:]) WITH ORDINALITY AS u(t, i)
-                    WHERE t ~ '^c[0-9]{1,18}$'
-                    ORDER BY i);
-    IF cardinality(inside) > 0 THEN
-        -- The statements captured inside this one, if they are this transaction's, and this
-        -- one: their rows are the places (in publishing order: by statement number, which is
-        -- capture order, then ordinal), this statement's events go first, then theirs as they
-        -- stand. Only contents move; the keys and each statement's row count stay.
-        WITH moved AS (
-            SELECT ch.statement FROM pgcast.assignment_changes ch
-            WHERE ch.statement = ANY (inside) AND ch.ordinal = 1
-              AND ch.nested_xact = pg_current_xact_id()
-        ), involved AS (
+    -- The statements that ran inside this one: numbered after its start and before it by this
+    -- session, captured by this transaction as statements inside a trigger (or next to them).
+    -- Their rows and this statement's are the places, in publishing order (statement number,
+    -- which is capture order, then ordinal); this statement's events go first, then theirs as
+    -- they stand. Only contents move; the keys and each statement's row count stay.
+    moved := ARRAY(SELECT ch.statement FROM pgcast.assignment_changes ch
+                   WHERE ch.statement > since AND ch.statement < own AND ch.ordinal = 1
+                     AND ch.nested_xact = pg_current_xact_id()
+                   ORDER BY ch.statement);
+    IF cardinality(moved) > 0 THEN
+        -- One pass over the rows (their keys in place order, their contents in the new order,
+        -- zipped): no join whose plan could turn quadratic.
+        WITH involved AS (
             SELECT ch.statement, ch.ordinal, ch.op, ch.assignment_id, ch.event
             FROM pgcast.assignment_changes ch
-            WHERE ch.statement = own OR ch.statement IN (SELECT m.statement FROM moved m)
-        ), places AS (
-            SELECT v.statement, v.ordinal,
-                   row_number() OVER (ORDER BY v.statement, v.ordinal) AS n
-            FROM involved v
-        ), events AS (
-            SELECT v.op, v.assignment_id, v.event,
-                   row_number() OVER (ORDER BY v.statement <> own, v.statement, v.ordinal) AS n
+            WHERE ch.statement = ANY (moved || own)
+        ), orders AS (
+            SELECT array_agg(v.statement ORDER BY v.statement, v.ordinal) AS statements,
+                   array_agg(v.ordinal ORDER BY v.statement, v.ordinal) AS ordinals,
+                   array_agg(v.op ORDER BY v.statement <> own, v.statement, v.ordinal) AS ops,
+                   array_agg(v.assignment_id
+                             ORDER BY v.statement <> own, v.statement, v.ordinal) AS ids,
+                   array_agg(v.event ORDER BY v.statement <> own, v.statement, v.ordinal)
+                       AS events
             FROM involved v
         )
         UPDATE pgcast.assignment_changes ch
-        SET op = e.op, assignment_id = e.assignment_id, event = e.event
-        FROM places p JOIN events e ON e.n = p.n
-        WHERE ch.statement = p.statement AND ch.ordinal = p.ordinal
-          AND EXISTS (SELECT 1 FROM moved);
+        SET op = z.op, assignment_id = z.assignment_id, event = z.event
+        FROM orders o,
+             unnest(o.statements, o.ordinals, o.ops, o.ids, o.events)
+                 AS z(statement, ordinal, op, assignment_id, event)
+        WHERE ch.statement = z.statement AND ch.ordinal = z.ordinal;
     END IF;
-    IF depth = 0 THEN
-        PERFORM set_config('pgcast.nesting', '', true);
-    ELSE
-        -- For the statement this one runs inside: this statement's number, after those of the
-        -- statements inside it, in place of its start.
-        UPDATE pgcast.assignment_changes SET nested_xact = pg_current_xact_id()
-        WHERE statement = own AND ordinal = 1;
-        PERFORM set_config('pgcast.nesting',
-                           array_to_string(tokens[:started - 1]
-                                           || ARRAY(SELECT 'c' || s FROM unnest(inside) AS s)
-                                           || ('c' || own), ' '),
-                           true);
-    END IF;
+    -- For the statement this one runs inside, and for another capture of this same statement
+    -- (an INSERT ... ON CONFLICT DO UPDATE is captured as its updates and its inserts).
+    UPDATE pgcast.assignment_changes SET nested_xact = pg_current_xact_id()
+    WHERE statement = own AND ordinal = 1;
+    PERFORM set_config('pgcast.nesting', 'set', true);
 END
 $$;
 COMMENT ON FUNCTION pgcast.order_nested_statements(bigint) IS
     'Called by pgcast.capture_assignment_changes() after it captured statement `own`, when that '
-    'statement ran inside a trigger or something is noted in the transaction''s setting '
-    'pgcast.nesting: gives the statement''s events the first places among the rows of the '
-    'statements that ran inside it (those noted since it started whose first row names this '
-    'transaction), so that a transaction''s events follow the order its statements started in; '
-    'then notes `own` for the statement it runs inside, if any. Since version 8. EXECUTE is not '
-    'granted to anyone.';
+    'statement ran inside a trigger or the transaction''s setting pgcast.nesting is set: gives '
+    'the statement''s events the first places among the rows of the statements that ran inside '
+    'it (this transaction''s, numbered after its start mark pgcast.start_<depth>, see '
+    'pgcast.note_statement_start()), so that a transaction''s events follow the order its '
+    'statements started in; then marks `own` (assignment_changes.nested_xact) for the statement '
+    'it runs inside and sets pgcast.nesting. Since version 8. EXECUTE is not granted to anyone.';
 REVOKE EXECUTE ON FUNCTION pgcast.order_nested_statements(bigint) FROM PUBLIC;
+
+-- Both run as the capture function's owner (the start trigger's as SECURITY DEFINER, the other
+-- called by the capture), whichever member of that role applies this migration.
+DO $owner$
+DECLARE
+    owner regrole := (SELECT p.proowner::regrole FROM pg_proc p
+                      WHERE p.oid = 'pgcast.capture_assignment_changes()'::regprocedure);
+BEGIN
+    EXECUTE format('ALTER FUNCTION pgcast.note_statement_start() OWNER TO %s', owner);
+    EXECUTE format('ALTER FUNCTION pgcast.order_nested_statements(bigint) OWNER TO %s', owner);
+END
+$owner$;
 
 -- The capture function of version 7, and then: a statement's events go before those of the
 -- statements that ran inside it. The sessions table is the one the installed function names.
@@ -216,6 +220,11 @@ BEGIN
         -- Each new row is paired with its old one by their order in the transition tables
         -- (PostgreSQL writes both in the same order). A pair whose id or session_id differs
         -- is a move: the old row's delete, and later in the statement the new row's insert.
+        -- A FULL JOIN (every row has its pair, so it is the inner join), because PostgreSQL
+        -- runs a full join only as a hash or merge join: up to version 7 the plan it cached
+        -- for a session's first capture of an UPDATE (of one row: a nested loop that computes
+        -- the inner side again for each outer row) made a later large UPDATE in that session
+        -- quadratic (2,000 rows: 18 s; 10,000: minutes).
         WITH s AS MATERIALIZED (
             SELECT nextval('pgcast.capture_statement') AS statement
             FROM pgcast.log_state st WHERE st.source_table = TG_RELID
@@ -226,7 +235,7 @@ BEGIN
             FROM (SELECT row_number() OVER () AS pair, r.id, r.session_id,
                          to_json(r) AS row_data
                   FROM new_rows r) n
-            JOIN (SELECT row_number() OVER () AS pair, r.id, r.session_id,
+            FULL JOIN (SELECT row_number() OVER () AS pair, r.id, r.session_id,
                          to_json(r) AS row_data,
                          json_build_object('status', r.status, 'mechanic_id', r.mechanic_id,
                                            'workshop_id', r.workshop_id) AS old_data
@@ -275,9 +284,9 @@ BEGIN
         RAISE EXCEPTION 'pgcast.capture_assignment_changes() records only the table it was installed on'
             USING HINT = 'It is the trigger of ' || (SELECT source_table::text FROM pgcast.log_state);
     END IF;
-    -- Version 8. A statement run inside another statement's trigger is captured first: put
-    -- this statement's events before theirs (pgcast.order_nested_statements()). Nothing to do,
-    -- and one setting read, for a statement nothing ran inside and that runs inside nothing.
+    -- Version 8. A statement run inside a trigger of this one was captured first: put this
+    -- statement's events before theirs (pgcast.order_nested_statements()). Nothing to do, and
+    -- one setting read, for a statement nothing ran inside and that runs inside nothing.
     IF FOUND AND (pg_trigger_depth() > 1
                   OR current_setting('pgcast.nesting', true) <> '') THEN
         PERFORM pgcast.order_nested_statements(currval('pgcast.capture_statement'));
@@ -310,9 +319,9 @@ BEGIN
         RETURN 'installed';
     END IF;
     IF NOT pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = source), 'USAGE') THEN
-        RAISE NOTICE 'pgcast: not the owner of %, its triggers stay as they are (correct; '
-            'version 2''s row trigger is slower); run `pgcast migrate` again as a member of its '
-            'owner role', source;
+        RAISE NOTICE 'pgcast: not a member of the owner of %, so its pgcast triggers stay as '
+            'they are (every change is logged; see `pgcast doctor`); run `pgcast migrate` again '
+            'as a member of its owner role', source;
         RETURN 'not the owner';
     END IF;
     -- In one transaction: no change is captured twice or missed while the triggers change.

@@ -177,16 +177,20 @@ async fn up_to_date(client: &Client, scope: MigrationScope) -> Result<bool, List
     Ok(client.query_one(CAPTURE_INSTALLED, &[]).await?.try_get(0)?)
 }
 
-/// Version 3's statement triggers and version 8's start trigger are on the source table and
-/// version 2's row trigger is gone (what `pgcast.install_capture()` checks before it changes
-/// anything).
+/// Version 3's statement triggers are on the source table, version 2's row trigger is gone, and
+/// version 8's start trigger is there unless pgcast's role may not create it (without it every
+/// change is still logged, and `pgcast doctor` warns; asking for it would make every start with
+/// `--migrate` take the migration lock).
 const CAPTURE_INSTALLED: &str = "SELECT coalesce((
     SELECT (SELECT count(*) FROM pg_catalog.pg_trigger t
             WHERE t.tgrelid = s.source_table AND NOT t.tgisinternal
               AND t.tgfoid = 'pgcast.capture_assignment_changes()'::pg_catalog.regprocedure) = 3
-       AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
-                   WHERE t.tgrelid = s.source_table
-                     AND t.tgname = 'pgcast_statement_start')
+       AND (EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                    WHERE t.tgrelid = s.source_table
+                      AND t.tgname = 'pgcast_statement_start')
+            OR NOT pg_catalog.pg_has_role(
+                (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = s.source_table),
+                'USAGE'))
        AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
                        WHERE t.tgrelid = s.source_table
                          AND t.tgname = 'pgcast_emit_assignment_event')

@@ -141,15 +141,19 @@ async fn a_row_a_trigger_changes_again_ends_in_its_latest_state() {
         statuses[7..10].iter().all(|(_, s)| *s == Status::Accepted),
         "{statuses:?}"
     );
-    // The three rows in the same order in each statement.
-    let names = |r: std::ops::Range<usize>| {
-        statuses[r]
+    // Each of the three rows: inserted, offered, accepted, in that order.
+    for name in ["r1", "r2", "r3"] {
+        let seq: Vec<Status> = statuses
             .iter()
-            .map(|(n, _)| n.clone())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(names(4..7), names(1..4));
-    assert_eq!(names(7..10), names(1..4));
+            .filter(|(n, _)| n == name)
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(
+            seq,
+            [Status::Queued, Status::Offered, Status::Accepted],
+            "{name}"
+        );
+    }
     assert_contiguous(&got);
     all.extend(got);
     assert_last_events_are_the_rows(&client, &all).await;
@@ -174,10 +178,14 @@ async fn statements_of_a_trigger_on_another_table_keep_their_place() {
         )
         .await
         .unwrap();
+    // And offers accepted at once: the update below runs a statement of its own inside it,
+    // after the statement inside the session's insert, which it must not take for its own.
+    client.batch_execute(AUTO_ACCEPT).await.unwrap();
     let mut listener = start_listener(&db, Start::Head).await;
 
     // One message, one transaction: the session (and its assignment from the trigger), then
-    // an update of that assignment, then a delete. Each comes after the one before.
+    // an update of that assignment (and its accept), then a delete. Each comes after the one
+    // before.
     client
         .batch_execute(
             "INSERT INTO sessions (customer_id, kind) VALUES (gen_random_uuid(), 'free');
@@ -187,19 +195,20 @@ async fn statements_of_a_trigger_on_another_table_keep_their_place() {
         )
         .await
         .unwrap();
-    let got = listener.take(4, LIMIT).await;
+    let got = listener.take(5, LIMIT).await;
     listener.assert_quiet().await;
     assert_eq!(
         shape(&got),
         [
             (EventKind::Created, "first of free".into(), Status::Queued),
             (EventKind::Updated, "first of free".into(), Status::Offered),
+            (EventKind::Updated, "first of free".into(), Status::Accepted),
             (EventKind::Created, "first of paid".into(), Status::Queued),
-            (EventKind::Deleted, "first of free".into(), Status::Offered),
+            (EventKind::Deleted, "first of free".into(), Status::Accepted),
         ]
     );
     assert_contiguous(&got);
-    assert_last_events_are_the_rows(&client, &got[2..3]).await;
+    assert_last_events_are_the_rows(&client, &got[3..4]).await;
     listener.stop().await;
 }
 
@@ -293,8 +302,9 @@ async fn a_forged_nesting_setting_moves_nothing_of_another_transaction() {
     assert_eq!(statements.len(), 4, "three statements deep, and one");
     let before = view_events(&client).await;
 
-    // A writer that may only write the table names those statements in the setting, while its
-    // own statement runs (after the start trigger) and inside a function of its own.
+    // A writer that may only write the table sets the settings while its own statement runs
+    // (after the start trigger): a start mark of 0, which takes in every statement before its
+    // own, and the flag that makes its capture look; then garbage for a mark.
     let (_, writer) = connect_as(
         &db,
         &client,
@@ -303,25 +313,28 @@ async fn a_forged_nesting_setting_moves_nothing_of_another_transaction() {
          GRANT SELECT, INSERT, UPDATE ON session_assignments TO {role};",
     )
     .await;
-    let forged: String = statements.iter().map(|s| format!(" c{s}")).collect();
     writer.execute(INSERT_ONE, &[&"mine"]).await.unwrap();
+    let forge = "UPDATE session_assignments
+                 SET concern = set_config('pgcast.start_0', $1, true)
+                               || set_config('pgcast.nesting', 'set', true)
+                 WHERE customer_name = 'mine'";
+    writer.execute(forge, &[&"0"]).await.unwrap();
+    // The same inside a transaction whose update runs a statement inside a trigger (the
+    // writer's own events are reordered, the other transaction's are not), with garbage.
     writer
-        .execute(
-            "UPDATE session_assignments SET concern = set_config('pgcast.nesting', $1, true)
-             WHERE customer_name = 'mine'",
-            &[&forged],
+        .batch_execute(
+            "BEGIN;
+             UPDATE session_assignments
+             SET status = 'offered',
+                 concern = set_config('pgcast.start_0', '0; garbage', true)
+                           || set_config('pgcast.start_1', '-1', true)
+                           || set_config('pgcast.nesting', 'set', true)
+             WHERE customer_name = 'mine';
+             COMMIT;",
         )
         .await
         .unwrap();
-    writer
-        .batch_execute(&format!(
-            "BEGIN;
-             SELECT set_config('pgcast.nesting', '{forged} s1 s0 c1 cx', true);
-             UPDATE session_assignments SET status = 'offered' WHERE customer_name = 'mine';
-             COMMIT;"
-        ))
-        .await
-        .unwrap();
+    assert!(statements.iter().all(|s| *s > 0));
 
     let after = view_events(&client).await;
     assert_eq!(
@@ -342,12 +355,79 @@ async fn a_forged_nesting_setting_moves_nothing_of_another_transaction() {
         mine,
         [
             ("queued".to_owned(), None),
-            ("queued".to_owned(), Some(forged.clone())),
-            ("offered".to_owned(), Some(forged.clone())),
-            ("accepted".to_owned(), Some(forged)),
+            ("queued".to_owned(), Some("0set".to_owned())),
+            ("offered".to_owned(), Some("0; garbage-1set".to_owned())),
+            ("accepted".to_owned(), Some("0; garbage-1set".to_owned())),
         ],
         "the writer's own events, each once, in order"
     );
+}
+
+#[tokio::test]
+async fn an_upsert_that_inserts_and_updates_is_logged_before_what_its_triggers_ran() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    client.batch_execute(AUTO_ACCEPT).await.unwrap();
+    let existing: Uuid = client
+        .query_one(INSERT_ONE, &[&"existing"])
+        .await
+        .unwrap()
+        .get(0);
+    let mut listener = start_listener(&db, Start::Head).await;
+    // One statement, captured twice (its updates, then its inserts): an existing row updated,
+    // a new one inserted, whose trigger offers it, which the next trigger accepts.
+    client
+        .execute(
+            "INSERT INTO session_assignments (id, session_id, status, customer_name)
+             VALUES ($1, gen_random_uuid(), 'queued', 'existing again'),
+                    (gen_random_uuid(), gen_random_uuid(), 'queued', 'auto new')
+             ON CONFLICT (id) DO UPDATE SET customer_name = EXCLUDED.customer_name",
+            &[&existing],
+        )
+        .await
+        .unwrap();
+    let got = listener.take(4, LIMIT).await;
+    listener.assert_quiet().await;
+    let mut shapes = shape(&got);
+    // The upsert's own two events (in either order) come first.
+    shapes[..2].sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(
+        shapes,
+        [
+            (EventKind::Created, "auto new".into(), Status::Queued),
+            (EventKind::Updated, "existing again".into(), Status::Queued),
+            (EventKind::Updated, "auto new".into(), Status::Offered),
+            (EventKind::Updated, "auto new".into(), Status::Accepted),
+        ]
+    );
+    assert_contiguous(&got);
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn thousands_of_statements_inside_one_are_ordered_in_one_pass() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    client.batch_execute(AUTO_ACCEPT).await.unwrap();
+    client.execute(INSERT_MANY, &[&2_000_i32]).await.unwrap();
+    let mut listener = start_listener(&db, Start::Head).await;
+    // One statement of 2,000 rows, and 2,000 statements run by its row trigger.
+    client
+        .execute(
+            "UPDATE session_assignments SET status = 'offered' WHERE customer_name LIKE 'c%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got = listener.take(4_000, LIMIT).await;
+    listener.assert_quiet().await;
+    assert!(got[..2_000]
+        .iter()
+        .all(|e| e.assignment.status == Status::Offered));
+    assert!(got[2_000..]
+        .iter()
+        .all(|e| e.assignment.status == Status::Accepted));
+    assert_contiguous(&got);
+    assert_last_events_are_the_rows(&client, &got).await;
+    listener.stop().await;
 }
 
 #[tokio::test]
