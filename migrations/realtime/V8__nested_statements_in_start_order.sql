@@ -27,11 +27,14 @@
 -- Not covered:
 -- - a statement that a function runs inside another statement without a trigger in between
 --   (UPDATE session_assignments SET ... = f() where f() writes session_assignments);
--- - a statement that a BEFORE row trigger runs, which changes a row before the outer statement
---   does: it is now logged after the outer statement. Only a row both change is affected, and
---   only when the inner statement frees a key the outer one then takes (a BEFORE INSERT
---   trigger that deletes the row with the new row's id); PostgreSQL refuses any other change
---   by both of one row.
+-- - a statement that an application's BEFORE trigger runs (a row trigger, or a statement
+--   trigger that fires after pgcast_statement_start, by name) changes rows before the outer
+--   statement does: it is now logged after the outer statement. Only a row both change is
+--   affected, and only when the inner statement frees a key the outer one then takes (a BEFORE
+--   INSERT trigger that deletes the row with the new row's id); PostgreSQL refuses any other
+--   change by both of one row.
+-- Without pgcast_statement_start (not the table owner's member at upgrade, or disabled) the
+-- capture orders nothing: statements are logged as they are captured, as in version 7.
 -- Version 2's row trigger, where an upgrade could not replace it, queues each row's event when
 -- the row is written and needs none of this.
 --
@@ -71,6 +74,8 @@ CREATE FUNCTION pgcast.note_statement_start() RETURNS trigger
     SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    mark bigint;
 BEGIN
     -- pg_trigger_depth() counts this call: the statement runs at depth pg_trigger_depth() - 1.
     IF pg_trigger_depth() = 1 THEN
@@ -80,8 +85,15 @@ BEGIN
     END IF;
     -- The mark: every statement this session captures from now on has a higher number. One
     -- number per such statement, never used for anything else.
-    PERFORM set_config('pgcast.start_' || (pg_trigger_depth() - 1),
-                       nextval('pgcast.capture_statement')::text, true);
+    mark := nextval('pgcast.capture_statement');
+    PERFORM set_config('pgcast.start_' || (pg_trigger_depth() - 1), mark::text, true);
+    -- The first statement inside a trigger in this transaction marks the top level too, for a
+    -- top-level statement that started while nothing was noted (its start trigger did not run):
+    -- nothing of this transaction was captured inside a trigger before this mark.
+    IF current_setting('pgcast.start_0', true) IS NULL
+       OR current_setting('pgcast.start_0', true) = '' THEN
+        PERFORM set_config('pgcast.start_0', mark::text, true);
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -100,11 +112,18 @@ CREATE FUNCTION pgcast.order_nested_statements(own bigint) RETURNS void
 AS $$
 DECLARE
     -- The captured statement's start mark, at its depth (this runs inside its capture
-    -- trigger). None, or not a number: 0, every statement of the transaction before `own`.
+    -- trigger).
     mark  text := current_setting('pgcast.start_' || (pg_trigger_depth() - 1), true);
-    since bigint := CASE WHEN mark ~ '^[0-9]{1,18}$' THEN mark::bigint ELSE 0 END;
+    since bigint;
     moved bigint[];
 BEGIN
+    -- No mark (or not a number): pgcast_statement_start did not run, which it does for every
+    -- statement inside a trigger (missing, or disabled). Then order nothing and flag nothing:
+    -- the order of version 7, statements as they were captured.
+    IF mark IS NULL OR mark !~ '^[0-9]{1,18}$' THEN
+        RETURN;
+    END IF;
+    since := mark::bigint;
     -- The statements that ran inside this one: numbered after its start and before it by this
     -- session, captured by this transaction as statements inside a trigger (or next to them).
     -- Their rows and this statement's are the places, in publishing order (statement number,
@@ -115,28 +134,30 @@ BEGIN
                      AND ch.nested_xact = pg_current_xact_id()
                    ORDER BY ch.statement);
     IF cardinality(moved) > 0 THEN
-        -- One pass over the rows (their keys in place order, their contents in the new order,
-        -- zipped): no join whose plan could turn quadratic.
+        -- One pass: the places (keys in publishing order) zipped with the rows whose contents
+        -- go there (keys in the new order), as arrays of keys only; the contents are read from
+        -- the table as it stood before this UPDATE. No join whose plan could turn quadratic.
         WITH involved AS (
-            SELECT ch.statement, ch.ordinal, ch.op, ch.assignment_id, ch.event
-            FROM pgcast.assignment_changes ch
+            SELECT ch.statement, ch.ordinal FROM pgcast.assignment_changes ch
             WHERE ch.statement = ANY (moved || own)
         ), orders AS (
-            SELECT array_agg(v.statement ORDER BY v.statement, v.ordinal) AS statements,
-                   array_agg(v.ordinal ORDER BY v.statement, v.ordinal) AS ordinals,
-                   array_agg(v.op ORDER BY v.statement <> own, v.statement, v.ordinal) AS ops,
-                   array_agg(v.assignment_id
-                             ORDER BY v.statement <> own, v.statement, v.ordinal) AS ids,
-                   array_agg(v.event ORDER BY v.statement <> own, v.statement, v.ordinal)
-                       AS events
+            SELECT array_agg(v.statement ORDER BY v.statement, v.ordinal) AS place_statements,
+                   array_agg(v.ordinal ORDER BY v.statement, v.ordinal) AS place_ordinals,
+                   array_agg(v.statement ORDER BY v.statement <> own, v.statement, v.ordinal)
+                       AS from_statements,
+                   array_agg(v.ordinal ORDER BY v.statement <> own, v.statement, v.ordinal)
+                       AS from_ordinals
             FROM involved v
         )
         UPDATE pgcast.assignment_changes ch
-        SET op = z.op, assignment_id = z.assignment_id, event = z.event
-        FROM orders o,
-             unnest(o.statements, o.ordinals, o.ops, o.ids, o.events)
-                 AS z(statement, ordinal, op, assignment_id, event)
-        WHERE ch.statement = z.statement AND ch.ordinal = z.ordinal;
+        SET op = src.op, assignment_id = src.assignment_id, event = src.event
+        FROM orders o
+        CROSS JOIN unnest(o.place_statements, o.place_ordinals, o.from_statements,
+                          o.from_ordinals) AS z(statement, ordinal, from_statement, from_ordinal)
+        JOIN pgcast.assignment_changes src
+          ON src.statement = z.from_statement AND src.ordinal = z.from_ordinal
+        WHERE ch.statement = z.statement AND ch.ordinal = z.ordinal
+          AND (z.statement, z.ordinal) IS DISTINCT FROM (z.from_statement, z.from_ordinal);
     END IF;
     -- For the statement this one runs inside, and for another capture of this same statement
     -- (an INSERT ... ON CONFLICT DO UPDATE is captured as its updates and its inserts).
@@ -366,9 +387,9 @@ BEGIN
     END IF;
     EXECUTE format(
         'COMMENT ON TRIGGER pgcast_statement_start ON %s IS %L', source,
-        'pgcast: notes where a statement run inside a trigger starts, so that a statement''s '
+        'pgcast: marks where a statement run inside a trigger starts, so that a statement''s '
         'events are logged before those of the statements that ran inside it '
-        '(pgcast.note_statement_start()). Without it those come first, as before version 8; '
+        '(pgcast.note_statement_start()). Without it those come first, as in version 7; '
         '`pgcast doctor` warns.');
     RETURN 'installed';
 END

@@ -304,7 +304,8 @@ async fn a_forged_nesting_setting_moves_nothing_of_another_transaction() {
 
     // A writer that may only write the table sets the settings while its own statement runs
     // (after the start trigger): a start mark of 0, which takes in every statement before its
-    // own, and the flag that makes its capture look; then garbage for a mark.
+    // own, and the flag that makes its capture look; then garbage for a mark, which orders
+    // nothing and fails nothing.
     let (_, writer) = connect_as(
         &db,
         &client,
@@ -320,13 +321,14 @@ async fn a_forged_nesting_setting_moves_nothing_of_another_transaction() {
                  WHERE customer_name = 'mine'";
     writer.execute(forge, &[&"0"]).await.unwrap();
     // The same inside a transaction whose update runs a statement inside a trigger (the
-    // writer's own events are reordered, the other transaction's are not), with garbage.
+    // writer's own events are reordered, the other transaction's are not), with garbage for
+    // the mark of the statement inside (which its own start trigger sets again).
     writer
         .batch_execute(
             "BEGIN;
              UPDATE session_assignments
              SET status = 'offered',
-                 concern = set_config('pgcast.start_0', '0; garbage', true)
+                 concern = set_config('pgcast.start_0', '0', true)
                            || set_config('pgcast.start_1', '-1', true)
                            || set_config('pgcast.nesting', 'set', true)
              WHERE customer_name = 'mine';
@@ -334,7 +336,7 @@ async fn a_forged_nesting_setting_moves_nothing_of_another_transaction() {
         )
         .await
         .unwrap();
-    assert!(statements.iter().all(|s| *s > 0));
+    writer.execute(forge, &[&"0; garbage"]).await.unwrap();
 
     let after = view_events(&client).await;
     assert_eq!(
@@ -356,8 +358,9 @@ async fn a_forged_nesting_setting_moves_nothing_of_another_transaction() {
         [
             ("queued".to_owned(), None),
             ("queued".to_owned(), Some("0set".to_owned())),
-            ("offered".to_owned(), Some("0; garbage-1set".to_owned())),
-            ("accepted".to_owned(), Some("0; garbage-1set".to_owned())),
+            ("offered".to_owned(), Some("0-1set".to_owned())),
+            ("accepted".to_owned(), Some("0-1set".to_owned())),
+            ("accepted".to_owned(), Some("0; garbageset".to_owned())),
         ],
         "the writer's own events, each once, in order"
     );
@@ -472,5 +475,57 @@ async fn a_version_7_install_upgrades_to_nested_statements_in_order() {
         ]
     );
     assert!(got[0].position > kept.last().map_or(0, |(p, _)| *p));
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn without_the_start_trigger_statements_are_logged_as_captured() {
+    let (db, client) = migrated_db(PgCluster::shared().unwrap()).await;
+    client.batch_execute(AUTO_ACCEPT).await.unwrap();
+    // As an upgrade by a role that is no longer a member of the table's owner leaves it.
+    client
+        .batch_execute("DROP TRIGGER pgcast_statement_start ON session_assignments")
+        .await
+        .unwrap();
+    let mut listener = start_listener(&db, Start::Head).await;
+    // Version 7's order: the accept inside the update first; and the transaction's statements
+    // after it keep their place (nothing of it is moved in front of earlier statements).
+    client
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO session_assignments (session_id, status, customer_name)
+                 VALUES (gen_random_uuid(), 'queued', 'kept');
+             UPDATE session_assignments SET status = 'offered' WHERE customer_name = 'kept';
+             UPDATE session_assignments SET concern = 'later' WHERE customer_name = 'kept';
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    let got = listener.take(4, LIMIT).await;
+    listener.assert_quiet().await;
+    let concern: Vec<Option<String>> = got.iter().map(|e| e.assignment.concern.clone()).collect();
+    assert_eq!(
+        shape(&got),
+        [
+            (EventKind::Created, "kept".into(), Status::Queued),
+            (EventKind::Updated, "kept".into(), Status::Accepted),
+            (EventKind::Updated, "kept".into(), Status::Offered),
+            (EventKind::Updated, "kept".into(), Status::Accepted),
+        ]
+    );
+    assert_eq!(
+        concern[3].as_deref(),
+        Some("later"),
+        "the last statement last"
+    );
+    let flagged: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pgcast.assignment_changes WHERE nested_xact IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(flagged, 0, "nothing flagged without marks");
     listener.stop().await;
 }
