@@ -524,7 +524,8 @@ impl TriggerState {
 
     /// What is wrong with [`START_TRIGGER`], if anything. Every change is logged without it;
     /// what it adds is the order of statements that run inside triggers on [`TABLE`].
-    fn start_problem(&self) -> Option<String> {
+    /// `capture_always`: the capture triggers fire in replica mode too, so it must as well.
+    fn start_problem(&self, capture_always: bool) -> Option<String> {
         let table = self.on_table.as_deref().unwrap_or(TABLE);
         let on = format!("{} on {table}", self.name);
         let consequence = "a statement that a trigger on the table runs is logged before the \
@@ -541,6 +542,12 @@ impl TriggerState {
             (Some("D" | "R"), _) => Some(format!(
                 "trigger {on} does not fire for ordinary writes: {consequence}; \
                  ALTER TABLE {table} ENABLE TRIGGER {}",
+                self.name
+            )),
+            (Some("O"), Some(true)) if capture_always => Some(format!(
+                "the capture triggers on {table} fire always, also in replica mode (a logical \
+                 replication apply), but {on} does not: in that mode {consequence}; \
+                 ALTER TABLE {table} ENABLE ALWAYS TRIGGER {}",
                 self.name
             )),
             (Some(_), Some(true)) => None,
@@ -613,8 +620,13 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
         _ => {
             let mut problems: Vec<String> = current.iter().filter_map(|t| t.problem()).collect();
             problems.extend(replica_mode_mismatch(&current, publish));
-            let start_problems: Vec<String> =
-                start.iter().filter_map(|t| t.start_problem()).collect();
+            let capture_always = current
+                .iter()
+                .any(|t| t.name.starts_with(CAPTURE_PREFIX) && t.enabled.as_deref() == Some("A"));
+            let start_problems: Vec<String> = start
+                .iter()
+                .filter_map(|t| t.start_problem(capture_always))
+                .collect();
             if !problems.is_empty() {
                 (Verdict::Fail, problems.join("; "))
             } else if !start_problems.is_empty() {

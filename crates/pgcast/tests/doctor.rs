@@ -186,6 +186,16 @@ async fn capture_that_fires_in_replica_mode_without_its_publisher_is_a_failure()
     let report = doctor(&db, &client).await;
     let detail = failed(&report, "unpublished");
     assert!(detail.starts_with("1 captured change "), "{detail}");
+    // Every change is published now; the start trigger, still ordinary, would leave statements
+    // run inside triggers in replica mode unordered: a warning with its own advice.
+    let check = report.check("trigger").expect("trigger check");
+    assert_eq!(check.verdict, Verdict::Warn, "{report}");
+    assert!(
+        check
+            .detail
+            .contains("ENABLE ALWAYS TRIGGER pgcast_statement_start"),
+        "{report}"
+    );
     let remedy = detail
         .split_once("DELETE FROM")
         .map(|(_, rest)| format!("DELETE FROM{rest}"))
@@ -210,6 +220,18 @@ async fn capture_that_fires_in_replica_mode_without_its_publisher_is_a_failure()
             .check("unpublished")
             .map(|c| c.verdict),
         Some(Verdict::Ok)
+    );
+    client
+        .batch_execute(
+            "ALTER TABLE session_assignments ENABLE ALWAYS TRIGGER pgcast_statement_start",
+        )
+        .await
+        .expect("enable always");
+    let report = doctor(&db, &client).await;
+    assert_eq!(
+        report.check("trigger").map(|c| c.verdict),
+        Some(Verdict::Ok),
+        "{report}"
     );
 }
 
