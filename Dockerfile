@@ -8,12 +8,17 @@ WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p pgcast
 
-# Runtime stage: just the binary. TLS to PostgreSQL is not supported, so no CA bundle is needed.
+# Runtime stage: the binary and the CA bundle that `sslrootcert=system` (TLS to a managed
+# PostgreSQL) verifies against.
 FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /src/target/release/pgcast /usr/local/bin/pgcast
 RUN useradd --system --no-create-home --uid 10001 pgcast
 USER pgcast
 EXPOSE 8080
-# DATABASE_URL and PGCAST_JWT_SECRET come from the environment (every flag has a variable).
+# DATABASE_URL and PGCAST_JWT_SECRET come from the environment (every flag of `serve` has a
+# variable).
 ENTRYPOINT ["pgcast"]
 CMD ["serve", "--listen", "0.0.0.0:8080", "--migrate"]

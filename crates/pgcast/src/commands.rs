@@ -10,7 +10,7 @@ use pgcast_listener::{installed_version, MigrationScope};
 use crate::cli::{
     Cli, Command, DemoArgs, DoctorArgs, LogFormat, MigrateArgs, ServeArgs, TailArgs, TokenArgs,
 };
-use crate::{cancel_on_signal, connect, mint, principal, tail, TailOptions};
+use crate::{cancel_on_signal, connect, mint, principal, tail, PgcastError, TailOptions};
 
 /// Exit status of `doctor` when a check failed, and of any command that failed.
 const FAILURE: u8 = 1;
@@ -39,13 +39,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             LogFormat::Text => eprintln!("pgcast {}", cli.command),
         }
     }
-    match cli.command {
+    let outcome = match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Demo(args) => demo(args).await,
         Command::Migrate(args) => migrate(args).await,
         Command::Doctor(args) => doctor(args).await,
         Command::Tail(args) => tail_command(args).await,
         Command::Token(args) => token(args),
+    };
+    match outcome {
+        // Arguments that parse but do not go together (a customer token with a workshop,
+        // `tail --topic queue`): a bad command line, 2.
+        Err(err)
+            if err
+                .downcast_ref::<PgcastError>()
+                .is_some_and(PgcastError::is_usage) =>
+        {
+            eprintln!("error: {}", crate::describe(&err));
+            Ok(ExitCode::from(USAGE))
+        }
+        other => other,
     }
 }
 

@@ -545,6 +545,19 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Longest log retention: ten years. PostgreSQL computes the pruning boundary as `now() -
+/// retention`, which fails (and pruning with it, every run) before 4713 BC.
+const MAX_RETENTION: Duration = Duration::from_secs(3650 * 86_400);
+
+/// A log retention: above zero and at most ten years.
+pub(crate) fn parse_retention(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d > MAX_RETENTION {
+        return Err("must be at most 10 years (3650days)".to_owned());
+    }
+    Ok(d)
+}
+
 /// Longest an edge timeout may be: far more than any client needs, and far from a timer's
 /// overflow.
 const MAX_EDGE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -678,8 +691,9 @@ pub fn parse_rate(text: &str) -> Result<f64, String> {
     let rate: f64 = text
         .parse()
         .map_err(|_| "not a number of events per second".to_owned())?;
-    if !(rate.is_finite() && rate > 0.0 && rate <= 100_000.0) {
-        return Err("must be above 0 and at most 100000 events per second".to_owned());
+    // At least one event per 1,000 s: the simulator sleeps 1/rate between events.
+    if !(rate.is_finite() && (0.001..=100_000.0).contains(&rate)) {
+        return Err("must be at least 0.001 and at most 100000 events per second".to_owned());
     }
     Ok(rate)
 }
@@ -1022,8 +1036,16 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("soon").is_err());
         assert_eq!(parse_rate("2.5"), Ok(2.5));
-        for bad in ["0", "-1", "NaN", "inf", "1e9", "x"] {
+        assert_eq!(parse_rate("0.001"), Ok(0.001));
+        for bad in ["0", "-1", "NaN", "inf", "1e9", "x", "1e-20", "0.0009"] {
             assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_retention("3650days"),
+            Ok(Duration::from_secs(3650 * 86_400))
+        );
+        for bad in ["3651days", "7000y", "0s"] {
+            assert!(parse_retention(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_role("service"), Ok(Role::Service));
         assert!(parse_role("admin").is_err());

@@ -75,7 +75,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(pgcast::run(cli)) {
+    let outcome = runtime.block_on(pgcast::run(cli));
+    // A blocking thread still at work (a write to a stalled stdout, a name lookup) must not
+    // hold the exit: dropping the runtime would wait for it without a limit.
+    runtime.shutdown_timeout(RUNTIME_GRACE);
+    match outcome {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {}", pgcast::describe(&err));
@@ -83,3 +87,6 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// How long the exit waits for the runtime's blocking threads once the command has returned.
+const RUNTIME_GRACE: std::time::Duration = std::time::Duration::from_millis(500);

@@ -19,6 +19,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use deadpool_postgres::Pool;
+use pgcast_events::Position;
 use pgcast_gateway::{Gateway, GatewayConfig, TokenVerifier};
 use pgcast_listener::{
     installed_version, migrate, EventLog, ListenerMetrics, ListenerStatus, MigrationScope, Start,
@@ -176,20 +178,13 @@ pub(crate) async fn serve_with(
     serve_inner(tcp, options, Limits::default(), extras, None, shutdown).await
 }
 
-async fn serve_inner(
-    tcp: TcpListener,
-    options: ServeOptions,
-    limits: Limits,
-    extras: Option<Extras>,
-    tls: Option<Arc<TlsServer>>,
-    shutdown: CancellationToken,
-) -> Result<(), PgcastError> {
-    let mut gateway_config = limits.gateway.clone();
-    gateway_config.jwt_secret = options.jwt_secret.clone();
-    gateway_config.jwt_issuer = options.jwt_issuer.clone();
-    gateway_config.jwt_audience = options.jwt_audience.clone();
-    // Refuse a weak secret before touching the database; `Gateway::new` checks it again.
-    TokenVerifier::from_config(&gateway_config).map_err(PgcastError::Gateway)?;
+/// What `serve` does before it binds anything to the listener: the identity provider's keys,
+/// migrations (with `--migrate`), the installed version, and where the listener's stream
+/// starts. Returns the maintenance pool, the gateway's log and that start.
+async fn start_up(
+    options: &ServeOptions,
+    gateway_config: &GatewayConfig,
+) -> Result<(Pool, EventLog, Position), PgcastError> {
     // Read the identity provider's keys now rather than on the first token. Not fatal: the
     // first token with an unknown `kid` reads them again.
     if let Some(jwks) = &gateway_config.jwt_jwks {
@@ -232,14 +227,60 @@ async fn serve_inner(
     // starts `replay_window` events back: catching up on them fills the replay window, so the
     // clients of a restarted replica resume without a database read each.
     let start = log.window_start(gateway_config.replay_window).await?;
+    Ok((pool, log, start))
+}
+
+async fn serve_inner(
+    tcp: TcpListener,
+    options: ServeOptions,
+    limits: Limits,
+    extras: Option<Extras>,
+    tls: Option<Arc<TlsServer>>,
+    shutdown: CancellationToken,
+) -> Result<(), PgcastError> {
+    let mut gateway_config = limits.gateway.clone();
+    gateway_config.jwt_secret = options.jwt_secret.clone();
+    gateway_config.jwt_issuer = options.jwt_issuer.clone();
+    gateway_config.jwt_audience = options.jwt_audience.clone();
+    // Refuse a weak secret before touching the database; `Gateway::new` checks it again.
+    TokenVerifier::from_config(&gateway_config).map_err(PgcastError::Gateway)?;
+    let tasks = TaskTracker::new();
+    let stop = CancellationToken::new();
+    // The certificate's reloader first: a SIGHUP (a renewal hook) during start-up must not end
+    // the process, which is the signal's default action until its handler is installed.
+    let acceptor = match &tls {
+        Some(tls) => {
+            let reloader = tls.reloader(stop.clone()).map_err(|e| {
+                PgcastError::Tls(format!("could not install the SIGHUP handler: {e}"))
+            })?;
+            tasks.spawn(reloader);
+            Some(tls.acceptor())
+        }
+        None => None,
+    };
+    // Start-up waits on the network (the identity provider, the database, the migration lock
+    // of other replicas starting at once): a signal meanwhile stops it, as it stops the server.
+    let starting = start_up(&options, &gateway_config);
+    let (pool, log, start) = tokio::select! {
+        started = starting => match started {
+            Ok(started) => started,
+            Err(error) => {
+                stop.cancel();
+                return Err(error);
+            }
+        },
+        () = shutdown.cancelled() => {
+            tracing::info!("stopped while starting");
+            stop.cancel();
+            return Ok(());
+        }
+    };
     let gateway = Gateway::new(gateway_config, log.clone()).map_err(PgcastError::Gateway)?;
     // The listener reads the log through a pool of its own: no amount of client snapshots and
     // replays can stall live events behind them.
     let listener_log = EventLog::new(crate::db::pool(options.pg.url(), LISTENER_POOL_SIZE)?);
     let listener = crate::db::listener(options.pg.listen_url(), listener_log)?;
     let status = listener.status();
-    let tasks = TaskTracker::new();
-    let stop = CancellationToken::new();
     let (tx, rx) = mpsc::channel(EVENT_BUFFER);
     tasks.spawn(listener.run(Start::After(start), tx, stop.clone()));
     gateway.spawn_dispatch(rx, start);
@@ -269,16 +310,6 @@ async fn serve_inner(
         router = router.merge(extras.routes);
     }
     let addr = tcp.local_addr().map_err(PgcastError::Bind)?;
-    let acceptor = match &tls {
-        Some(tls) => {
-            let reloader = tls.reloader(stop.clone()).map_err(|e| {
-                PgcastError::Tls(format!("could not install the SIGHUP handler: {e}"))
-            })?;
-            tasks.spawn(reloader);
-            Some(tls.acceptor())
-        }
-        None => None,
-    };
     // Serve only once the listener has caught up (its start filled the replay window), for
     // at most WARM_UP: clients that reconnect to a restarted replica are accepted and wait for
     // a moment instead of subscribing while the window is filled, which would queue every
@@ -302,6 +333,7 @@ async fn serve_inner(
     }
     open.send_replace(true);
     match tls {
+        _ if shutdown.is_cancelled() => {}
         Some(_) => tracing::info!("pgcast ready on https://{addr} (WebSocket wss://{addr}/ws)"),
         None => tracing::info!("pgcast ready on http://{addr} (WebSocket ws://{addr}/ws)"),
     }

@@ -3,7 +3,9 @@
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-/// A token that is cancelled when the process receives SIGINT or SIGTERM.
+/// A token that is cancelled when the process receives SIGINT or SIGTERM. A second signal
+/// ends the process at once (exit status 1), as an impatient operator expects: the handlers
+/// replace the signals' default action for the life of the process.
 ///
 /// The handlers are installed before this returns, so a signal that arrives at any later
 /// moment is seen. Must be called inside a tokio runtime.
@@ -18,6 +20,12 @@ pub fn cancel_on_signal() -> std::io::Result<CancellationToken> {
             _ = terminate.recv() => tracing::info!("SIGTERM received; stopping"),
         }
         cancel.cancel();
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::warn!("second signal received; exiting without waiting");
+        std::process::exit(1);
     });
     Ok(token)
 }

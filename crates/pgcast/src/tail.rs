@@ -115,7 +115,14 @@ where
         }
         let mut line = EventFrame::encode(&topic, &event);
         line.push('\n');
-        match write_line(out, &line).await {
+        // A reader that stops reading (a paused pager, a stuck pipe) must not keep a signal
+        // from stopping `tail`.
+        let written = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break Ok(()),
+            written = write_line(out, &line) => written,
+        };
+        match written {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break Ok(()),
             Err(e) => break Err(PgcastError::Output(e)),

@@ -608,3 +608,55 @@ fn exposes(metrics: &str, name: &str) -> bool {
             .any(|suffix| series.strip_suffix(suffix) == Some(name))
     })
 }
+
+/// `serve --migrate` waiting for the migration lock (another replica migrating, or any session
+/// holding the key) stops on SIGTERM at once, as the server does: start-up is not a time in
+/// which the process ignores the signal.
+#[tokio::test]
+async fn sigterm_while_waiting_for_the_migration_lock_stops_at_once() {
+    let (db, admin) = fresh_db().await;
+    admin
+        .batch_execute("SELECT pg_advisory_lock(7277017000)")
+        .await
+        .expect("hold the migration lock");
+    let mut process =
+        running::Process::spawn(running::serve_command(db.url(), "127.0.0.1:0", SECRET));
+    // Waiting: its session is blocked on the lock.
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'pgcast-serve'
+                   AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "serve never waited for the lock");
+        tokio::time::sleep(POLL).await;
+    }
+    let sent = Instant::now();
+    process.signal("TERM");
+    let status = process.wait_exit(SHUTDOWN_LIMIT).await;
+    let took = sent.elapsed();
+    let stderr = process.stderr();
+    assert_eq!(status.code(), Some(0), "{status:?}\n{stderr}");
+    assert!(
+        took < Duration::from_secs(2),
+        "exit took {took:?}\n{stderr}"
+    );
+    assert!(stderr.contains("stopped while starting"), "{stderr}");
+    assert!(!stderr.contains("pgcast ready"), "{stderr}");
+    // Nothing was applied: the migration never got the lock.
+    let installed: Option<String> = admin
+        .query_one("SELECT to_regproc('pgcast.version')::text", &[])
+        .await
+        .expect("version function")
+        .get(0);
+    assert_eq!(installed, None);
+}

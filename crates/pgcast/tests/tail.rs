@@ -389,3 +389,50 @@ async fn a_stalled_reader_never_holds_the_notification_queue() {
     let (code, stderr) = tail.stop().await;
     assert_eq!(code, Some(0), "{stderr}");
 }
+
+/// A reader that stops reading (a paused pager, a stuck pipe) does not keep SIGTERM from
+/// stopping `tail`: with its stdout pipe full and a write blocked on it, it still exits 0 in
+/// time.
+#[tokio::test]
+async fn sigterm_stops_tail_while_its_reader_has_stalled() {
+    let (db, client) = migrated_db().await;
+    // About 2,000 lines of ~400 bytes: far more than a pipe holds (64 KiB).
+    client
+        .execute(
+            "INSERT INTO session_assignments (session_id, status, customer_name, concern)
+             SELECT gen_random_uuid(), 'queued', 'Ana', repeat('x', 200)
+             FROM generate_series(1, 2000)",
+            &[],
+        )
+        .await
+        .expect("insert");
+    let tail = Tail::start(db.url(), &["--since", "0"]);
+    let pid = tail.child.id().expect("running");
+    // Nothing reads its stdout: wait until one of its threads is blocked writing the pipe.
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let blocked = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("its threads")
+            .filter_map(Result::ok)
+            .any(|task| {
+                std::fs::read_to_string(task.path().join("wchan"))
+                    .is_ok_and(|wchan| wchan.contains("pipe_write"))
+            });
+        if blocked {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tail never blocked on its stdout"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sent = Instant::now();
+    let (code, stderr) = tail.stop().await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "exit took {:?}: {stderr}",
+        sent.elapsed()
+    );
+}

@@ -92,9 +92,11 @@ const HIDDEN_VALUES: [&str; 3] = ["--jwt-secret", "--database-url", "--listen-da
 
 /// Renders a clap error as one line (`error: … for '--retention <DURATION>': …`), without the
 /// usage block and the "try --help" hint that clap appends. A refused value of
-/// `--jwt-secret` or `--database-url` shows as `<redacted>`.
+/// `--jwt-secret` or `--database-url` shows as `<redacted>`, and so does an unexpected
+/// argument's value: a connection string or secret given without its flag (or after a
+/// mistyped one) is still someone's secret. An unexpected flag's name is shown.
 pub fn one_line_error(err: &clap::Error) -> String {
-    use clap::error::{ContextKind, ContextValue};
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
     let mut text = err.to_string();
     if let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
         err.get(ContextKind::InvalidArg),
@@ -105,6 +107,16 @@ pub fn one_line_error(err: &clap::Error) -> String {
             .any(|flag| arg.split_whitespace().next() == Some(flag))
         {
             text = text.replace(&format!("'{value}'"), "'<redacted>'");
+        }
+    }
+    if err.kind() == ErrorKind::UnknownArgument {
+        if let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) {
+            let shown = match arg.split_once('=') {
+                Some((flag, _)) if flag.starts_with('-') => format!("{flag}=<redacted>"),
+                _ if arg.starts_with('-') => arg.clone(),
+                _ => "<redacted>".to_owned(),
+            };
+            text = text.replace(&format!("'{arg}'"), &format!("'{shown}'"));
         }
     }
     let first_paragraph = text.split("\n\n").next().unwrap_or_default();
@@ -287,6 +299,27 @@ mod tests {
         .unwrap_err();
         let line = one_line_error(&err);
         assert!(line.contains("'100y'") && line.contains("--ttl"), "{line}");
+    }
+
+    #[test]
+    fn unexpected_arguments_are_not_echoed() {
+        // A connection string without its flag.
+        let url = "postgres://app:hunter2@db/shop";
+        let err = Cli::try_parse_from(["pgcast", "doctor", url]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
+        let line = one_line_error(&err);
+        assert!(!line.contains("hunter2"), "{line}");
+        assert!(line.contains("'<redacted>'"), "{line}");
+        // A mistyped flag with its value: the flag is named, the value is not.
+        let err =
+            Cli::try_parse_from(["pgcast", "token", &format!("--jwt-secrt={SECRET}")]).unwrap_err();
+        let line = one_line_error(&err);
+        assert!(!line.contains(SECRET), "{line}");
+        assert!(line.contains("--jwt-secrt"), "{line}");
+        // A mistyped flag alone is shown as it is.
+        let err = Cli::try_parse_from(["pgcast", "tail", "--sinse", "3"]).unwrap_err();
+        let line = one_line_error(&err);
+        assert!(line.contains("'--sinse'"), "{line}");
     }
 
     #[test]

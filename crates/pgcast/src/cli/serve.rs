@@ -10,8 +10,8 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::config::{
-    format_bytes, format_duration, parse_claim, parse_duration, parse_frame_bytes, parse_origin,
-    parse_outbound_bytes, parse_rate, parse_timeout,
+    format_bytes, format_duration, parse_claim, parse_frame_bytes, parse_origin,
+    parse_outbound_bytes, parse_rate, parse_retention, parse_timeout,
 };
 use crate::{EdgeLimits, Limits, TlsArgs};
 use pgcast_gateway::GatewayConfig;
@@ -65,7 +65,7 @@ pub struct ServeArgs {
         env = "PGCAST_RETENTION",
         default_value = "24h",
         value_name = "DURATION",
-        value_parser = parse_duration
+        value_parser = parse_retention
     )]
     pub retention: Duration,
     /// Apply pending migrations (app tables and realtime objects) before serving.
@@ -389,7 +389,7 @@ pub struct DemoArgs {
         env = "PGCAST_RETENTION",
         default_value = "24h",
         value_name = "DURATION",
-        value_parser = parse_duration
+        value_parser = parse_retention
     )]
     pub retention: Duration,
     /// Keep writing realistic assignment changes at this many events per second.
