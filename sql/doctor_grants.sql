@@ -11,7 +11,8 @@
 --
 -- Why each privilege is dangerous:
 --   functions: EXECUTE on the SECURITY DEFINER trigger functions (capture_assignment_changes,
---     publish_statement, and version 2's emit_assignment_event) lets a role attach them to
+--     capture_truncate, publish_statement, and version 2's emit_assignment_event) lets a role
+--     attach them to
 --     a table of its own and append to the log; on prune_events it lets a role delete the log;
 --     install_capture is the migration's trigger swap, for pgcast's owner only;
 --     note_statement_start and order_nested_statements (version 8) are parts of the capture,
@@ -36,7 +37,8 @@ WITH objects AS (
     WHERE p.pronamespace = to_regnamespace('pgcast')
       AND p.proname IN ('emit_assignment_event', 'capture_assignment_changes',
                         'publish_statement', 'install_capture', 'prune_events',
-                        'note_statement_start', 'order_nested_statements')
+                        'note_statement_start', 'order_nested_statements',
+                        'capture_truncate')
     UNION ALL
     SELECT 'table', 'table ' || c.oid::regclass::text, c.oid, c.relowner,
            ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'TRIGGER', 'REFERENCES']

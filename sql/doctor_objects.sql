@@ -19,7 +19,8 @@ FROM (VALUES
     (14, 'table pgcast.committed_statements',                to_regclass('pgcast.committed_statements')::oid),
     (15, 'function pgcast.doorbell_queue_limit()',           to_regprocedure('pgcast.doorbell_queue_limit()')::oid),
     (16, 'function pgcast.note_statement_start()',           to_regprocedure('pgcast.note_statement_start()')::oid),
-    (17, 'function pgcast.order_nested_statements(bigint)',  to_regprocedure('pgcast.order_nested_statements(bigint)')::oid)
+    (17, 'function pgcast.order_nested_statements(bigint)',  to_regprocedure('pgcast.order_nested_statements(bigint)')::oid),
+    (18, 'function pgcast.capture_truncate()',               to_regprocedure('pgcast.capture_truncate()')::oid)
 ) AS expected(n, object, oid)
 WHERE expected.oid IS NULL
 ORDER BY expected.n

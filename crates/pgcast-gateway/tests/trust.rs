@@ -450,6 +450,51 @@ async fn a_session_replay_longer_than_the_limit_gets_resync() {
     h.stop().await;
 }
 
+/// A session's history is found by reading the log and filtering it: a resume that would read
+/// more than ten log rows per row a snapshot may hold gets `resync` instead, for a member and
+/// for a mechanic who never had a part in the session alike, so that neither keeps the
+/// gateway's reads busy for the whole retained log.
+#[tokio::test]
+async fn a_session_replay_reads_a_bounded_part_of_the_log() {
+    // At most 30 rows: one page of the log (1,000 rows) is already more.
+    let h = Harness::start_with(|c| c.snapshot_limit = 3).await;
+    let m = mechanic(None);
+    let (session, a) = accepted_session(&h, m.user_id).await;
+    let since = h.log_head().await;
+    // Other sessions' rows, two pages of them, then one change of this session.
+    h.admin
+        .execute(
+            "INSERT INTO session_assignments (session_id, status)
+             SELECT gen_random_uuid(), 'queued' FROM generate_series(1, 1500)",
+            &[],
+        )
+        .await
+        .unwrap();
+    set_concern(&h, a, "late").await;
+    let topic = format!("session:{session}");
+    let mut ws = h.client(&m).await;
+    ws.subscribe(&topic, json!({"since": since})).await;
+    let reply = ws.recv().await;
+    assert_eq!(reply["type"], "resync", "{reply}");
+    // A snapshot still works for the member.
+    ws.subscribe(&topic, json!({"snapshot": true})).await;
+    assert_eq!(ws.recv().await["type"], "snapshot");
+
+    // A stranger learns nothing more than that: `resync`, and then a snapshot is refused.
+    let stranger = mechanic(None);
+    let mut other = h.client(&stranger).await;
+    other
+        .send(json!({"type": "subscribe", "id": "s", "topic": topic, "since": since}))
+        .await;
+    assert_eq!(other.recv().await["type"], "subscribed");
+    assert_eq!(other.recv().await["type"], "resync");
+    other
+        .send(json!({"type": "subscribe", "id": "t", "topic": topic, "snapshot": true}))
+        .await;
+    other.expect_error("forbidden").await;
+    h.stop().await;
+}
+
 /// A mechanic away while they were removed from a session resumes with `since` as they would
 /// have followed it live: the events they missed up to the change that removed them, then
 /// `revoked`, and nothing of the session after. A mechanic who was no member at `since` either

@@ -16,7 +16,7 @@ mod realtime {
 
 /// The value of `pgcast.version()` this build expects. Bumped together with a new realtime
 /// migration that redefines `pgcast.version()`.
-pub const SCHEMA_VERSION: i32 = 8;
+pub const SCHEMA_VERSION: i32 = 9;
 
 /// Key of the session advisory lock that serializes concurrent `migrate` runs (several replicas
 /// started at once). Any role that can connect can take an advisory key, so `migrate` takes it
@@ -178,16 +178,20 @@ async fn up_to_date(client: &Client, scope: MigrationScope) -> Result<bool, List
 }
 
 /// Version 3's statement triggers are on the source table, version 2's row trigger is gone, and
-/// version 8's start trigger is there unless pgcast's role may not create it (without it every
-/// change is still logged, and `pgcast doctor` warns; asking for it would make every start with
-/// `--migrate` take the migration lock).
+/// version 8's start trigger and version 9's TRUNCATE trigger are there unless pgcast's role
+/// may not create them (without them every INSERT, UPDATE and DELETE is still logged, and
+/// `pgcast doctor` warns; asking for them would make every start with `--migrate` take the
+/// migration lock).
 const CAPTURE_INSTALLED: &str = "SELECT coalesce((
     SELECT (SELECT count(*) FROM pg_catalog.pg_trigger t
             WHERE t.tgrelid = s.source_table AND NOT t.tgisinternal
               AND t.tgfoid = 'pgcast.capture_assignment_changes()'::pg_catalog.regprocedure) = 3
-       AND (EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
-                    WHERE t.tgrelid = s.source_table
-                      AND t.tgname = 'pgcast_statement_start')
+       AND ((EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                     WHERE t.tgrelid = s.source_table
+                       AND t.tgname = 'pgcast_statement_start')
+             AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                         WHERE t.tgrelid = s.source_table
+                           AND t.tgname = 'pgcast_capture_truncate'))
             OR NOT pg_catalog.pg_has_role(
                 (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = s.source_table),
                 'USAGE'))

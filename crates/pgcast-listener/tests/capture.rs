@@ -549,6 +549,7 @@ async fn a_version_2_install_upgrades_in_place_and_positions_continue() {
         [
             "pgcast_capture_delete",
             "pgcast_capture_insert",
+            "pgcast_capture_truncate",
             "pgcast_capture_update",
             "pgcast_statement_start"
         ]

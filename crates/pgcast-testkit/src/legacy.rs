@@ -15,13 +15,14 @@ macro_rules! create_version_2_row_trigger {
 /// `session_assignments` could not replace.
 pub const CREATE_VERSION_2_ROW_TRIGGER: &str = create_version_2_row_trigger!();
 
-/// Leaves the table as such an upgrade did: the current statement-level capture triggers and
-/// the start trigger dropped, version 2's row trigger in their place.
+/// Leaves the table as such an upgrade did: the current statement-level capture triggers, the
+/// start trigger and the TRUNCATE trigger dropped, version 2's row trigger in their place.
 pub const KEEP_VERSION_2_ROW_TRIGGER: &str = concat!(
     "
     DROP TRIGGER pgcast_capture_insert ON session_assignments;
     DROP TRIGGER pgcast_capture_update ON session_assignments;
     DROP TRIGGER pgcast_capture_delete ON session_assignments;
-    DROP TRIGGER pgcast_statement_start ON session_assignments;",
+    DROP TRIGGER pgcast_statement_start ON session_assignments;
+    DROP TRIGGER pgcast_capture_truncate ON session_assignments;",
     create_version_2_row_trigger!()
 );

@@ -65,6 +65,8 @@ const PUBLISH_TABLE: &str = "pgcast.assignment_changes";
 /// The statement trigger on [`TABLE`] that notes where a statement run inside a trigger starts
 /// (version 8), so that it is logged after the statement it ran in.
 const START_TRIGGER: &str = "pgcast_statement_start";
+/// The trigger that logs a TRUNCATE as a delete of every row (version 9).
+const TRUNCATE_TRIGGER: &str = "pgcast_capture_truncate";
 /// Above this fraction of the NOTIFY queue in use, the database is unhealthy: from here
 /// (`pgcast.doorbell_queue_limit()`, the same value) pgcast's commits ring no doorbell and its
 /// listener reads the log on a timer, and at 100 % every other transaction that notifies fails
@@ -304,10 +306,22 @@ async fn listen_probe(
         .batch_execute(&format!("LISTEN {channel}"))
         .await
         .map_err(query_error("listen probe"))?;
-    client
-        .execute(LISTEN_PROBE, &[&channel])
-        .await
-        .map_err(query_error("listen probe"))?;
+    // A NOTIFY that fails (a full queue, which the report already names; a standby) is this
+    // check's failure, not the end of the report.
+    if let Err(error) = client.execute(LISTEN_PROBE, &[&channel]).await {
+        let _ = listen.batch_execute("UNLISTEN *").await;
+        report.push(
+            "listen probe",
+            Verdict::Fail,
+            format!(
+                "could not send a NOTIFY through --database-url: {}",
+                error
+                    .as_db_error()
+                    .map_or_else(|| error.to_string(), |db| db.message().to_owned())
+            ),
+        );
+        return Ok(());
+    }
     let heard = tokio::time::timeout(PROBE_WAIT, async {
         while let Some(n) = notifications.recv().await {
             if n.channel() == channel {
@@ -522,15 +536,19 @@ impl TriggerState {
         }
     }
 
-    /// What is wrong with [`START_TRIGGER`], if anything. Every change is logged without it;
-    /// what it adds is the order of statements that run inside triggers on [`TABLE`].
+    /// What is wrong with [`START_TRIGGER`] or [`TRUNCATE_TRIGGER`], if anything. Every
+    /// INSERT, UPDATE and DELETE is logged without them; the first orders statements that run
+    /// inside triggers on [`TABLE`], the second logs a TRUNCATE of it.
     /// `capture_always`: the capture triggers fire in replica mode too, so it must as well.
-    fn start_problem(&self, capture_always: bool) -> Option<String> {
+    fn optional_problem(&self, capture_always: bool) -> Option<String> {
         let table = self.on_table.as_deref().unwrap_or(TABLE);
         let on = format!("{} on {table}", self.name);
-        let consequence = "a statement that a trigger on the table runs is logged before the \
-                           statement it ran in, so a row that both change can end in its older \
-                           state";
+        let consequence = if self.name == TRUNCATE_TRIGGER {
+            "a TRUNCATE of the table is logged as nothing, and clients keep the rows it removed"
+        } else {
+            "a statement that a trigger on the table runs is logged before the statement it ran \
+             in, so a row that both change can end in its older state"
+        };
         match (self.enabled.as_deref(), self.calls_pgcast) {
             (None, _) => Some(format!(
                 "trigger {on} is missing: {consequence}; run `pgcast migrate` as a member of \
@@ -574,10 +592,12 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
     }
     let (current, legacy): (Vec<&TriggerState>, Vec<&TriggerState>) =
         triggers.iter().partition(|t| t.name != LEGACY_TRIGGER);
-    // The start trigger orders statements run inside triggers; without it every change is
-    // still logged, so its problems are warnings of their own.
-    let (start, current): (Vec<&TriggerState>, Vec<&TriggerState>) =
-        current.into_iter().partition(|t| t.name == START_TRIGGER);
+    // The start trigger orders statements run inside triggers, the TRUNCATE trigger logs
+    // TRUNCATEs; without them every other change is still logged, so their problems are
+    // warnings of their own.
+    let (start, current): (Vec<&TriggerState>, Vec<&TriggerState>) = current
+        .into_iter()
+        .partition(|t| t.name == START_TRIGGER || t.name == TRUNCATE_TRIGGER);
     // The publishing trigger on pgcast.assignment_changes exists either way; the statement
     // triggers on the table say which capture is in place.
     let capture_installed = current
@@ -625,7 +645,7 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
                 .any(|t| t.name.starts_with(CAPTURE_PREFIX) && t.enabled.as_deref() == Some("A"));
             let start_problems: Vec<String> = start
                 .iter()
-                .filter_map(|t| t.start_problem(capture_always))
+                .filter_map(|t| t.optional_problem(capture_always))
                 .collect();
             if !problems.is_empty() {
                 (Verdict::Fail, problems.join("; "))

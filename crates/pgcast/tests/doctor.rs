@@ -223,7 +223,8 @@ async fn capture_that_fires_in_replica_mode_without_its_publisher_is_a_failure()
     );
     client
         .batch_execute(
-            "ALTER TABLE session_assignments ENABLE ALWAYS TRIGGER pgcast_statement_start",
+            "ALTER TABLE session_assignments ENABLE ALWAYS TRIGGER pgcast_statement_start;
+             ALTER TABLE session_assignments ENABLE ALWAYS TRIGGER pgcast_capture_truncate;",
         )
         .await
         .expect("enable always");
@@ -296,6 +297,43 @@ async fn start_trigger_missing_or_disabled_is_a_warning() {
     let check = report.check("trigger").expect("trigger check");
     assert_eq!(check.verdict, Verdict::Ok, "{report}");
     assert!(check.detail.contains("pgcast_statement_start"), "{report}");
+}
+
+/// Without the TRUNCATE trigger every other change is still logged: a warning that says what
+/// is not, and how to mend it.
+#[tokio::test]
+async fn truncate_trigger_missing_or_disabled_is_a_warning() {
+    let (db, client) = migrated_db().await;
+    client
+        .batch_execute("ALTER TABLE session_assignments DISABLE TRIGGER pgcast_capture_truncate")
+        .await
+        .expect("disable");
+    let report = doctor(&db, &client).await;
+    let check = report.check("trigger").expect("trigger check");
+    assert_eq!(check.verdict, Verdict::Warn, "{report}");
+    assert!(
+        check.detail.contains("TRUNCATE")
+            && check
+                .detail
+                .contains("ENABLE TRIGGER pgcast_capture_truncate"),
+        "{report}"
+    );
+    assert!(report.is_healthy(), "{report}");
+    client
+        .batch_execute(
+            "DROP TRIGGER pgcast_capture_truncate ON session_assignments;
+             SELECT pgcast.install_capture();",
+        )
+        .await
+        .expect("`pgcast migrate` puts it back");
+    let check = doctor(&db, &client).await;
+    let check = check.check("trigger").expect("trigger check");
+    assert_eq!(check.verdict, Verdict::Ok);
+    assert!(
+        check.detail.contains("pgcast_capture_truncate"),
+        "{}",
+        check.detail
+    );
 }
 
 /// An install upgraded by a role that did not own the table keeps version 2's row trigger:
@@ -823,4 +861,42 @@ async fn pruning_that_stopped_while_events_are_overdue_is_a_failure() {
         Some(Verdict::Ok),
         "{report}"
     );
+}
+
+/// A NOTIFY that fails (here: a role that may not call `pg_notify`; in production a full queue
+/// or a standby) fails the listen probe and the report is still printed whole.
+#[tokio::test]
+async fn a_notify_that_fails_is_a_failed_probe_not_a_lost_report() {
+    let (db, client) = migrated_db().await;
+    // The README's monitor role, in a database where PUBLIC may not notify.
+    let (role, _monitor) = connect_as(&db, &client, "probe", MONITOR_GRANTS).await;
+    client
+        .batch_execute("REVOKE EXECUTE ON FUNCTION pg_notify(text, text) FROM PUBLIC")
+        .await
+        .expect("nobody but the superuser may notify");
+    let url = db
+        .url()
+        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    assert_ne!(
+        url,
+        db.url(),
+        "the test database's URL names the postgres user"
+    );
+    let out = run({
+        let mut cmd = pgcast(["doctor"]);
+        cmd.env("DATABASE_URL", &url);
+        cmd
+    })
+    .await;
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    let probe = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("listen probe"))
+        .unwrap_or_else(|| panic!("no listen probe line: {}\n{}", out.stdout, out.stderr));
+    assert!(
+        probe.contains("could not send a NOTIFY") && probe.contains("permission denied"),
+        "{probe}"
+    );
+    assert!(out.stdout.contains("notify queue"), "{}", out.stdout);
 }

@@ -27,7 +27,7 @@ async fn table_exists(client: &tokio_postgres::Client, name: &str) -> bool {
 async fn migrate_installs_everything_once() {
     let (db, client) = fresh_db().await;
     let out = migrate(&db, &[]).await;
-    assert_eq!(out.stdout, "applied 9 migrations; pgcast.version() = 8\n");
+    assert_eq!(out.stdout, "applied 10 migrations; pgcast.version() = 9\n");
     for table in [
         "sessions",
         "session_assignments",
@@ -39,7 +39,7 @@ async fn migrate_installs_everything_once() {
     assert!(report.is_healthy(), "{report}");
 
     let again = migrate(&db, &[]).await;
-    assert_eq!(again.stdout, "applied 0 migrations; pgcast.version() = 8\n");
+    assert_eq!(again.stdout, "applied 0 migrations; pgcast.version() = 9\n");
 }
 
 #[tokio::test]
@@ -70,7 +70,7 @@ async fn realtime_only_installs_onto_the_applications_table() {
     let before: Vec<String> = rows(&client).await;
 
     let out = migrate(&db, &["--realtime-only"]).await;
-    assert_eq!(out.stdout, "applied 8 migrations; pgcast.version() = 8\n");
+    assert_eq!(out.stdout, "applied 9 migrations; pgcast.version() = 9\n");
     assert!(
         !table_exists(&client, "sessions").await,
         "app tables skipped"

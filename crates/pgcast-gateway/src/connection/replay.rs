@@ -157,7 +157,9 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
 
     /// The session's events in `(since, head]`, read from the log, with `membership` rewound
     /// from `head` to `since`. `Ok(Err(reason))`: they cannot all be read (the log was pruned
-    /// past `since`, or there are more than a replay holds) and `membership` is unchanged.
+    /// past `since`, there are more than a replay holds, or finding them would read more than
+    /// [`SCANNED_PER_SNAPSHOT_ROW`] log rows per row a snapshot may hold) and `membership` is
+    /// unchanged.
     pub(super) async fn session_history(
         &mut self,
         since: Position,
@@ -167,6 +169,15 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         let shared = self.shared.clone();
         let mut events: Vec<AssignmentEvent> = Vec::new();
         let mut after = since;
+        // The log is read whole and filtered here: a session far behind, or one the mechanic
+        // never had a part in (refused only once its history is read), must not keep the
+        // gateway's reads busy for the whole retained log.
+        let scan_limit = self
+            .shared
+            .config
+            .snapshot_limit
+            .saturating_mul(SCANNED_PER_SNAPSHOT_ROW);
+        let mut scanned = 0_usize;
         loop {
             let read = shared.log.read_range(after, head.head, REPLAY_PAGE);
             let page = self.in_turn(read).await?.map_err(replay_failed)?;
@@ -187,7 +198,14 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                      take a snapshot",
                 ));
             }
+            scanned = scanned.saturating_add(page.rows);
             match page.last {
+                Some(_) if page.rows == REPLAY_PAGE as usize && scanned >= scan_limit => {
+                    return Ok(Err(
+                        "the log since then is longer than a session replay reads; take a \
+                         snapshot",
+                    ));
+                }
                 Some(last) if page.rows == REPLAY_PAGE as usize => after = last,
                 _ => break,
             }
@@ -198,6 +216,10 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         Ok(Ok(events))
     }
 }
+
+/// Log rows a session replay may read per row a snapshot may hold (`snapshot_limit`) before it
+/// gives up with `resync`: 100,000 by default, about a second of reads.
+const SCANNED_PER_SNAPSHOT_ROW: usize = 10;
 
 /// A replay read failed: the client resumes from the last position it received.
 fn replay_failed(error: pgcast_listener::ListenerError) -> End {
