@@ -1,6 +1,27 @@
--- pgcast doctor: pgcast LISTEN connections on this database (each gateway replica and each
--- `pgcast tail` holds one). $1 = the application_name they set.
-SELECT count(*)
-FROM pg_stat_activity
-WHERE application_name = $1
-  AND datname = current_database()
+-- pgcast doctor: the servers' LISTEN connections on this database (one per `pgcast serve` or
+-- `pgcast demo` process; `pgcast tail` names its own `pgcast-tail`), each with how far behind
+-- the log it is. $1 = the application_name they set: exactly that while connecting, then
+-- '<name>:<position>', the last position read, which the listener sets at every probe (every
+-- 0.5 s, on the LISTEN connection itself).
+-- position: NULL while connecting. behind_events: positions committed after it (an upper
+-- bound: a failed commit leaves a hole). behind_seconds: age of the oldest event it has not
+-- read, NULL when it has read everything (both from pgcast.committed_statements, by its key).
+WITH listeners AS (
+    SELECT a.pid,
+           CASE WHEN substr(a.application_name, length($1) + 2) ~ '^[0-9]{1,18}$'
+                THEN substr(a.application_name, length($1) + 2)::bigint END AS position
+    FROM pg_stat_activity a
+    WHERE a.datname = current_database()
+      AND (a.application_name = $1 OR starts_with(a.application_name, $1 || ':'))
+)
+SELECT l.pid,
+       l.position,
+       (SELECT max(c.last_position) FROM pgcast.committed_statements c) - l.position
+           AS behind_events,
+       (SELECT extract(epoch FROM now() - c.committed_at)::float8
+        FROM pgcast.committed_statements c
+        WHERE c.last_position > l.position
+        ORDER BY c.last_position
+        LIMIT 1) AS behind_seconds
+FROM listeners l
+ORDER BY l.pid

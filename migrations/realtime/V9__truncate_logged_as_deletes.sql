@@ -11,6 +11,14 @@
 -- publishing trigger. A rolled-back TRUNCATE rolls its events back with it. A TRUNCATE of a
 -- large table therefore costs what logging that many deletes costs.
 --
+-- Not covered: a TRUNCATE in a REPEATABLE READ or SERIALIZABLE transaction is refused (its
+-- snapshot may not show rows committed since, which TRUNCATE removes anyway); `TRUNCATE ONLY`
+-- of a table with inheritance children logs their rows too (the trigger cannot tell ONLY
+-- from a plain TRUNCATE, which empties them); an application's BEFORE TRUNCATE trigger that
+-- fires after this one (by name) and writes the table is logged after the deletes; and
+-- pgcast's role reads the table itself now: without SELECT on it every TRUNCATE fails, and
+-- row-level security that hides rows from that role leaves their deletes unlogged.
+--
 -- The trigger is created by pgcast.install_capture(), so only where pgcast's role is a member
 -- of the table's owner role (CREATE TRIGGER and COMMENT ON TRIGGER need it); elsewhere a
 -- TRUNCATE stays unlogged, `pgcast doctor` warns, and a `pgcast migrate` run as a member of
@@ -44,6 +52,18 @@ BEGIN
         RAISE EXCEPTION 'pgcast.capture_truncate() records only the table it was installed on'
             USING HINT = 'It is the trigger of ' || (SELECT source_table::text FROM pgcast.log_state);
     END IF;
+    -- (A single percent sign below is written twice: this body is a format() template.)
+    -- The rows are read with the transaction's snapshot. Under REPEATABLE READ or
+    -- SERIALIZABLE that snapshot may predate rows other transactions committed since, which
+    -- TRUNCATE (not MVCC-safe) removes all the same: they would go unlogged, and clients would
+    -- keep them. Refused rather than lost.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pgcast: TRUNCATE of %% is logged only in a READ COMMITTED transaction',
+            TG_RELID::regclass
+            USING HINT = 'Run it in a READ COMMITTED transaction, or use DELETE: under '
+                || current_setting('transaction_isolation') || ' it could remove rows this '
+                || 'transaction cannot see, and no client would be told.';
+    END IF;
     -- The events of a DELETE of every row (see pgcast.capture_assignment_changes()), read
     -- from the table itself: a TRUNCATE has no transition table. The first row carries the
     -- number of rows, which queues the statement's publishing at commit; an empty table
@@ -53,12 +73,13 @@ BEGIN
 END
 $body$;
 $function$, format($query$
+        WITH s AS MATERIALIZED (SELECT nextval('pgcast.capture_statement') AS statement)
         INSERT INTO pgcast.assignment_changes
             (statement, ordinal, statement_rows, op, assignment_id, event)
         SELECT s.statement, n.ordinal, CASE WHEN n.ordinal = 1 THEN n.rows END, 'delete', n.id,
                json_build_object('op', 'delete', 'row', n.row_data, 'old', n.old_data,
                                  'customer_id', %s)
-        FROM (SELECT nextval('pgcast.capture_statement') AS statement) s,
+        FROM s,
              (SELECT row_number() OVER () AS ordinal, count(*) OVER () AS rows,
                      r.id, r.session_id, to_json(r) AS row_data,
                      json_build_object('status', r.status, 'mechanic_id', r.mechanic_id,
@@ -71,7 +92,8 @@ COMMENT ON FUNCTION pgcast.capture_truncate() IS
     'Trigger function of pgcast_capture_truncate (BEFORE TRUNCATE, FOR EACH STATEMENT) on the '
     'source table: writes a delete event for every row the TRUNCATE removes to '
     'pgcast.assignment_changes, as one statement of the log (published at commit like any '
-    'other). Since version 9. SECURITY DEFINER; EXECUTE is not granted to anyone.';
+    'other). Refuses a TRUNCATE outside READ COMMITTED, whose snapshot could miss rows it '
+    'removes. Since version 9. SECURITY DEFINER; EXECUTE is not granted to anyone.';
 REVOKE EXECUTE ON FUNCTION pgcast.capture_truncate() FROM PUBLIC;
 
 -- It runs as the capture function's owner, whichever member of that role applies this.

@@ -26,7 +26,9 @@ use crate::{Backoff, EventLog, ListenerError};
 /// doorbell, never a source of events (any role that can connect may NOTIFY it).
 pub const CHANNEL: &str = "pgcast_assignments";
 const LISTEN: &str = "LISTEN pgcast_assignments";
-/// `application_name` of the LISTEN connection in `pg_stat_activity`.
+/// `application_name` of the LISTEN connection in `pg_stat_activity`. Once the listener has a
+/// position, every probe sets it to `pgcast-listener:<position>` (the last position read):
+/// `pgcast doctor` reads how far behind each listener is from there.
 pub const APPLICATION_NAME: &str = "pgcast-listener";
 
 /// Rows per catch-up query.
@@ -203,6 +205,9 @@ pub struct Listener<T = NoTls> {
     log: EventLog,
     status: Arc<ListenerStatus>,
     backoff: Backoff,
+    /// The LISTEN connection's `application_name` ([`APPLICATION_NAME`] unless told otherwise),
+    /// to which each probe appends the position.
+    application_name: String,
 }
 
 impl Listener {
@@ -219,6 +224,7 @@ impl Listener {
             log,
             status: Arc::default(),
             backoff: Backoff::default(),
+            application_name: APPLICATION_NAME.to_owned(),
         }
     }
 }
@@ -237,12 +243,21 @@ where
             log: self.log,
             status: self.status,
             backoff: self.backoff,
+            application_name: self.application_name,
         }
     }
 
     /// Replaces the reconnect backoff (tests use short delays).
     pub fn with_backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
+        self
+    }
+
+    /// Names the LISTEN connection `name` instead of [`APPLICATION_NAME`] (`pgcast tail` does,
+    /// so that `pgcast doctor` counts and measures only the servers' listeners).
+    pub fn with_application_name(mut self, name: &str) -> Self {
+        self.pg.application_name(name);
+        self.application_name = name.to_owned();
         self
     }
 
@@ -381,7 +396,11 @@ where
         // Whether commits ring doorbells at all: probed now and on a timer of its own, so that
         // neither a queue filling while doorbells come nor doorbells forged by another role put
         // the probe off.
-        let mut doorbells_off = doorbells(probe(client).await?, false);
+        let name = |cursor: &Cursor| match cursor.last {
+            Some(position) => format!("{}:{position}", self.application_name),
+            None => self.application_name.clone(),
+        };
+        let mut doorbells_off = doorbells(probe(client, &name(cursor)).await?, false);
         let mut probe_timer = tokio::time::interval_at(Instant::now() + PROBE_EVERY, PROBE_EVERY);
         probe_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_read = Instant::now();
@@ -390,7 +409,7 @@ where
                 () = bell.notified() => {}
                 _ = probe_timer.tick() => {
                     // Also shows the connection is alive (a dead peer can be silent).
-                    doorbells_off = doorbells(probe(client).await?, doorbells_off);
+                    doorbells_off = doorbells(probe(client, &name(cursor)).await?, doorbells_off);
                     // Without doorbells, and after a silence (a doorbell lost), read anyway.
                     if !doorbells_off && last_read.elapsed() < IDLE_READ {
                         continue;
@@ -495,8 +514,8 @@ fn clip(text: &str) -> &str {
 /// whether commits ring no doorbell (`sql/listener_probe.sql`).
 /// A schema older than version 5 has no `pgcast.doorbell_queue_limit()`, and its commits always
 /// ring (a tool such as `tail` may follow one): doorbells on.
-async fn probe(client: &Client) -> Result<bool, ListenerError> {
-    match tokio::time::timeout(PROBE_TIMEOUT, client.query_one(PROBE, &[])).await {
+async fn probe(client: &Client, application_name: &str) -> Result<bool, ListenerError> {
+    match tokio::time::timeout(PROBE_TIMEOUT, client.query_one(PROBE, &[&application_name])).await {
         Ok(Ok(row)) => Ok(row.try_get(0)?),
         Ok(Err(e)) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_FUNCTION) => {
             Ok(false)

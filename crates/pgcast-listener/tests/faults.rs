@@ -255,7 +255,8 @@ async fn terminated_listener_connection_loses_nothing() {
         let killed: i64 = admin
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                 WHERE application_name = $1 AND datname = current_database()",
+                 WHERE (application_name = $1 OR starts_with(application_name, $1 || ':'))
+                   AND datname = current_database()",
                 &[&APPLICATION_NAME],
             )
             .await
@@ -309,5 +310,40 @@ async fn postgres_restart_under_writes_loses_nothing() {
     drain_to_head(&mut running, &admin, seen).await;
     log_matches_writes(&admin, &written).await;
     assert!(running.status.snapshot().reconnects >= 1);
+    running.stop().await;
+}
+
+/// The LISTEN connection's `application_name` carries the listener's position
+/// (`pgcast-listener:<position>`, set by its probe every 0.5 s), which is how `pgcast doctor`
+/// tells how far behind each listener is.
+#[tokio::test]
+async fn the_listen_connection_names_its_position() {
+    let (db, admin) = migrated_db(PgCluster::shared().unwrap()).await;
+    let mut running = start_listener(&db, Start::Head).await;
+    admin.execute(INSERT_MANY, &[&3_i32]).await.unwrap();
+    let got = running.take(3, Duration::from_secs(30)).await;
+    let expected = format!("{APPLICATION_NAME}:{}", got[2].position);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let names: Vec<String> = admin
+            .query(
+                "SELECT application_name FROM pg_stat_activity
+                 WHERE datname = current_database() AND starts_with(application_name, $1)",
+                &[&APPLICATION_NAME],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if names == [expected.clone()] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "names {names:?}, expected [{expected}]"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     running.stop().await;
 }

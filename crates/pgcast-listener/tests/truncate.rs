@@ -155,3 +155,45 @@ async fn an_upgrade_from_version_8_logs_truncates() {
     assert!(got.iter().all(|e| e.kind == EventKind::Deleted));
     listener.stop().await;
 }
+
+/// Under REPEATABLE READ (or SERIALIZABLE) the trigger's read of the rows uses the
+/// transaction's snapshot, which may not show rows committed since; TRUNCATE removes them
+/// anyway. Such a TRUNCATE is refused, with a hint, rather than logged with rows missing.
+#[tokio::test]
+async fn a_truncate_outside_read_committed_is_refused() {
+    let (db, mut client) = migrated_db(PgCluster::shared().unwrap()).await;
+    client.execute(INSERT_MANY, &[&2_i32]).await.unwrap();
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .unwrap();
+    // The snapshot is taken; another session commits a row it cannot see.
+    tx.query_one("SELECT count(*) FROM session_assignments", &[])
+        .await
+        .unwrap();
+    let other = db.connect().await.unwrap();
+    other.execute(INSERT_ONE, &[&"unseen"]).await.unwrap();
+    let error = tx
+        .batch_execute("TRUNCATE session_assignments")
+        .await
+        .expect_err("refused");
+    let db_error = error.as_db_error().expect("a database error");
+    assert!(
+        db_error.message().contains("READ COMMITTED"),
+        "{}",
+        db_error.message()
+    );
+    assert!(
+        db_error.hint().is_some_and(|h| h.contains("DELETE")),
+        "{db_error:?}"
+    );
+    drop(tx);
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM session_assignments", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 3, "nothing was removed");
+}

@@ -78,6 +78,9 @@ const MAX_COMMIT_LOCK: Duration = Duration::from_secs(5);
 /// `pgcast serve` prunes every minute (every replica tries; one works, the others skip); no
 /// run for this long means pruning is stuck or no server runs.
 const MAX_PRUNE_GAP: Duration = Duration::from_secs(600);
+/// A listener reads each event within milliseconds of its commit and reports its position
+/// every 0.5 s: one whose oldest unread event is older than this is stalled or cannot keep up.
+const MAX_LISTENER_LAG: Duration = Duration::from_secs(30);
 /// Dangerous privileges listed in full; beyond, only their number.
 const MAX_GRANTS_SHOWN: usize = 10;
 /// How long the LISTEN probe waits for its own notification: on a direct session it arrives
@@ -434,26 +437,115 @@ pub async fn diagnose(client: &Client) -> Result<DoctorReport, PgcastError> {
         );
     }
 
-    let listeners: i64 = client
-        .query_one(LISTENERS, &[&APPLICATION_NAME])
-        .await
-        .and_then(|row| row.try_get(0))
+    if installed {
+        listeners_check(client, &mut report).await?;
+    } else {
+        report.push(
+            "listeners",
+            Verdict::Warn,
+            "not checked: realtime objects missing",
+        );
+    }
+
+    Ok(report)
+}
+
+/// The servers' listeners, and how far behind the log each one is: a listener whose oldest
+/// unread event committed more than [`MAX_LISTENER_LAG`] ago is stalled or cannot keep up, and
+/// every client of its server waits with it.
+async fn listeners_check(client: &Client, report: &mut DoctorReport) -> Result<(), PgcastError> {
+    let rows = match client.query(LISTENERS, &[&APPLICATION_NAME]).await {
+        Ok(rows) => rows,
+        Err(error) if error.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+            report.push(
+                "listeners",
+                Verdict::Warn,
+                "not checked: the role may not read pgcast.committed_statements",
+            );
+            return Ok(());
+        }
+        Err(error) => return Err(query_error("listener connections")(error)),
+    };
+    struct Listening {
+        pid: i32,
+        position: Option<i64>,
+        behind_events: Option<i64>,
+        behind_seconds: Option<f64>,
+    }
+    let listeners: Vec<Listening> = rows
+        .iter()
+        .map(|row| {
+            Ok(Listening {
+                pid: row.try_get(0)?,
+                position: row.try_get(1)?,
+                behind_events: row.try_get(2)?,
+                behind_seconds: row.try_get(3)?,
+            })
+        })
+        .collect::<Result<_, tokio_postgres::Error>>()
         .map_err(query_error("listener connections"))?;
-    if listeners == 0 {
+    if listeners.is_empty() {
         report.push(
             "listeners",
             Verdict::Warn,
             format!("no pgcast listener connected (application_name {APPLICATION_NAME})"),
         );
-    } else {
+        return Ok(());
+    }
+    let connected = format!(
+        "{} connected (application_name {APPLICATION_NAME}[:position])",
+        listeners.len()
+    );
+    let lagging: Vec<String> = listeners
+        .iter()
+        .filter(|l| {
+            l.behind_seconds
+                .is_some_and(|s| s > MAX_LISTENER_LAG.as_secs_f64())
+        })
+        .map(|l| {
+            format!(
+                "pid {} at position {} is {} event(s) behind, the oldest it has not read \
+                 committed {:.0} s ago",
+                l.pid,
+                l.position.unwrap_or_default(),
+                l.behind_events.unwrap_or_default(),
+                l.behind_seconds.unwrap_or_default()
+            )
+        })
+        .collect();
+    if !lagging.is_empty() {
         report.push(
             "listeners",
-            Verdict::Ok,
-            format!("{listeners} connected (application_name {APPLICATION_NAME})"),
+            Verdict::Fail,
+            format!(
+                "{connected}; {}: stalled or not keeping up, and its server's clients wait \
+                 with it (see that server's log and /readyz)",
+                lagging.join("; ")
+            ),
         );
+        return Ok(());
     }
-
-    Ok(report)
+    let furthest = listeners
+        .iter()
+        .filter_map(|l| {
+            l.behind_seconds
+                .map(|s| (s, l.behind_events.unwrap_or_default()))
+        })
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    let starting = listeners.iter().filter(|l| l.position.is_none()).count();
+    let mut detail = match furthest {
+        None if starting == listeners.len() => connected,
+        None => format!("{connected}; caught up"),
+        Some((seconds, events)) => format!(
+            "{connected}; the furthest behind has {events} event(s) to read, the oldest \
+             committed {seconds:.1} s ago"
+        ),
+    };
+    if starting > 0 {
+        detail.push_str(&format!("; {starting} still connecting (no position yet)"));
+    }
+    report.push("listeners", Verdict::Ok, detail);
+    Ok(())
 }
 
 async fn schema_check(client: &Client, report: &mut DoctorReport) -> Result<(), PgcastError> {
@@ -639,7 +731,10 @@ async fn trigger_check(client: &Client, report: &mut DoctorReport) -> Result<(),
         }
         _ => {
             let mut problems: Vec<String> = current.iter().filter_map(|t| t.problem()).collect();
-            problems.extend(replica_mode_mismatch(&current, publish));
+            // The TRUNCATE trigger captures too: firing in replica mode without the publishing
+            // trigger, it would capture what is never published.
+            let capturing: Vec<&TriggerState> = current.iter().chain(&start).copied().collect();
+            problems.extend(replica_mode_mismatch(&capturing, publish));
             let capture_always = current
                 .iter()
                 .any(|t| t.name.starts_with(CAPTURE_PREFIX) && t.enabled.as_deref() == Some("A"));

@@ -27,6 +27,8 @@ use crate::{Database, PgcastError};
 /// Events buffered between the listener and the output. When the reader of the output is slow
 /// the listener stops reading the log (it resumes from its position); it keeps reading its
 /// doorbells, so a paused pager never fills PostgreSQL's notification queue. Nothing is dropped.
+/// `application_name` of `tail`'s LISTEN connection.
+const TAIL_NAME: &str = "pgcast-tail";
 const BUFFER: usize = 1024;
 /// Connections of the log pool: catch-up reads one page at a time.
 const POOL_SIZE: usize = 2;
@@ -80,7 +82,8 @@ where
 
     let (tx, mut rx) = mpsc::channel(BUFFER);
     let stop = shutdown.child_token();
-    let listener = crate::db::listener(db.listen_url(), log)?;
+    // A name of its own: `pgcast doctor` counts and measures the servers' listeners only.
+    let listener = crate::db::listener(db.listen_url(), log)?.with_application_name(TAIL_NAME);
     let listener = tokio::spawn(listener.run(start, tx, stop.clone()));
 
     let result = loop {

@@ -92,6 +92,64 @@ async fn healthy_on_a_migrated_database_with_a_listener() {
     task.await.expect("listener stops");
 }
 
+/// A listener whose position (its `application_name`, `pgcast-listener:<position>`) stays
+/// behind events committed more than 30 s ago is stalled: a failure that names it. Here a
+/// session stands in for a listener stuck at the first event, and the next one is backdated.
+#[tokio::test]
+async fn a_listener_behind_the_log_is_a_failure() {
+    let (db, client) = migrated_db().await;
+    for _ in 0..3 {
+        client
+            .execute(
+                "INSERT INTO session_assignments (session_id, status) VALUES (gen_random_uuid(), 'queued')",
+                &[],
+            )
+            .await
+            .expect("insert");
+    }
+    let first: i64 = client
+        .query_one("SELECT min(position) FROM pgcast.assignment_events", &[])
+        .await
+        .expect("first position")
+        .get(0);
+    let mut config = db.pg_config();
+    config.application_name(format!("pgcast-listener:{first}"));
+    let (stuck, connection) = config.connect(NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    // Two events behind, both just committed: healthy.
+    let report = doctor(&db, &client).await;
+    let listeners = report.check("listeners").expect("listener check");
+    assert_eq!(listeners.verdict, Verdict::Ok, "{report}");
+    assert!(listeners.detail.contains("2 event(s) to read"), "{report}");
+    client
+        .execute(
+            "UPDATE pgcast.committed_statements SET committed_at = now() - interval '1 minute'",
+            &[],
+        )
+        .await
+        .expect("backdate");
+    let detail = failed(&doctor(&db, &client).await, "listeners").to_owned();
+    let pid = backend_pid(&stuck).await;
+    assert!(
+        detail.contains(&format!(
+            "pid {pid} at position {first} is 2 event(s) behind"
+        )),
+        "{detail}"
+    );
+    // Caught up (its position is the head): healthy again, however old the events.
+    stuck
+        .batch_execute(&format!(
+            "SET application_name = 'pgcast-listener:{}'",
+            first + 2
+        ))
+        .await
+        .expect("move on");
+    let report = doctor(&db, &client).await;
+    let listeners = report.check("listeners").expect("listener check");
+    assert_eq!(listeners.verdict, Verdict::Ok, "{report}");
+    assert!(listeners.detail.contains("caught up"), "{report}");
+}
+
 #[tokio::test]
 async fn disabled_trigger_is_a_failure() {
     let (db, client) = migrated_db().await;
@@ -319,6 +377,20 @@ async fn truncate_trigger_missing_or_disabled_is_a_warning() {
         "{report}"
     );
     assert!(report.is_healthy(), "{report}");
+    // Firing in replica mode while the publishing trigger does not: what it captures there
+    // would never be published, a failure.
+    client
+        .batch_execute(
+            "ALTER TABLE session_assignments ENABLE ALWAYS TRIGGER pgcast_capture_truncate",
+        )
+        .await
+        .expect("enable always");
+    let detail = failed(&doctor(&db, &client).await, "trigger").to_owned();
+    assert!(
+        detail.contains("pgcast_capture_truncate")
+            && detail.contains("ENABLE ALWAYS TRIGGER pgcast_publish_at_commit"),
+        "{detail}"
+    );
     client
         .batch_execute(
             "DROP TRIGGER pgcast_capture_truncate ON session_assignments;

@@ -1041,7 +1041,7 @@ async fn clients_get_every_event_they_may_see_exactly_once_across_faults() {
                     .query_one(
                         "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) \
                          FROM pg_stat_activity \
-                         WHERE application_name = 'pgcast-listener' \
+                         WHERE application_name ~ '^pgcast-listener(:[0-9]+)?$' \
                            AND datname = current_database()",
                         &[],
                     )

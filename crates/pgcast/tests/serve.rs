@@ -205,7 +205,7 @@ async fn readyz_follows_the_listener_connection_and_healthz_stays_up() {
     let terminated = admin
         .query(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = 'pgcast-listener' AND datname = current_database()",
+             WHERE application_name ~ '^pgcast-listener(:[0-9]+)?$' AND datname = current_database()",
             &[],
         )
         .await

@@ -400,11 +400,13 @@ async fn serve_and_tail_run_over_verified_tls() {
     cmd.env_remove("RUST_LOG");
     let mut tail = Process::spawn(cmd);
 
-    // Every connection of both (this server accepts nothing else): listeners and pools.
+    // Every connection of both (this server accepts nothing else): listeners (serve's
+    // `pgcast-listener`, tail's `pgcast-tail`) and pools.
     let admin = pgcast::connect(&DatabaseUrl::parse(&url).expect("URL"), "tls-test")
         .await
         .expect("connect");
-    let query = "SELECT count(*) FILTER (WHERE a.application_name = 'pgcast-listener'), \
+    let query =
+        "SELECT count(*) FILTER (WHERE a.application_name ~ '^pgcast-(listener|tail)(:[0-9]+)?$'), \
                         count(*) FILTER (WHERE NOT s.ssl) \
                  FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
                  WHERE a.datname = current_database()";

@@ -200,7 +200,11 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             }
             scanned = scanned.saturating_add(page.rows);
             match page.last {
-                Some(_) if page.rows == REPLAY_PAGE as usize && scanned >= scan_limit => {
+                Some(last)
+                    if page.rows == REPLAY_PAGE as usize
+                        && last < head.head
+                        && scanned >= scan_limit =>
+                {
                     return Ok(Err(
                         "the log since then is longer than a session replay reads; take a \
                          snapshot",
