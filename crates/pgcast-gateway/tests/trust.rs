@@ -320,6 +320,38 @@ async fn a_refreshed_connection_keeps_receiving_past_the_old_exp() {
     h.stop().await;
 }
 
+/// A refresh sent while a subscribe waits (here for the database: a snapshot behind a lock on
+/// the table) moves the expiry at once: the subscribe completes past the old `exp`, the
+/// refresh is answered after it, and the connection is not closed with 4001.
+#[tokio::test]
+async fn a_refresh_sent_during_a_long_subscribe_keeps_the_connection() {
+    let h = Harness::start_with(|c| c.token_leeway = Duration::ZERO).await;
+    let who = customer();
+    let (mut ws, exp) = client_with_ttl(&h, &who, Duration::from_secs(2)).await;
+    let mut locker = h.db.connect().await.unwrap();
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE session_assignments IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    ws.send(
+        json!({"type": "subscribe", "id": "s", "topic": format!("customer:{}", who.user_id),
+                   "snapshot": true}),
+    )
+    .await;
+    let fresh = mint_token(SECRET, &who, Duration::from_secs(600)).unwrap();
+    ws.send(json!({"type": "auth", "token": fresh})).await;
+    // The old token's time runs out while the snapshot waits for the lock.
+    until_past(exp).await;
+    lock.rollback().await.unwrap();
+    assert_eq!(ws.recv().await["type"], "subscribed");
+    assert_eq!(ws.recv().await["type"], "snapshot");
+    let ready = ws.recv().await;
+    assert_eq!(ready["type"], "ready", "{ready}");
+    assert!(ready["expires_at"].as_u64().unwrap() > exp + 500);
+    ws.ping().await;
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn a_refresh_must_name_the_same_user_and_role() {
     let h = Harness::start().await;

@@ -1,6 +1,7 @@
 //! The connection's identity: the first `auth` frame (within the auth deadline), refreshes
 //! by later `auth` frames, and the token's expiry.
 
+use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::Message;
@@ -19,13 +20,18 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         ServerMessage::Ready {
             user_id,
             role,
-            expires_at: self.expires_at,
+            expires_at: self.exp(),
         }
+    }
+
+    /// `exp` of the current token (unix seconds).
+    pub(super) fn exp(&self) -> u64 {
+        self.expires_at.load(Ordering::Relaxed)
     }
 
     /// Commit times after this (unix microseconds) are past the token's `exp`.
     pub(super) fn expires_micros(&self) -> i64 {
-        unix_micros(self.expires_at)
+        unix_micros(self.exp())
     }
 
     /// Has the token's `exp` passed (by this machine's clock)?
@@ -33,7 +39,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
-            >= self.expires_at
+            >= self.exp()
     }
 
     /// Waits for the `auth` frame; anything else first is refused with 1008.
@@ -114,7 +120,8 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                 .await);
         }
         self.principal = Some(new);
-        self.expires_at = verified.expires_at;
+        self.expires_at
+            .store(verified.expires_at, Ordering::Relaxed);
         self.send(self.ready()).await?;
         let mut revoked = Vec::new();
         self.subs.retain(|s| {

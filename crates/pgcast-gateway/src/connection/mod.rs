@@ -12,6 +12,7 @@
 //! log), [`deliver`] (live frames from the outbox), [`rate`] (the client frame rate); this
 //! module holds the loop, the lifecycle and the socket writes.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -168,6 +169,44 @@ fn unix_micros(seconds: u64) -> i64 {
         .saturating_mul(1_000_000)
 }
 
+/// Resolves at `exp` + `leeway` of the token in `expires_at`, following a refresh that moves it.
+async fn until_expired(expires_at: Arc<AtomicU64>, leeway: Duration) {
+    loop {
+        let exp = expires_at.load(Ordering::Relaxed);
+        tokio::time::sleep_until(expiry_instant(exp, leeway)).await;
+        if expires_at.load(Ordering::Relaxed) == exp {
+            return;
+        }
+    }
+}
+
+/// What [`watch_peer`] needs to apply a refresh while a subscribe runs.
+struct EarlyRefresh {
+    shared: Arc<Shared>,
+    /// The connection's identity: only a token naming exactly it (the same workshop too, so
+    /// that nothing the subscribe sends is judged by claims the new token no longer has) moves
+    /// the expiry early.
+    principal: Principal,
+    expires_at: Arc<AtomicU64>,
+}
+
+impl EarlyRefresh {
+    /// Verifies `token` and, when it names the same principal, moves the expiry to its `exp`.
+    /// The frame still goes to the main loop, which answers it as any refresh (`ready`, or
+    /// 1008 for a bad token).
+    async fn apply(&self, token: &str) {
+        if token.len() > self.shared.config.max_token_bytes {
+            return;
+        }
+        if let Ok(verified) = self.shared.verifier.verify_async(token).await {
+            if verified.principal == self.principal {
+                self.expires_at
+                    .store(verified.expires_at, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// The monotonic instant at which a token with `exp` = `expires_at` stops being accepted.
 fn expiry_instant(expires_at: u64, leeway: Duration) -> tokio::time::Instant {
     let now = SystemTime::now()
@@ -202,7 +241,7 @@ async fn serve_halves<Si: SocketSink, St: SocketStream>(
         subs: Vec::new(),
         batch: Vec::new(),
         principal: None,
-        expires_at: 0,
+        expires_at: Arc::new(AtomicU64::new(0)),
         last_heard: Instant::now(),
         last_written: Instant::now(),
         rate: RateLimit::new(shared_rate),
@@ -265,7 +304,8 @@ struct Connection<Si, St: SocketStream> {
     principal: Option<Principal>,
     /// `exp` of the current token (unix seconds). Nothing committed after it is written, and
     /// the connection closes with 4001 at `exp` + leeway unless a new `auth` frame refreshed it.
-    expires_at: u64,
+    /// Shared with [`watch_peer`], which applies a refresh that arrives while a subscribe runs.
+    expires_at: Arc<AtomicU64>,
     /// The last client frame (a pong included).
     last_heard: Instant,
     /// The last time a batch of event frames went into the socket: a peer still taking them
@@ -297,7 +337,8 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             }
         };
         self.principal = Some(verified.principal);
-        self.expires_at = verified.expires_at;
+        self.expires_at
+            .store(verified.expires_at, Ordering::Relaxed);
         if let Err(end) = self.send(self.ready()).await {
             return end;
         }
@@ -306,7 +347,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         let mut heartbeat =
             tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut expiry_set = self.expires_at;
+        let mut expiry_set = self.exp();
         let expiry = tokio::time::sleep_until(expiry_instant(expiry_set, leeway));
         tokio::pin!(expiry);
         // Made once and polled on every turn: a `cancelled()` made per turn would register and
@@ -332,8 +373,8 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             if let Err(end) = step {
                 return end;
             }
-            if self.expires_at != expiry_set {
-                expiry_set = self.expires_at;
+            if self.exp() != expiry_set {
+                expiry_set = self.exp();
                 expiry.as_mut().reset(expiry_instant(expiry_set, leeway));
             }
         }
@@ -402,15 +443,24 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                 let mut stream = self.stream.take();
                 let mut deferred = std::mem::take(&mut self.deferred);
                 let admission = self.admission.clone();
-                let expiry = expiry_instant(self.expires_at, self.shared.config.token_leeway);
+                // A refresh sent meanwhile (kept for the main loop, which answers it) moves
+                // the expiry at once: a client that refreshed in time is not closed with 4001
+                // because its subscribe took long.
+                let early = self.principal.map(|principal| EarlyRefresh {
+                    shared: self.shared.clone(),
+                    principal,
+                    expires_at: self.expires_at.clone(),
+                });
+                let expiry =
+                    until_expired(self.expires_at.clone(), self.shared.config.token_leeway);
                 let (pings, taken) = tokio::sync::mpsc::channel(PINGS_WHILE_BUSY);
                 self.pings = Some(taken);
                 let result = tokio::select! {
                     r = Box::pin(self.subscribe(id, &topic, since, snapshot.unwrap_or(false))) => r,
                     () = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
                     () = outbox.evicted.cancelled() => Err(evicted(&outbox)),
-                    () = tokio::time::sleep_until(expiry) => Err(End::Expired),
-                    () = watch_peer(&mut stream, &mut deferred, &admission, &pings) => Err(End::Gone),
+                    () = expiry => Err(End::Expired),
+                    () = watch_peer(&mut stream, &mut deferred, &admission, &pings, early.as_ref()) => Err(End::Gone),
                 };
                 self.stream = stream;
                 self.deferred = deferred;
@@ -530,6 +580,7 @@ async fn watch_peer<St: SocketStream>(
     deferred: &mut std::collections::VecDeque<Message>,
     admission: &Admission,
     pings: &tokio::sync::mpsc::Sender<Option<String>>,
+    early: Option<&EarlyRefresh>,
 ) {
     let Some(stream) = stream else {
         return std::future::pending().await;
@@ -540,6 +591,8 @@ async fn watch_peer<St: SocketStream>(
         Ping(Option<String>),
         Control,
         Keep,
+        /// A refresh: kept like any frame, and applied to the expiry at once.
+        Auth(String),
         Stop,
     }
     let mut stream = std::pin::Pin::new(stream);
@@ -554,6 +607,7 @@ async fn watch_peer<St: SocketStream>(
             Some(Ok(msg)) => match msg {
                 Message::Text(text) => match ClientMessage::parse(text) {
                     Ok(ClientMessage::Ping { id }) => Seen::Ping(id),
+                    Ok(ClientMessage::Auth { token }) if fits(msg) => Seen::Auth(token),
                     _ if fits(msg) => Seen::Keep,
                     _ => Seen::Stop,
                 },
@@ -561,10 +615,15 @@ async fn watch_peer<St: SocketStream>(
                 _ => Seen::Stop,
             },
         };
-        let keep = matches!(seen, Seen::Keep);
+        let keep = matches!(seen, Seen::Keep | Seen::Auth(_));
         match seen {
             Seen::Gone => return,
             Seen::Stop => break,
+            Seen::Auth(token) => {
+                if let Some(early) = early {
+                    early.apply(&token).await;
+                }
+            }
             Seen::Ping(id) => {
                 // Waits while the subscribe has not answered the earlier ones; the frame stays
                 // unread meanwhile.
