@@ -12,7 +12,11 @@ WITH listeners AS (
                 THEN substr(a.application_name, length($1) + 2)::bigint END AS position
     FROM pg_stat_activity a
     WHERE a.datname = current_database()
+      AND a.backend_type = 'client backend'
       AND (a.application_name = $1 OR starts_with(a.application_name, $1 || ':'))
+      -- Any role may name its session so; a listener's role reads the log, and the others
+      -- would only make this check fail, or look healthy, falsely.
+      AND has_table_privilege(a.usesysid, 'pgcast.committed_statements', 'SELECT')
 )
 SELECT l.pid,
        l.position,

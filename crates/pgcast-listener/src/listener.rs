@@ -253,6 +253,15 @@ where
         self
     }
 
+    /// The LISTEN connection's `application_name` at position `last`: `<name>:<position>`,
+    /// or the name alone before the first read of the log.
+    fn position_name(&self, last: Option<Position>) -> String {
+        match last {
+            Some(position) => format!("{}:{position}", self.application_name),
+            None => self.application_name.clone(),
+        }
+    }
+
     /// Names the LISTEN connection `name` instead of [`APPLICATION_NAME`] (`pgcast tail` does,
     /// so that `pgcast doctor` counts and measures only the servers' listeners).
     pub fn with_application_name(mut self, name: &str) -> Self {
@@ -319,8 +328,12 @@ where
         out: &mpsc::Sender<Output>,
         shutdown: &CancellationToken,
     ) -> Result<End, ListenerError> {
+        // Named with the position it resumes from: while it catches up (a backlog after an
+        // outage), `pgcast doctor` sees how far behind it is, not a listener still connecting.
+        let mut pg = self.pg.clone();
+        pg.application_name(self.position_name(cursor.last));
         let (client, mut connection) = tokio::select! {
-            r = self.pg.connect(self.tls.clone()) => r?,
+            r = pg.connect(self.tls.clone()) => r?,
             () = shutdown.cancelled() => return Ok(End::Shutdown),
         };
         // Doorbells collapse into one stored permit: however many rang while the log was being
@@ -396,10 +409,7 @@ where
         // Whether commits ring doorbells at all: probed now and on a timer of its own, so that
         // neither a queue filling while doorbells come nor doorbells forged by another role put
         // the probe off.
-        let name = |cursor: &Cursor| match cursor.last {
-            Some(position) => format!("{}:{position}", self.application_name),
-            None => self.application_name.clone(),
-        };
+        let name = |cursor: &Cursor| self.position_name(cursor.last);
         let mut doorbells_off = doorbells(probe(client, &name(cursor)).await?, false);
         let mut probe_timer = tokio::time::interval_at(Instant::now() + PROBE_EVERY, PROBE_EVERY);
         probe_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -112,6 +112,20 @@ async fn a_listener_behind_the_log_is_a_failure() {
         .await
         .expect("first position")
         .get(0);
+    // Any role may name its session so; one that may not read the log is no listener, and
+    // makes the check neither fail nor pass.
+    let (_, spoof) = connect_as(&db, &client, "spoof", "").await;
+    spoof
+        .batch_execute("SET application_name = 'pgcast-listener:0'")
+        .await
+        .expect("name the session");
+    let report = doctor(&db, &client).await;
+    let listeners = report.check("listeners").expect("listener check");
+    assert_eq!(listeners.verdict, Verdict::Warn, "{report}");
+    assert!(
+        listeners.detail.starts_with("no pgcast listener"),
+        "{report}"
+    );
     let mut config = db.pg_config();
     config.application_name(format!("pgcast-listener:{first}"));
     let (stuck, connection) = config.connect(NoTls).await.expect("connect");

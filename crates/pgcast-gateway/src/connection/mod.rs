@@ -191,14 +191,16 @@ struct EarlyRefresh {
 }
 
 impl EarlyRefresh {
-    /// Verifies `token` and, when it names the same principal, moves the expiry to its `exp`.
-    /// The frame still goes to the main loop, which answers it as any refresh (`ready`, or
-    /// 1008 for a bad token).
-    async fn apply(&self, token: &str) {
+    /// Verifies `token` with the keys at hand and, when it names the same principal, moves the
+    /// expiry to its `exp`. The frame still goes to the main loop, which answers it as any
+    /// refresh (`ready`, or 1008 for a bad token). Never waits: a token naming a JWKS key not
+    /// yet read is left to the main loop, whose read of the keys nothing can cancel (this runs
+    /// in a `select!` that drops it when the subscribe ends).
+    fn apply(&self, token: &str) {
         if token.len() > self.shared.config.max_token_bytes {
             return;
         }
-        if let Ok(verified) = self.shared.verifier.verify_async(token).await {
+        if let Ok(verified) = self.shared.verifier.verify(token) {
             if verified.principal == self.principal {
                 self.expires_at
                     .store(verified.expires_at, Ordering::Relaxed);
@@ -597,6 +599,7 @@ async fn watch_peer<St: SocketStream>(
     }
     let mut stream = std::pin::Pin::new(stream);
     let mut deferred_bytes: usize = deferred.iter().map(deferred_cost).sum();
+    let mut refreshed = false;
     loop {
         let fits = |m: &Message| deferred_bytes + deferred_cost(m) <= DEFERRED_BYTES;
         let seen = match stream.as_mut().peek().await {
@@ -620,8 +623,11 @@ async fn watch_peer<St: SocketStream>(
             Seen::Gone => return,
             Seen::Stop => break,
             Seen::Auth(token) => {
-                if let Some(early) = early {
-                    early.apply(&token).await;
+                // One signature check per subscribe: the frame rate limit applies to the
+                // frames only once the main loop reads them.
+                if let Some(early) = early.filter(|_| !refreshed) {
+                    early.apply(&token);
+                    refreshed = true;
                 }
             }
             Seen::Ping(id) => {
