@@ -10,11 +10,14 @@
 -- since it went idle in transaction) and the time its oldest waiter has waited. Seeing other
 -- sessions' state needs pg_read_all_stats (pg_monitor); without it state is 'unknown' and only
 -- the waiters count.
+-- A prepared transaction (PREPARE TRANSACTION) holds its locks with no session: pid is NULL,
+-- and prepared_gid and prepared_s (since it was prepared) name it instead, found through the
+-- lock it holds on its own transaction id (same virtualtransaction).
 WITH lock_table AS (
     SELECT to_regclass('pgcast.commit_order') AS relid,
            (SELECT oid FROM pg_database WHERE datname = current_database()) AS dbid
 ), conflicting AS (
-    SELECT l.pid, l.granted, l.waitstart
+    SELECT l.pid, l.granted, l.waitstart, l.virtualtransaction
     FROM pg_locks l, lock_table t
     WHERE l.locktype = 'relation'
       AND l.database = t.dbid
@@ -33,9 +36,16 @@ SELECT h.pid,
        greatest(CASE WHEN a.state LIKE 'idle%'
                      THEN extract(epoch FROM clock_timestamp() - a.state_change)::float8 END,
                 w.longest_s)                                                      AS held_s,
-       w.n                                                                        AS waiting
+       w.n                                                                        AS waiting,
+       p.gid                                                                      AS prepared_gid,
+       extract(epoch FROM clock_timestamp() - p.prepared)::float8                 AS prepared_s
 FROM conflicting h
 CROSS JOIN waiters w
 LEFT JOIN pg_stat_activity a ON a.pid = h.pid
+LEFT JOIN pg_locks x
+       ON h.pid IS NULL
+      AND x.locktype = 'transactionid'
+      AND x.virtualtransaction = h.virtualtransaction
+LEFT JOIN pg_prepared_xacts p ON p.transaction = x.transactionid
 WHERE h.granted
 ORDER BY held_s DESC NULLS LAST, h.pid

@@ -850,11 +850,28 @@ async fn commit_lock_check(client: &Client, report: &mut DoctorReport) -> Result
         report.push("commit lock", Verdict::Ok, "not held");
         return Ok(());
     };
-    let pid: i32 = row.try_get(0).map_err(query_error("commit lock"))?;
+    let pid: Option<i32> = row.try_get(0).map_err(query_error("commit lock"))?;
     let application: String = row.try_get(1).map_err(query_error("commit lock"))?;
     let state: String = row.try_get(2).map_err(query_error("commit lock"))?;
     let held: Option<f64> = row.try_get(3).map_err(query_error("commit lock"))?;
     let waiting: i64 = row.try_get(4).map_err(query_error("commit lock"))?;
+    let prepared: Option<String> = row.try_get(5).map_err(query_error("commit lock"))?;
+    let prepared_for: Option<f64> = row.try_get(6).map_err(query_error("commit lock"))?;
+    let Some(pid) = pid else {
+        // No session holds it: a prepared transaction, until it is committed or rolled back.
+        let gid = prepared.unwrap_or_else(|| "?".to_owned());
+        report.push(
+            "commit lock",
+            Verdict::Fail,
+            format!(
+                "held by prepared transaction '{gid}' (prepared {} ago), {waiting} writer(s) \
+                 waiting: every commit that writes {TABLE} waits until it ends; COMMIT \
+                 PREPARED '{gid}' or ROLLBACK PREPARED '{gid}'",
+                age(prepared_for)
+            ),
+        );
+        return Ok(());
+    };
     let since = match held {
         Some(_) => format!(" for at least {}", age(held)),
         None => String::new(),

@@ -986,3 +986,53 @@ async fn a_notify_that_fails_is_a_failed_probe_not_a_lost_report() {
     );
     assert!(out.stdout.contains("notify queue"), "{}", out.stdout);
 }
+
+/// A prepared transaction can hold the commit-order lock (one that wrote
+/// `session_assignments` while the doorbell was off rings no NOTIFY, so its PREPARE succeeds):
+/// every write waits until it is committed or rolled back. Its lock has no session (no pid in
+/// `pg_locks`): doctor names the prepared transaction and fails, instead of failing to read the
+/// lock's holder.
+#[tokio::test]
+async fn a_prepared_transaction_holding_the_commit_lock_is_a_failure() {
+    let cluster = PgCluster::start_with(
+        pgcast_testkit::ClusterOptions::new().setting("max_prepared_transactions", "2"),
+    )
+    .expect("a cluster that allows prepared transactions");
+    let db = cluster.create_database().await.expect("database");
+    let mut client = db.connect().await.expect("connect");
+    migrate(&mut client, MigrationScope::All)
+        .await
+        .expect("migrate");
+    client
+        .batch_execute(
+            "BEGIN;
+             LOCK TABLE pgcast.commit_order IN SHARE UPDATE EXCLUSIVE MODE;
+             PREPARE TRANSACTION 'pgcast-doctor-test';",
+        )
+        .await
+        .expect("prepare a transaction holding the lock");
+    let report = doctor(&db, &client).await;
+    let check = report.check("commit lock").expect("commit lock check");
+    assert_eq!(check.verdict, Verdict::Fail, "{report}");
+    assert!(
+        check
+            .detail
+            .contains("prepared transaction 'pgcast-doctor-test'")
+            && check
+                .detail
+                .contains("ROLLBACK PREPARED 'pgcast-doctor-test'"),
+        "{report}"
+    );
+    client
+        .batch_execute("ROLLBACK PREPARED 'pgcast-doctor-test'")
+        .await
+        .expect("rollback prepared");
+    let report = doctor(&db, &client).await;
+    assert_eq!(
+        report
+            .check("commit lock")
+            .map(|c| (c.verdict, c.detail.as_str())),
+        Some((Verdict::Ok, "not held")),
+        "{report}"
+    );
+}
