@@ -246,6 +246,8 @@ async fn serve_inner(
     TokenVerifier::from_config(&gateway_config).map_err(PgcastError::Gateway)?;
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
+    // Every return from here on stops what was spawned (an error before serving included).
+    let _stop_on_return = stop.clone().drop_guard();
     // The certificate's reloader first: a SIGHUP (a renewal hook) during start-up must not end
     // the process, which is the signal's default action until its handler is installed.
     let acceptor = match &tls {
@@ -262,16 +264,9 @@ async fn serve_inner(
     // of other replicas starting at once): a signal meanwhile stops it, as it stops the server.
     let starting = start_up(&options, &gateway_config);
     let (pool, log, start) = tokio::select! {
-        started = starting => match started {
-            Ok(started) => started,
-            Err(error) => {
-                stop.cancel();
-                return Err(error);
-            }
-        },
+        started = starting => started?,
         () = shutdown.cancelled() => {
             tracing::info!("stopped while starting");
-            stop.cancel();
             return Ok(());
         }
     };
