@@ -25,7 +25,7 @@ mod topic;
 pub use access::{SessionMembership, Verdict};
 pub use assignment::{Assignment, Status, StatusParseError};
 pub use event::{AssignmentEvent, EventKind, Position, PriorState, RowState};
-pub use payload::{decode_event, DecodeError};
+pub use payload::{decode_event, session_of_undecodable, DecodeError};
 pub use protocol::{
     ClientMessage, ErrorCode, EventFrame, ProtocolError, ServerMessage, MAX_ID_LEN,
 };

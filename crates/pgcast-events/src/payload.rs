@@ -87,6 +87,25 @@ pub fn decode_event(
     })
 }
 
+/// The session named by a stored event that did not decode, read as leniently as can be (only
+/// `row.session_id`). A row that cannot be decoded may still have changed who belongs to that
+/// session (an application's new status, say), so whoever follows the session by membership
+/// must be told that it can no longer be judged. `None` when even that cannot be read: then
+/// any session may be the one.
+pub fn session_of_undecodable(event: &str) -> Option<uuid::Uuid> {
+    #[derive(Deserialize)]
+    struct Row {
+        session_id: uuid::Uuid,
+    }
+    #[derive(Deserialize)]
+    struct Named {
+        row: Row,
+    }
+    serde_json::from_str::<Named>(event)
+        .ok()
+        .map(|named| named.row.session_id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +198,27 @@ mod tests {
         assert!(decode(&stored("update", "null")).is_err());
         let unknown_status = stored("insert", "null").replace("\"queued\"", "\"teleported\"");
         assert!(decode(&unknown_status).is_err());
+    }
+
+    #[test]
+    fn the_session_of_an_undecodable_event_is_read_when_it_is_there() {
+        let session = "0e6b3a57-3f4c-4a9e-8a55-2f4b7a7d9a10".parse().ok();
+        let unknown_status =
+            stored("update", r#"{"status":"paused"}"#).replace("\"queued\"", "\"teleported\"");
+        assert!(decode(&unknown_status).is_err());
+        assert_eq!(session_of_undecodable(&unknown_status), session);
+        let without_id =
+            stored("insert", "null").replace(r#""id":"5b7f8a52-8f0e-4d51-9d7e-6a1f0f2f0c11","#, "");
+        assert_eq!(session_of_undecodable(&without_id), session);
+        for unnamed in [
+            "",
+            "{}",
+            r#"{"row":{"session_id":null}}"#,
+            r#"{"row":{"session_id":"not a uuid"}}"#,
+            r#"{"row":[1]}"#,
+        ] {
+            assert_eq!(session_of_undecodable(unnamed), None, "{unnamed:?}");
+        }
     }
 
     #[test]

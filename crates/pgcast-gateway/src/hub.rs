@@ -21,9 +21,19 @@ pub(crate) struct Outbound {
     pub(crate) committed_micros: i64,
     /// Shared by every recipient of the same (event, topic).
     pub(crate) frame: Utf8Bytes,
-    /// The event itself, only for subscriptions whose right depends on it (a mechanic on
-    /// `session:<id>`): the connection moves the membership and decides.
-    pub(crate) event: Option<Arc<AssignmentEvent>>,
+    /// Only for subscriptions whose right depends on the rows (a mechanic on `session:<id>`):
+    /// what moves the membership, which the connection holds and judges by.
+    pub(crate) membership: Option<MembershipChange>,
+}
+
+/// What moves a mechanic's membership of a session at an entry's position.
+#[derive(Debug)]
+pub(crate) enum MembershipChange {
+    /// The event (the entry's frame): the connection applies it and decides.
+    Event(Arc<AssignmentEvent>),
+    /// A log row of the session that could not be decoded (the entry has no frame): the
+    /// membership can no longer be judged, so the subscription is revoked.
+    Unknown,
 }
 
 impl Outbound {
@@ -154,6 +164,42 @@ impl Hub {
         evicted
     }
 
+    /// The log row at `position` could not be decoded; it named `session` (any session when
+    /// `None`). It may have ended a mechanic's membership, so every subscription that follows
+    /// one of those sessions by membership is told so in its place in the stream (its
+    /// connection revokes it; a new subscription is judged by the rows as they stand). Rare:
+    /// without a session, the whole index is walked.
+    pub(crate) fn undecodable(&self, position: Position, session: Option<uuid::Uuid>) {
+        let targets: Vec<Arc<Subscription>> = {
+            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            let follows = |sub: &&Arc<Subscription>| sub.follows_membership();
+            match session {
+                Some(id) => index
+                    .by_key
+                    .get(&RouteKey::Session(id))
+                    .map(|subs| subs.values().filter(follows).cloned().collect())
+                    .unwrap_or_default(),
+                None => index
+                    .by_key
+                    .iter()
+                    .filter(|(key, _)| matches!(key, RouteKey::Session(_)))
+                    .flat_map(|(_, subs)| subs.values().filter(follows).cloned())
+                    .collect(),
+            }
+        };
+        let now = chrono::Utc::now().timestamp_micros();
+        for sub in targets {
+            sub.conn.push(Outbound {
+                sub: sub.id,
+                position,
+                // When it is judged: a connection past its token's `exp` by then sends nothing.
+                committed_micros: now,
+                frame: Utf8Bytes::default(),
+                membership: Some(MembershipChange::Unknown),
+            });
+        }
+    }
+
     /// Queues `event` for every subscription that may see it. Never waits: a full connection
     /// queue marks that connection slow. The index lock is held only to collect the targets,
     /// so subscribing and unsubscribing never wait behind a large fan-out.
@@ -200,7 +246,9 @@ impl Hub {
                 position: event.position,
                 committed_micros,
                 frame,
-                event: sub.follows_membership().then(|| event.clone()),
+                membership: sub
+                    .follows_membership()
+                    .then(|| MembershipChange::Event(event.clone())),
             };
             // Over budget, the connection is declared slow and closes itself (4008); a
             // closed one unsubscribes itself. Either way the hub goes on.
@@ -329,6 +377,40 @@ mod tests {
         hub.dispatch(&event(43, "null", "queued", None, None));
         let got: Vec<_> = queued(&outbox).iter().map(|o| o.position).collect();
         assert_eq!(got, vec![42]);
+    }
+
+    #[test]
+    fn an_undecodable_row_reaches_only_the_membership_followers_of_its_session() {
+        let hub = Hub::new(GatewayMetrics::default());
+        let (s1, s2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let follower = file(&hub, Topic::Session(s1), principal(MECHANIC, None)).1;
+        let elsewhere = file(&hub, Topic::Session(s2), principal(WORKSHOP, None)).1;
+        let customer = Principal {
+            role: Role::Customer,
+            ..principal(MECHANIC, None)
+        };
+        let owner = file(&hub, Topic::Session(s1), customer).1;
+        let queue = file(&hub, Topic::Queue, principal(MECHANIC, None)).1;
+        let unknown = |o: &Outbox| {
+            queued(o)
+                .iter()
+                .map(|o| {
+                    assert!(o.frame.is_empty(), "nothing of the row is sent");
+                    assert!(matches!(o.membership, Some(MembershipChange::Unknown)));
+                    o.position
+                })
+                .collect::<Vec<_>>()
+        };
+
+        hub.undecodable(5, Some(s1));
+        assert_eq!(unknown(&follower), vec![5]);
+        assert_eq!(unknown(&elsewhere), Vec::<Position>::new());
+        // Without a session, every session's mechanics; never a customer or another topic.
+        hub.undecodable(6, None);
+        assert_eq!(unknown(&follower), vec![6]);
+        assert_eq!(unknown(&elsewhere), vec![6]);
+        assert_eq!(unknown(&owner), Vec::<Position>::new());
+        assert_eq!(unknown(&queue), Vec::<Position>::new());
     }
 
     #[test]

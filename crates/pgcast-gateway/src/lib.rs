@@ -185,6 +185,11 @@ impl Gateway {
                                 "gap in the event stream: subscribed connections closed to resume"
                             );
                         }
+                        Some(Output::Undecodable { position, session_id }) => {
+                            // Sent to nobody; a mechanic's membership of the session it
+                            // names can no longer be judged from here on.
+                            shared.hub.undecodable(position, session_id);
+                        }
                         None => return,
                     },
                     () = shared.shutdown.cancelled() => return,

@@ -196,7 +196,7 @@ mod tests {
             position,
             committed_micros: 0,
             frame: Utf8Bytes::from("x".repeat(len)),
-            event: None,
+            membership: None,
         }
     }
 

@@ -563,3 +563,59 @@ async fn a_mechanic_removed_while_away_resumes_up_to_the_removal_then_revoked() 
         .await;
     stranger.expect_error("forbidden").await;
 }
+
+/// An application may give its rows a status pgcast does not know. Such a change cannot become
+/// an event (it is counted and skipped, never sent in part), and it may have ended a mechanic's
+/// membership of the session: the mechanic following the session live is revoked in its
+/// place, and a resume across it gets `resync` instead of a replay judged by a membership it
+/// cannot know. The session's customer goes on as before.
+#[tokio::test]
+async fn a_change_that_cannot_be_read_revokes_the_sessions_mechanic() {
+    let h = Harness::start().await;
+    h.admin
+        .batch_execute(
+            "ALTER TABLE session_assignments DROP CONSTRAINT session_assignments_status_check",
+        )
+        .await
+        .unwrap();
+    let m1 = mechanic(None);
+    let owner = customer();
+    let session = h.insert_session(owner.user_id).await;
+    let a = h.insert(session, "queued", None, None).await;
+    h.update(a, "accepted", Some(m1.user_id), None).await;
+    let topic = format!("session:{session}");
+    let since = h.log_head().await;
+    let mut ws = h.client(&m1).await;
+    ws.subscribe(&topic, json!({})).await;
+    let mut c = h.client(&owner).await;
+    c.subscribe(&topic, json!({})).await;
+
+    // The application's own status: m1 is no longer a member, and the change is no event.
+    h.update(a, "paused", Some(m1.user_id), None).await;
+    let revoked = ws.recv().await;
+    assert_eq!(revoked["type"], "revoked", "{revoked}");
+    assert_eq!(revoked["topic"], topic);
+    assert!(revoked["reason"].as_str().is_some_and(|r| !r.is_empty()));
+    // The session's next row reaches its customer, not the mechanic.
+    let b = h.insert(session, "queued", None, None).await;
+    assert_eq!(c.events(1).await[0]["assignment"]["id"], b.to_string());
+    h.nothing_more(&mut ws, &m1).await;
+    ws.subscribe_err(&topic, "forbidden").await;
+
+    // Back in (a change that cannot be read either: its old status is the application's).
+    // A resume from before the pause cannot tell what m1 could see in between: `resync`,
+    // never the row added while they were out.
+    h.update(a, "accepted", Some(m1.user_id), None).await;
+    let subscribed = ws.subscribe(&topic, json!({"since": since})).await;
+    assert_eq!(position(&subscribed), since);
+    let resync = ws.recv().await;
+    assert_eq!(resync["type"], "resync", "{resync}");
+    assert_eq!(resync["topic"], topic);
+
+    // Followed from now, judged by the rows as they stand: m1 is a member again.
+    ws.subscribe(&topic, json!({})).await;
+    set_concern(&h, a, "back").await;
+    assert_eq!(ws.events(1).await[0]["assignment"]["concern"], "back");
+    assert_eq!(c.events(1).await[0]["assignment"]["concern"], "back");
+    h.stop().await;
+}

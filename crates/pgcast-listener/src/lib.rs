@@ -46,7 +46,7 @@ pub use error::{describe_pg, ListenerError};
 pub use listener::{
     Listener, ListenerStatus, Output, Start, StatusSnapshot, APPLICATION_NAME, CHANNEL,
 };
-pub use log::{EventLog, LogHead, LogPage};
+pub use log::{EventLog, LogHead, LogPage, Undecodable};
 pub use metrics::ListenerMetrics;
 pub use pool::{pool, CONNECT_TIMEOUT};
 pub use prune::prune;

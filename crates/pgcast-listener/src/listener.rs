@@ -20,7 +20,7 @@ use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Socket};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Backoff, EventLog, ListenerError};
+use crate::{Backoff, EventLog, ListenerError, Undecodable};
 
 /// The NOTIFY channel rung by `pgcast.emit_assignment_event()`. Its payload is empty: it is a
 /// doorbell, never a source of events (any role that can connect may NOTIFY it).
@@ -63,6 +63,16 @@ pub enum Output {
         /// Where the stream goes on from: the retention boundary (nothing at or below it can
         /// be read any more), or the head of a log that is behind `after`.
         pruned_through: Position,
+    },
+    /// A log row that could not be decoded ([`crate::Undecodable`]), in its place in the
+    /// stream: counted and logged, never sent in part. Whoever judges a right by the rows as
+    /// they stood (a mechanic's membership of a session) can no longer judge it for
+    /// `session_id` (any session when `None`) from this position on.
+    Undecodable {
+        /// The row's position.
+        position: Position,
+        /// The session the row names, if that much could be read.
+        session_id: Option<uuid::Uuid>,
     },
 }
 
@@ -461,16 +471,24 @@ where
                 // Said once: what is at or below the boundary cannot be read any more.
                 cursor.last = Some(page.pruned_through);
             }
-            for (position, error) in &page.undecodable {
-                self.status.decode_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(position, %error, "skipping undecodable log row");
-            }
+            // Both lists are in position order; each row goes out in its place.
+            let mut undecodable = page.undecodable.into_iter().peekable();
             for event in page.events {
                 let position = event.position;
+                while let Some(row) = undecodable.next_if(|row| row.position < position) {
+                    if let Some(end) = self.skip(row, out).await {
+                        return Ok(Some(end));
+                    }
+                }
                 if let Some(end) = self.emit(event, out).await {
                     return Ok(Some(end));
                 }
                 cursor.last = Some(position);
+            }
+            for row in undecodable {
+                if let Some(end) = self.skip(row, out).await {
+                    return Ok(Some(end));
+                }
             }
             if let Some(p) = page.last {
                 cursor.last = Some(p);
@@ -479,6 +497,25 @@ where
                 return Ok(None);
             }
         }
+    }
+
+    /// Counts and logs a row that did not decode and tells the consumer where it was.
+    async fn skip(&self, row: Undecodable, out: &mpsc::Sender<Output>) -> Option<End> {
+        self.status.decode_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            position = row.position,
+            session_id = ?row.session_id,
+            error = %row.error,
+            "skipping undecodable log row"
+        );
+        let skipped = Output::Undecodable {
+            position: row.position,
+            session_id: row.session_id,
+        };
+        out.send(skipped)
+            .await
+            .is_err()
+            .then_some(End::ConsumerGone)
     }
 
     async fn emit(&self, event: AssignmentEvent, out: &mpsc::Sender<Output>) -> Option<End> {

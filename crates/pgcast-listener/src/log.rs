@@ -9,7 +9,7 @@ use std::error::Error as _;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Pool};
 use futures::TryStreamExt;
-use pgcast_events::{decode_event, AssignmentEvent, DecodeError, Position};
+use pgcast_events::{decode_event, session_of_undecodable, AssignmentEvent, DecodeError, Position};
 use tokio_postgres::types::{ToSql, WrongType};
 
 use crate::ListenerError;
@@ -29,8 +29,9 @@ pub struct EventLog {
 pub struct LogPage {
     /// Decoded events in position order.
     pub events: Vec<AssignmentEvent>,
-    /// Rows whose event did not decode (counted and logged by the caller, then skipped).
-    pub undecodable: Vec<(Position, DecodeError)>,
+    /// Rows whose event did not decode (counted and logged by the caller, then skipped), in
+    /// position order.
+    pub undecodable: Vec<Undecodable>,
     /// Highest position in the page, decodable or not: the next page starts after it.
     pub last: Option<Position>,
     /// Rows read (to tell a full page from the end of the range).
@@ -38,6 +39,19 @@ pub struct LogPage {
     /// The retention boundary, read in the same statement as the rows. When it is above the
     /// start of the range, rows of the range may have been pruned before they were read.
     pub pruned_through: Position,
+}
+
+/// A log row that could not become an event. It is never sent in part; what of it can still be
+/// read says whose rights it may have changed.
+#[derive(Debug)]
+pub struct Undecodable {
+    /// The row's position.
+    pub position: Position,
+    /// The session the row names, if that much could be read ([`session_of_undecodable`]):
+    /// the change may have ended a mechanic's membership of it. `None`: any session.
+    pub session_id: Option<uuid::Uuid>,
+    /// Why it did not decode.
+    pub error: DecodeError,
 }
 
 impl LogPage {
@@ -126,20 +140,20 @@ impl EventLog {
             // PostgreSQL holds times chrono cannot (`infinity`, years past 262143): such a row,
             // edited by hand, is skipped like any other that cannot be decoded, instead of
             // failing the page and every read after it.
-            let committed_at = match row.try_get::<_, DateTime<Utc>>(2) {
-                Ok(at) => at,
+            let event: &str = row.try_get(3)?;
+            let decoded = match row.try_get::<_, DateTime<Utc>>(2) {
+                Ok(at) => decode_event(position, at, event),
                 // A column of another type is this query's bug, not a row's: every read fails.
                 Err(e) if e.source().is_some_and(|s| s.is::<WrongType>()) => return Err(e.into()),
-                Err(_) => {
-                    let why = DecodeError::Inconsistent("commit time out of range");
-                    page.undecodable.push((position, why));
-                    continue;
-                }
+                Err(_) => Err(DecodeError::Inconsistent("commit time out of range")),
             };
-            let event: &str = row.try_get(3)?;
-            match decode_event(position, committed_at, event) {
+            match decoded {
                 Ok(event) => page.events.push(event),
-                Err(e) => page.undecodable.push((position, e)),
+                Err(error) => page.undecodable.push(Undecodable {
+                    position,
+                    session_id: session_of_undecodable(event),
+                    error,
+                }),
             }
         }
         Ok(page)

@@ -395,12 +395,26 @@ async fn a_log_row_whose_commit_time_cannot_be_read_is_counted_and_skipped() {
         .unwrap();
     assert_eq!(edited, 1);
 
+    let session: Uuid = client
+        .query_one(
+            "SELECT (payload -> 'row' ->> 'session_id')::uuid FROM pgcast.assignment_events \
+             WHERE position = $1",
+            &[&positions[1]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
     let mut listener = start_listener(&db, Start::After(0)).await;
-    let got = listener.take(2, LIMIT).await;
     assert_eq!(
-        got.iter().map(|e| e.position).collect::<Vec<_>>(),
-        [positions[0], positions[2]],
-        "the edited row is skipped; the reads before and after it go on"
+        outputs(&mut listener, 3).await,
+        [
+            Seen::Event(positions[0]),
+            Seen::Undecodable(positions[1], Some(session)),
+            Seen::Event(positions[2]),
+        ],
+        "the edited row is skipped, in its place and naming its session; the reads before \
+         and after it go on"
     );
     listener.assert_quiet().await;
     assert_eq!(listener.status.snapshot().decode_errors, 1);
@@ -424,16 +438,50 @@ async fn a_log_row_missing_its_id_is_counted_and_skipped_never_half_delivered() 
     assert_eq!(positions.len(), 3);
 
     let mut listener = start_listener(&db, Start::After(0)).await;
-    let got = listener.take(2, LIMIT).await;
+    let deadline = Instant::now() + LIMIT;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(match listener.next_output(deadline).await {
+            Output::Event(e) => (e.position, e.assignment.customer_name.clone()),
+            Output::Undecodable { position, .. } => (position, None),
+            gap => panic!("{gap:?}"),
+        });
+    }
     assert_eq!(
-        got.iter()
-            .map(|e| (e.position, e.assignment.customer_name.as_deref()))
-            .collect::<Vec<_>>(),
-        [(positions[0], Some("c1")), (positions[2], Some("c3"))],
-        "the edited row is skipped, the rows around it arrive whole"
+        got,
+        [
+            (positions[0], Some("c1".to_owned())),
+            (positions[1], None),
+            (positions[2], Some("c3".to_owned()))
+        ],
+        "the edited row is skipped in its place, the rows around it arrive whole"
     );
     // Nothing else comes for it later either.
     listener.assert_quiet().await;
     assert_eq!(listener.status.snapshot().decode_errors, 1);
     listener.stop().await;
+}
+
+/// What a listener's output was, for comparing sequences.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    Event(i64),
+    Undecodable(i64, Option<Uuid>),
+}
+
+/// The listener's next `n` outputs, none of them a gap.
+async fn outputs(listener: &mut Running, n: usize) -> Vec<Seen> {
+    let deadline = Instant::now() + LIMIT;
+    let mut seen = Vec::with_capacity(n);
+    for _ in 0..n {
+        seen.push(match listener.next_output(deadline).await {
+            Output::Event(e) => Seen::Event(e.position),
+            Output::Undecodable {
+                position,
+                session_id,
+            } => Seen::Undecodable(position, session_id),
+            gap => panic!("{gap:?}"),
+        });
+    }
+    seen
 }

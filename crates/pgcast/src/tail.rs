@@ -110,6 +110,8 @@ where
                     );
                     continue;
                 }
+                // Logged (stderr) and counted by the listener; never printed in part.
+                Some(Output::Undecodable { .. }) => continue,
                 None => break Ok(()), // the listener stopped: only on shutdown
             },
         };

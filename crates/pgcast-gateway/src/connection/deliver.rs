@@ -7,7 +7,7 @@ use pgcast_events::{ServerMessage, Verdict};
 use tokio::time::Instant;
 
 use super::{guarded, Connection, End, SocketSink, SocketStream, NO_LONGER_ASSIGNED};
-use crate::hub::Outbound;
+use crate::hub::{MembershipChange, Outbound};
 
 impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
     /// Writes (and drains) `frames` with one flush, under one guard.
@@ -47,8 +47,10 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                     expired = true;
                     continue;
                 }
-                batch.push(frame);
-                oldest_commit = oldest_commit.min(out.committed_micros);
+                if let Some(frame) = frame {
+                    batch.push(frame);
+                    oldest_commit = oldest_commit.min(out.committed_micros);
+                }
                 if let Some(revoked) = revoked {
                     batch.push(revoked);
                 }
@@ -70,37 +72,44 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         Ok(())
     }
 
-    /// The frame to send for `out`, or `None` if its subscription is gone, already has it, or
-    /// may not see it. When the event ends a mechanic's membership of a session, the
-    /// subscription is removed here and the `revoked` frame to send after the event comes too.
-    pub(super) fn accept(&mut self, out: &Outbound) -> Option<(Utf8Bytes, Option<Utf8Bytes>)> {
+    /// The frames to send for `out`: the event's, then `revoked` when the entry ends a
+    /// mechanic's membership of a session (the subscription is removed here); `None` if its
+    /// subscription is gone, already has it, or may not see it.
+    pub(super) fn accept(
+        &mut self,
+        out: &Outbound,
+    ) -> Option<(Option<Utf8Bytes>, Option<Utf8Bytes>)> {
         let i = self.subs.iter().position(|s| s.sub.id == out.sub)?;
         let active = &mut self.subs[i];
         if out.position <= active.delivered_through {
             return None;
         }
         active.delivered_through = out.position;
-        let revoke = match (&mut active.membership, &out.event) {
-            (None, _) => false,
-            (Some(membership), Some(event)) => match membership.apply(event) {
-                Verdict::Deliver => false,
-                Verdict::DeliverThenRevoke => true,
-                Verdict::Skip => return None,
-            },
-            // The hub always attaches the event for these subscriptions; without it the right
-            // cannot be judged, so nothing is sent.
-            (Some(_), None) => return None,
+        let (frame, reason) = match (&mut active.membership, &out.membership) {
+            (None, None) => return Some((Some(out.frame.clone()), None)),
+            (Some(membership), Some(MembershipChange::Event(event))) => {
+                match membership.apply(event) {
+                    Verdict::Deliver => return Some((Some(out.frame.clone()), None)),
+                    Verdict::DeliverThenRevoke => (Some(out.frame.clone()), NO_LONGER_ASSIGNED),
+                    Verdict::Skip => return None,
+                }
+            }
+            // A change of the session that could not be read may have ended the membership.
+            (Some(_), Some(MembershipChange::Unknown)) => (None, MEMBERSHIP_UNREADABLE),
+            // The hub attaches the event to every entry of these subscriptions, and to no
+            // other; without it the right cannot be judged, so nothing is sent.
+            (Some(_), None) | (None, Some(_)) => return None,
         };
-        let frame = out.frame.clone();
-        if !revoke {
-            return Some((frame, None));
-        }
         let gone = self.subs.swap_remove(i);
         self.shared.hub.unsubscribe(&gone.sub);
         let revoked = ServerMessage::Revoked {
             topic: gone.sub.topic.to_string(),
-            reason: NO_LONGER_ASSIGNED.to_owned(),
+            reason: reason.to_owned(),
         };
         Some((frame, Some(revoked.encode().into())))
     }
 }
+
+/// `revoked`'s reason when a change of the session could not be read from the log.
+const MEMBERSHIP_UNREADABLE: &str =
+    "a change to this session could not be read; subscribe again to be checked";

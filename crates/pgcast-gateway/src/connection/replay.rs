@@ -60,7 +60,8 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             if page.pruned_past(page_after) {
                 return Ok(Some(PRUNED));
             }
-            for (position, error) in &page.undecodable {
+            for row in &page.undecodable {
+                let (position, error) = (row.position, &row.error);
                 tracing::warn!(position, %error, "skipping undecodable log row in replay");
             }
             let mut frames = Vec::new();
@@ -184,8 +185,18 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             if page.pruned_past(after) {
                 return Ok(Err(PRUNED));
             }
-            for (position, error) in &page.undecodable {
-                tracing::warn!(position, %error, "skipping undecodable log row in replay");
+            // A row of the session (or of no session that can be read) that did not decode
+            // may have changed the membership: rewinding past it would judge the events
+            // before it by a membership they did not have.
+            let session = membership.session();
+            if let Some(row) = page
+                .undecodable
+                .iter()
+                .find(|row| row.session_id.is_none_or(|id| id == session))
+            {
+                let (position, error) = (row.position, &row.error);
+                tracing::warn!(position, %error, "undecodable log row in a session replay");
+                return Ok(Err(UNDECODABLE_IN_SESSION));
             }
             events.extend(
                 page.events
@@ -220,6 +231,10 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         Ok(Ok(events))
     }
 }
+
+/// `resync`'s reason when a session's history holds a change that could not be read.
+const UNDECODABLE_IN_SESSION: &str =
+    "a change to this session since then could not be read; take a snapshot";
 
 /// Log rows a session replay may read per row a snapshot may hold (`snapshot_limit`) before it
 /// gives up with `resync`: 100,000 by default, about a second of reads.
