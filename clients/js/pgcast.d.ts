@@ -74,6 +74,8 @@ export interface WebSocketLike {
   onmessage: ((event: any) => void) | null;
   /** `event.code` and `event.reason` are the close frame's. */
   onclose: ((event: any) => void) | null;
+  /** A handshake that fails may report only this (Node.js 20's `WebSocket` never `close`s). */
+  onerror: ((event: any) => void) | null;
 }
 
 export type WebSocketClass = new (url: string) => WebSocketLike;
@@ -97,7 +99,11 @@ export interface ClientOptions {
   /**
    * Errors from the server, `{ code: "token" }` when the token function throws or gives
    * nothing, `{ code: "token_expired" }` when a fixed token expired. A subscription refused
-   * with `forbidden` or `unknown_topic` is dropped (it would be refused again).
+   * with `forbidden` or `unknown_topic` is dropped (it would be refused again), except that a
+   * `forbidden` for a topic the server had accepted before (on a resume) goes to `onRevoked`
+   * instead. One the server could not answer (`unavailable`: a snapshot, replay or access check
+   * that failed) is sent again after a jittered backoff from 0.5 s up to `maxBackoffMs`; after
+   * other refusals (`too_many_subscriptions`) it stays inactive until the next reconnect.
    */
   onError?: (error: ServerError) => void;
   /**
@@ -107,7 +113,10 @@ export interface ClientOptions {
    * it arrives. Called after the subscription's own `onRevoked`.
    */
   onRevoked?: (topic: string, reason: string) => void;
-  /** First reconnection delay ceiling; default 250. */
+  /**
+   * First reconnection delay ceiling; default 250. It doubles with every failed attempt and
+   * starts over once a connection has stayed up for 10 s.
+   */
   initialBackoffMs?: number;
   /** Largest reconnection (and refresh retry) delay ceiling; default 10000. */
   maxBackoffMs?: number;
@@ -138,7 +147,10 @@ export interface SubscribeOptions {
 
 export interface Subscription {
   unsubscribe(): void;
-  /** Position of the last snapshot or event received on this topic. */
+  /**
+   * Position of the last snapshot or event received on this topic (or where it was subscribed:
+   * `since`, or the server's `subscribed` position without a snapshot).
+   */
   readonly position: number | null;
   /** Why the server revoked it, once it did; `null` while it is active. */
   readonly revoked: string | null;
@@ -155,7 +167,7 @@ export class PgcastClient {
   readonly expiresAt: number | null;
   /**
    * Follows a topic ("queue", "session:<uuid>", "mechanic:<uuid>", "workshop:<uuid>",
-   * "assignments"); may be called before the connection is up.
+   * "customer:<uuid>", "assignments"); may be called before the connection is up.
    */
   subscribe(topic: string, options?: SubscribeOptions): Subscription;
   /**

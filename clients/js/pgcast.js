@@ -49,6 +49,14 @@ const EXPIRED_RETRY_GAP_MS = 10000;
 const MAX_TIMER_MS = 24 * 3600 * 1000;
 /** Subscription errors after which sending the same request again cannot succeed. */
 const FINAL_SUBSCRIBE_ERRORS = new Set(["forbidden", "unknown_topic"]);
+/** A subscribe the server could not answer this time (`unavailable`: a snapshot, replay or
+ * access check that failed or timed out) is sent again after a jittered backoff, starting here
+ * and doubling up to `maxBackoffMs`. */
+const SUBSCRIBE_RETRY_MS = 500;
+/** The reconnect backoff starts over only once a connection has stayed up this long: a server
+ * that accepts and then closes at once (a slow consumer's 4008 on every resume, say) is not
+ * reconnected to four times a second. */
+const STABLE_AFTER_MS = 10000;
 /** `WebSocket.OPEN`: the same in every implementation, and no global to read it from in some. */
 const OPEN = 1;
 /**
@@ -150,6 +158,9 @@ export class PgcastClient {
       confirmed: false,
       /** Why the server revoked it, once it did. */
       revoked: null,
+      /** Subscribes the server could not answer in a row, and the timer of the next try. */
+      retries: 0,
+      retryTimer: null,
     };
     this.subs.set(topic, sub);
     if (this.authenticated) this.#sendSubscribe(sub);
@@ -159,6 +170,7 @@ export class PgcastClient {
         // Only this subscription: the topic may have been subscribed again since.
         if (client.subs.get(topic) !== sub) return;
         client.subs.delete(topic);
+        client.#cancel(sub.retryTimer);
         client.#send({ type: "unsubscribe", id: `unsubscribe:${topic}`, topic });
       },
       get position() {
@@ -252,6 +264,8 @@ export class PgcastClient {
     this.ws = ws;
     let pingTimer = null;
     let pongDeadline = null;
+    /** Starts the backoff over once this socket has been live for a while. */
+    let stableTimer = null;
     /** This socket heard `ready` (later ones answer refreshes). */
     let ready = false;
     /** The server said `token_expired`: whatever close follows, a fresh token is needed. */
@@ -260,18 +274,22 @@ export class PgcastClient {
       pingTimer = this.#later(PING_EVERY_MS, () => {
         const id = `ka${++this.pingSeq}`;
         this.#send({ type: "ping", id });
-        pongDeadline = this.#later(PONG_WITHIN_MS, () => ws.close(4000, "no pong"));
+        // A half-open socket may take its implementation's closing handshake (30–60 s) to
+        // report `close`: the attempt ends now, and the next one starts.
+        pongDeadline = this.#later(PONG_WITHIN_MS, () => abandon(false, "no pong"));
         keepAlive();
       });
     };
     /**
      * Ends this attempt as if the socket had closed without a close frame (1006); `close()`s it
-     * unless it already failed (closing a failed one can make it report errors again).
+     * (with 4000 and `why`, if given) unless it already failed (closing a failed one can make it
+     * report errors again).
      */
-    const abandon = (failed) => {
+    const abandon = (failed, why) => {
       if (!failed) {
         try {
-          ws.close();
+          if (why) ws.close(4000, why);
+          else ws.close();
         } catch {
           // An implementation that refuses close() while connecting.
         }
@@ -313,11 +331,17 @@ export class PgcastClient {
         case "ready":
           if (!ready) {
             ready = true;
-            this.attempt = 0;
+            stableTimer = this.#later(STABLE_AFTER_MS, () => {
+              this.attempt = 0;
+            });
             this.authenticated = true;
             this.liveToken = token;
             this.#setState("live");
-            for (const sub of this.subs.values()) this.#sendSubscribe(sub);
+            for (const sub of this.subs.values()) {
+              this.#cancel(sub.retryTimer); // sent now
+              sub.retryTimer = null;
+              this.#sendSubscribe(sub);
+            }
             keepAlive();
           } else if (this.pendingToken !== null) {
             // The answer to a refresh: the connection now runs on the new token.
@@ -334,6 +358,7 @@ export class PgcastClient {
           const sub = this.subs.get(msg.topic);
           if (!sub) break;
           sub.confirmed = true;
+          sub.retries = 0;
           if (sub.position === null && !sub.snapshot) sub.position = msg.position;
           break;
         }
@@ -382,6 +407,7 @@ export class PgcastClient {
       this.#cancel(pingTimer);
       this.#cancel(pongDeadline);
       this.#cancel(openDeadline);
+      this.#cancel(stableTimer);
       if (this.ws !== ws) return; // an older socket (or one given up); its successor is in charge
       this.ws = null;
       this.authenticated = false;
@@ -433,6 +459,7 @@ export class PgcastClient {
     const sub = this.subs.get(topic);
     if (sub) {
       this.subs.delete(topic);
+      this.#cancel(sub.retryTimer);
       sub.revoked = reason;
       sub.onRevoked(topic, reason);
     }
@@ -450,8 +477,22 @@ export class PgcastClient {
         return;
       }
       this.subs.delete(sub.topic);
+    } else if (sub && msg.code === "unavailable") {
+      // Not subscribed this time (the server dropped the request): again, after a backoff.
+      this.#retrySubscribe(sub);
     }
     this.onError(msg);
+  }
+
+  /** Sends `sub`'s subscribe again after a jittered backoff, if it is still wanted then. */
+  #retrySubscribe(sub) {
+    const ceiling = Math.min(this.maxBackoffMs, SUBSCRIBE_RETRY_MS * 2 ** sub.retries);
+    sub.retries += 1;
+    this.#cancel(sub.retryTimer);
+    sub.retryTimer = this.#later(ceiling / 2 + Math.random() * (ceiling / 2), () => {
+      sub.retryTimer = null;
+      if (this.subs.get(sub.topic) === sub && this.authenticated) this.#sendSubscribe(sub);
+    });
   }
 
   /** Schedules the next refresh of the live connection's token from `expiresAt`. */

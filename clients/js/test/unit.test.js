@@ -210,4 +210,74 @@ test("a ping is answered by any frame within its deadline; silence closes the so
   assert.equal(ws.closedWith, undefined);
   t.mock.timers.tick(1);
   assert.deepEqual(ws.closedWith, { code: 4000, reason: "no pong" });
+  // A half-open socket may take its closing handshake's timeout to report `close`: the next
+  // attempt does not wait for it.
+  assert.equal(c.c.state, "reconnecting");
+  t.mock.timers.tick(2);
+  await settle(() => c.made.length === 2);
+  c.made[1].open();
+  c.made[1].deliver(ready);
+  assert.equal(c.c.state, "live");
+  // The old socket's late `close` changes nothing.
+  ws.drop(1006);
+  assert.equal(c.c.state, "live");
+});
+
+/** Lets the client's promises run (timers are mocked) until `done()`. */
+async function settle(done) {
+  for (let i = 0; i < 100 && !done(); i++) await new Promise((resolve) => setImmediate(resolve));
+  assert.ok(done(), "not reached");
+}
+
+test("a subscribe the server could not answer (unavailable) is sent again after a backoff", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const c = client({ maxBackoffMs: 10000 });
+  await settle(() => c.made.length === 1);
+  const ws = c.made[0];
+  ws.open();
+  ws.deliver(ready);
+  const subscribes = () => ws.sent.filter((m) => m.type === "subscribe");
+  assert.equal(subscribes().length, 1);
+  ws.deliver({ type: "error", id: "queue", code: "unavailable", message: "snapshot failed; retry" });
+  assert.equal(c.seen.errors.at(-1).code, "unavailable", "the app is told");
+  t.mock.timers.tick(249);
+  assert.equal(subscribes().length, 1, "not before the backoff");
+  t.mock.timers.tick(251);
+  assert.equal(subscribes().length, 2);
+  assert.deepEqual(subscribes()[1], { type: "subscribe", id: "queue", topic: "queue", snapshot: true });
+  // Again: the backoff doubles.
+  ws.deliver({ type: "error", id: "queue", code: "unavailable", message: "snapshot failed; retry" });
+  t.mock.timers.tick(499);
+  assert.equal(subscribes().length, 2);
+  t.mock.timers.tick(501);
+  assert.equal(subscribes().length, 3);
+  // A refusal is final: never sent again.
+  ws.deliver({ type: "error", id: "queue", code: "forbidden", message: "no" });
+  t.mock.timers.tick(60000);
+  assert.equal(subscribes().length, 3);
+  assert.equal(c.c.subs.size, 0);
+});
+
+test("the reconnect backoff starts over only after a connection stayed up", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const c = client();
+  const live = async (i) => {
+    await settle(() => c.made.length > i);
+    c.made[i].open();
+    c.made[i].deliver(ready);
+    assert.equal(c.c.state, "live");
+  };
+  await live(0);
+  c.made[0].drop(4008, "slow consumer");
+  assert.equal(c.c.attempt, 1);
+  t.mock.timers.tick(2);
+  await live(1);
+  // Closed right after `ready`, as a slow consumer resuming a backlog can be: backs off more.
+  c.made[1].drop(4008, "slow consumer");
+  assert.equal(c.c.attempt, 2);
+  t.mock.timers.tick(2);
+  await live(2);
+  t.mock.timers.tick(10000);
+  c.made[2].drop(1006);
+  assert.equal(c.c.attempt, 1, "up for 10 s: the backoff started over");
 });

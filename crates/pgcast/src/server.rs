@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -412,7 +412,24 @@ fn routes(app: App) -> Router {
             "/customer",
             get(|State(app): State<App>| async move { Html(app.customer.to_string()) }),
         )
+        .layer(axum::middleware::map_response(page_headers))
         .with_state(app)
+}
+
+/// What every page and asset says to the browser: render nothing as another type than it is
+/// declared (`nosniff`), never inside another site's frame (the pages act for the user whose
+/// token they hold), and send no `Referer` from them.
+async fn page_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+        (header::REFERRER_POLICY, "no-referrer"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
 }
 
 /// Ready while the listener is connected and caught up: a load balancer then sends clients

@@ -123,20 +123,30 @@ impl Answer {
 }
 
 async fn post(addr: SocketAddr, path: &str, token: Option<&str>, body: Option<&str>) -> Answer {
-    let exchange = exchange(addr, "POST", path, token, body);
+    http_answer(addr, "POST", path, token, body).await
+}
+
+async fn http_answer(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Answer {
+    let exchange = exchange(addr, method, path, token, body);
     let response = tokio::time::timeout(WAIT, exchange)
         .await
-        .unwrap_or_else(|_| panic!("POST {path}: no answer within {WAIT:?}"))
-        .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        .unwrap_or_else(|_| panic!("{method} {path}: no answer within {WAIT:?}"))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     let text = String::from_utf8_lossy(&response);
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("POST {path}: not HTTP: {text:?}"));
+        .unwrap_or_else(|| panic!("{method} {path}: not HTTP: {text:?}"));
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("POST {path}: no status in {head:?}"));
+        .unwrap_or_else(|| panic!("{method} {path}: no status in {head:?}"));
     Answer {
         status,
         head: head.to_owned(),
@@ -221,6 +231,20 @@ async fn serve_has_no_demo_routes_and_both_serve_a_favicon() {
         let (status, body) = http_get(serve.addr, icon).await;
         assert_eq!(status, 200, "{icon}");
         assert!(body.starts_with("<svg"), "{icon}");
+    }
+    // Pages hold a user's token: never framed by another site, never sniffed, no Referer.
+    for path in ["/", "/mechanic", "/customer", "/client.js", "/app.css"] {
+        let page = http_answer(serve.addr, "GET", path, None, None).await;
+        assert_eq!(page.status, 200, "{path}");
+        let head = page.head.to_ascii_lowercase();
+        for line in [
+            "x-content-type-options: nosniff",
+            "x-frame-options: deny",
+            "content-security-policy: frame-ancestors 'none'",
+            "referrer-policy: no-referrer",
+        ] {
+            assert!(head.contains(line), "{path}: no {line:?} in {head}");
+        }
     }
     serve.stop().await;
 
