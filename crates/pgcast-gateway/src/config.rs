@@ -85,7 +85,7 @@ pub struct GatewayConfig {
     /// Most rows a snapshot may hold; a larger one fails with `unavailable`. Default 10,000.
     pub snapshot_limit: usize,
     /// Client frames per second allowed on average (bursts of twice that); frames over the
-    /// limit are answered with `rate_limited` and ignored. Default 50.
+    /// limit are ignored, the first of a run answered with `rate_limited`. Default 50.
     pub client_frames_per_second: u32,
     /// Browser `Origin` values allowed to connect; empty = any origin (tokens still required).
     /// Default empty.

@@ -20,6 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::hub::Outbound;
 
+/// Entries an empty queue keeps room for (a few KiB): what steady fan-out needs between two
+/// writes, without reallocating.
+const KEPT_CAPACITY: usize = 64;
+
 /// The queue, its cost in bytes, and whether its connection is gone.
 #[derive(Debug, Default)]
 struct Queue {
@@ -172,6 +176,12 @@ impl Outbox {
             into.push(out);
         }
         queue.bytes -= freed;
+        // A burst (a 10,000-row transaction) grows the queue to thousands of entries; kept,
+        // that capacity would stay with the connection for its whole life, on every connection
+        // the burst reached. Given back once the burst is written.
+        if queue.frames.is_empty() && queue.frames.capacity() > KEPT_CAPACITY {
+            queue.frames.shrink_to(KEPT_CAPACITY);
+        }
         n
     }
 
@@ -236,6 +246,28 @@ mod tests {
         assert_eq!(outbox.eviction(), Some(Eviction::Slow));
         // What fitted is still there, in order; the overflowing frame is not.
         assert_eq!(take_now(&outbox, 10), Some(vec![1, 2]));
+    }
+
+    #[test]
+    fn a_drained_burst_gives_its_room_back() {
+        let outbox = Outbox::new(usize::MAX);
+        for p in 0..5_000 {
+            assert_eq!(outbox.push(frame(p, 10)), Pushed::Queued);
+        }
+        assert!(outbox.lock().frames.capacity() >= 5_000);
+        let mut taken = 0;
+        while let Some(batch) = take_now(&outbox, 64) {
+            taken += batch.len();
+        }
+        assert_eq!(taken, 5_000);
+        assert!(outbox.lock().frames.capacity() <= KEPT_CAPACITY);
+        // Steady traffic below that keeps its room.
+        for p in 0..10 {
+            outbox.push(frame(p, 10));
+        }
+        let room = outbox.lock().frames.capacity();
+        assert_eq!(take_now(&outbox, 64).map(|b| b.len()), Some(10));
+        assert_eq!(outbox.lock().frames.capacity(), room);
     }
 
     #[test]

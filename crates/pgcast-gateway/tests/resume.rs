@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{mechanic, service, Harness, Next, WAIT};
+use common::{customer, mechanic, service, Harness, Next, WAIT};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -121,6 +121,57 @@ async fn a_resume_older_than_the_window_reads_the_log_and_queue_takes_a_snapshot
     assert_eq!(snapshot["assignments"].as_array().map(Vec::len), Some(8));
     assert_eq!(h.metric("pgcast_replays_from_window"), 1.0);
     assert_eq!(h.metric("pgcast_replays_from_log"), 1.0);
+    h.stop().await;
+}
+
+/// A replay from the log that passes over many rows that are not its topic's (a customer far
+/// behind) stops after ten log rows per row a snapshot may hold: what it found up to there,
+/// then `resync`, instead of reading the whole retained log for a few rows. A topic that gets
+/// every event (`assignments`) replays the same stretch whole.
+#[tokio::test]
+async fn a_sparse_replay_reads_a_bounded_part_of_the_log() {
+    // At most 30 rows passed over: one page of the log (1,000 rows) is already more.
+    let h = Harness::start_with(|c| {
+        c.replay_window = 1;
+        c.snapshot_limit = 3;
+    })
+    .await;
+    let owner = customer();
+    let session = h.insert_session(owner.user_id).await;
+    let start = h.log_head().await;
+    let mut watcher = h.watcher().await;
+    let first = h.insert(session, "queued", None, None).await;
+    h.admin
+        .execute(
+            "INSERT INTO session_assignments (session_id, status)
+             SELECT gen_random_uuid(), 'queued' FROM generate_series(1, 2500)",
+            &[],
+        )
+        .await
+        .expect("other customers' rows");
+    h.insert(session, "queued", None, None).await;
+    let head = h.log_head().await;
+    watcher.until_position(head).await;
+
+    let mut ws = h.client(&owner).await;
+    let topic = format!("customer:{}", owner.user_id);
+    ws.subscribe(&topic, json!({"since": start})).await;
+    let found = ws.events(1).await;
+    assert_eq!(found[0]["assignment"]["id"], first.to_string());
+    let resync = ws.recv().await;
+    assert_eq!(resync["type"], "resync", "{resync}");
+    assert_eq!(resync["topic"], topic);
+    // The snapshot has both rows.
+    ws.subscribe(&topic, json!({"snapshot": true})).await;
+    let snapshot = ws.recv().await;
+    assert_eq!(snapshot["assignments"].as_array().map(Vec::len), Some(2));
+
+    let mut all = h.client(&service()).await;
+    all.subscribe("assignments", json!({"since": start})).await;
+    assert_eq!(
+        positions(&all.events(2502).await),
+        log_positions(&h, start, head).await
+    );
     h.stop().await;
 }
 

@@ -31,7 +31,7 @@ use crate::hub::Subscription;
 use crate::outbox::{Eviction, Outbox};
 use crate::Shared;
 
-use rate::RateLimit;
+use rate::{Rate, RateLimit};
 
 mod auth;
 mod deliver;
@@ -396,10 +396,8 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             Some(Err(e)) => return Err(read_error(&e)),
         };
         // Every frame that earns a reply counts against the rate, binary ones included.
-        if !self.rate.take() {
-            return self
-                .error(None, ErrorCode::RateLimited, "too many frames; slow down")
-                .await;
+        if !self.within_rate().await? {
+            return Ok(());
         }
         let Some(text) = text else {
             return self
@@ -491,11 +489,28 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
 
     /// Answers one ping taken while a subscribe runs.
     async fn pong(&mut self, id: Option<String>) -> Result<(), End> {
-        if self.rate.take() {
-            self.send(ServerMessage::Pong { id }).await
-        } else {
-            self.error(None, ErrorCode::RateLimited, "too many frames; slow down")
-                .await
+        if self.within_rate().await? {
+            self.send(ServerMessage::Pong { id }).await?;
+        }
+        Ok(())
+    }
+
+    /// Counts one client frame against the rate: true if it is to be handled. The first over
+    /// the rate is answered with `rate_limited`, the next ones are dropped unanswered until a
+    /// frame passes again.
+    async fn within_rate(&mut self) -> Result<bool, End> {
+        match self.rate.take() {
+            Rate::Pass => Ok(true),
+            Rate::Refuse => {
+                self.error(
+                    None,
+                    ErrorCode::RateLimited,
+                    "too many frames; slow down (frames over the rate are dropped unanswered)",
+                )
+                .await?;
+                Ok(false)
+            }
+            Rate::Drop => Ok(false),
         }
     }
 

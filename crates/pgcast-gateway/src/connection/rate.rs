@@ -1,6 +1,8 @@
 //! The client frame rate limit: a token bucket per connection, refilled at
 //! `client_frames_per_second` and holding two seconds' worth, so a burst of subscribes after a
-//! reconnect passes and a steady flood does not.
+//! reconnect passes and a steady flood does not. A flood is told once (`rate_limited`) and its
+//! further frames are dropped unanswered until one passes again: answering each would let one
+//! client make the gateway write a frame per frame it sends, as fast as it can send them.
 
 use tokio::time::Instant;
 
@@ -10,6 +12,19 @@ pub(super) struct RateLimit {
     per_second: f64,
     tokens: f64,
     at: Instant,
+    /// The last frame was refused: the client has been told.
+    refusing: bool,
+}
+
+/// What to do with one client frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Rate {
+    /// Within the rate: handle it.
+    Pass,
+    /// The first over the rate since the last that passed: answer `rate_limited`.
+    Refuse,
+    /// Over the rate again: drop it unanswered.
+    Drop,
 }
 
 impl RateLimit {
@@ -19,6 +34,7 @@ impl RateLimit {
             per_second,
             tokens: per_second * 2.0,
             at: Instant::now(),
+            refusing: false,
         }
     }
 
@@ -26,18 +42,20 @@ impl RateLimit {
         self.per_second * 2.0
     }
 
-    /// Takes a token for one client frame; false when the bucket is empty (the frame gets
-    /// `rate_limited`).
-    pub(super) fn take(&mut self) -> bool {
+    /// Takes a token for one client frame.
+    pub(super) fn take(&mut self) -> Rate {
         let now = Instant::now();
         let refill = now.duration_since(self.at).as_secs_f64() * self.per_second;
         self.tokens = (self.tokens + refill).min(self.burst());
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            true
+            self.refusing = false;
+            Rate::Pass
+        } else if std::mem::replace(&mut self.refusing, true) {
+            Rate::Drop
         } else {
-            false
+            Rate::Refuse
         }
     }
 }
@@ -50,15 +68,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_burst_of_two_seconds_passes_then_the_rate_refills() {
         let mut rate = RateLimit::new(5);
-        let passed = (0..20).filter(|_| rate.take()).count();
+        let passed = (0..20).filter(|_| rate.take() == Rate::Pass).count();
         assert_eq!(passed, 10, "the bucket holds two seconds' worth");
-        assert!(!rate.take());
+        assert_eq!(rate.take(), Rate::Drop, "told once already");
         tokio::time::advance(Duration::from_millis(400)).await;
-        assert!(rate.take(), "0.4 s at 5/s refills two tokens");
-        assert!(rate.take());
-        assert!(!rate.take());
+        assert_eq!(rate.take(), Rate::Pass, "0.4 s at 5/s refills two tokens");
+        assert_eq!(rate.take(), Rate::Pass);
+        assert_eq!(rate.take(), Rate::Refuse, "told again after frames passed");
+        assert_eq!(rate.take(), Rate::Drop);
         // A long quiet spell refills no more than the burst.
         tokio::time::advance(Duration::from_secs(60)).await;
-        assert_eq!((0..20).filter(|_| rate.take()).count(), 10);
+        assert_eq!((0..20).filter(|_| rate.take() == Rate::Pass).count(), 10);
     }
 }

@@ -43,9 +43,13 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
 
     /// Streams the topic's events in `(since, through]` from the log, each page read (in its
     /// turn among the gateway's database reads) while the previous one is written.
-    /// `Ok(Some(reason))`: a prune overtook the replay (a page came back with the retention
-    /// boundary inside its range), so what follows would have a gap; nothing of that page was
-    /// sent and the client must resync.
+    /// `Ok(Some(reason))`: the client must resync. Either a prune overtook the replay (a page
+    /// came back with the retention boundary inside its range), so what follows would have a
+    /// gap; nothing of that page was sent. Or the replay passed over more log rows that are not
+    /// the topic's than [`SCANNED_PER_SNAPSHOT_ROW`] per row a snapshot may hold: a topic with
+    /// few events (one customer's) resumed from far back must not keep the gateway's reads busy
+    /// for the whole retained log, while one that gets most events (`assignments`) catches up
+    /// from as far back as it likes.
     pub(super) async fn replay(
         &mut self,
         sub: &Subscription,
@@ -56,6 +60,12 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         let read = |after| gated(&shared, shared.log.read_range(after, through, REPLAY_PAGE));
         let mut page_after = since;
         let mut page = self.answering(read(since)).await?.map_err(replay_failed)?;
+        let skip_limit = self
+            .shared
+            .config
+            .snapshot_limit
+            .saturating_mul(SCANNED_PER_SNAPSHOT_ROW);
+        let mut skipped = 0_usize;
         loop {
             if page.pruned_past(page_after) {
                 return Ok(Some(PRUNED));
@@ -76,7 +86,13 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
                 }
                 frames.push(EventFrame::encode(&sub.topic, event).into());
             }
+            skipped = skipped.saturating_add(page.rows.saturating_sub(frames.len()));
             let more = !expired && page.rows == REPLAY_PAGE as usize;
+            if more && skipped > skip_limit {
+                // What this page found is written; the rest comes with the snapshot.
+                self.write_frames(&mut frames).await?;
+                return Ok(Some(SPARSE_REPLAY));
+            }
             let after = page.last.unwrap_or(through);
             let prefetch = async {
                 if more {
@@ -232,12 +248,17 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
     }
 }
 
+/// `resync`'s reason when a replay would read too much of the log for the topic's few events.
+const SPARSE_REPLAY: &str =
+    "the log since then is longer than a replay of this topic reads; take a snapshot";
+
 /// `resync`'s reason when a session's history holds a change that could not be read.
 const UNDECODABLE_IN_SESSION: &str =
     "a change to this session since then could not be read; take a snapshot";
 
-/// Log rows a session replay may read per row a snapshot may hold (`snapshot_limit`) before it
-/// gives up with `resync`: 100,000 by default, about a second of reads.
+/// Log rows a session replay may read, and other replays may pass over, per row a snapshot may
+/// hold (`snapshot_limit`) before they give up with `resync`: 100,000 by default, about a
+/// second of reads.
 const SCANNED_PER_SNAPSHOT_ROW: usize = 10;
 
 /// A replay read failed: the client resumes from the last position it received.

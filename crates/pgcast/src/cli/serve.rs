@@ -247,8 +247,9 @@ pub struct LimitArgs {
         value_parser = clap::value_parser!(u32).range(1..=1024)
     )]
     pub max_subscriptions: u32,
-    /// Client frames per second per connection on average (bursts of twice that); more are
-    /// answered with `rate_limited` and ignored. 1 to 10,000.
+    /// Client frames per second per connection on average (bursts of twice that); the first
+    /// frame over it is answered with `rate_limited`, it and the next ones are ignored (unanswered)
+    /// until a frame is within the rate again. 1 to 10,000.
     #[arg(
         long = "client-frames-per-second",
         env = "PGCAST_CLIENT_FRAMES_PER_SECOND",
