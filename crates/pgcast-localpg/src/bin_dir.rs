@@ -79,6 +79,13 @@ fn newest_debian_bin_dir() -> Option<PathBuf> {
     newest_version(versions).map(|version| root.join(version).join("bin"))
 }
 
+/// Debian's directory of the server binaries of major version `version`, if installed.
+pub(crate) fn debian_bin_dir(version: &str) -> Option<PathBuf> {
+    version_key(version)?;
+    let dir = Path::new(DEBIAN_ROOT).join(version).join("bin");
+    has_server_binaries(&dir).then_some(dir)
+}
+
 fn initdb_on_path() -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
     let initdb = env::split_paths(&path)

@@ -109,14 +109,48 @@ impl LocalPg {
     ///
     /// The cluster has one superuser, `postgres`, trusted on local connections only (the
     /// server listens on 127.0.0.1), UTF-8 encoding and the C locale.
+    ///
+    /// A directory that holds files but no cluster is refused untouched. An existing cluster
+    /// runs on the binaries of its own major version (`PG_VERSION`): Debian's directory of that
+    /// version when the binaries found are another one and `PGCAST_PG_BIN` does not name them;
+    /// without it, an error says what to do.
     pub fn open_or_init(data_dir: &Path, port: u16) -> Result<Self, LocalPgError> {
-        let pg = Self::describe(data_dir, port)?;
+        let mut pg = Self::describe(data_dir, port)?;
         if pg.is_initialized() {
+            pg.bin_dir = pg.bin_dir_for_cluster()?;
             pg.runner.check_access(&pg.data_dir)?;
         } else {
             pg.initdb()?;
         }
         Ok(pg)
+    }
+
+    /// The binaries for the cluster's major version: the ones found when they match it.
+    fn bin_dir_for_cluster(&self) -> Result<PathBuf, LocalPgError> {
+        let path = self.data_dir.join("PG_VERSION");
+        let cluster_version = fs::read_to_string(&path)
+            .map_err(|source| LocalPgError::Io {
+                action: "read",
+                path,
+                source,
+            })?
+            .trim()
+            .to_owned();
+        let binaries = crate::server_version(&self.bin_dir)?;
+        if major_version(&binaries) == Some(cluster_version.as_str()) {
+            return Ok(self.bin_dir.clone());
+        }
+        if let Some(own) = crate::bin_dir::debian_bin_dir(&cluster_version) {
+            if std::env::var_os(crate::BIN_DIR_ENV).is_none_or(|v| v.is_empty()) {
+                return Ok(own);
+            }
+        }
+        Err(LocalPgError::VersionMismatch {
+            path: self.data_dir.clone(),
+            cluster_version,
+            bin_dir: self.bin_dir.clone(),
+            binaries,
+        })
     }
 
     /// Creates a cluster in `data_dir` by copying `template_dir`, an initialised cluster that
@@ -184,6 +218,13 @@ impl LocalPg {
     }
 
     fn initdb(&self) -> Result<(), LocalPgError> {
+        // Before anything changes it: a mistyped `--data-dir` (`.`, `/var/tmp`) must not have
+        // its mode and owner changed, and initdb would refuse it anyway.
+        if fs::read_dir(&self.data_dir).is_ok_and(|mut entries| entries.next().is_some()) {
+            return Err(LocalPgError::NotACluster {
+                path: self.data_dir.clone(),
+            });
+        }
         create_dir_all(&self.data_dir)?;
         fs::set_permissions(&self.data_dir, fs::Permissions::from_mode(0o700)).map_err(
             |source| LocalPgError::Io {
@@ -354,6 +395,23 @@ impl LocalPg {
     }
 }
 
+/// The major version in `postgres --version`'s line (`postgres (PostgreSQL) 15.14 (Debian …)`
+/// → `15`; `9.6.24` → `9.6`), as `PG_VERSION` spells it.
+fn major_version(line: &str) -> Option<&str> {
+    let version = line.split_whitespace().nth(2)?;
+    let mut parts = version.split('.');
+    let first = parts.next()?;
+    let first_len = first.len();
+    match first.parse::<u32>().ok()? {
+        // Before 10 the major version had two parts.
+        ..10 => {
+            let second = parts.next()?;
+            version.get(..first_len + 1 + second.len())
+        }
+        _ => Some(first),
+    }
+}
+
 /// Reserves a free TCP port on 127.0.0.1 by binding port 0, then releases it. Another process
 /// may take it before it is used; callers that start a server on it should retry on
 /// [`LocalPgError::is_address_in_use`].
@@ -402,6 +460,19 @@ mod tests {
     fn shell_quote_survives_single_quotes() {
         assert_eq!(shell_quote("a=b c"), "'a=b c'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn the_major_version_is_read_as_pg_version_spells_it() {
+        let major = |line| major_version(line);
+        assert_eq!(
+            major("postgres (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)"),
+            Some("15")
+        );
+        assert_eq!(major("postgres (PostgreSQL) 17.2"), Some("17"));
+        assert_eq!(major("postgres (PostgreSQL) 9.6.24"), Some("9.6"));
+        assert_eq!(major("postgres (PostgreSQL) 18beta1"), None);
+        assert_eq!(major(""), None);
     }
 
     #[test]

@@ -37,6 +37,34 @@ pub enum LocalPgError {
         path: PathBuf,
     },
 
+    /// The data directory holds files but no cluster: initdb would refuse it, and pgcast
+    /// changes nothing in a directory it did not make.
+    #[error(
+        "{path} holds files but no PostgreSQL cluster (no PG_VERSION); pgcast neither \
+         initialises nor changes it: give a new or empty directory for the cluster"
+    )]
+    NotACluster {
+        /// The directory.
+        path: PathBuf,
+    },
+
+    /// The cluster was made by another major version of PostgreSQL than the binaries found.
+    #[error(
+        "the cluster in {path} was made by PostgreSQL {cluster_version}, but the binaries in \
+         {bin_dir} are {binaries}: install PostgreSQL {cluster_version}'s server (or set \
+         PGCAST_PG_BIN to its bin directory), or remove {path} to start afresh"
+    )]
+    VersionMismatch {
+        /// The data directory.
+        path: PathBuf,
+        /// Its `PG_VERSION`.
+        cluster_version: String,
+        /// The binaries' directory.
+        bin_dir: PathBuf,
+        /// What `postgres --version` says.
+        binaries: String,
+    },
+
     /// A cluster can only be copied from a template into a new or empty directory.
     #[error("{path} is not empty; a cluster can only be copied into a new or empty directory")]
     NotEmpty {

@@ -107,3 +107,56 @@ fn a_template_copy_needs_an_empty_directory() {
         LocalPg::init_from_template(existing, existing, 1).expect_err("copied onto a cluster");
     assert!(matches!(err, LocalPgError::NotEmpty { .. }), "{err:?}");
 }
+
+/// A mistyped data directory (`.`, `/var/tmp`) that holds files but no cluster is refused
+/// before anything in it changes: not its mode, not its owner.
+#[test]
+fn a_directory_with_files_but_no_cluster_is_refused_untouched() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = scratch();
+    let data = dir.path().join("notes");
+    fs::create_dir(&data).expect("mkdir");
+    fs::write(data.join("todo.txt"), "keep me").expect("a file");
+    fs::set_permissions(&data, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let before = fs::metadata(&data).expect("stat");
+
+    let err = LocalPg::open_or_init(&data, 1).expect_err("initialised a directory of files");
+    assert!(matches!(err, LocalPgError::NotACluster { .. }), "{err:?}");
+    assert!(err.to_string().contains("no PostgreSQL cluster"), "{err}");
+    let after = fs::metadata(&data).expect("stat");
+    assert_eq!(after.mode() & 0o7777, 0o755, "mode changed");
+    assert_eq!(
+        (after.uid(), after.gid()),
+        (before.uid(), before.gid()),
+        "owner changed"
+    );
+    assert_eq!(
+        fs::read_to_string(data.join("todo.txt")).unwrap(),
+        "keep me"
+    );
+}
+
+/// A cluster made by another major version than the binaries found (an upgrade installed a
+/// newer PostgreSQL) runs on its own version's binaries, or is refused with what to do.
+#[test]
+fn a_cluster_of_another_major_version_says_what_to_do() {
+    let dir = scratch();
+    let data = dir.path().join("old");
+    fs::create_dir(&data).expect("mkdir");
+    // No machine has these binaries.
+    fs::write(data.join("PG_VERSION"), "9.1\n").expect("PG_VERSION");
+
+    let err = LocalPg::open_or_init(&data, 1).expect_err("opened a 9.1 cluster");
+    let LocalPgError::VersionMismatch {
+        cluster_version, ..
+    } = &err
+    else {
+        panic!("{err:?}");
+    };
+    assert_eq!(cluster_version, "9.1");
+    let message = err.to_string();
+    assert!(
+        message.contains("PostgreSQL 9.1") && message.contains("remove"),
+        "{message}"
+    );
+}

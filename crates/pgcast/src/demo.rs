@@ -159,7 +159,8 @@ pub async fn demo(options: DemoOptions, shutdown: CancellationToken) -> Result<(
     // Bind first: a busy port fails before anything is started.
     let tcp = crate::server::bind(options.listen).await?;
     let data_dir = options.data_dir.clone().unwrap_or_else(default_data_dir);
-    let pg = start_postgres(data_dir.clone()).await?;
+    // Held until the demo returns (the OS releases it if the process dies).
+    let (pg, _lock) = start_postgres(data_dir.clone()).await?;
     let mut config = tokio_postgres::Config::new();
     config
         .host("127.0.0.1")
@@ -206,22 +207,51 @@ pub async fn demo(options: DemoOptions, shutdown: CancellationToken) -> Result<(
     result
 }
 
-async fn start_postgres(data_dir: PathBuf) -> Result<LocalPg, PgcastError> {
+/// Opens (or creates) the demo's cluster, takes its data directory's lock and starts it. The
+/// lock file is returned: the demo holds it while it runs.
+async fn start_postgres(data_dir: PathBuf) -> Result<(LocalPg, std::fs::File), PgcastError> {
     tokio::task::spawn_blocking(move || {
-        find_bin_dir()?;
-        let port = free_port()?;
-        let pg = LocalPg::open_or_init(&data_dir, port)?.with_settings(Settings::durable());
+        let open = || {
+            find_bin_dir()?;
+            let port = free_port()?;
+            LocalPg::open_or_init(&data_dir, port).map(|pg| pg.with_settings(Settings::durable()))
+        };
+        let pg = open().map_err(PgcastError::LocalPg)?;
+        let lock = lock_data_dir(&data_dir)?;
         if pg.is_running() {
-            // Left over from a demo that was killed: take it over on our port.
+            // Left over from a demo that was killed (a running one holds the lock): take it
+            // over on our port.
             tracing::warn!(dir = %data_dir.display(), "stopping a PostgreSQL left running by an earlier demo");
-            pg.stop(StopMode::Fast)?;
+            pg.stop(StopMode::Fast).map_err(PgcastError::LocalPg)?;
         }
-        pg.start()?;
-        Ok(pg)
+        pg.start().map_err(PgcastError::LocalPg)?;
+        Ok((pg, lock))
     })
     .await
     .map_err(|_| PgcastError::Task("PostgreSQL start-up did not finish"))?
-    .map_err(PgcastError::LocalPg)
+}
+
+/// Takes the exclusive lock of the demo's data directory (`pgcast-demo.lock` in it), so that a
+/// second demo on the same directory is refused instead of stopping the first one's server.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, PgcastError> {
+    let path = data_dir.join("pgcast-demo.lock");
+    let failed = |source| PgcastError::DemoLock {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(failed)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(PgcastError::DemoInUse {
+            data_dir: data_dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(failed(e)),
+    }
 }
 
 /// Runs the demo on `tcp` against `setup.pg` until `shutdown`: migrates, loads the demo data

@@ -69,6 +69,25 @@ pub enum PgcastError {
     /// The demo's local PostgreSQL could not be set up.
     #[error("local PostgreSQL")]
     LocalPg(#[source] pgcast_localpg::LocalPgError),
+    /// Another `pgcast demo` runs on the same data directory (it holds the directory's lock).
+    #[error(
+        "another `pgcast demo` is running on {}; stop it, or give this one a data directory of \
+         its own (--data-dir)",
+        data_dir.display()
+    )]
+    DemoInUse {
+        /// The data directory.
+        data_dir: std::path::PathBuf,
+    },
+    /// The demo's lock file in its data directory could not be opened or locked.
+    #[error("could not lock {}", path.display())]
+    DemoLock {
+        /// The lock file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A background task of the demo failed to run.
     #[error("{0}")]
     Task(&'static str),

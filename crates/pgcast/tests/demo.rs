@@ -330,6 +330,26 @@ async fn demo_starts_from_nothing_serves_simulated_events_stops_cleanly_and_reus
         .expect("count the demo customer's sessions")
         .get(0);
     assert_eq!(played, 0, "the simulator left the demo customer alone");
+    // A second demo on the same directory is refused, and the first one's PostgreSQL runs on.
+    let data = dir.data();
+    let data = data.to_str().expect("UTF-8 path");
+    let mut second = Process::spawn(pgcast([
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data,
+    ]));
+    let status = second.wait_exit(SHUTDOWN_LIMIT).await;
+    let stderr = second.stderr();
+    assert_ne!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("another `pgcast demo` is running"),
+        "{stderr}"
+    );
+    db.query_one("SELECT 1", &[])
+        .await
+        .expect("the first demo's PostgreSQL still runs");
     drop(db);
     // The same demo users work against the reused data.
     let mut customer = demo.server.client(&demo.customer_token).await;
