@@ -55,7 +55,7 @@ export interface AssignmentEvent {
 export interface ServerError {
   code:
     | "bad_request" | "unauthorized" | "forbidden" | "unknown_topic"
-    | "too_many_subscriptions" | "rate_limited" | "unavailable" | "token_expired" | "token"
+    | "too_many_subscriptions" | "rate_limited" | "unavailable" | "snapshot_too_large" | "token_expired" | "token"
     | string;
   message: string;
   id?: string;
@@ -99,7 +99,8 @@ export interface ClientOptions {
   /**
    * Errors from the server, `{ code: "token" }` when the token function throws or gives
    * nothing, `{ code: "token_expired" }` when a fixed token expired. A subscription refused
-   * with `forbidden` or `unknown_topic` is dropped (it would be refused again), except that a
+   * with `forbidden`, `unknown_topic` or `snapshot_too_large` is dropped (it would be refused
+   * again; for the last, subscribe with `since` or `snapshot: false`), except that a
    * `forbidden` for a topic the server had accepted before (on a resume) goes to `onRevoked`
    * instead. One the server could not answer (`unavailable`: a snapshot, replay or access check
    * that failed) is sent again after a jittered backoff from 0.5 s up to `maxBackoffMs`; after

@@ -48,7 +48,7 @@ const EXPIRED_RETRY_GAP_MS = 10000;
 /** setTimeout's limit is 2^31-1 ms; longer waits are taken in steps. */
 const MAX_TIMER_MS = 24 * 3600 * 1000;
 /** Subscription errors after which sending the same request again cannot succeed. */
-const FINAL_SUBSCRIBE_ERRORS = new Set(["forbidden", "unknown_topic"]);
+const FINAL_SUBSCRIBE_ERRORS = new Set(["forbidden", "unknown_topic", "snapshot_too_large"]);
 /** A subscribe the server could not answer this time (`unavailable`: a snapshot, replay or
  * access check that failed or timed out) is sent again after a jittered backoff, starting here
  * and doubling up to `maxBackoffMs`. */
@@ -215,6 +215,7 @@ export class PgcastClient {
   }
 
   #later(ms, fn) {
+    if (this.stopped) return null; // closed: nothing more is scheduled (a late frame included)
     const t = setTimeout(() => {
       this.timers.delete(t);
       fn();

@@ -258,6 +258,28 @@ test("a subscribe the server could not answer (unavailable) is sent again after 
   assert.equal(c.c.subs.size, 0);
 });
 
+test("a snapshot too large is not asked for again; nothing is scheduled after close()", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const c = client({ maxBackoffMs: 10000 });
+  await settle(() => c.made.length === 1);
+  const ws = c.made[0];
+  ws.open();
+  ws.deliver(ready);
+  const subscribes = () => ws.sent.filter((m) => m.type === "subscribe").length;
+  ws.deliver({ type: "error", id: "queue", code: "snapshot_too_large", message: "too many rows" });
+  t.mock.timers.tick(60000);
+  assert.equal(subscribes(), 1);
+  assert.equal(c.c.subs.size, 0);
+  assert.equal(c.seen.errors.at(-1).code, "snapshot_too_large");
+  // After close(), a late `unavailable` schedules nothing (no timer keeps the process alive).
+  const other = c.c.subscribe("assignments");
+  ws.deliver({ type: "subscribed", id: "assignments", topic: "assignments", position: 1 });
+  c.c.close();
+  ws.deliver({ type: "error", id: "assignments", code: "unavailable", message: "retry" });
+  assert.equal(c.c.timers.size, 0);
+  other.unsubscribe();
+});
+
 test("the reconnect backoff starts over only after a connection stayed up", async (t) => {
   t.mock.timers.enable({ apis: ["setTimeout"] });
   const c = client();

@@ -82,10 +82,17 @@ pub struct GatewayConfig {
     /// connections still see shutdown, slow-consumer signals and peers that leave. Size the
     /// gateway's pool to at least this. Default 8.
     pub max_concurrent_reads: usize,
-    /// Most rows a snapshot may hold; a larger one fails with `unavailable`. Default 10,000.
+    /// Most rows a snapshot may hold; a larger one fails with `snapshot_too_large`. Default
+    /// 10,000.
     pub snapshot_limit: usize,
-    /// Client frames per second allowed on average (bursts of twice that); frames over the
-    /// limit are ignored, the first of a run answered with `rate_limited`. Default 50.
+    /// Most log rows a `since` replay from the log may pass over without sending them (a
+    /// mechanic's session replay: may read) before it stops with `resync`: a topic with few
+    /// events resumed from far back must not keep the gateway's reads busy for the whole
+    /// retained log. About 6 s of reads. Default 1,000,000.
+    pub replay_scan_limit: usize,
+    /// Client frames per second allowed on average (bursts of twice that, or of twice
+    /// `max_subscriptions` plus two if more); frames over the limit are ignored, the first of a
+    /// run answered with `rate_limited`. Default 50.
     pub client_frames_per_second: u32,
     /// Browser `Origin` values allowed to connect; empty = any origin (tokens still required).
     /// Default empty.
@@ -121,6 +128,7 @@ impl GatewayConfig {
             replay_window: 10_000,
             max_concurrent_reads: 8,
             snapshot_limit: 10_000,
+            replay_scan_limit: 1_000_000,
             client_frames_per_second: 50,
             allowed_origins: Vec::new(),
             read_buffer_bytes: 1 << 10,

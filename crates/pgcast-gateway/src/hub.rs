@@ -164,12 +164,17 @@ impl Hub {
         evicted
     }
 
-    /// The log row at `position` could not be decoded; it named `session` (any session when
-    /// `None`). It may have ended a mechanic's membership, so every subscription that follows
+    /// The log row at `position`, committed at `committed_micros` (unknown: now), could not be
+    /// decoded; it named `session` (any session when `None`). It may have ended a mechanic's membership, so every subscription that follows
     /// one of those sessions by membership is told so in its place in the stream (its
     /// connection revokes it; a new subscription is judged by the rows as they stand). Rare:
     /// without a session, the whole index is walked.
-    pub(crate) fn undecodable(&self, position: Position, session: Option<uuid::Uuid>) {
+    pub(crate) fn undecodable(
+        &self,
+        position: Position,
+        committed_micros: Option<i64>,
+        session: Option<uuid::Uuid>,
+    ) {
         let targets: Vec<Arc<Subscription>> = {
             let index = self.index.read().unwrap_or_else(|e| e.into_inner());
             let follows = |sub: &&Arc<Subscription>| sub.follows_membership();
@@ -187,13 +192,15 @@ impl Hub {
                     .collect(),
             }
         };
-        let now = chrono::Utc::now().timestamp_micros();
+        // Judged as of its commit, like an event: a token that expired after it still gets the
+        // `revoked` (and whatever came before it).
+        let committed_micros =
+            committed_micros.unwrap_or_else(|| chrono::Utc::now().timestamp_micros());
         for sub in targets {
             sub.conn.push(Outbound {
                 sub: sub.id,
                 position,
-                // When it is judged: a connection past its token's `exp` by then sends nothing.
-                committed_micros: now,
+                committed_micros,
                 frame: Utf8Bytes::default(),
                 membership: Some(MembershipChange::Unknown),
             });
@@ -402,11 +409,11 @@ mod tests {
                 .collect::<Vec<_>>()
         };
 
-        hub.undecodable(5, Some(s1));
+        hub.undecodable(5, None, Some(s1));
         assert_eq!(unknown(&follower), vec![5]);
         assert_eq!(unknown(&elsewhere), Vec::<Position>::new());
         // Without a session, every session's mechanics; never a customer or another topic.
-        hub.undecodable(6, None);
+        hub.undecodable(6, Some(0), None);
         assert_eq!(unknown(&follower), vec![6]);
         assert_eq!(unknown(&elsewhere), vec![6]);
         assert_eq!(unknown(&owner), Vec::<Position>::new());

@@ -185,10 +185,11 @@ impl Gateway {
                                 "gap in the event stream: subscribed connections closed to resume"
                             );
                         }
-                        Some(Output::Undecodable { position, session_id }) => {
+                        Some(Output::Undecodable { position, committed_at, session_id }) => {
                             // Sent to nobody; a mechanic's membership of the session it
                             // names can no longer be judged from here on.
-                            shared.hub.undecodable(position, session_id);
+                            let committed = committed_at.map(|at| at.timestamp_micros());
+                            shared.hub.undecodable(position, committed, session_id);
                         }
                         None => return,
                     },

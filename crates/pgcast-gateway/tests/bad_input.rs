@@ -371,7 +371,11 @@ async fn ping_burst(ws: &mut Ws, n: usize, binary: bool) -> (usize, usize, usize
 
 #[tokio::test]
 async fn a_burst_over_the_frame_rate_gets_rate_limited_then_recovers() {
-    let h = Harness::start_with(|c| c.client_frames_per_second = 5).await;
+    let h = Harness::start_with(|c| {
+        c.client_frames_per_second = 5;
+        c.max_subscriptions = 1;
+    })
+    .await;
     let mut ws = h.client(&mechanic(None)).await;
     ws.subscribe("queue", json!({})).await;
     let mut other = h.client(&mechanic(None)).await;
@@ -397,7 +401,11 @@ async fn a_burst_over_the_frame_rate_gets_rate_limited_then_recovers() {
 /// one without limit.
 #[tokio::test]
 async fn binary_frames_count_against_the_frame_rate() {
-    let h = Harness::start_with(|c| c.client_frames_per_second = 5).await;
+    let h = Harness::start_with(|c| {
+        c.client_frames_per_second = 5;
+        c.max_subscriptions = 1;
+    })
+    .await;
     let mut ws = h.client(&mechanic(None)).await;
     let (_, limited, bad) = ping_burst(&mut ws, 40, true).await;
     assert!(

@@ -125,15 +125,15 @@ async fn a_resume_older_than_the_window_reads_the_log_and_queue_takes_a_snapshot
 }
 
 /// A replay from the log that passes over many rows that are not its topic's (a customer far
-/// behind) stops after ten log rows per row a snapshot may hold: what it found up to there,
-/// then `resync`, instead of reading the whole retained log for a few rows. A topic that gets
-/// every event (`assignments`) replays the same stretch whole.
+/// behind) stops after `replay_scan_limit` of them: what it found up to there, then `resync`,
+/// instead of reading the whole retained log for a few rows. A topic that gets every event
+/// (`assignments`) replays the same stretch whole.
 #[tokio::test]
 async fn a_sparse_replay_reads_a_bounded_part_of_the_log() {
     // At most 30 rows passed over: one page of the log (1,000 rows) is already more.
     let h = Harness::start_with(|c| {
         c.replay_window = 1;
-        c.snapshot_limit = 3;
+        c.replay_scan_limit = 30;
     })
     .await;
     let owner = customer();
@@ -172,6 +172,31 @@ async fn a_sparse_replay_reads_a_bounded_part_of_the_log() {
         positions(&all.events(2502).await),
         log_positions(&h, start, head).await
     );
+    h.stop().await;
+}
+
+/// A snapshot larger than the limit is refused with a code of its own (asking again cannot
+/// help, unlike `unavailable`); following the topic without one, or with `since`, works.
+#[tokio::test]
+async fn a_snapshot_over_the_limit_is_refused_for_good_not_as_unavailable() {
+    let h = Harness::start_with(|c| c.snapshot_limit = 3).await;
+    let start = h.log_head().await;
+    for _ in 0..4 {
+        h.insert(Uuid::new_v4(), "queued", None, None).await;
+    }
+    let mut ws = h.client(&service()).await;
+    ws.send(json!({"type": "subscribe", "id": "big", "topic": "assignments", "snapshot": true}))
+        .await;
+    let refused = ws.expect_error("snapshot_too_large").await;
+    assert_eq!(refused["id"], "big");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("since")),
+        "{refused}"
+    );
+    ws.subscribe("assignments", json!({"since": start})).await;
+    assert_eq!(ws.events(4).await.len(), 4);
     h.stop().await;
 }
 

@@ -483,13 +483,13 @@ async fn a_session_replay_longer_than_the_limit_gets_resync() {
 }
 
 /// A session's history is found by reading the log and filtering it: a resume that would read
-/// more than ten log rows per row a snapshot may hold gets `resync` instead, for a member and
-/// for a mechanic who never had a part in the session alike, so that neither keeps the
-/// gateway's reads busy for the whole retained log.
+/// more than `replay_scan_limit` log rows gets `resync` instead, for a member and for a
+/// mechanic who never had a part in the session alike, so that neither keeps the gateway's
+/// reads busy for the whole retained log.
 #[tokio::test]
 async fn a_session_replay_reads_a_bounded_part_of_the_log() {
     // At most 30 rows: one page of the log (1,000 rows) is already more.
-    let h = Harness::start_with(|c| c.snapshot_limit = 3).await;
+    let h = Harness::start_with(|c| c.replay_scan_limit = 30).await;
     let m = mechanic(None);
     let (session, a) = accepted_session(&h, m.user_id).await;
     let since = h.log_head().await;

@@ -71,6 +71,8 @@ pub enum Output {
     Undecodable {
         /// The row's position.
         position: Position,
+        /// Its commit time, if it could be read.
+        committed_at: Option<chrono::DateTime<chrono::Utc>>,
         /// The session the row names, if that much could be read.
         session_id: Option<uuid::Uuid>,
     },
@@ -476,9 +478,11 @@ where
             for event in page.events {
                 let position = event.position;
                 while let Some(row) = undecodable.next_if(|row| row.position < position) {
+                    let skipped = row.position;
                     if let Some(end) = self.skip(row, out).await {
                         return Ok(Some(end));
                     }
+                    cursor.last = Some(skipped);
                 }
                 if let Some(end) = self.emit(event, out).await {
                     return Ok(Some(end));
@@ -486,9 +490,11 @@ where
                 cursor.last = Some(position);
             }
             for row in undecodable {
+                let skipped = row.position;
                 if let Some(end) = self.skip(row, out).await {
                     return Ok(Some(end));
                 }
+                cursor.last = Some(skipped);
             }
             if let Some(p) = page.last {
                 cursor.last = Some(p);
@@ -510,6 +516,7 @@ where
         );
         let skipped = Output::Undecodable {
             position: row.position,
+            committed_at: row.committed_at,
             session_id: row.session_id,
         };
         out.send(skipped)

@@ -47,6 +47,8 @@ pub struct LogPage {
 pub struct Undecodable {
     /// The row's position.
     pub position: Position,
+    /// Its commit time, unless that is what could not be read.
+    pub committed_at: Option<DateTime<Utc>>,
     /// The session the row names, if that much could be read ([`session_of_undecodable`]):
     /// the change may have ended a mechanic's membership of it. `None`: any session.
     pub session_id: Option<uuid::Uuid>,
@@ -141,16 +143,21 @@ impl EventLog {
             // edited by hand, is skipped like any other that cannot be decoded, instead of
             // failing the page and every read after it.
             let event: &str = row.try_get(3)?;
-            let decoded = match row.try_get::<_, DateTime<Utc>>(2) {
-                Ok(at) => decode_event(position, at, event),
+            let committed_at = match row.try_get::<_, DateTime<Utc>>(2) {
+                Ok(at) => Some(at),
                 // A column of another type is this query's bug, not a row's: every read fails.
                 Err(e) if e.source().is_some_and(|s| s.is::<WrongType>()) => return Err(e.into()),
-                Err(_) => Err(DecodeError::Inconsistent("commit time out of range")),
+                Err(_) => None,
+            };
+            let decoded = match committed_at {
+                Some(at) => decode_event(position, at, event),
+                None => Err(DecodeError::Inconsistent("commit time out of range")),
             };
             match decoded {
                 Ok(event) => page.events.push(event),
                 Err(error) => page.undecodable.push(Undecodable {
                     position,
+                    committed_at,
                     session_id: session_of_undecodable(event),
                     error,
                 }),

@@ -410,7 +410,7 @@ async fn a_log_row_whose_commit_time_cannot_be_read_is_counted_and_skipped() {
         outputs(&mut listener, 3).await,
         [
             Seen::Event(positions[0]),
-            Seen::Undecodable(positions[1], Some(session)),
+            Seen::Undecodable(positions[1], Some(session), false),
             Seen::Event(positions[2]),
         ],
         "the edited row is skipped, in its place and naming its session; the reads before \
@@ -466,7 +466,8 @@ async fn a_log_row_missing_its_id_is_counted_and_skipped_never_half_delivered() 
 #[derive(Debug, PartialEq)]
 enum Seen {
     Event(i64),
-    Undecodable(i64, Option<Uuid>),
+    /// Position, session, whether the commit time came with it.
+    Undecodable(i64, Option<Uuid>, bool),
 }
 
 /// The listener's next `n` outputs, none of them a gap.
@@ -478,8 +479,9 @@ async fn outputs(listener: &mut Running, n: usize) -> Vec<Seen> {
             Output::Event(e) => Seen::Event(e.position),
             Output::Undecodable {
                 position,
+                committed_at,
                 session_id,
-            } => Seen::Undecodable(position, session_id),
+            } => Seen::Undecodable(position, session_id, committed_at.is_some()),
             gap => panic!("{gap:?}"),
         });
     }

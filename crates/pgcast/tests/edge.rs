@@ -541,8 +541,8 @@ async fn gateway_flags_take_effect() {
         Some(0.0),
         "the closed socket is still counted"
     );
-    // One subscription per connection; the frame rate (burst of 2) answers the third frame
-    // with rate_limited.
+    // One subscription per connection; the frame rate (a burst of 4: room for the one
+    // subscription twice and two frames more) answers the fifth frame with rate_limited.
     let mut ws = server
         .client(&token(SECRET.as_bytes(), Role::Service))
         .await;
@@ -553,7 +553,11 @@ async fn gateway_flags_take_effect() {
         .await;
     let refused = ws.recv().await;
     assert_eq!(refused["code"], "too_many_subscriptions", "{refused}");
-    ws.send(json!({"type": "ping", "id": "p"})).await;
+    for id in ["p", "q"] {
+        ws.send(json!({"type": "ping", "id": id})).await;
+        assert_eq!(ws.recv().await["type"], "pong");
+    }
+    ws.send(json!({"type": "ping", "id": "r"})).await;
     let limited = ws.recv().await;
     assert_eq!(limited["code"], "rate_limited", "{limited}");
     // Two connections per process: with this one open and another, a third gets 503.

@@ -63,9 +63,12 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         let result = self.write_frames(&mut batch).await;
         self.batch = batch;
         result?;
-        let now = chrono::Utc::now().timestamp_micros();
-        let latency = (now - oldest_commit).max(0) as f64 / 1e6;
-        self.shared.metrics.latency.observe(latency);
+        // A batch of `revoked` frames alone delivered no event.
+        if oldest_commit != i64::MAX {
+            let now = chrono::Utc::now().timestamp_micros();
+            let latency = (now - oldest_commit).max(0) as f64 / 1e6;
+            self.shared.metrics.latency.observe(latency);
+        }
         if expired {
             return Err(End::Expired);
         }
@@ -112,4 +115,4 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
 
 /// `revoked`'s reason when a change of the session could not be read from the log.
 const MEMBERSHIP_UNREADABLE: &str =
-    "a change to this session could not be read; subscribe again to be checked";
+    "a change to this session could not be read, so access to it can no longer be judged";

@@ -233,7 +233,10 @@ async fn serve_halves<Si: SocketSink, St: SocketStream>(
     admission: Admission,
 ) {
     shared.metrics.connections.inc();
-    let shared_rate = shared.config.client_frames_per_second;
+    let rate = RateLimit::new(
+        shared.config.client_frames_per_second,
+        shared.config.max_subscriptions,
+    );
     let mut conn = Connection {
         outbox: Arc::new(Outbox::new(shared.config.outbound_bytes)),
         shutdown: shared.shutdown.child_token(),
@@ -246,7 +249,7 @@ async fn serve_halves<Si: SocketSink, St: SocketStream>(
         expires_at: Arc::new(AtomicU64::new(0)),
         last_heard: Instant::now(),
         last_written: Instant::now(),
-        rate: RateLimit::new(shared_rate),
+        rate,
         admission,
         pings: None,
         deferred: std::collections::VecDeque::new(),

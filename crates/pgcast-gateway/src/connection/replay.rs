@@ -46,10 +46,10 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
     /// `Ok(Some(reason))`: the client must resync. Either a prune overtook the replay (a page
     /// came back with the retention boundary inside its range), so what follows would have a
     /// gap; nothing of that page was sent. Or the replay passed over more log rows that are not
-    /// the topic's than [`SCANNED_PER_SNAPSHOT_ROW`] per row a snapshot may hold: a topic with
-    /// few events (one customer's) resumed from far back must not keep the gateway's reads busy
-    /// for the whole retained log, while one that gets most events (`assignments`) catches up
-    /// from as far back as it likes.
+    /// the topic's than `replay_scan_limit`, after writing what it found up to there: a topic
+    /// with few events (one customer's) resumed from far back must not keep the gateway's reads
+    /// busy for the whole retained log, while one that gets most events (`assignments`) catches
+    /// up from as far back as it likes.
     pub(super) async fn replay(
         &mut self,
         sub: &Subscription,
@@ -60,11 +60,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         let read = |after| gated(&shared, shared.log.read_range(after, through, REPLAY_PAGE));
         let mut page_after = since;
         let mut page = self.answering(read(since)).await?.map_err(replay_failed)?;
-        let skip_limit = self
-            .shared
-            .config
-            .snapshot_limit
-            .saturating_mul(SCANNED_PER_SNAPSHOT_ROW);
+        let skip_limit = self.shared.config.replay_scan_limit;
         let mut skipped = 0_usize;
         loop {
             if page.pruned_past(page_after) {
@@ -174,9 +170,8 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
 
     /// The session's events in `(since, head]`, read from the log, with `membership` rewound
     /// from `head` to `since`. `Ok(Err(reason))`: they cannot all be read (the log was pruned
-    /// past `since`, there are more than a replay holds, or finding them would read more than
-    /// [`SCANNED_PER_SNAPSHOT_ROW`] log rows per row a snapshot may hold) and `membership` is
-    /// unchanged.
+    /// past `since`, there are more than a replay holds (`snapshot_limit`), or finding them would
+    /// read more than `replay_scan_limit` log rows) and `membership` is unchanged.
     pub(super) async fn session_history(
         &mut self,
         since: Position,
@@ -189,11 +184,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         // The log is read whole and filtered here: a session far behind, or one the mechanic
         // never had a part in (refused only once its history is read), must not keep the
         // gateway's reads busy for the whole retained log.
-        let scan_limit = self
-            .shared
-            .config
-            .snapshot_limit
-            .saturating_mul(SCANNED_PER_SNAPSHOT_ROW);
+        let scan_limit = self.shared.config.replay_scan_limit;
         let mut scanned = 0_usize;
         loop {
             let read = shared.log.read_range(after, head.head, REPLAY_PAGE);
@@ -255,11 +246,6 @@ const SPARSE_REPLAY: &str =
 /// `resync`'s reason when a session's history holds a change that could not be read.
 const UNDECODABLE_IN_SESSION: &str =
     "a change to this session since then could not be read; take a snapshot";
-
-/// Log rows a session replay may read, and other replays may pass over, per row a snapshot may
-/// hold (`snapshot_limit`) before they give up with `resync`: 100,000 by default, about a
-/// second of reads.
-const SCANNED_PER_SNAPSHOT_ROW: usize = 10;
 
 /// A replay read failed: the client resumes from the last position it received.
 fn replay_failed(error: pgcast_listener::ListenerError) -> End {

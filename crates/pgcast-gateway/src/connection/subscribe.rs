@@ -15,7 +15,7 @@ use super::{
     REDRAWN,
 };
 use crate::hub::Subscription;
-use crate::{db, Shared};
+use crate::{db, GatewayError, Shared};
 
 impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
     pub(super) async fn subscribe(
@@ -168,7 +168,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             Ok(view) => view,
             Err(error) => {
                 tracing::warn!(%error, "session membership check failed");
-                self.error(id, ErrorCode::Unavailable, "could not check access; retry")
+                self.failed(id, &error, "could not check access; retry")
                     .await?;
                 return Ok(None);
             }
@@ -289,11 +289,28 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
             }
             Err(error) => {
                 tracing::warn!(%error, "snapshot failed");
-                self.error(id, ErrorCode::Unavailable, "snapshot failed; retry")
-                    .await?;
+                self.failed(id, &error, "snapshot failed; retry").await?;
                 Ok(None)
             }
         }
+    }
+
+    /// Tells the client that a database read for its subscribe failed: `snapshot_too_large`
+    /// when asking again cannot help, else `unavailable` with `retry`.
+    async fn failed(
+        &mut self,
+        id: Option<String>,
+        error: &GatewayError,
+        retry: &str,
+    ) -> Result<(), End> {
+        if let GatewayError::SnapshotTooLarge(limit) = error {
+            let message = format!(
+                "the snapshot would hold more than {limit} rows (the server's snapshot limit); \
+                 subscribe with since, or without a snapshot"
+            );
+            return self.error(id, ErrorCode::SnapshotTooLarge, &message).await;
+        }
+        self.error(id, ErrorCode::Unavailable, retry).await
     }
 
     /// Replays the topic's events after `since` up to `hub_head` (the hub's head when the

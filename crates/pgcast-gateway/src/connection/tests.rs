@@ -384,7 +384,11 @@ async fn a_reader_that_stops_is_closed_as_a_slow_consumer_and_nobody_else_waits(
 
 #[tokio::test(start_paused = true)]
 async fn frames_beyond_the_rate_get_rate_limited_and_the_rate_refills() {
-    let shared = gateway(|c| c.client_frames_per_second = 5);
+    // One subscription: the bucket is two seconds' worth (not room for subscriptions).
+    let shared = gateway(|c| {
+        c.client_frames_per_second = 5;
+        c.max_subscriptions = 1;
+    });
     let mut client = connect(&shared, 64);
     client.authenticate().await;
     for i in 0..12 {
@@ -679,7 +683,11 @@ async fn a_burst_of_pings_while_a_subscribe_waits_is_taken_a_few_at_a_time_and_a
 /// Pings answered while a subscribe waits count against the frame rate like any others.
 #[tokio::test(start_paused = true)]
 async fn pings_while_a_subscribe_waits_are_rate_limited() {
-    let mut client = waiting_for_the_database(64, |c| c.client_frames_per_second = 2).await;
+    let mut client = waiting_for_the_database(64, |c| {
+        c.client_frames_per_second = 2;
+        c.max_subscriptions = 1;
+    })
+    .await;
     // The bucket holds four; the subscribe took one: three pongs, then the flood is told once.
     let mut replies = Vec::new();
     for id in 0..4 {

@@ -247,9 +247,10 @@ pub struct LimitArgs {
         value_parser = clap::value_parser!(u32).range(1..=1024)
     )]
     pub max_subscriptions: u32,
-    /// Client frames per second per connection on average (bursts of twice that); the first
-    /// frame over it is answered with `rate_limited`, it and the next ones are ignored (unanswered)
-    /// until a frame is within the rate again. 1 to 10,000.
+    /// Client frames per second per connection on average (bursts of twice that, or of twice
+    /// --max-subscriptions plus two if more); the first frame over it is answered with
+    /// `rate_limited`, it and the next ones are ignored (unanswered) until a frame is within the
+    /// rate again. 1 to 10,000.
     #[arg(
         long = "client-frames-per-second",
         env = "PGCAST_CLIENT_FRAMES_PER_SECOND",
@@ -277,7 +278,8 @@ pub struct LimitArgs {
         value_parser = parse_timeout
     )]
     pub heartbeat_interval: Duration,
-    /// Most rows one snapshot may hold; a larger one fails with `unavailable`. 1 to 1,000,000.
+    /// Most rows one snapshot may hold; a larger one fails with `snapshot_too_large`. 1 to
+    /// 1,000,000.
     #[arg(
         long = "snapshot-limit",
         env = "PGCAST_SNAPSHOT_LIMIT",
@@ -286,6 +288,17 @@ pub struct LimitArgs {
         value_parser = clap::value_parser!(u32).range(1..=1_000_000)
     )]
     pub snapshot_limit: u32,
+    /// Most log rows a `since` replay from the log may pass over that are not its topic's (a
+    /// mechanic's session replay: may read) before it stops with `resync`; a replay of a topic
+    /// that gets most events is not limited by it. 1,000 to 100,000,000.
+    #[arg(
+        long = "replay-scan-limit",
+        env = "PGCAST_REPLAY_SCAN_LIMIT",
+        default_value = "1000000",
+        value_name = "ROWS",
+        value_parser = clap::value_parser!(u32).range(1_000..=100_000_000)
+    )]
+    pub replay_scan_limit: u32,
 }
 
 impl LimitArgs {
@@ -319,6 +332,7 @@ impl LimitArgs {
         gateway.auth_timeout = self.auth_timeout;
         gateway.heartbeat_interval = self.heartbeat_interval;
         gateway.snapshot_limit = self.snapshot_limit as usize;
+        gateway.replay_scan_limit = self.replay_scan_limit as usize;
         Ok(Limits {
             edge: EdgeLimits {
                 header_timeout: self.header_timeout,
@@ -346,7 +360,8 @@ impl fmt::Display for LimitArgs {
              connection_burst_per_ip={} max_unauthenticated={} max_unauthenticated_per_ip={} \
              max_frame_bytes={} frame_timeout={} outbound_bytes={} replay_window={} \
              max_concurrent_reads={} allowed_origins={} max_connections={} max_subscriptions={} \
-             client_frames_per_second={} auth_timeout={} heartbeat_interval={} snapshot_limit={}",
+             client_frames_per_second={} auth_timeout={} heartbeat_interval={} snapshot_limit={} \
+             replay_scan_limit={}",
             format_duration(self.header_timeout),
             or_off(self.max_connections_per_ip),
             or_off(self.connection_rate_per_ip),
@@ -369,6 +384,7 @@ impl fmt::Display for LimitArgs {
             format_duration(self.auth_timeout),
             format_duration(self.heartbeat_interval),
             self.snapshot_limit,
+            self.replay_scan_limit,
         )
     }
 }
