@@ -165,10 +165,10 @@ impl Hub {
     }
 
     /// The log row at `position`, committed at `committed_micros` (unknown: now), could not be
-    /// decoded; it named `session` (any session when `None`). It may have ended a mechanic's membership, so every subscription that follows
-    /// one of those sessions by membership is told so in its place in the stream (its
-    /// connection revokes it; a new subscription is judged by the rows as they stand). Rare:
-    /// without a session, the whole index is walked.
+    /// decoded; it named `session` (any session when `None`). It may have ended a mechanic's
+    /// membership, so every subscription that follows one of those sessions by membership is
+    /// told so in its place in the stream (its connection revokes it; a new subscription is
+    /// judged by the rows as they stand). Rare: without a session, the whole index is walked.
     pub(crate) fn undecodable(
         &self,
         position: Position,

@@ -124,7 +124,7 @@ async fn printed_configuration_hides_the_secret_and_the_password() {
              max_frame_bytes=64KiB frame_timeout=10s outbound_bytes=16MiB replay_window=10000 \
              max_concurrent_reads=8 allowed_origins=any max_connections=20000 \
              max_subscriptions=32 client_frames_per_second=50 auth_timeout=10s \
-             heartbeat_interval=20s snapshot_limit=10000\n"
+             heartbeat_interval=20s snapshot_limit=10000 replay_scan_limit=1000000\n"
         ),
         "{}",
         out.stderr
@@ -447,7 +447,7 @@ async fn serve_shows_issuer_and_audience_in_its_summary() {
              max_frame_bytes=64KiB frame_timeout=10s outbound_bytes=16MiB replay_window=10000 \
              max_concurrent_reads=8 allowed_origins=any max_connections=20000 \
              max_subscriptions=32 client_frames_per_second=50 auth_timeout=10s \
-             heartbeat_interval=20s snapshot_limit=10000\n"
+             heartbeat_interval=20s snapshot_limit=10000 replay_scan_limit=1000000\n"
         ),
         "{}",
         out.stderr
