@@ -158,6 +158,14 @@ pub fn default_data_dir() -> PathBuf {
 pub async fn demo(options: DemoOptions, shutdown: CancellationToken) -> Result<(), PgcastError> {
     // Bind first: a busy port fails before anything is started.
     let tcp = crate::server::bind(options.listen).await?;
+    if !options.listen.ip().is_loopback() {
+        // PGCAST_LISTEN exported for `serve` applies here too.
+        tracing::warn!(
+            listen = %options.listen,
+            "the demo listens beyond this machine: its overview page lists working tokens for \
+             anyone who can reach it"
+        );
+    }
     let data_dir = options.data_dir.clone().unwrap_or_else(default_data_dir);
     // Held until the demo returns (the OS releases it if the process dies).
     let (pg, _lock) = start_postgres(data_dir.clone()).await?;
