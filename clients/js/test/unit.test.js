@@ -187,15 +187,26 @@ test("tokenClaims reads a JWT's claims without verifying", () => {
   assert.deepEqual(tokenClaims("not a token"), {});
 });
 
-test("a ping is answered by any frame within its deadline; silence closes the socket", async (t) => {
-  // Only setTimeout is mocked: the socket is waited for with setImmediate.
+/** Lets the client's promises run (timers are mocked) until `done()`. */
+async function settle(done) {
+  for (let i = 0; i < 100 && !done(); i++) await new Promise((resolve) => setImmediate(resolve));
+  assert.ok(done(), "not reached");
+}
+
+/** With only setTimeout mocked, a client whose first socket is open and `ready`. */
+async function liveWithMockedTimers(t, extra = {}) {
   t.mock.timers.enable({ apis: ["setTimeout"] });
-  const c = client();
-  while (c.made.length === 0) await new Promise((resolve) => setImmediate(resolve));
+  const c = client(extra);
+  await settle(() => c.made.length === 1);
   const ws = c.made[0];
   ws.open();
   ws.deliver(ready);
   assert.equal(c.c.state, "live");
+  return { c, ws };
+}
+
+test("a ping is answered by any frame within its deadline; silence closes the socket", async (t) => {
+  const { c, ws } = await liveWithMockedTimers(t);
   const pings = () => ws.sent.filter((m) => m.type === "ping").length;
   t.mock.timers.tick(25000);
   assert.equal(pings(), 1);
@@ -223,19 +234,8 @@ test("a ping is answered by any frame within its deadline; silence closes the so
   assert.equal(c.c.state, "live");
 });
 
-/** Lets the client's promises run (timers are mocked) until `done()`. */
-async function settle(done) {
-  for (let i = 0; i < 100 && !done(); i++) await new Promise((resolve) => setImmediate(resolve));
-  assert.ok(done(), "not reached");
-}
-
 test("a subscribe the server could not answer (unavailable) is sent again after a backoff", async (t) => {
-  t.mock.timers.enable({ apis: ["setTimeout"] });
-  const c = client({ maxBackoffMs: 10000 });
-  await settle(() => c.made.length === 1);
-  const ws = c.made[0];
-  ws.open();
-  ws.deliver(ready);
+  const { c, ws } = await liveWithMockedTimers(t, { maxBackoffMs: 10000 });
   const subscribes = () => ws.sent.filter((m) => m.type === "subscribe");
   assert.equal(subscribes().length, 1);
   ws.deliver({ type: "error", id: "queue", code: "unavailable", message: "snapshot failed; retry" });
@@ -259,12 +259,7 @@ test("a subscribe the server could not answer (unavailable) is sent again after 
 });
 
 test("a snapshot too large is not asked for again; nothing is scheduled after close()", async (t) => {
-  t.mock.timers.enable({ apis: ["setTimeout"] });
-  const c = client({ maxBackoffMs: 10000 });
-  await settle(() => c.made.length === 1);
-  const ws = c.made[0];
-  ws.open();
-  ws.deliver(ready);
+  const { c, ws } = await liveWithMockedTimers(t, { maxBackoffMs: 10000 });
   const subscribes = () => ws.sent.filter((m) => m.type === "subscribe").length;
   ws.deliver({ type: "error", id: "queue", code: "snapshot_too_large", message: "too many rows" });
   t.mock.timers.tick(60000);

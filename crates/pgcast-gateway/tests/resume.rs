@@ -141,14 +141,7 @@ async fn a_sparse_replay_reads_a_bounded_part_of_the_log() {
     let start = h.log_head().await;
     let mut watcher = h.watcher().await;
     let first = h.insert(session, "queued", None, None).await;
-    h.admin
-        .execute(
-            "INSERT INTO session_assignments (session_id, status)
-             SELECT gen_random_uuid(), 'queued' FROM generate_series(1, 2500)",
-            &[],
-        )
-        .await
-        .expect("other customers' rows");
+    h.insert_unrelated(2500).await;
     h.insert(session, "queued", None, None).await;
     let head = h.log_head().await;
     watcher.until_position(head).await;

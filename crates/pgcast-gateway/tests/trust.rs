@@ -494,14 +494,7 @@ async fn a_session_replay_reads_a_bounded_part_of_the_log() {
     let (session, a) = accepted_session(&h, m.user_id).await;
     let since = h.log_head().await;
     // Other sessions' rows, two pages of them, then one change of this session.
-    h.admin
-        .execute(
-            "INSERT INTO session_assignments (session_id, status)
-             SELECT gen_random_uuid(), 'queued' FROM generate_series(1, 1500)",
-            &[],
-        )
-        .await
-        .unwrap();
+    h.insert_unrelated(1500).await;
     set_concern(&h, a, "late").await;
     let topic = format!("session:{session}");
     let mut ws = h.client(&m).await;

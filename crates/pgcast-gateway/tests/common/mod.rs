@@ -120,6 +120,19 @@ impl Harness {
         self.listener_task.await.unwrap();
     }
 
+    /// Inserts `n` general queued assignments of new sessions, in one statement: log rows that
+    /// belong to nobody's session or customer.
+    pub async fn insert_unrelated(&self, n: i32) {
+        self.admin
+            .execute(
+                "INSERT INTO session_assignments (session_id, status)
+                 SELECT gen_random_uuid(), 'queued' FROM generate_series(1, $1::int)",
+                &[&n],
+            )
+            .await
+            .unwrap();
+    }
+
     /// Inserts an assignment, returning its id.
     pub async fn insert(
         &self,
