@@ -100,7 +100,7 @@ export interface ClientOptions {
    * Errors from the server, `{ code: "token" }` when the token function throws or gives
    * nothing, `{ code: "token_expired" }` when a fixed token expired. A subscription refused
    * with `forbidden`, `unknown_topic` or `snapshot_too_large` is dropped (it would be refused
-   * again; for the last, subscribe with `since` or `snapshot: false`), except that a
+   * again; for the last, follow the topic with `snapshot: false`), except that a
    * `forbidden` for a topic the server had accepted before (on a resume) goes to `onRevoked`
    * instead. One the server could not answer (`unavailable`: a snapshot, replay or access check
    * that failed) is sent again after a jittered backoff from 0.5 s up to `maxBackoffMs`; after

@@ -478,6 +478,9 @@ export class PgcastClient {
         return;
       }
       this.subs.delete(sub.topic);
+      this.#cancel(sub.retryTimer);
+      // Dropped while it resynced (its snapshot is now too large): nothing more to wait for.
+      if (this.state === "resyncing" && this.authenticated) this.#setState("live");
     } else if (sub && msg.code === "unavailable") {
       // Not subscribed this time (the server dropped the request): again, after a backoff.
       this.#retrySubscribe(sub);

@@ -275,6 +275,19 @@ test("a snapshot too large is not asked for again; nothing is scheduled after cl
   other.unsubscribe();
 });
 
+test("a resync whose snapshot is too large drops the topic and leaves resyncing", async () => {
+  const t = client();
+  await goLive(t, 0);
+  t.made[0].deliver({ type: "subscribed", id: "queue", topic: "queue", position: 5 });
+  t.made[0].deliver({ type: "snapshot", topic: "queue", position: 5, assignments: [] });
+  t.made[0].deliver({ type: "resync", topic: "queue", reason: "since is older than the log" });
+  assert.equal(t.c.state, "resyncing");
+  t.made[0].deliver({ type: "error", id: "queue", code: "snapshot_too_large", message: "too many rows" });
+  assert.equal(t.c.state, "live");
+  assert.equal(t.c.subs.size, 0);
+  assert.equal(t.seen.errors.at(-1).code, "snapshot_too_large");
+});
+
 test("the reconnect backoff starts over only after a connection stayed up", async (t) => {
   t.mock.timers.enable({ apis: ["setTimeout"] });
   const c = client();

@@ -94,8 +94,8 @@ pub enum ErrorCode {
     /// The server could not complete the request (e.g. the database is unreachable); retry.
     Unavailable,
     /// The snapshot asked for would hold more rows than the server's limit
-    /// (`--snapshot-limit`): asking again cannot succeed; subscribe with `since`, or without a
-    /// snapshot.
+    /// (`--snapshot-limit`): asking again cannot succeed; follow the topic without a snapshot
+    /// (or with `since`).
     SnapshotTooLarge,
     /// The token reached its `exp` without a refresh; the connection is then closed with 4001.
     /// Reconnect with a fresh token and `since`.

@@ -185,7 +185,7 @@ async fn a_snapshot_over_the_limit_is_refused_for_good_not_as_unavailable() {
     assert!(
         refused["message"]
             .as_str()
-            .is_some_and(|m| m.contains("since")),
+            .is_some_and(|m| m.contains("without a snapshot")),
         "{refused}"
     );
     ws.subscribe("assignments", json!({"since": start})).await;

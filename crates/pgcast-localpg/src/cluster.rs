@@ -137,7 +137,7 @@ impl LocalPg {
             .trim()
             .to_owned();
         let binaries = crate::server_version(&self.bin_dir)?;
-        if major_version(&binaries) == Some(cluster_version.as_str()) {
+        if major_version(&binaries).as_deref() == Some(cluster_version.as_str()) {
             return Ok(self.bin_dir.clone());
         }
         if let Some(own) = crate::bin_dir::debian_bin_dir(&cluster_version) {
@@ -396,18 +396,19 @@ impl LocalPg {
 }
 
 /// The major version in `postgres --version`'s line (`postgres (PostgreSQL) 15.14 (Debian …)`
-/// → `15`; `9.6.24` → `9.6`), as `PG_VERSION` spells it.
-fn major_version(line: &str) -> Option<&str> {
+/// → `15`; `9.6.24` → `9.6`; a pre-release, `18beta1` or `18devel` → `18`), as `PG_VERSION`
+/// spells it.
+fn major_version(line: &str) -> Option<String> {
     let version = line.split_whitespace().nth(2)?;
+    let digits = |part: &str| -> Option<String> {
+        let d: String = part.chars().take_while(char::is_ascii_digit).collect();
+        (!d.is_empty()).then_some(d)
+    };
     let mut parts = version.split('.');
-    let first = parts.next()?;
-    let first_len = first.len();
+    let first = digits(parts.next()?)?;
     match first.parse::<u32>().ok()? {
         // Before 10 the major version had two parts.
-        ..10 => {
-            let second = parts.next()?;
-            version.get(..first_len + 1 + second.len())
-        }
+        ..10 => Some(format!("{first}.{}", digits(parts.next()?)?)),
         _ => Some(first),
     }
 }
@@ -465,13 +466,19 @@ mod tests {
     #[test]
     fn the_major_version_is_read_as_pg_version_spells_it() {
         let major = |line| major_version(line);
+        let some = |v: &str| Some(v.to_owned());
         assert_eq!(
             major("postgres (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)"),
-            Some("15")
+            some("15")
         );
-        assert_eq!(major("postgres (PostgreSQL) 17.2"), Some("17"));
-        assert_eq!(major("postgres (PostgreSQL) 9.6.24"), Some("9.6"));
-        assert_eq!(major("postgres (PostgreSQL) 18beta1"), None);
+        assert_eq!(major("postgres (PostgreSQL) 17.2"), some("17"));
+        assert_eq!(major("postgres (PostgreSQL) 10.23"), some("10"));
+        assert_eq!(major("postgres (PostgreSQL) 9.6.24"), some("9.6"));
+        assert_eq!(major("postgres (PostgreSQL) 18beta1"), some("18"));
+        assert_eq!(major("postgres (PostgreSQL) 18devel"), some("18"));
+        assert_eq!(major("postgres (PostgreSQL) 17rc1"), some("17"));
+        assert_eq!(major("postgres (PostgreSQL) 9.6beta1"), some("9.6"));
+        assert_eq!(major("postgres (PostgreSQL) devel"), None);
         assert_eq!(major(""), None);
     }
 

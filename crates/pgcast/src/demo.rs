@@ -224,8 +224,9 @@ async fn start_postgres(data_dir: PathBuf) -> Result<(LocalPg, std::fs::File), P
             let port = free_port()?;
             LocalPg::open_or_init(&data_dir, port).map(|pg| pg.with_settings(Settings::durable()))
         };
-        let pg = open().map_err(PgcastError::LocalPg)?;
+        // First: two demos starting on a new directory must not both run initdb.
         let lock = lock_data_dir(&data_dir)?;
+        let pg = open().map_err(PgcastError::LocalPg)?;
         if pg.is_running() {
             // Left over from a demo that was killed (a running one holds the lock): take it
             // over on our port.
@@ -239,14 +240,19 @@ async fn start_postgres(data_dir: PathBuf) -> Result<(LocalPg, std::fs::File), P
     .map_err(|_| PgcastError::Task("PostgreSQL start-up did not finish"))?
 }
 
-/// Takes the exclusive lock of the demo's data directory (`pgcast-demo.lock` in it), so that a
-/// second demo on the same directory is refused instead of stopping the first one's server.
+/// Takes the exclusive lock of the demo's data directory, a file beside it
+/// (`<data_dir>.lock`: inside, it would make a new directory non-empty for initdb), so that a
+/// second demo on the same directory is refused instead of running initdb at the same time or
+/// stopping the first one's server.
 fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, PgcastError> {
-    let path = data_dir.join("pgcast-demo.lock");
+    let path = lock_path(data_dir);
     let failed = |source| PgcastError::DemoLock {
         path: path.clone(),
         source,
     };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(failed)?;
+    }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -260,6 +266,18 @@ fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, PgcastErro
         }),
         Err(std::fs::TryLockError::Error(e)) => Err(failed(e)),
     }
+}
+
+/// `<data_dir>.lock`, beside the directory however it was spelled (`x/`, `./x`, `.`).
+fn lock_path(data_dir: &std::path::Path) -> PathBuf {
+    let dir: PathBuf = std::path::absolute(data_dir)
+        .unwrap_or_else(|_| data_dir.to_path_buf())
+        .components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect();
+    let mut name = dir.file_name().unwrap_or_default().to_owned();
+    name.push(".lock");
+    dir.with_file_name(name)
 }
 
 /// Runs the demo on `tcp` against `setup.pg` until `shutdown`: migrates, loads the demo data
@@ -499,4 +517,26 @@ async fn step(client: &Client) -> Result<(), PgcastError> {
         insert_assignment(client, session, workshop, urgent).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn the_lock_is_beside_the_data_directory_however_it_is_spelled() {
+        let cwd = std::env::current_dir().expect("cwd");
+        let beside = |dir: &str| lock_path(Path::new(dir));
+        assert_eq!(
+            beside("/var/tmp/pgcast-demo-0"),
+            Path::new("/var/tmp/pgcast-demo-0.lock")
+        );
+        assert_eq!(beside("/tmp/x/"), Path::new("/tmp/x.lock"));
+        assert_eq!(beside("/tmp/./x"), Path::new("/tmp/x.lock"));
+        assert_eq!(beside("x"), cwd.join("x.lock"));
+        let mut here = cwd.file_name().expect("a name").to_owned();
+        here.push(".lock");
+        assert_eq!(beside("."), cwd.with_file_name(here));
+    }
 }

@@ -436,6 +436,8 @@ async fn bad_limit_values_are_one_line_and_exit_2() {
         ("--auth-timeout", "0s"),
         ("--heartbeat-interval", "2h"),
         ("--snapshot-limit", "none"),
+        ("--replay-scan-limit", "999"),
+        ("--replay-scan-limit", "200000000"),
     ] {
         let out = run(pgcast([
             "serve",

@@ -306,7 +306,7 @@ impl<Si: SocketSink, St: SocketStream> Connection<Si, St> {
         if let GatewayError::SnapshotTooLarge(limit) = error {
             let message = format!(
                 "the snapshot would hold more than {limit} rows (the server's snapshot limit); \
-                 subscribe with since, or without a snapshot"
+                 follow the topic without a snapshot"
             );
             return self.error(id, ErrorCode::SnapshotTooLarge, &message).await;
         }
