@@ -70,6 +70,12 @@ pub struct GatewayConfig {
     /// stopped reading is closed once this much waits for it. Frames are shared between
     /// recipients, so this bounds what one reader can make the process hold. Default 16 MiB.
     pub outbound_bytes: usize,
+    /// What every connection's queue may hold together (their frames counted per entry, as in
+    /// `outbound_bytes`). Past it, a connection that holds more than its share (this divided by
+    /// the event's recipients) is closed as a slow consumer (4008) instead of queueing more, so
+    /// a burst to thousands of slow readers cannot exhaust the process's memory; a reader that
+    /// keeps up is not touched. Default 1 GiB.
+    pub outbound_bytes_total: usize,
     /// Events kept in memory, newest first, to serve `since` replays without reading the log:
     /// a client resuming from a position inside this window (every client after a restart or
     /// a network blip) costs no database query. So does one resuming from further back when
@@ -125,6 +131,7 @@ impl GatewayConfig {
             max_unauthenticated: 5_000,
             max_unauthenticated_per_ip: 250,
             outbound_bytes: 16 << 20,
+            outbound_bytes_total: 1 << 30,
             replay_window: 10_000,
             max_concurrent_reads: 8,
             snapshot_limit: 10_000,

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::outbox::{Eviction, Outbox};
+use crate::outbox::{Eviction, Outbox, Pushed, Total};
 use crate::GatewayMetrics;
 use axum::extract::ws::Utf8Bytes;
 use pgcast_events::{AssignmentEvent, EventFrame, Position, Principal, Role, RouteKey, Topic};
@@ -76,18 +76,28 @@ pub(crate) struct Hub {
     /// commits) drew again, so a client's `since` in it refers to events that are gone.
     redrawn: Mutex<Option<(Position, Position)>>,
     next_id: AtomicU64,
+    /// What every connection's queue holds together, against its limit.
+    total: Arc<Total>,
     metrics: GatewayMetrics,
 }
 
 impl Hub {
-    pub(crate) fn new(metrics: GatewayMetrics) -> Self {
+    /// A hub whose connections' queues together may hold `total_bytes` before those holding
+    /// more than their share are evicted.
+    pub(crate) fn new(metrics: GatewayMetrics, total_bytes: usize) -> Self {
         Hub {
             index: RwLock::default(),
             head: AtomicI64::new(0),
             redrawn: Mutex::new(None),
             next_id: AtomicU64::new(1),
+            total: Arc::new(Total::new(total_bytes)),
             metrics,
         }
+    }
+
+    /// A new connection's queue, with `budget_bytes` of its own, counted in the hub's total.
+    pub(crate) fn outbox(&self, budget_bytes: usize) -> Outbox {
+        Outbox::new(budget_bytes, self.total.clone())
     }
 
     /// Sets the position the dispatched stream starts after.
@@ -196,15 +206,22 @@ impl Hub {
         // `revoked` (and whatever came before it).
         let committed_micros =
             committed_micros.unwrap_or_else(|| chrono::Utc::now().timestamp_micros());
+        let mut queued = 0;
         for sub in targets {
-            sub.conn.push(Outbound {
+            let out = Outbound {
                 sub: sub.id,
                 position,
                 committed_micros,
                 frame: Utf8Bytes::default(),
                 membership: Some(MembershipChange::Unknown),
-            });
+            };
+            let cost = out.cost();
+            // Never refused for the total: the entry is what revokes.
+            if sub.conn.push(out, None) == Pushed::Queued {
+                queued += cost;
+            }
         }
+        self.total.add(queued);
     }
 
     /// Queues `event` for every subscription that may see it. Never waits: a full connection
@@ -235,6 +252,10 @@ impl Hub {
         // Each distinct frame is serialized once; most events have one or two topics.
         let mut frames: Vec<(Topic, Utf8Bytes)> = Vec::new();
         let committed_micros = event.committed_at.timestamp_micros();
+        // Read once per event: while every queue together is over its limit, a connection
+        // holding more than its share of it is evicted as slow instead of queueing more.
+        let share = self.total.share(targets.len());
+        let mut queued = 0;
         for sub in targets {
             // The index narrows; the rule decides (authorization enforced on every event).
             if !sub.topic.matches(&sub.principal, event) {
@@ -259,8 +280,12 @@ impl Hub {
             };
             // Over budget, the connection is declared slow and closes itself (4008); a
             // closed one unsubscribes itself. Either way the hub goes on.
-            sub.conn.push(out);
+            let cost = out.cost();
+            if sub.conn.push(out, share) == Pushed::Queued {
+                queued += cost;
+            }
         }
+        self.total.add(queued);
     }
 }
 
@@ -303,7 +328,7 @@ mod tests {
 
     /// Files a subscription of `who` to `topic` with its own outbox.
     fn file(hub: &Hub, topic: Topic, who: Principal) -> (Arc<Subscription>, Arc<Outbox>) {
-        let outbox = Arc::new(Outbox::new(1 << 20));
+        let outbox = Arc::new(hub.outbox(1 << 20));
         let sub = Arc::new(Subscription {
             id: hub.next_id(),
             topic,
@@ -324,7 +349,7 @@ mod tests {
 
     #[test]
     fn a_subscription_filed_under_several_matching_keys_gets_the_event_once() {
-        let hub = Hub::new(GatewayMetrics::default());
+        let hub = Hub::new(GatewayMetrics::default(), usize::MAX);
         let (_, outbox) = file(&hub, Topic::Queue, principal(MECHANIC, Some(WORKSHOP)));
         // Queued for the workshop before, offered to the mechanic after: both keys route it.
         let old = format!(r#"{{"status":"queued","mechanic_id":null,"workshop_id":"{WORKSHOP}"}}"#);
@@ -337,7 +362,7 @@ mod tests {
 
     #[test]
     fn the_rule_decides_on_every_event_not_the_index() {
-        let hub = Hub::new(GatewayMetrics::default());
+        let hub = Hub::new(GatewayMetrics::default(), usize::MAX);
         let other = "11111111-2222-4333-8444-555555555555";
         let (_, mine) = file(&hub, Topic::Queue, principal(MECHANIC, None));
         let (_, theirs) = file(&hub, Topic::Queue, principal(other, None));
@@ -350,7 +375,7 @@ mod tests {
 
     #[test]
     fn one_frame_is_shared_by_every_recipient_of_a_topic() {
-        let hub = Hub::new(GatewayMetrics::default());
+        let hub = Hub::new(GatewayMetrics::default(), usize::MAX);
         let a = file(&hub, Topic::Queue, principal(MECHANIC, None)).1;
         let b = file(&hub, Topic::Queue, principal(WORKSHOP, None)).1;
         hub.dispatch(&event(1, "null", "queued", None, None));
@@ -365,7 +390,7 @@ mod tests {
 
     #[test]
     fn subscribe_reports_the_head_and_unsubscribe_stops_delivery() {
-        let hub = Hub::new(GatewayMetrics::default());
+        let hub = Hub::new(GatewayMetrics::default(), usize::MAX);
         hub.start_after(41);
         let (sub, outbox) = file(&hub, Topic::Queue, principal(MECHANIC, None));
         hub.dispatch(&event(42, "null", "queued", None, None));
@@ -373,7 +398,7 @@ mod tests {
             id: hub.next_id(),
             topic: Topic::Queue,
             principal: principal(WORKSHOP, None),
-            conn: Arc::new(Outbox::new(1 << 20)),
+            conn: Arc::new(hub.outbox(1 << 20)),
         });
         assert_eq!(
             hub.subscribe(late),
@@ -388,7 +413,7 @@ mod tests {
 
     #[test]
     fn an_undecodable_row_reaches_only_the_membership_followers_of_its_session() {
-        let hub = Hub::new(GatewayMetrics::default());
+        let hub = Hub::new(GatewayMetrics::default(), usize::MAX);
         let (s1, s2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
         let follower = file(&hub, Topic::Session(s1), principal(MECHANIC, None)).1;
         let elsewhere = file(&hub, Topic::Session(s2), principal(WORKSHOP, None)).1;
@@ -421,8 +446,35 @@ mod tests {
     }
 
     #[test]
+    fn over_the_total_a_reader_holding_more_than_its_share_is_evicted_and_one_that_keeps_up_is_not()
+    {
+        let cost = {
+            let probe = Hub::new(GatewayMetrics::default(), usize::MAX);
+            let (_, o) = file(&probe, Topic::Queue, principal(MECHANIC, None));
+            probe.dispatch(&event(1, "null", "queued", None, None));
+            queued(&o)[0].cost()
+        };
+        // Room for 20 entries in all: a share is 10 each.
+        let hub = Hub::new(GatewayMetrics::default(), cost * 20);
+        let (_, slow) = file(&hub, Topic::Queue, principal(MECHANIC, None));
+        let (_, fast) = file(&hub, Topic::Queue, principal(WORKSHOP, None));
+        let mut fast_got = 0;
+        for p in 1..=40 {
+            hub.dispatch(&event(p, "null", "queued", None, None));
+            fast_got += queued(&fast).len();
+        }
+        assert_eq!(
+            slow.eviction(),
+            Some(Eviction::Slow),
+            "held 21 entries of 20"
+        );
+        assert_eq!(fast.eviction(), None);
+        assert_eq!(fast_got, 40, "the reader that keeps up got every event");
+    }
+
+    #[test]
     fn a_gap_evicts_every_subscribed_connection_once_and_no_other() {
-        let hub = Hub::new(GatewayMetrics::default());
+        let hub = Hub::new(GatewayMetrics::default(), usize::MAX);
         let (first, a) = file(&hub, Topic::Queue, principal(MECHANIC, Some(WORKSHOP)));
         // A second subscription of the same connection: evicted once, counted once.
         hub.subscribe(Arc::new(Subscription {
@@ -435,7 +487,7 @@ mod tests {
         // Already closing as slow: keeps its reason.
         let slow = file(&hub, Topic::Queue, principal(MECHANIC, None)).1;
         assert!(slow.evict(Eviction::Slow));
-        let unsubscribed = Outbox::new(1 << 20);
+        let unsubscribed = hub.outbox(1 << 20);
 
         assert_eq!(hub.evict_all(Eviction::Gap), 2);
         assert_eq!(a.eviction(), Some(Eviction::Gap));

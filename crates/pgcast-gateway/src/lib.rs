@@ -111,7 +111,7 @@ impl Gateway {
                 reads: Semaphore::new(config.max_concurrent_reads.max(1)),
                 unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),
                 unauthenticated_by_ip: Default::default(),
-                hub: hub::Hub::new(metrics.clone()),
+                hub: hub::Hub::new(metrics.clone(), config.outbound_bytes_total),
                 metrics,
                 log,
                 config,

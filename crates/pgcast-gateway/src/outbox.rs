@@ -3,7 +3,9 @@
 //! The hub pushes (never waits); the connection task takes up to a batch at a time. A push
 //! that would exceed the byte budget is not queued: the connection is evicted as slow instead
 //! and closes itself with 4008 (the client resumes with `since`), so one stalled reader
-//! never holds more than its budget nor delays anybody else. The hub evicts every subscribed
+//! never holds more than its budget nor delays anybody else. Every queue together is held to
+//! a process-wide limit too ([`Total`]): past it, a connection that holds more than its share
+//! is evicted the same way, so a burst to thousands of slow readers cannot exhaust memory. The hub evicts every subscribed
 //! connection the same way when the listener's stream has a gap ([`Eviction::Gap`], 1001).
 //!
 //! Under fan-out this runs once per connection and event, so it is a plain queue under a
@@ -12,7 +14,8 @@
 //! check per frame).
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
 use futures::task::AtomicWaker;
@@ -38,11 +41,55 @@ struct Queue {
     closed: bool,
 }
 
+/// What every connection's queue holds together (the sum of their entries' costs), against a
+/// process-wide limit (`outbound_bytes_total`). The hub adds what it queued once per event,
+/// each connection takes off what it took or dropped: no shared counter is touched per entry.
+/// Signed, because a connection may take an entry before the hub added its event.
+#[derive(Debug)]
+pub(crate) struct Total {
+    bytes: AtomicI64,
+    limit: usize,
+}
+
+impl Total {
+    pub(crate) fn new(limit: usize) -> Self {
+        Total {
+            bytes: AtomicI64::new(0),
+            limit,
+        }
+    }
+
+    /// The hub queued `bytes` more.
+    pub(crate) fn add(&self, bytes: usize) {
+        self.bytes
+            .fetch_add(i64::try_from(bytes).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
+    fn sub(&self, bytes: usize) {
+        self.bytes
+            .fetch_sub(i64::try_from(bytes).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
+    /// While every queue together holds more than the limit, the part of it each of
+    /// `recipients` may hold; `None` below it.
+    pub(crate) fn share(&self, recipients: usize) -> Option<usize> {
+        let held = self.bytes.load(Ordering::Relaxed);
+        (held > i64::try_from(self.limit).unwrap_or(i64::MAX))
+            .then(|| self.limit / recipients.max(1))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> i64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
 /// Why a connection's stream ended; the connection closes and its client resumes with
 /// `since`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Eviction {
-    /// A push would have exceeded the byte budget (close 4008).
+    /// A push would have exceeded the byte budget, or its share of every queue's total while
+    /// that is over its limit (close 4008).
     Slow,
     /// The listener's stream has a gap: the log was pruned past it, so whatever this
     /// connection follows missed events (close 1001; the resume gets `resync`).
@@ -67,6 +114,8 @@ pub(crate) struct Outbox {
     waker: AtomicWaker,
     /// The byte budget (`outbound_bytes`).
     budget_bytes: usize,
+    /// What every queue holds together; this one takes off what it takes or drops.
+    total: Arc<Total>,
     /// Cancelled when the connection is evicted ([`Outbox::eviction`] says why); it closes.
     pub(crate) evicted: CancellationToken,
     /// The first eviction's reason.
@@ -74,11 +123,12 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
-    pub(crate) fn new(budget_bytes: usize) -> Self {
+    pub(crate) fn new(budget_bytes: usize, total: Arc<Total>) -> Self {
         Outbox {
             queue: Mutex::default(),
             waker: AtomicWaker::new(),
             budget_bytes,
+            total,
             evicted: CancellationToken::new(),
             eviction: OnceLock::new(),
         }
@@ -102,15 +152,17 @@ impl Outbox {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `out` unless that would exceed the budget (then the connection is declared
-    /// evicted as slow). Never waits.
-    pub(crate) fn push(&self, out: Outbound) -> Pushed {
+    /// Queues `out` unless that would exceed the budget, or `share` when every queue together
+    /// is over its limit ([`Total::share`]); then the connection is declared evicted as slow.
+    /// Never waits. The caller adds what was queued to the [`Total`].
+    pub(crate) fn push(&self, out: Outbound, share: Option<usize>) -> Pushed {
         let cost = out.cost();
+        let limit = share.map_or(self.budget_bytes, |share| share.min(self.budget_bytes));
         let mut queue = self.lock();
         if queue.closed {
             return Pushed::Closed;
         }
-        if queue.bytes + cost > self.budget_bytes {
+        if queue.bytes + cost > limit {
             drop(queue);
             if !self.evicted.is_cancelled() {
                 self.evict(Eviction::Slow);
@@ -180,6 +232,7 @@ impl Outbox {
             into.push(out);
         }
         queue.bytes -= freed;
+        self.total.sub(freed);
         // A burst (a 10,000-row transaction) grows the queue to thousands of entries; kept,
         // that capacity would stay with the connection for its whole life, on every connection
         // the burst reached. Given back once the burst is written.
@@ -193,6 +246,7 @@ impl Outbox {
     pub(crate) fn close(&self) {
         let mut queue = self.lock();
         queue.closed = true;
+        self.total.sub(queue.bytes);
         queue.bytes = 0;
         queue.frames = VecDeque::new();
     }
@@ -203,6 +257,11 @@ mod tests {
     use super::*;
     use axum::extract::ws::Utf8Bytes;
     use futures::task::noop_waker_ref;
+
+    /// An outbox with `budget`, under a total without limit.
+    fn unlimited(budget: usize) -> Outbox {
+        Outbox::new(budget, Arc::new(Total::new(usize::MAX)))
+    }
 
     fn frame(position: i64, len: usize) -> Outbound {
         Outbound {
@@ -226,14 +285,14 @@ mod tests {
     #[test]
     fn takes_in_order_at_most_a_batch_and_frees_the_budget() {
         let cost = frame(0, 100).cost();
-        let outbox = Outbox::new(cost * 3);
+        let outbox = unlimited(cost * 3);
         for p in 1..=3 {
-            assert_eq!(outbox.push(frame(p, 100)), Pushed::Queued);
+            assert_eq!(outbox.push(frame(p, 100), None), Pushed::Queued);
         }
         assert_eq!(take_now(&outbox, 2), Some(vec![1, 2]));
         // Two slots of budget are free again; the third frame is still queued.
-        assert_eq!(outbox.push(frame(4, 100)), Pushed::Queued);
-        assert_eq!(outbox.push(frame(5, 100)), Pushed::Queued);
+        assert_eq!(outbox.push(frame(4, 100), None), Pushed::Queued);
+        assert_eq!(outbox.push(frame(5, 100), None), Pushed::Queued);
         assert_eq!(take_now(&outbox, 10), Some(vec![3, 4, 5]));
         assert_eq!(take_now(&outbox, 10), None);
         assert!(!outbox.evicted.is_cancelled());
@@ -242,10 +301,10 @@ mod tests {
     #[test]
     fn a_push_over_the_budget_is_dropped_and_declares_the_connection_slow() {
         let cost = frame(0, 100).cost();
-        let outbox = Outbox::new(cost * 2);
-        assert_eq!(outbox.push(frame(1, 100)), Pushed::Queued);
-        assert_eq!(outbox.push(frame(2, 100)), Pushed::Queued);
-        assert_eq!(outbox.push(frame(3, 100)), Pushed::Overflow);
+        let outbox = unlimited(cost * 2);
+        assert_eq!(outbox.push(frame(1, 100), None), Pushed::Queued);
+        assert_eq!(outbox.push(frame(2, 100), None), Pushed::Queued);
+        assert_eq!(outbox.push(frame(3, 100), None), Pushed::Overflow);
         assert!(outbox.evicted.is_cancelled());
         assert_eq!(outbox.eviction(), Some(Eviction::Slow));
         // What fitted is still there, in order; the overflowing frame is not.
@@ -253,10 +312,34 @@ mod tests {
     }
 
     #[test]
+    fn what_is_taken_or_dropped_leaves_the_total_and_a_share_is_a_limit() {
+        let total = Arc::new(Total::new(1_000));
+        let (a, b) = (
+            Outbox::new(usize::MAX, total.clone()),
+            Outbox::new(usize::MAX, total.clone()),
+        );
+        let cost = frame(0, 100).cost();
+        for p in 0..4 {
+            assert_eq!(a.push(frame(p, 100), None), Pushed::Queued);
+            assert_eq!(b.push(frame(p, 100), None), Pushed::Queued);
+        }
+        total.add(8 * cost); // what the hub adds once per event
+        assert_eq!(total.held(), 8 * cost as i64);
+        assert_eq!(total.share(2), Some(500), "over its limit: half each");
+        // A share is a limit like the budget: b (four entries) may not queue a fifth.
+        assert_eq!(b.push(frame(4, 100), Some(500)), Pushed::Overflow);
+        assert_eq!(b.eviction(), Some(Eviction::Slow));
+        assert_eq!(take_now(&a, 64).map(|t| t.len()), Some(4));
+        b.close();
+        assert_eq!(total.held(), 0, "taken and dropped bytes left the total");
+        assert_eq!(total.share(2), None);
+    }
+
+    #[test]
     fn a_drained_burst_gives_its_room_back() {
-        let outbox = Outbox::new(usize::MAX);
+        let outbox = unlimited(usize::MAX);
         for p in 0..5_000 {
-            assert_eq!(outbox.push(frame(p, 10)), Pushed::Queued);
+            assert_eq!(outbox.push(frame(p, 10), None), Pushed::Queued);
         }
         assert!(outbox.lock().frames.capacity() >= 5_000);
         let mut taken = 0;
@@ -267,7 +350,7 @@ mod tests {
         assert!(outbox.lock().frames.capacity() <= KEPT_CAPACITY);
         // Traffic that fills it to a few hundred between writes keeps its room.
         for p in 0..300 {
-            outbox.push(frame(p, 10));
+            outbox.push(frame(p, 10), None);
         }
         let room = outbox.lock().frames.capacity();
         assert!(room >= 300);
@@ -277,17 +360,17 @@ mod tests {
 
     #[test]
     fn a_closed_outbox_drops_what_it_held_and_every_later_push() {
-        let outbox = Outbox::new(1 << 20);
-        outbox.push(frame(1, 10));
+        let outbox = unlimited(1 << 20);
+        outbox.push(frame(1, 10), None);
         outbox.close();
-        assert_eq!(outbox.push(frame(2, 10)), Pushed::Closed);
+        assert_eq!(outbox.push(frame(2, 10), None), Pushed::Closed);
         assert_eq!(take_now(&outbox, 10), None);
         assert!(!outbox.evicted.is_cancelled());
     }
 
     #[tokio::test]
     async fn a_waiting_task_is_woken_by_the_push_that_finds_the_queue_empty() {
-        let outbox = std::sync::Arc::new(Outbox::new(1 << 20));
+        let outbox = std::sync::Arc::new(unlimited(1 << 20));
         let taker = {
             let outbox = outbox.clone();
             tokio::spawn(async move {
@@ -297,7 +380,7 @@ mod tests {
             })
         };
         // Whether the taker is already waiting or not, the push must reach it.
-        outbox.push(frame(7, 10));
+        outbox.push(frame(7, 10), None);
         let got = tokio::time::timeout(std::time::Duration::from_secs(10), taker)
             .await
             .expect("the taker was never woken")
@@ -308,9 +391,9 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_deep_queue_does_not_keep_its_taker_from_yielding() {
         const FRAMES: usize = 10_000;
-        let outbox = std::sync::Arc::new(Outbox::new(usize::MAX));
+        let outbox = std::sync::Arc::new(unlimited(usize::MAX));
         for p in 0..FRAMES as i64 {
-            outbox.push(frame(p, 1));
+            outbox.push(frame(p, 1), None);
         }
         let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let taker = {

@@ -639,6 +639,13 @@ pub(crate) fn parse_outbound_bytes(text: &str) -> Result<usize, String> {
         .ok_or_else(|| "must be between 64KiB and 1GiB".to_owned())
 }
 
+/// `--outbound-bytes-total`: a byte count from 16 MiB to 64 GiB.
+pub(crate) fn parse_outbound_bytes_total(text: &str) -> Result<usize, String> {
+    Some(parse_bytes(text)?)
+        .filter(|b| ((16 << 20)..=(64usize << 30)).contains(b))
+        .ok_or_else(|| "must be between 16MiB and 64GiB".to_owned())
+}
+
 /// Formats a byte count the way [`parse_bytes`] reads it.
 pub(crate) fn format_bytes(bytes: usize) -> String {
     if bytes.trailing_zeros() >= 30 {

@@ -121,7 +121,8 @@ async fn printed_configuration_hides_the_secret_and_the_password() {
             "pgcast serve listen=127.0.0.1:8080 database=postgres://app:<redacted>@127.0.0.1:1/shop \
              jwt_secret=<redacted> retention=1day migrate=false header_timeout=10s max_connections_per_ip=1000 connection_rate_per_ip=20 \
              connection_burst_per_ip=100 max_unauthenticated=5000 max_unauthenticated_per_ip=250 \
-             max_frame_bytes=64KiB frame_timeout=10s outbound_bytes=16MiB replay_window=10000 \
+             max_frame_bytes=64KiB frame_timeout=10s outbound_bytes=16MiB outbound_bytes_total=1GiB \
+             replay_window=10000 \
              max_concurrent_reads=8 allowed_origins=any max_connections=20000 \
              max_subscriptions=32 client_frames_per_second=50 auth_timeout=10s \
              heartbeat_interval=20s snapshot_limit=10000 replay_scan_limit=1000000\n"
@@ -444,7 +445,8 @@ async fn serve_shows_issuer_and_audience_in_its_summary() {
              jwt_secret=<redacted> jwt_issuer=https://id.example jwt_audience=pgcast-prod \
              retention=1day migrate=false header_timeout=10s max_connections_per_ip=1000 connection_rate_per_ip=20 \
              connection_burst_per_ip=100 max_unauthenticated=5000 max_unauthenticated_per_ip=250 \
-             max_frame_bytes=64KiB frame_timeout=10s outbound_bytes=16MiB replay_window=10000 \
+             max_frame_bytes=64KiB frame_timeout=10s outbound_bytes=16MiB outbound_bytes_total=1GiB \
+             replay_window=10000 \
              max_concurrent_reads=8 allowed_origins=any max_connections=20000 \
              max_subscriptions=32 client_frames_per_second=50 auth_timeout=10s \
              heartbeat_interval=20s snapshot_limit=10000 replay_scan_limit=1000000\n"

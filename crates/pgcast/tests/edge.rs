@@ -427,6 +427,8 @@ async fn bad_limit_values_are_one_line_and_exit_2() {
         ("--max-unauthenticated-per-ip", "0"),
         ("--outbound-bytes", "1KiB"),
         ("--outbound-bytes", "16MB"),
+        ("--outbound-bytes-total", "1MiB"),
+        ("--outbound-bytes-total", "65GiB"),
         ("--replay-window", "2000000"),
         ("--max-concurrent-reads", "0"),
         ("--allowed-origins", "https://app.example/path"),
@@ -472,6 +474,26 @@ async fn bad_limit_values_are_one_line_and_exit_2() {
     assert!(
         out.stderr
             .starts_with("error: --max-unauthenticated-per-ip (100) must be below"),
+        "{}",
+        out.stderr
+    );
+    let out = run(pgcast([
+        "serve",
+        "--database-url",
+        "postgres://app@127.0.0.1:1/shop",
+        "--jwt-secret",
+        SECRET,
+        "--outbound-bytes",
+        "1GiB",
+        "--outbound-bytes-total",
+        "512MiB",
+    ]))
+    .await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.starts_with(
+            "error: --outbound-bytes-total (512MiB) must be at least --outbound-bytes (1GiB)"
+        ),
         "{}",
         out.stderr
     );

@@ -238,7 +238,7 @@ async fn serve_halves<Si: SocketSink, St: SocketStream>(
         shared.config.max_subscriptions,
     );
     let mut conn = Connection {
-        outbox: Arc::new(Outbox::new(shared.config.outbound_bytes)),
+        outbox: Arc::new(shared.hub.outbox(shared.config.outbound_bytes)),
         shutdown: shared.shutdown.child_token(),
         shared,
         sink,

@@ -11,7 +11,7 @@ use clap::Args;
 
 use crate::config::{
     format_bytes, format_duration, parse_claim, parse_frame_bytes, parse_origin,
-    parse_outbound_bytes, parse_rate, parse_retention, parse_timeout,
+    parse_outbound_bytes, parse_outbound_bytes_total, parse_rate, parse_retention, parse_timeout,
 };
 use crate::{EdgeLimits, Limits, TlsArgs};
 use pgcast_gateway::GatewayConfig;
@@ -196,6 +196,18 @@ pub struct LimitArgs {
         value_parser = parse_outbound_bytes
     )]
     pub outbound_bytes: usize,
+    /// Bytes of event frames every WebSocket's queue may hold together (counted as in
+    /// --outbound-bytes). Past it, a connection holding more than its share is closed with 4008
+    /// instead of queueing more; readers that keep up are not touched. 16MiB to 64GiB, at least
+    /// --outbound-bytes.
+    #[arg(
+        long = "outbound-bytes-total",
+        env = "PGCAST_OUTBOUND_BYTES_TOTAL",
+        default_value = "1GiB",
+        value_name = "BYTES",
+        value_parser = parse_outbound_bytes_total
+    )]
+    pub outbound_bytes_total: usize,
     /// Newest events kept in memory so that clients resuming with `since` (after a restart or
     /// a network blip) need no database read; 0 to 1,000,000. Older positions are read from
     /// the log (`queue` takes a snapshot instead).
@@ -317,12 +329,20 @@ impl LimitArgs {
                 self.max_unauthenticated, self.max_connections
             ));
         }
+        if self.outbound_bytes_total < self.outbound_bytes {
+            return Err(format!(
+                "--outbound-bytes-total ({}) must be at least --outbound-bytes ({})",
+                format_bytes(self.outbound_bytes_total),
+                format_bytes(self.outbound_bytes)
+            ));
+        }
         let mut gateway = GatewayConfig::new(Vec::new());
         gateway.max_unauthenticated = self.max_unauthenticated as usize;
         gateway.max_unauthenticated_per_ip = self.max_unauthenticated_per_ip as usize;
         gateway.max_frame_bytes = self.max_frame_bytes;
         gateway.frame_timeout = self.frame_timeout;
         gateway.outbound_bytes = self.outbound_bytes;
+        gateway.outbound_bytes_total = self.outbound_bytes_total;
         gateway.replay_window = self.replay_window as usize;
         gateway.max_concurrent_reads = self.max_concurrent_reads as usize;
         gateway.allowed_origins = self.allowed_origins.clone();
@@ -358,7 +378,8 @@ impl fmt::Display for LimitArgs {
             f,
             "header_timeout={} max_connections_per_ip={} connection_rate_per_ip={} \
              connection_burst_per_ip={} max_unauthenticated={} max_unauthenticated_per_ip={} \
-             max_frame_bytes={} frame_timeout={} outbound_bytes={} replay_window={} \
+             max_frame_bytes={} frame_timeout={} outbound_bytes={} outbound_bytes_total={} \
+             replay_window={} \
              max_concurrent_reads={} allowed_origins={} max_connections={} max_subscriptions={} \
              client_frames_per_second={} auth_timeout={} heartbeat_interval={} snapshot_limit={} \
              replay_scan_limit={}",
@@ -371,6 +392,7 @@ impl fmt::Display for LimitArgs {
             format_bytes(self.max_frame_bytes),
             format_duration(self.frame_timeout),
             format_bytes(self.outbound_bytes),
+            format_bytes(self.outbound_bytes_total),
             self.replay_window,
             self.max_concurrent_reads,
             if self.allowed_origins.is_empty() {
