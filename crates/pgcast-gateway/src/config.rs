@@ -72,9 +72,9 @@ pub struct GatewayConfig {
     pub outbound_bytes: usize,
     /// What every connection's queue may hold together (their frames counted per entry, as in
     /// `outbound_bytes`). Past it, a connection that holds more than its share (this divided by
-    /// the event's recipients) is closed as a slow consumer (4008) instead of queueing more, so
-    /// a burst to thousands of slow readers cannot exhaust the process's memory; a reader that
-    /// keeps up is not touched. Default 1 GiB.
+    /// the event's recipients), never one whose queue is empty, is closed as a slow consumer
+    /// (4008) instead of queueing more, so a burst to thousands of slow readers cannot exhaust
+    /// the process's memory. At least `outbound_bytes`. Default 1 GiB.
     pub outbound_bytes_total: usize,
     /// Events kept in memory, newest first, to serve `since` replays without reading the log:
     /// a client resuming from a position inside this window (every client after a restart or

@@ -111,7 +111,11 @@ impl Gateway {
                 reads: Semaphore::new(config.max_concurrent_reads.max(1)),
                 unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),
                 unauthenticated_by_ip: Default::default(),
-                hub: hub::Hub::new(metrics.clone(), config.outbound_bytes_total),
+                // Never below one connection's budget (a total of 0 would evict every queue).
+                hub: hub::Hub::new(
+                    metrics.clone(),
+                    config.outbound_bytes_total.max(config.outbound_bytes),
+                ),
                 metrics,
                 log,
                 config,

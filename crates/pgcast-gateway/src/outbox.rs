@@ -153,15 +153,20 @@ impl Outbox {
     }
 
     /// Queues `out` unless that would exceed the budget, or `share` when every queue together
-    /// is over its limit ([`Total::share`]); then the connection is declared evicted as slow.
-    /// Never waits. The caller adds what was queued to the [`Total`].
+    /// is over its limit ([`Total::share`]) and this one is not empty; then the connection is
+    /// declared evicted as slow. Never waits. The caller adds what was queued to the [`Total`].
     pub(crate) fn push(&self, out: Outbound, share: Option<usize>) -> Pushed {
         let cost = out.cost();
-        let limit = share.map_or(self.budget_bytes, |share| share.min(self.budget_bytes));
         let mut queue = self.lock();
         if queue.closed {
             return Pushed::Closed;
         }
+        // A share never refuses an empty queue: its reader keeps up (and one entry may cost
+        // more than a share when the frame is large and the recipients many).
+        let limit = match share {
+            Some(share) if !queue.frames.is_empty() => share.min(self.budget_bytes),
+            _ => self.budget_bytes,
+        };
         if queue.bytes + cost > limit {
             drop(queue);
             if !self.evicted.is_cancelled() {
@@ -226,19 +231,24 @@ impl Outbox {
     fn take(&self, into: &mut Vec<Outbound>, max: usize) -> usize {
         let mut queue = self.lock();
         let n = queue.frames.len().min(max);
+        if n == 0 {
+            return 0;
+        }
         let mut freed = 0;
         for out in queue.frames.drain(..n) {
             freed += out.cost();
             into.push(out);
         }
         queue.bytes -= freed;
-        self.total.sub(freed);
         // A burst (a 10,000-row transaction) grows the queue to thousands of entries; kept,
         // that capacity would stay with the connection for its whole life, on every connection
         // the burst reached. Given back once the burst is written.
         if queue.frames.is_empty() && queue.frames.capacity() > SHRINK_ABOVE {
             queue.frames.shrink_to(KEPT_CAPACITY);
         }
+        drop(queue);
+        // Once per batch, outside the lock the hub pushes through.
+        self.total.sub(freed);
         n
     }
 
@@ -329,6 +339,13 @@ mod tests {
         // A share is a limit like the budget: b (four entries) may not queue a fifth.
         assert_eq!(b.push(frame(4, 100), Some(500)), Pushed::Overflow);
         assert_eq!(b.eviction(), Some(Eviction::Slow));
+        // But an empty queue is never refused for it, whatever the entry costs.
+        let c = Outbox::new(usize::MAX, total.clone());
+        assert_eq!(c.push(frame(0, 1000), Some(10)), Pushed::Queued);
+        total.add(frame(0, 1000).cost());
+        assert_eq!(c.eviction(), None);
+        assert_eq!(c.push(frame(1, 10), Some(10)), Pushed::Overflow);
+        c.close();
         assert_eq!(take_now(&a, 64).map(|t| t.len()), Some(4));
         b.close();
         assert_eq!(total.held(), 0, "taken and dropped bytes left the total");

@@ -642,7 +642,7 @@ pub(crate) fn parse_outbound_bytes(text: &str) -> Result<usize, String> {
 /// `--outbound-bytes-total`: a byte count from 16 MiB to 64 GiB.
 pub(crate) fn parse_outbound_bytes_total(text: &str) -> Result<usize, String> {
     Some(parse_bytes(text)?)
-        .filter(|b| ((16 << 20)..=(64usize << 30)).contains(b))
+        .filter(|&b| ((16_u64 << 20)..=(64_u64 << 30)).contains(&(b as u64)))
         .ok_or_else(|| "must be between 16MiB and 64GiB".to_owned())
 }
 

@@ -261,10 +261,7 @@ async fn serve_halves<Si: SocketSink, St: SocketStream>(
     conn.admission.unauthenticated.release();
     // No event is queued for it any more, before the last frames are written: an outbox that
     // filled meanwhile would turn the close into a slow consumer's.
-    for s in conn.subs.drain(..) {
-        conn.shared.hub.unsubscribe(&s.sub);
-    }
-    conn.outbox.close();
+    conn.leave();
     if let End::Expired = end {
         let reply = ServerMessage::Error {
             id: None,
@@ -294,6 +291,24 @@ async fn serve_halves<Si: SocketSink, St: SocketStream>(
         }
     }
     conn.shared.metrics.connections.dec();
+}
+
+impl<Si, St: SocketStream> Connection<Si, St> {
+    /// Unfiles every subscription and drops what is queued (its bytes leave the hub's total).
+    /// Idempotent; also run when the connection is dropped, so a task that ends any other way
+    /// (a panic) leaves nothing filed or counted.
+    fn leave(&mut self) {
+        for s in self.subs.drain(..) {
+            self.shared.hub.unsubscribe(&s.sub);
+        }
+        self.outbox.close();
+    }
+}
+
+impl<Si, St: SocketStream> Drop for Connection<Si, St> {
+    fn drop(&mut self) {
+        self.leave();
+    }
 }
 
 struct Connection<Si, St: SocketStream> {

@@ -197,8 +197,8 @@ pub struct LimitArgs {
     )]
     pub outbound_bytes: usize,
     /// Bytes of event frames every WebSocket's queue may hold together (counted as in
-    /// --outbound-bytes). Past it, a connection holding more than its share is closed with 4008
-    /// instead of queueing more; readers that keep up are not touched. 16MiB to 64GiB, at least
+    /// --outbound-bytes). Past it, a connection holding more than its share (never one whose
+    /// queue is empty) is closed with 4008 instead of queueing more. 16MiB to 64GiB, at least
     /// --outbound-bytes.
     #[arg(
         long = "outbound-bytes-total",
