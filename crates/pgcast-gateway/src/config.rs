@@ -70,8 +70,8 @@ pub struct GatewayConfig {
     /// stopped reading is closed once this much waits for it. Frames are shared between
     /// recipients, so this bounds what one reader can make the process hold. Default 16 MiB.
     pub outbound_bytes: usize,
-    /// What every connection's queue may hold together (their frames counted per entry, as in
-    /// `outbound_bytes`). Past it, a connection that holds more than its share (this divided by
+    /// Memory every connection's queue may take together: its entries, about 70 bytes each (the
+    /// frames they point to are shared by every recipient and not counted). Past it, a connection that holds more than its share (this divided by
     /// the event's recipients), never one whose queue is empty, is closed as a slow consumer
     /// (4008) instead of queueing more, so a burst to thousands of slow readers cannot exhaust
     /// the process's memory. At least `outbound_bytes`. Default 1 GiB.

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::outbox::{Eviction, Outbox, Pushed, Total};
+use crate::outbox::{Eviction, Outbox, Pushed, Total, ENTRY_BYTES};
 use crate::GatewayMetrics;
 use axum::extract::ws::Utf8Bytes;
 use pgcast_events::{AssignmentEvent, EventFrame, Position, Principal, Role, RouteKey, Topic};
@@ -215,10 +215,9 @@ impl Hub {
                 frame: Utf8Bytes::default(),
                 membership: Some(MembershipChange::Unknown),
             };
-            let cost = out.cost();
             // Never refused for the total: the entry is what revokes.
             if sub.conn.push(out, None) == Pushed::Queued {
-                queued += cost;
+                queued += ENTRY_BYTES;
             }
         }
         self.total.add(queued);
@@ -280,9 +279,8 @@ impl Hub {
             };
             // Over budget, the connection is declared slow and closes itself (4008); a
             // closed one unsubscribes itself. Either way the hub goes on.
-            let cost = out.cost();
             if sub.conn.push(out, share) == Pushed::Queued {
-                queued += cost;
+                queued += ENTRY_BYTES;
             }
         }
         self.total.add(queued);
@@ -448,14 +446,8 @@ mod tests {
     #[test]
     fn over_the_total_a_reader_holding_more_than_its_share_is_evicted_and_one_that_keeps_up_is_not()
     {
-        let cost = {
-            let probe = Hub::new(GatewayMetrics::default(), usize::MAX);
-            let (_, o) = file(&probe, Topic::Queue, principal(MECHANIC, None));
-            probe.dispatch(&event(1, "null", "queued", None, None));
-            queued(&o)[0].cost()
-        };
         // Room for 20 entries in all: a share is 10 each.
-        let hub = Hub::new(GatewayMetrics::default(), cost * 20);
+        let hub = Hub::new(GatewayMetrics::default(), ENTRY_BYTES * 20);
         let (_, slow) = file(&hub, Topic::Queue, principal(MECHANIC, None));
         let (_, fast) = file(&hub, Topic::Queue, principal(WORKSHOP, None));
         let mut fast_got = 0;

@@ -41,10 +41,13 @@ struct Queue {
     closed: bool,
 }
 
-/// What every connection's queue holds together (the sum of their entries' costs), against a
-/// process-wide limit (`outbound_bytes_total`). The hub adds what it queued once per event,
-/// each connection takes off what it took or dropped: no shared counter is touched per entry.
-/// Signed, because a connection may take an entry before the hub added its event.
+/// The memory of every connection's queue together, against a process-wide limit
+/// (`outbound_bytes_total`): [`ENTRY_BYTES`] per queued entry. The frames the entries point to
+/// are not counted: one frame is shared by every recipient of its event, so what a burst costs
+/// the process is its entries (a per-connection budget still counts the frames, as what one
+/// reader may pin). The hub adds what it queued once per event, each connection takes off what
+/// it took (per batch) or dropped: no shared counter is touched per entry. Signed, because a
+/// connection may take an entry before the hub added its event.
 #[derive(Debug)]
 pub(crate) struct Total {
     bytes: AtomicI64,
@@ -83,6 +86,9 @@ impl Total {
         self.bytes.load(Ordering::Relaxed)
     }
 }
+
+/// What one queued entry costs the process (its frame is shared, see [`Total`]).
+pub(crate) const ENTRY_BYTES: usize = std::mem::size_of::<Outbound>();
 
 /// Why a connection's stream ended; the connection closes and its client resumes with
 /// `since`.
@@ -161,13 +167,11 @@ impl Outbox {
         if queue.closed {
             return Pushed::Closed;
         }
-        // A share never refuses an empty queue: its reader keeps up (and one entry may cost
-        // more than a share when the frame is large and the recipients many).
-        let limit = match share {
-            Some(share) if !queue.frames.is_empty() => share.min(self.budget_bytes),
-            _ => self.budget_bytes,
-        };
-        if queue.bytes + cost > limit {
+        // A share never refuses an empty queue: its reader keeps up.
+        let over_share = share.is_some_and(|share| {
+            !queue.frames.is_empty() && (queue.frames.len() + 1) * ENTRY_BYTES > share
+        });
+        if over_share || queue.bytes + cost > self.budget_bytes {
             drop(queue);
             if !self.evicted.is_cancelled() {
                 self.evict(Eviction::Slow);
@@ -248,7 +252,7 @@ impl Outbox {
         }
         drop(queue);
         // Once per batch, outside the lock the hub pushes through.
-        self.total.sub(freed);
+        self.total.sub(n * ENTRY_BYTES);
         n
     }
 
@@ -256,7 +260,7 @@ impl Outbox {
     pub(crate) fn close(&self) {
         let mut queue = self.lock();
         queue.closed = true;
-        self.total.sub(queue.bytes);
+        self.total.sub(queue.frames.len() * ENTRY_BYTES);
         queue.bytes = 0;
         queue.frames = VecDeque::new();
     }
@@ -323,28 +327,28 @@ mod tests {
 
     #[test]
     fn what_is_taken_or_dropped_leaves_the_total_and_a_share_is_a_limit() {
-        let total = Arc::new(Total::new(1_000));
+        let total = Arc::new(Total::new(6 * ENTRY_BYTES));
         let (a, b) = (
             Outbox::new(usize::MAX, total.clone()),
             Outbox::new(usize::MAX, total.clone()),
         );
-        let cost = frame(0, 100).cost();
         for p in 0..4 {
             assert_eq!(a.push(frame(p, 100), None), Pushed::Queued);
             assert_eq!(b.push(frame(p, 100), None), Pushed::Queued);
         }
-        total.add(8 * cost); // what the hub adds once per event
-        assert_eq!(total.held(), 8 * cost as i64);
-        assert_eq!(total.share(2), Some(500), "over its limit: half each");
+        total.add(8 * ENTRY_BYTES); // what the hub adds once per event
+        assert_eq!(total.held(), 8 * ENTRY_BYTES as i64);
+        let share = total.share(2);
+        assert_eq!(share, Some(3 * ENTRY_BYTES), "over its limit: half each");
         // A share is a limit like the budget: b (four entries) may not queue a fifth.
-        assert_eq!(b.push(frame(4, 100), Some(500)), Pushed::Overflow);
+        assert_eq!(b.push(frame(4, 100), share), Pushed::Overflow);
         assert_eq!(b.eviction(), Some(Eviction::Slow));
-        // But an empty queue is never refused for it, whatever the entry costs.
+        // But an empty queue is never refused for it.
         let c = Outbox::new(usize::MAX, total.clone());
-        assert_eq!(c.push(frame(0, 1000), Some(10)), Pushed::Queued);
-        total.add(frame(0, 1000).cost());
+        assert_eq!(c.push(frame(0, 1000), Some(1)), Pushed::Queued);
+        total.add(ENTRY_BYTES);
         assert_eq!(c.eviction(), None);
-        assert_eq!(c.push(frame(1, 10), Some(10)), Pushed::Overflow);
+        assert_eq!(c.push(frame(1, 10), Some(1)), Pushed::Overflow);
         c.close();
         assert_eq!(take_now(&a, 64).map(|t| t.len()), Some(4));
         b.close();

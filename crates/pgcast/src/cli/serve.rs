@@ -196,8 +196,8 @@ pub struct LimitArgs {
         value_parser = parse_outbound_bytes
     )]
     pub outbound_bytes: usize,
-    /// Bytes of event frames every WebSocket's queue may hold together (counted as in
-    /// --outbound-bytes). Past it, a connection holding more than its share (never one whose
+    /// Memory every WebSocket's queue may take together: its entries, about 70 bytes each (the
+    /// frames they point to are shared and not counted). Past it, a connection holding more than its share (never one whose
     /// queue is empty) is closed with 4008 instead of queueing more. 16MiB to 64GiB, at least
     /// --outbound-bytes.
     #[arg(
