@@ -90,7 +90,7 @@ impl Hub {
             head: AtomicI64::new(0),
             redrawn: Mutex::new(None),
             next_id: AtomicU64::new(1),
-            total: Arc::new(Total::new(total_bytes)),
+            total: Arc::new(Total::new(total_bytes, metrics.queued_bytes.clone())),
             metrics,
         }
     }
@@ -462,6 +462,10 @@ mod tests {
         );
         assert_eq!(fast.eviction(), None);
         assert_eq!(fast_got, 40, "the reader that keeps up got every event");
+        // The total is what operators see: the slow queue's 21 entries, until it closes.
+        assert_eq!(hub.metrics.queued_bytes.get(), 21 * ENTRY_BYTES as i64);
+        slow.close();
+        assert_eq!(hub.metrics.queued_bytes.get(), 0);
     }
 
     #[test]

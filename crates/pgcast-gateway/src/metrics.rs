@@ -15,6 +15,9 @@ pub struct GatewayMetrics {
     pub(crate) connections: Gauge,
     pub(crate) subscriptions: Gauge,
     pub(crate) slow_closes: Counter,
+    /// The memory of every connection's queued entries together (the hub's [`crate::outbox`]
+    /// total is kept in it).
+    pub(crate) queued_bytes: Gauge,
     pub(crate) auth_failures: Counter,
     pub(crate) replays_from_window: Counter,
     pub(crate) replays_from_log: Counter,
@@ -32,6 +35,7 @@ impl Default for GatewayMetrics {
             connections: Gauge::default(),
             subscriptions: Gauge::default(),
             slow_closes: Counter::default(),
+            queued_bytes: Gauge::default(),
             auth_failures: Counter::default(),
             replays_from_window: Counter::default(),
             replays_from_log: Counter::default(),
@@ -71,8 +75,13 @@ impl GatewayMetrics {
         );
         registry.register(
             "pgcast_slow_consumer_closes",
-            "Connections closed with 4008 because their outgoing queue overflowed",
+            "Connections closed with 4008 because their outgoing queue overflowed (its own budget, or its share of --outbound-bytes-total while every queue together was over it)",
             self.slow_closes.clone(),
+        );
+        registry.register(
+            "pgcast_outbound_queued_bytes",
+            "Memory of every connection's queued outgoing entries together (about 70 bytes each; the frames they share are not counted), held to --outbound-bytes-total",
+            self.queued_bytes.clone(),
         );
         registry.register(
             "pgcast_auth_failures",

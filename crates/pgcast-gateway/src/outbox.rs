@@ -14,11 +14,11 @@
 //! check per frame).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
 use futures::task::AtomicWaker;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::Outbound;
@@ -48,42 +48,39 @@ struct Queue {
 /// reader may pin). The hub adds what it queued once per event, each connection takes off what
 /// it took (per batch) or dropped: no shared counter is touched per entry. Signed, because a
 /// connection may take an entry before the hub added its event.
+/// Kept in a Prometheus gauge (`pgcast_outbound_queued_bytes`, an atomic), so operators see it.
 #[derive(Debug)]
 pub(crate) struct Total {
-    bytes: AtomicI64,
+    bytes: Gauge,
     limit: usize,
 }
 
 impl Total {
-    pub(crate) fn new(limit: usize) -> Self {
-        Total {
-            bytes: AtomicI64::new(0),
-            limit,
-        }
+    /// A total of `limit` bytes, kept in `bytes`.
+    pub(crate) fn new(limit: usize, bytes: Gauge) -> Self {
+        Total { bytes, limit }
     }
 
     /// The hub queued `bytes` more.
     pub(crate) fn add(&self, bytes: usize) {
-        self.bytes
-            .fetch_add(i64::try_from(bytes).unwrap_or(i64::MAX), Ordering::Relaxed);
+        self.bytes.inc_by(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     fn sub(&self, bytes: usize) {
-        self.bytes
-            .fetch_sub(i64::try_from(bytes).unwrap_or(i64::MAX), Ordering::Relaxed);
+        self.bytes.dec_by(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// While every queue together holds more than the limit, the part of it each of
     /// `recipients` may hold; `None` below it.
     pub(crate) fn share(&self, recipients: usize) -> Option<usize> {
-        let held = self.bytes.load(Ordering::Relaxed);
+        let held = self.bytes.get();
         (held > i64::try_from(self.limit).unwrap_or(i64::MAX))
             .then(|| self.limit / recipients.max(1))
     }
 
     #[cfg(test)]
     pub(crate) fn held(&self) -> i64 {
-        self.bytes.load(Ordering::Relaxed)
+        self.bytes.get()
     }
 }
 
@@ -274,7 +271,7 @@ mod tests {
 
     /// An outbox with `budget`, under a total without limit.
     fn unlimited(budget: usize) -> Outbox {
-        Outbox::new(budget, Arc::new(Total::new(usize::MAX)))
+        Outbox::new(budget, Arc::new(Total::new(usize::MAX, Gauge::default())))
     }
 
     fn frame(position: i64, len: usize) -> Outbound {
@@ -327,7 +324,7 @@ mod tests {
 
     #[test]
     fn what_is_taken_or_dropped_leaves_the_total_and_a_share_is_a_limit() {
-        let total = Arc::new(Total::new(6 * ENTRY_BYTES));
+        let total = Arc::new(Total::new(6 * ENTRY_BYTES, Gauge::default()));
         let (a, b) = (
             Outbox::new(usize::MAX, total.clone()),
             Outbox::new(usize::MAX, total.clone()),

@@ -288,6 +288,7 @@ async fn metrics_expose_every_named_series() {
         "pgcast_connections",
         "pgcast_subscriptions",
         "pgcast_slow_consumer_closes_total",
+        "pgcast_outbound_queued_bytes",
         "pgcast_listener_reconnects_total",
         "pgcast_notification_queue_usage",
         // log lag and positions
